@@ -1,0 +1,213 @@
+//! The command line, and the validated configuration it becomes.
+//!
+//! Every bad value is refused at start with one line that names it; nothing is
+//! discovered to be wrong at the first request.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use http::HeaderName;
+
+use crate::policy::{HashOptions, PolicyKind};
+use crate::replicas::{HealthConfig, ReplicaUrl, Thresholds};
+
+/// A native LLM router and ingress proxy for vLLM replicas: picks a replica per request
+/// and streams its response straight back.
+#[derive(Debug, Parser)]
+#[command(name = "router", version)]
+pub struct Cli {
+    /// Replica base URLs (http://host:port). Give several after one flag, repeat the
+    /// flag, or separate them with commas.
+    #[arg(long, required = true, num_args = 1.., value_delimiter = ',', value_name = "URL",
+          value_parser = ReplicaUrl::parse)]
+    pub replicas: Vec<ReplicaUrl>,
+
+    /// How to choose a replica for each request.
+    #[arg(long, value_enum, default_value_t = PolicyKind::PowerOfTwo)]
+    pub policy: PolicyKind,
+
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: std::net::IpAddr,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+
+    /// Header carrying the session key for consistent-hash, checked in the order given
+    /// (repeat the flag for several). Without a header key the body's `session_id`,
+    /// `session_params.session_id`, `user` or `user_id` is used.
+    #[arg(long = "session-header", value_name = "NAME", default_value = "x-session-id",
+          value_parser = parse_header_name)]
+    pub session_headers: Vec<HeaderName>,
+
+    /// Bounded-load factor for consistent-hash: a replica already holding this multiple
+    /// of the mean in-flight load passes new sessions' requests along the ring. `off`
+    /// keeps pure affinity.
+    #[arg(long, value_name = "FACTOR|off", default_value = "off", value_parser = parse_balance_factor)]
+    pub hash_balance_factor: BalanceFactor,
+
+    /// Virtual nodes per replica on the consistent-hash ring.
+    #[arg(long, default_value_t = 160, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub virtual_nodes: u32,
+
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Time between health checks of each replica (e.g. 5s, 500ms).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub health_interval: Duration,
+
+    /// Time a health check may take before it counts as failed.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub health_timeout: Duration,
+
+    /// Consecutive failed checks that take a replica out of rotation.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub unhealthy_threshold: u32,
+
+    /// Consecutive successful checks that bring it back.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub healthy_threshold: u32,
+
+    /// Time allowed to open a connection to a replica.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// On SIGTERM/SIGINT, time in-flight requests get to finish before the router exits.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BalanceFactor(pub Option<f64>);
+
+fn parse_balance_factor(text: &str) -> Result<BalanceFactor, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(BalanceFactor(None));
+    }
+    match text.parse::<f64>() {
+        Ok(f) if f.is_finite() && f > 1.0 => Ok(BalanceFactor(Some(f))),
+        _ => Err(format!("`{text}` is not a factor above 1.0 (e.g. 1.25) or `off`")),
+    }
+}
+
+fn parse_header_name(text: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(text.as_bytes()).map_err(|_| format!("`{text}` is not a header name"))
+}
+
+/// The validated configuration the router runs with.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub listen: SocketAddr,
+    pub replicas: Vec<ReplicaUrl>,
+    pub policy: PolicyKind,
+    pub hash: HashOptions,
+    pub session_headers: Vec<HeaderName>,
+    pub max_body_bytes: usize,
+    pub health: HealthConfig,
+    pub thresholds: Thresholds,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+}
+
+impl RouterConfig {
+    /// Defaults for the given replicas, listening on an ephemeral loopback port.
+    pub fn new(replicas: Vec<ReplicaUrl>) -> Self {
+        Cli::parse_from(["router", "--host", "127.0.0.1", "--port", "0", "--replicas", "http://x:1"])
+            .into_config()
+            .with_replicas(replicas)
+    }
+
+    fn with_replicas(mut self, replicas: Vec<ReplicaUrl>) -> Self {
+        self.replicas = replicas;
+        self
+    }
+}
+
+impl Cli {
+    pub fn into_config(self) -> RouterConfig {
+        let mut replicas = self.replicas;
+        let mut seen = std::collections::HashSet::new();
+        replicas.retain(|r| seen.insert(r.name().to_owned()));
+        RouterConfig {
+            listen: SocketAddr::new(self.host, self.port),
+            replicas,
+            policy: self.policy,
+            hash: HashOptions {
+                virtual_nodes: self.virtual_nodes as usize,
+                balance_factor: self.hash_balance_factor.0,
+            },
+            session_headers: self.session_headers,
+            max_body_bytes: self.max_body_bytes,
+            health: HealthConfig { interval: self.health_interval, timeout: self.health_timeout },
+            thresholds: Thresholds {
+                unhealthy: self.unhealthy_threshold,
+                healthy: self.healthy_threshold,
+            },
+            connect_timeout: self.connect_timeout,
+            drain_timeout: self.drain_timeout,
+        }
+    }
+}
+
+/// Clap's error as one line: its first line, plus the accepted values when it lists them.
+pub fn one_line_error(error: &clap::Error) -> String {
+    let rendered = error.render().to_string();
+    let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut line = lines.next().unwrap_or("error: invalid arguments").to_owned();
+    if let Some(values) = lines.find(|l| l.starts_with("[possible values:")) {
+        line.push(' ');
+        line.push_str(values);
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("router").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn replicas_accept_lists_commas_and_repeats() {
+        let cli = parse(&["--replicas", "http://a:1", "http://b:2,http://c:3", "--replicas", "http://d:4"]).unwrap();
+        let names: Vec<_> = cli.replicas.iter().map(|r| r.name().to_owned()).collect();
+        assert_eq!(names, ["http://a:1", "http://b:2", "http://c:3", "http://d:4"]);
+        assert_eq!(cli.policy, PolicyKind::PowerOfTwo);
+    }
+
+    #[test]
+    fn duplicates_are_dropped() {
+        let config = parse(&["--replicas", "http://a:1,http://a:1/"]).unwrap().into_config();
+        assert_eq!(config.replicas.len(), 1);
+    }
+
+    #[test]
+    fn bad_values_give_one_line_naming_them() {
+        let err = parse(&["--replicas", "http://a:1", "--policy", "fastest"]).unwrap_err();
+        let line = one_line_error(&err);
+        assert!(line.contains("fastest") && line.contains("consistent-hash"), "{line}");
+        let err = parse(&["--replicas", "ftp://a:1"]).unwrap_err();
+        let line = one_line_error(&err);
+        assert!(line.contains("ftp://a:1"), "{line}");
+        let err = parse(&["--replicas", "http://a:1", "--hash-balance-factor", "0.5"]).unwrap_err();
+        assert!(one_line_error(&err).contains("0.5"));
+    }
+
+    #[test]
+    fn hash_options_and_headers() {
+        let config = parse(&[
+            "--replicas", "http://a:1", "--policy", "consistent-hash", "--hash-balance-factor", "1.25",
+            "--session-header", "x-correlation-id", "--session-header", "x-session-id",
+        ])
+        .unwrap()
+        .into_config();
+        assert_eq!(config.hash.balance_factor, Some(1.25));
+        assert_eq!(config.session_headers, ["x-correlation-id", "x-session-id"]);
+    }
+}

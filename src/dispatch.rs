@@ -1,0 +1,135 @@
+//! Dispatch: the phases of one proxied request. Snapshot the replicas, ask the policy,
+//! forward through the proxy, and retry once on another replica while nothing has
+//! reached the client yet.
+//!
+//! A first attempt that cannot connect, fails before response headers, or answers 5xx
+//! is retried once on another eligible replica (for a session key, the next one on the
+//! ring: the policy is asked again with the failed replica ineligible). The client gets
+//! the second attempt's outcome: its response, even a 5xx, or a 502 in the OpenAI error
+//! shape when there is no response at all. A 4xx is the client's problem and passes
+//! through unchanged, never retried. Once response headers are passed on, the request
+//! is never replayed.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::response::Response;
+use hyper::body::Incoming;
+
+use crate::error::RouterError;
+use crate::metrics::Metrics;
+use crate::policy::{Decision, Policy, Reason};
+use crate::proxy::{self, HttpClient, Outbound, UpstreamError};
+use crate::replicas::{InFlight, Registry};
+use crate::response_body::MeteredBody;
+use crate::routing_key::RoutingKey;
+
+pub struct Dispatcher {
+    pub registry: Arc<Registry>,
+    pub policy: Box<dyn Policy>,
+    pub client: HttpClient,
+    pub metrics: Arc<Metrics>,
+}
+
+/// What routing needs to know about one request.
+pub struct Route<'a> {
+    pub endpoint: &'static str,
+    pub model: Option<&'a str>,
+    pub key: Option<&'a RoutingKey>,
+    pub stream: bool,
+    pub started: Instant,
+}
+
+/// A response from a replica, on its way to the client.
+pub struct Served {
+    pub response: Response,
+    pub replica: String,
+}
+
+enum Attempt {
+    /// A response to pass on.
+    Done(Served),
+    /// A 5xx: passed on only if no retry is possible or the retry fails the same way.
+    /// Kept unwrapped so that discarding it is not mistaken for a client disconnect.
+    ServerError { response: http::Response<Incoming>, in_flight: InFlight },
+    /// No response at all.
+    Failed { replica: String, error: UpstreamError },
+}
+
+impl Dispatcher {
+    pub async fn dispatch(&self, route: &Route<'_>, outbound: &Outbound) -> Result<Served, RouterError> {
+        let candidates = self.registry.candidates(route.model, &[])?;
+        let first = self.policy.choose(route.key, &candidates).ok_or(RouterError::NoHealthyReplica)?;
+        self.count_decision(first);
+        let failed = match self.attempt(first.replica, route, outbound).await {
+            Attempt::Done(served) => return Ok(served),
+            failed => failed,
+        };
+
+        let candidates = self.registry.candidates(route.model, &[first.replica])?;
+        let Some(second) = self.policy.choose(route.key, &candidates) else {
+            return self.finish(failed, route);
+        };
+        self.metrics.retries.with_label_values(&[route.endpoint]).inc();
+        self.count_decision(Decision { replica: second.replica, reason: Reason::Retry });
+        drop(failed);
+        match self.attempt(second.replica, route, outbound).await {
+            Attempt::Done(served) => Ok(served),
+            failed => self.finish(failed, route),
+        }
+    }
+
+    /// The client's answer when no attempt succeeded: the last 5xx, or a 502.
+    fn finish(&self, attempt: Attempt, route: &Route<'_>) -> Result<Served, RouterError> {
+        match attempt {
+            Attempt::Done(served) => Ok(served),
+            Attempt::ServerError { response, in_flight } => {
+                let replica = in_flight.replica().name().to_owned();
+                Ok(Served { response: self.metered(response, in_flight, route), replica })
+            }
+            Attempt::Failed { replica, error } => {
+                Err(RouterError::Upstream { replica, reason: error.to_string() })
+            }
+        }
+    }
+
+    fn count_decision(&self, decision: Decision) {
+        let replica = self.registry.get(decision.replica).name();
+        self.metrics
+            .decisions
+            .with_label_values(&[self.policy.name(), replica, decision.reason.as_str()])
+            .inc();
+    }
+
+    async fn attempt(&self, index: usize, route: &Route<'_>, outbound: &Outbound) -> Attempt {
+        let replica = self.registry.get(index).clone();
+        let in_flight = InFlight::start(replica.clone());
+        let name = replica.name().to_owned();
+        match proxy::send(&self.client, &replica, outbound).await {
+            Ok(response) if response.status().is_server_error() => {
+                self.metrics.upstream_errors.with_label_values(&[&name, "status_5xx"]).inc();
+                Attempt::ServerError { response, in_flight }
+            }
+            Ok(response) => {
+                Attempt::Done(Served { response: self.metered(response, in_flight, route), replica: name })
+            }
+            Err(error) => {
+                tracing::debug!(replica = %name, %error, "upstream attempt failed");
+                self.metrics.upstream_errors.with_label_values(&[&name, error.kind()]).inc();
+                if let UpstreamError::Connect(_) = error
+                    && self.registry.record(&replica, false) == Some(false)
+                {
+                    tracing::warn!(replica = %name, "replica unhealthy: connections fail");
+                }
+                Attempt::Failed { replica: name, error }
+            }
+        }
+    }
+
+    fn metered(&self, response: http::Response<Incoming>, in_flight: InFlight, route: &Route<'_>) -> Response {
+        let (parts, body) = response.into_parts();
+        let body = MeteredBody::new(body, in_flight, self.metrics.clone(), route.endpoint, route.started, route.stream);
+        Response::from_parts(parts, Body::new(body))
+    }
+}

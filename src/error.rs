@@ -1,0 +1,111 @@
+//! The one error type of the client-facing boundary, and its single mapping to the
+//! OpenAI/vLLM error shape.
+//!
+//! Everything the router itself says "no" to ends up here: bad input, unknown models,
+//! no healthy replica, an upstream that failed without giving us a response to pass on.
+//! Upstream responses (including upstream 4xx/5xx) are not errors of ours: they stream
+//! through unchanged. The body mirrors vLLM's `ErrorResponse`
+//! (`{"error": {"message", "type", "param", "code"}}` with `code` the HTTP status), so
+//! a client sees the same shape whether the router or the engine refused the request.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+use crate::request_facts::FactsError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("{0}")]
+    BadRequest(#[from] FactsError),
+    #[error("request body is larger than the limit of {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("could not read the request body: {0}")]
+    BodyRead(String),
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("no healthy replica is available")]
+    NoHealthyReplica,
+    #[error("upstream replica {replica} failed: {reason}")]
+    Upstream { replica: String, reason: String },
+    #[error("route {0} not found")]
+    RouteNotFound(String),
+}
+
+impl RouterError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            RouterError::BadRequest(_) | RouterError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            RouterError::NoHealthyReplica => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// vLLM's `type` strings are exception class names; we use the same vocabulary.
+    fn kind(&self) -> &'static str {
+        match self {
+            RouterError::BadRequest(_) | RouterError::BodyRead(_) => "BadRequestError",
+            RouterError::BodyTooLarge { .. } => "RequestEntityTooLargeError",
+            RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => "NotFoundError",
+            RouterError::NoHealthyReplica => "ServiceUnavailableError",
+            RouterError::Upstream { .. } => "BadGatewayError",
+        }
+    }
+
+    fn param(&self) -> Option<&str> {
+        match self {
+            RouterError::BadRequest(e) => e.field(),
+            RouterError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// The JSON body of this error, in the shape vLLM's OpenAI server uses.
+    pub fn body(&self) -> String {
+        let status = self.status();
+        serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "param": self.param(),
+                "code": status.as_u16(),
+            }
+        })
+        .to_string()
+    }
+}
+
+impl IntoResponse for RouterError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), self.body()).into_response();
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_has_openai_error_shape() {
+        let err = RouterError::ModelNotFound("llama".into());
+        let v: serde_json::Value = serde_json::from_str(&err.body()).unwrap();
+        assert_eq!(v["error"]["message"], "The model `llama` does not exist.");
+        assert_eq!(v["error"]["type"], "NotFoundError");
+        assert_eq!(v["error"]["param"], "model");
+        assert_eq!(v["error"]["code"], 404);
+        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn upstream_failure_is_bad_gateway() {
+        let err = RouterError::Upstream { replica: "127.0.0.1:1".into(), reason: "refused".into() };
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        let v: serde_json::Value = serde_json::from_str(&err.body()).unwrap();
+        assert_eq!(v["error"]["code"], 502);
+    }
+}

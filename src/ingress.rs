@@ -1,0 +1,206 @@
+//! The ingress: the router's HTTP surface and the first phase of every request.
+//!
+//! Inference requests (`/v1/chat/completions`, `/v1/completions`) are read once, checked
+//! for the fields routing needs (see [`crate::request_facts`]) and handed to the
+//! [`Dispatcher`]. Other `/v1/*` calls and `/tokenize`, `/detokenize` are routed the same
+//! way but their bodies are not judged: the replica does that. `GET /v1/models`,
+//! `/health` and `/metrics` are answered by the router itself.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::dispatch::{Dispatcher, Route};
+use crate::error::RouterError;
+use crate::metrics::Metrics;
+use crate::proxy::Outbound;
+use crate::request_facts::{self, BodyFacts};
+use crate::routing_key::KeyHeaders;
+
+/// Everything a request handler needs, shared by all of them.
+pub struct Ingress {
+    pub dispatcher: Dispatcher,
+    pub keys: KeyHeaders,
+    pub max_body_bytes: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+/// Which kind of call a request is: a metrics label, and how strictly its body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Other,
+}
+
+impl Endpoint {
+    fn label(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Other => "other",
+        }
+    }
+}
+
+pub fn routes(ingress: Arc<Ingress>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions).fallback(method_not_allowed))
+        .route("/v1/completions", post(completions).fallback(method_not_allowed))
+        .route("/v1/models", get(models).fallback(method_not_allowed))
+        .route("/v1/{*rest}", any(other))
+        .route("/tokenize", post(other).fallback(method_not_allowed))
+        .route("/detokenize", post(other).fallback(method_not_allowed))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .with_state(ingress)
+}
+
+async fn chat_completions(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
+    ingress.proxy(Endpoint::ChatCompletions, request).await
+}
+
+async fn completions(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
+    ingress.proxy(Endpoint::Completions, request).await
+}
+
+async fn other(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
+    ingress.proxy(Endpoint::Other, request).await
+}
+
+async fn models(State(ingress): State<Arc<Ingress>>) -> Response {
+    let data: Vec<serde_json::Value> =
+        ingress.dispatcher.registry.model_cards().into_iter().map(|c| c.card).collect();
+    json(StatusCode::OK, serde_json::json!({"object": "list", "data": data}).to_string())
+}
+
+async fn health(State(ingress): State<Arc<Ingress>>) -> Response {
+    let registry = &ingress.dispatcher.registry;
+    let healthy = registry.healthy_count();
+    let status = if healthy > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({
+        "status": if healthy > 0 { "ok" } else { "unavailable" },
+        "healthy_replicas": healthy,
+        "replicas": registry.replicas().len(),
+    });
+    json(status, body.to_string())
+}
+
+async fn metrics(State(ingress): State<Arc<Ingress>>) -> Response {
+    let mut response = ingress.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+async fn not_found(request: Request) -> Response {
+    RouterError::RouteNotFound(request.uri().path().to_owned()).into_response()
+}
+
+async fn method_not_allowed(request: Request) -> Response {
+    let body = serde_json::json!({"error": {
+        "message": format!("method {} is not allowed on {}", request.method(), request.uri().path()),
+        "type": "MethodNotAllowedError",
+        "param": null,
+        "code": 405,
+    }});
+    json(StatusCode::METHOD_NOT_ALLOWED, body.to_string())
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+impl Ingress {
+    async fn proxy(&self, endpoint: Endpoint, request: Request) -> Response {
+        let started = Instant::now();
+        let label = endpoint.label();
+        let mut waiting = Waiting { metrics: &self.metrics, endpoint: label, armed: true };
+        let (served, replica) = match self.route_and_forward(endpoint, request, started).await {
+            Ok(served) => (served.response, served.replica),
+            Err(error) => {
+                tracing::debug!(endpoint = label, %error, "request refused");
+                (error.into_response(), "none".to_owned())
+            }
+        };
+        waiting.armed = false;
+        self.metrics
+            .requests
+            .with_label_values(&[label, &replica, served.status().as_str()])
+            .inc();
+        served
+    }
+
+    async fn route_and_forward(
+        &self,
+        endpoint: Endpoint,
+        request: Request,
+        started: Instant,
+    ) -> Result<crate::dispatch::Served, RouterError> {
+        let (parts, body) = request.into_parts();
+        let body = read_body(body, &parts.headers, self.max_body_bytes).await?;
+        let facts = match endpoint {
+            Endpoint::ChatCompletions | Endpoint::Completions => request_facts::parse_inference(&body)?,
+            // Not ours to judge: a non-JSON body goes to the replica as it came.
+            Endpoint::Other if body.is_empty() => BodyFacts::default(),
+            Endpoint::Other => request_facts::parse(&body).unwrap_or_default(),
+        };
+        let key = self.keys.key(&parts.headers, facts.session);
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let outbound = Outbound::new(parts.method, path, parts.headers, body);
+        let route = Route {
+            endpoint: endpoint.label(),
+            model: facts.model.as_deref(),
+            key: key.as_ref(),
+            stream: facts.stream,
+            started,
+        };
+        self.dispatcher.dispatch(&route, &outbound).await
+    }
+}
+
+/// Counts a client that goes away while its request waits for a response: the handler
+/// future is dropped, and with it any upstream request in flight.
+struct Waiting<'a> {
+    metrics: &'a Metrics,
+    endpoint: &'static str,
+    armed: bool,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.metrics.client_disconnects.with_label_values(&[self.endpoint, "waiting"]).inc();
+        }
+    }
+}
+
+/// Read the whole body, refusing more than `limit` bytes (early, if Content-Length says so).
+async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, RouterError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(RouterError::BodyTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(RouterError::BodyTooLarge { limit }),
+        Err(e) => Err(RouterError::BodyRead(e.to_string())),
+    }
+}

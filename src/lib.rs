@@ -1,0 +1,23 @@
+//! A native Rust LLM router and ingress proxy for vLLM replicas.
+//!
+//! The request path, one module per phase:
+//! [`ingress`] (HTTP surface, body read once, routing facts) ->
+//! [`policy`] (pure choice of a replica) ->
+//! [`dispatch`] (choose, forward, retry once before the first byte) ->
+//! [`proxy`] (pooled connection to the replica) ->
+//! [`response_body`] (the stream back to the client, metered, never re-encoded).
+//! Around it: [`replicas`] (registry and health checks), [`metrics`], [`config`],
+//! [`server`] (start-up and graceful shutdown).
+
+pub mod config;
+pub mod dispatch;
+pub mod error;
+pub mod ingress;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod replicas;
+pub mod request_facts;
+pub mod response_body;
+pub mod routing_key;
+pub mod server;

@@ -1,0 +1,123 @@
+//! The router's own Prometheus metrics (`router_` prefix), served on `GET /metrics`.
+//!
+//! One registry per router instance (tests run several routers in one process). Hot-path
+//! users hold pre-resolved children where the label set is known up front (per-replica
+//! gauges); the rest resolve labels per request, which costs a hash lookup, no allocation.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    registry: Registry,
+    /// Responses sent to clients, by endpoint, replica (`none` when the router answered
+    /// itself) and HTTP status.
+    pub requests: IntCounterVec,
+    /// From request arrival to the end of the response body, by endpoint.
+    pub duration: HistogramVec,
+    /// From request arrival to the first response body bytes (for a stream, the first SSE
+    /// event), by endpoint.
+    pub first_event: HistogramVec,
+    pub in_flight: IntGaugeVec,
+    pub replica_healthy: IntGaugeVec,
+    /// Routing decisions by policy, replica and reason.
+    pub decisions: IntCounterVec,
+    /// Second attempts on another replica, by endpoint.
+    pub retries: IntCounterVec,
+    /// Upstream failures by replica and kind (`connect`, `before_headers`, `status_5xx`,
+    /// `mid_body`).
+    pub upstream_errors: IntCounterVec,
+    /// Clients gone before the response ended, by endpoint and stage (`waiting` for
+    /// headers, `streaming` the body).
+    pub client_disconnects: IntCounterVec,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    300.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("unique metric");
+            c
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique metric");
+            g
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec());
+            let h = HistogramVec::new(opts, labels).expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("unique metric");
+            h
+        };
+        Metrics {
+            requests: counter(
+                "router_requests_total",
+                "Responses sent to clients by endpoint, replica and status",
+                &["endpoint", "replica", "status"],
+            ),
+            duration: histogram(
+                "router_request_duration_seconds",
+                "Time from request arrival to the end of the response body",
+                &["endpoint"],
+            ),
+            first_event: histogram(
+                "router_time_to_first_event_seconds",
+                "Time from request arrival to the first response body bytes (first SSE event)",
+                &["endpoint"],
+            ),
+            in_flight: gauge(
+                "router_in_flight_requests",
+                "Requests in flight per replica",
+                &["replica"],
+            ),
+            replica_healthy: gauge(
+                "router_replica_healthy",
+                "1 if the replica receives new requests, 0 if not",
+                &["replica"],
+            ),
+            decisions: counter(
+                "router_routing_decisions_total",
+                "Routing decisions by policy, replica and reason",
+                &["policy", "replica", "reason"],
+            ),
+            retries: counter(
+                "router_retries_total",
+                "Requests retried on another replica before any response byte was sent",
+                &["endpoint"],
+            ),
+            upstream_errors: counter(
+                "router_upstream_errors_total",
+                "Upstream failures by replica and kind",
+                &["replica", "kind"],
+            ),
+            client_disconnects: counter(
+                "router_client_disconnects_total",
+                "Clients that went away before their response ended",
+                &["endpoint", "stage"],
+            ),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding to a Vec cannot fail");
+        String::from_utf8(out).expect("prometheus text is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,117 @@
+//! Routing policies: pure functions from a request's key and a snapshot of the replicas
+//! to a choice and the reason for it.
+//!
+//! A policy never does I/O, takes no locks and never logs above `debug`. The ingress
+//! builds the snapshot ([`Candidate`] per replica, indexed like the registry), asks the
+//! policy, and the proxy carries the decision out. Retries ask again with the failed
+//! replica marked ineligible, which for `consistent-hash` means "the next one on the
+//! ring".
+
+mod consistent_hash;
+mod least_loaded;
+mod power_of_two;
+mod random;
+mod round_robin;
+
+pub use consistent_hash::{ConsistentHash, HashOptions};
+pub use least_loaded::LeastLoaded;
+pub use power_of_two::PowerOfTwo;
+pub use random::Random;
+pub use round_robin::RoundRobin;
+
+use crate::routing_key::RoutingKey;
+
+/// What a policy sees of one replica for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// Healthy, serves the request's model, and not already tried for this request.
+    pub eligible: bool,
+    /// Requests the router has in flight on this replica.
+    pub in_flight: usize,
+}
+
+/// Why a replica was chosen; a label of `router_routing_decisions_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// A load-balancing policy's ordinary choice.
+    Balanced,
+    /// `consistent-hash` without a session key: routed by power-of-two.
+    Keyless,
+    /// The session key's owner on the ring.
+    Affinity,
+    /// The owner is not eligible (unhealthy, or already failed this request): next on the ring.
+    Failover,
+    /// The owner is over the bounded-load cap: the excess spilled along the ring.
+    Spill,
+    /// A second attempt after the first replica failed before responding.
+    Retry,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Balanced => "balanced",
+            Reason::Keyless => "keyless",
+            Reason::Affinity => "affinity",
+            Reason::Failover => "failover",
+            Reason::Spill => "spill",
+            Reason::Retry => "retry",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub replica: usize,
+    pub reason: Reason,
+}
+
+pub trait Policy: Send + Sync {
+    fn name(&self) -> &'static str;
+
+    /// Choose one eligible replica, or `None` when no candidate is eligible.
+    fn choose(&self, key: Option<&RoutingKey>, replicas: &[Candidate]) -> Option<Decision>;
+}
+
+/// The policies `--policy` accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyKind {
+    RoundRobin,
+    Random,
+    PowerOfTwo,
+    LeastLoaded,
+    ConsistentHash,
+}
+
+impl PolicyKind {
+    /// Build the policy for replicas with these stable names (their URLs): the ring of
+    /// `consistent-hash` is laid out from names, so a replica keeps its sessions across
+    /// restarts of the router and changes of the replica list's order.
+    pub fn build(self, replica_names: &[String], hash: HashOptions) -> Box<dyn Policy> {
+        match self {
+            PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
+            PolicyKind::Random => Box::new(Random),
+            PolicyKind::PowerOfTwo => Box::new(PowerOfTwo),
+            PolicyKind::LeastLoaded => Box::new(LeastLoaded::default()),
+            PolicyKind::ConsistentHash => Box::new(ConsistentHash::new(replica_names, hash)),
+        }
+    }
+}
+
+/// The index of the `n`-th eligible candidate.
+fn nth_eligible(replicas: &[Candidate], n: usize) -> Option<usize> {
+    replicas.iter().enumerate().filter(|(_, c)| c.eligible).nth(n).map(|(i, _)| i)
+}
+
+fn eligible_count(replicas: &[Candidate]) -> usize {
+    replicas.iter().filter(|c| c.eligible).count()
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::Candidate;
+
+    pub fn all(loads: &[usize]) -> Vec<Candidate> {
+        loads.iter().map(|&in_flight| Candidate { eligible: true, in_flight }).collect()
+    }
+}

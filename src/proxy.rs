@@ -1,0 +1,164 @@
+//! The proxy: send one request to one replica over a pooled keep-alive connection and
+//! hand back its response with the body still streaming.
+//!
+//! It never decides where a request goes (that is the policy's job, carried out by
+//! [`crate::dispatch`]). It forwards the client's method, path, end-to-end headers and
+//! the body bytes as read, and returns the upstream response untouched but for the
+//! hop-by-hop headers. Connections use TCP_NODELAY so each SSE event leaves as soon as
+//! it arrives.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName};
+use http::uri::PathAndQuery;
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use crate::replicas::Replica;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The pooled client shared by the proxy and the health checker.
+pub fn http_client(connect_timeout: Duration) -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(connector)
+}
+
+/// A request ready to be sent, and sent again to another replica if the first fails.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    pub method: Method,
+    pub path: PathAndQuery,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Outbound {
+    /// Keep the client's end-to-end headers; drop hop-by-hop ones, `Host` (the client
+    /// sets it to the replica) and `Content-Length` (recomputed from the body).
+    pub fn new(method: Method, path: PathAndQuery, mut headers: HeaderMap, body: Bytes) -> Self {
+        strip_hop_by_hop(&mut headers);
+        headers.remove(header::HOST);
+        headers.remove(header::CONTENT_LENGTH);
+        Outbound { method, path, headers, body }
+    }
+}
+
+/// Why an attempt produced no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connection failed: {0}")]
+    Connect(String),
+    #[error("failed before response headers: {0}")]
+    BeforeHeaders(String),
+}
+
+impl UpstreamError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::BeforeHeaders(_) => "before_headers",
+        }
+    }
+}
+
+/// Send `outbound` to `replica`; the response body streams from the replica as read.
+pub async fn send(
+    client: &HttpClient,
+    replica: &Replica,
+    outbound: &Outbound,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let mut request = Request::builder()
+        .method(outbound.method.clone())
+        .uri(replica.url.join(&outbound.path))
+        .body(Full::new(outbound.body.clone()))
+        .expect("method and URI come from a parsed request");
+    *request.headers_mut() = outbound.headers.clone();
+    let mut response = client.request(request).await.map_err(|e| {
+        let detail = error_chain(&e);
+        if e.is_connect() {
+            UpstreamError::Connect(detail)
+        } else {
+            UpstreamError::BeforeHeaders(detail)
+        }
+    })?;
+    strip_hop_by_hop(response.headers_mut());
+    Ok(response)
+}
+
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Remove the headers that describe one connection (RFC 9110 §7.6.1), including any
+/// the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "keep-alive, x-private".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("x-session-id", "s".parse().unwrap());
+        h.insert("authorization", "Bearer k".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-session-id", "authorization"]);
+    }
+
+    #[test]
+    fn outbound_drops_host_and_length() {
+        let mut h = HeaderMap::new();
+        h.insert("host", "router:8000".parse().unwrap());
+        h.insert("content-length", "2".parse().unwrap());
+        h.insert("content-type", "application/json".parse().unwrap());
+        let o = Outbound::new(Method::POST, PathAndQuery::from_static("/v1/completions"), h, Bytes::from_static(b"{}"));
+        assert!(o.headers.get("host").is_none());
+        assert!(o.headers.get("content-length").is_none());
+        assert_eq!(o.headers["content-type"], "application/json");
+    }
+}

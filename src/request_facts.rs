@@ -1,0 +1,282 @@
+//! The few facts routing needs from a request body, parsed as JSON and nothing more.
+//!
+//! The ingress reads the body once and hands it here. We walk the top-level JSON object
+//! with serde, keep borrowed raw slices of the handful of fields we care about (`model`,
+//! `stream`, the session fields) and skip everything else without allocating: a 100 kB
+//! chat history is validated as JSON but never materialised. Only the fields found are
+//! then typed, so a wrong type is reported with the field's name.
+//!
+//! Session fields, in priority order: `session_id`, `session_params.session_id` (the form
+//! vllm-router clients send), `user` (OpenAI's field, also vllm-router's), `user_id`. Only
+//! top-level keys count: a message whose text contains `"user"` is content, not a key.
+
+use serde::Deserialize;
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
+
+/// What the router learned from a request body.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BodyFacts {
+    pub model: Option<String>,
+    pub stream: bool,
+    /// The body's session key, if any (header keys are found elsewhere and win).
+    pub session: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FactsError {
+    #[error("request body is empty; expected a JSON object")]
+    Empty,
+    #[error("request body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("request body must be a JSON object")]
+    NotObject,
+    #[error("`model` is required")]
+    MissingModel,
+    #[error("`{field}` must be {expected}")]
+    WrongType { field: &'static str, expected: &'static str },
+}
+
+impl FactsError {
+    /// The request field the error is about, for the error body's `param`.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            FactsError::MissingModel => Some("model"),
+            FactsError::WrongType { field, .. } => Some(field),
+            _ => None,
+        }
+    }
+}
+
+/// Parse the routing facts of a JSON request body.
+pub fn parse(body: &[u8]) -> Result<BodyFacts, FactsError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(FactsError::Empty);
+    }
+    let raw: RawFields = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => FactsError::NotObject,
+        _ => FactsError::NotJson(e.to_string()),
+    })?;
+    raw.typed()
+}
+
+/// Like [`parse`], and `model` must be present (completions and chat completions).
+pub fn parse_inference(body: &[u8]) -> Result<BodyFacts, FactsError> {
+    let facts = parse(body)?;
+    if facts.model.is_none() {
+        return Err(FactsError::MissingModel);
+    }
+    Ok(facts)
+}
+
+/// The untyped first pass: raw JSON slices of the fields we route on.
+#[derive(Default)]
+struct RawFields<'a> {
+    model: Option<&'a RawValue>,
+    stream: Option<&'a RawValue>,
+    session_id: Option<&'a RawValue>,
+    session_params: Option<&'a RawValue>,
+    user: Option<&'a RawValue>,
+    user_id: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "snake_case")]
+enum Field {
+    Model,
+    Stream,
+    SessionId,
+    SessionParams,
+    User,
+    UserId,
+    #[serde(other)]
+    Other,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for RawFields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = RawFields<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut raw = RawFields::default();
+                while let Some(field) = map.next_key::<Field>()? {
+                    // Duplicate keys: the last one wins, as in Python's json (vLLM).
+                    let slot = match field {
+                        Field::Model => &mut raw.model,
+                        Field::Stream => &mut raw.stream,
+                        Field::SessionId => &mut raw.session_id,
+                        Field::SessionParams => &mut raw.session_params,
+                        Field::User => &mut raw.user,
+                        Field::UserId => &mut raw.user_id,
+                        Field::Other => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(map.next_value()?);
+                }
+                Ok(raw)
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
+    }
+}
+
+impl RawFields<'_> {
+    fn typed(&self) -> Result<BodyFacts, FactsError> {
+        let model = match self.model {
+            Some(raw) => serde_json::from_str::<Option<String>>(raw.get())
+                .map_err(|_| FactsError::WrongType { field: "model", expected: "a string" })?,
+            None => None,
+        };
+        let stream = match self.stream {
+            Some(raw) => serde_json::from_str::<Option<bool>>(raw.get())
+                .map_err(|_| FactsError::WrongType { field: "stream", expected: "a boolean" })?
+                .unwrap_or(false),
+            None => false,
+        };
+        let nested = match self.session_params {
+            Some(raw) => serde_json::from_str::<Option<SessionParams>>(raw.get())
+                .map_err(|_| FactsError::WrongType {
+                    field: "session_params",
+                    expected: "an object",
+                })?
+                .and_then(|p| p.session_id),
+            None => None,
+        };
+        let mut session = None;
+        for (field, raw) in [
+            ("session_id", self.session_id),
+            ("session_params.session_id", nested),
+            ("user", self.user),
+            ("user_id", self.user_id),
+        ] {
+            // Every present session field is type-checked, even when an earlier one wins.
+            let value = match raw {
+                Some(raw) => session_value(field, raw)?,
+                None => None,
+            };
+            if session.is_none() {
+                session = value;
+            }
+        }
+        Ok(BodyFacts { model, stream, session })
+    }
+}
+
+#[derive(Deserialize)]
+struct SessionParams<'a> {
+    #[serde(borrow)]
+    session_id: Option<&'a RawValue>,
+}
+
+/// A session field is a string or an integer; null or "" means absent.
+fn session_value(field: &'static str, raw: &RawValue) -> Result<Option<String>, FactsError> {
+    let text = raw.get();
+    let wrong = || FactsError::WrongType { field, expected: "a string or an integer" };
+    match text.as_bytes().first() {
+        Some(b'"') => {
+            let s: String = serde_json::from_str(text).map_err(|_| wrong())?;
+            Ok((!s.is_empty()).then_some(s))
+        }
+        Some(b'-' | b'0'..=b'9') => {
+            serde_json::from_str::<i128>(text).map_err(|_| wrong())?;
+            Ok(Some(text.to_owned()))
+        }
+        _ if text == "null" => Ok(None),
+        _ => Err(wrong()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(body: &str) -> Result<BodyFacts, FactsError> {
+        parse(body.as_bytes())
+    }
+
+    #[test]
+    fn reads_model_stream_and_session() {
+        let f = facts(r#"{"model":"m","stream":true,"session_id":"s1","messages":[]}"#).unwrap();
+        assert_eq!(f.model.as_deref(), Some("m"));
+        assert!(f.stream);
+        assert_eq!(f.session.as_deref(), Some("s1"));
+    }
+
+    #[test]
+    fn session_priority_follows_documented_order() {
+        let f = facts(r#"{"model":"m","user":"u","session_params":{"session_id":"p"}}"#).unwrap();
+        assert_eq!(f.session.as_deref(), Some("p"));
+        let f = facts(r#"{"model":"m","user_id":"x","user":"u"}"#).unwrap();
+        assert_eq!(f.session.as_deref(), Some("u"));
+        let f = facts(r#"{"model":"m","user_id":7}"#).unwrap();
+        assert_eq!(f.session.as_deref(), Some("7"));
+        let f = facts(r#"{"model":"m","session_id":"","user":"u"}"#).unwrap();
+        assert_eq!(f.session.as_deref(), Some("u"));
+    }
+
+    #[test]
+    fn message_text_mentioning_user_is_not_a_key() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"{\"user\": \"mallory\", \"session_id\": \"x\"}"}]}"#;
+        let f = facts(body).unwrap();
+        assert_eq!(f.session, None);
+        let nested = r#"{"model":"m","metadata":{"user":"nested","session_id":"nested"}}"#;
+        assert_eq!(facts(nested).unwrap().session, None);
+    }
+
+    #[test]
+    fn escaped_strings_are_decoded() {
+        let f = facts(r#"{"model":"qwen\/0.6b","session_id":"a\u00e9b"}"#).unwrap();
+        assert_eq!(f.model.as_deref(), Some("qwen/0.6b"));
+        assert_eq!(f.session.as_deref(), Some("aéb"));
+    }
+
+    #[test]
+    fn bad_input_is_classified() {
+        assert_eq!(facts(""), Err(FactsError::Empty));
+        assert!(matches!(facts("{\"model\":"), Err(FactsError::NotJson(_))));
+        assert!(matches!(facts("not json"), Err(FactsError::NotJson(_))));
+        assert!(matches!(facts("{} trailing"), Err(FactsError::NotJson(_))));
+        assert_eq!(facts("[1,2]"), Err(FactsError::NotObject));
+        assert_eq!(facts("\"model\""), Err(FactsError::NotObject));
+        assert_eq!(parse_inference(b"{\"prompt\":\"hi\"}"), Err(FactsError::MissingModel));
+        assert_eq!(parse_inference(b"{\"model\":null}"), Err(FactsError::MissingModel));
+        assert_eq!(
+            facts(r#"{"model":5}"#),
+            Err(FactsError::WrongType { field: "model", expected: "a string" })
+        );
+        assert_eq!(
+            facts(r#"{"model":"m","stream":"yes"}"#),
+            Err(FactsError::WrongType { field: "stream", expected: "a boolean" })
+        );
+        assert_eq!(
+            facts(r#"{"model":"m","user":{"id":1}}"#).unwrap_err().field(),
+            Some("user")
+        );
+        assert_eq!(
+            facts(r#"{"model":"m","session_id":"s","user_id":[1]}"#).unwrap_err().field(),
+            Some("user_id")
+        );
+        assert_eq!(
+            facts(r#"{"model":"m","session_params":"s"}"#).unwrap_err().field(),
+            Some("session_params")
+        );
+        assert_eq!(
+            facts(r#"{"model":"m","session_id":1.5}"#).unwrap_err().field(),
+            Some("session_id")
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_last_wins() {
+        let f = facts(r#"{"model":"a","model":"b"}"#).unwrap();
+        assert_eq!(f.model.as_deref(), Some("b"));
+    }
+}

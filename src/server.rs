@@ -1,0 +1,119 @@
+//! Start-up and shutdown: build the router from its configuration, accept connections,
+//! and drain them on the way out.
+//!
+//! Start-up probes every replica once before the first connection is accepted, so a
+//! router started against a healthy fleet routes its first request. Each accepted
+//! connection gets TCP_NODELAY (SSE events must not wait for Nagle) and is served by
+//! hyper's HTTP/1 server, which notices a client that closes mid-request and drops the
+//! request's future, cancelling the upstream request with it. Shutdown stops accepting,
+//! lets in-flight requests finish for up to the drain timeout, then returns.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::config::RouterConfig;
+use crate::dispatch::Dispatcher;
+use crate::ingress::{self, Ingress};
+use crate::metrics::Metrics;
+use crate::proxy;
+use crate::replicas::{HealthChecker, Registry};
+use crate::routing_key::KeyHeaders;
+
+/// A router serving on `addr` until [`RunningRouter::shutdown`].
+pub struct RunningRouter {
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+    pub registry: Arc<Registry>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+    health: JoinHandle<()>,
+}
+
+impl RunningRouter {
+    /// Stop accepting, drain in-flight requests (bounded by the drain timeout), stop.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+        self.health.abort();
+    }
+
+    /// Serve until the server stops by itself (it does not, short of a fatal error).
+    pub async fn wait(mut self) {
+        let _ = (&mut self.server).await;
+        self.health.abort();
+    }
+}
+
+/// Build the router and start serving on `config.listen`.
+pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
+    let listener = TcpListener::bind(config.listen).await?;
+    let addr = listener.local_addr()?;
+    let metrics = Arc::new(Metrics::new());
+    let registry = Arc::new(Registry::new(config.replicas.clone(), config.thresholds, &metrics));
+    let client = proxy::http_client(config.connect_timeout);
+
+    let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
+    checker.probe_all().await;
+    let health = tokio::spawn(checker.run());
+
+    let policy = config.policy.build(&registry.names(), config.hash);
+    let ingress = Arc::new(Ingress {
+        dispatcher: Dispatcher { registry: registry.clone(), policy, client, metrics: metrics.clone() },
+        keys: KeyHeaders::new(config.session_headers.clone()),
+        max_body_bytes: config.max_body_bytes,
+        metrics: metrics.clone(),
+    });
+    let app = ingress::routes(ingress);
+    let (stop, stopped) = oneshot::channel();
+    let server = tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout));
+    tracing::info!(%addr, replicas = registry.replicas().len(), healthy = registry.healthy_count(),
+        policy = ?config.policy, "router listening");
+    Ok(RunningRouter { addr, metrics, registry, stop: Some(stop), server, health })
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stopped: oneshot::Receiver<()>,
+    drain_timeout: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stopped => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
+        tracing::warn!(?drain_timeout, "drain timeout reached with requests still in flight");
+    }
+}
