@@ -143,21 +143,25 @@ impl Cli {
             session_headers: self.session_headers,
             max_body_bytes: self.max_body_bytes,
             health: HealthConfig { interval: self.health_interval, timeout: self.health_timeout },
-            thresholds: Thresholds {
-                unhealthy: self.unhealthy_threshold,
-                healthy: self.healthy_threshold,
-            },
+            thresholds: Thresholds { unhealthy: self.unhealthy_threshold, healthy: self.healthy_threshold },
             connect_timeout: self.connect_timeout,
             drain_timeout: self.drain_timeout,
         }
     }
 }
 
-/// Clap's error as one line: its first line, plus the accepted values when it lists them.
+/// Clap's error as one line: its first line, the lines it introduces with a colon
+/// (such as missing arguments), and the accepted values when it lists them.
 pub fn one_line_error(error: &clap::Error) -> String {
     let rendered = error.render().to_string();
-    let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+    let mut lines = rendered.lines().map(str::trim);
     let mut line = lines.next().unwrap_or("error: invalid arguments").to_owned();
+    if line.ends_with(':') {
+        for detail in lines.by_ref().take_while(|l| !l.is_empty()) {
+            line.push(' ');
+            line.push_str(detail);
+        }
+    }
     if let Some(values) = lines.find(|l| l.starts_with("[possible values:")) {
         line.push(' ');
         line.push_str(values);
@@ -175,7 +179,8 @@ mod tests {
 
     #[test]
     fn replicas_accept_lists_commas_and_repeats() {
-        let cli = parse(&["--replicas", "http://a:1", "http://b:2,http://c:3", "--replicas", "http://d:4"]).unwrap();
+        let cli = parse(&["--replicas", "http://a:1", "http://b:2,http://c:3", "--replicas", "http://d:4"])
+            .unwrap();
         let names: Vec<_> = cli.replicas.iter().map(|r| r.name().to_owned()).collect();
         assert_eq!(names, ["http://a:1", "http://b:2", "http://c:3", "http://d:4"]);
         assert_eq!(cli.policy, PolicyKind::PowerOfTwo);
@@ -202,8 +207,16 @@ mod tests {
     #[test]
     fn hash_options_and_headers() {
         let config = parse(&[
-            "--replicas", "http://a:1", "--policy", "consistent-hash", "--hash-balance-factor", "1.25",
-            "--session-header", "x-correlation-id", "--session-header", "x-session-id",
+            "--replicas",
+            "http://a:1",
+            "--policy",
+            "consistent-hash",
+            "--hash-balance-factor",
+            "1.25",
+            "--session-header",
+            "x-correlation-id",
+            "--session-header",
+            "x-session-id",
         ])
         .unwrap()
         .into_config();

@@ -127,9 +127,21 @@ impl Dispatcher {
         }
     }
 
-    fn metered(&self, response: http::Response<Incoming>, in_flight: InFlight, route: &Route<'_>) -> Response {
+    fn metered(
+        &self,
+        response: http::Response<Incoming>,
+        in_flight: InFlight,
+        route: &Route<'_>,
+    ) -> Response {
         let (parts, body) = response.into_parts();
-        let body = MeteredBody::new(body, in_flight, self.metrics.clone(), route.endpoint, route.started, route.stream);
+        let body = MeteredBody::new(
+            body,
+            in_flight,
+            self.metrics.clone(),
+            route.endpoint,
+            route.started,
+            route.stream,
+        );
         Response::from_parts(parts, Body::new(body))
     }
 }

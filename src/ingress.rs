@@ -21,7 +21,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::dispatch::{Dispatcher, Route};
 use crate::error::RouterError;
-use crate::metrics::Metrics;
+use crate::metrics::{ENDPOINTS, Metrics};
 use crate::proxy::Outbound;
 use crate::request_facts::{self, BodyFacts};
 use crate::routing_key::KeyHeaders;
@@ -45,9 +45,9 @@ enum Endpoint {
 impl Endpoint {
     fn label(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions => "chat_completions",
-            Endpoint::Completions => "completions",
-            Endpoint::Other => "other",
+            Endpoint::ChatCompletions => ENDPOINTS[0],
+            Endpoint::Completions => ENDPOINTS[1],
+            Endpoint::Other => ENDPOINTS[2],
         }
     }
 }
@@ -98,10 +98,9 @@ async fn health(State(ingress): State<Arc<Ingress>>) -> Response {
 
 async fn metrics(State(ingress): State<Arc<Ingress>>) -> Response {
     let mut response = ingress.metrics.render().into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-    );
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
     response
 }
 
@@ -138,10 +137,7 @@ impl Ingress {
             }
         };
         waiting.armed = false;
-        self.metrics
-            .requests
-            .with_label_values(&[label, &replica, served.status().as_str()])
-            .inc();
+        self.metrics.requests.with_label_values(&[label, &replica, served.status().as_str()]).inc();
         served
     }
 
@@ -191,10 +187,8 @@ impl Drop for Waiting<'_> {
 
 /// Read the whole body, refusing more than `limit` bytes (early, if Content-Length says so).
 async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, RouterError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(RouterError::BodyTooLarge { limit });
     }

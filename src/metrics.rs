@@ -32,10 +32,14 @@ pub struct Metrics {
     pub client_disconnects: IntCounterVec,
 }
 
-const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-    300.0,
-];
+/// The `endpoint` label values of proxied requests.
+pub const ENDPOINTS: [&str; 3] = ["chat_completions", "completions", "other"];
+
+/// The `kind` label values of `router_upstream_errors_total`.
+pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "before_headers", "status_5xx", "mid_body"];
+
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -56,7 +60,7 @@ impl Metrics {
             registry.register(Box::new(h.clone())).expect("unique metric");
             h
         };
-        Metrics {
+        let metrics = Metrics {
             requests: counter(
                 "router_requests_total",
                 "Responses sent to clients by endpoint, replica and status",
@@ -72,11 +76,7 @@ impl Metrics {
                 "Time from request arrival to the first response body bytes (first SSE event)",
                 &["endpoint"],
             ),
-            in_flight: gauge(
-                "router_in_flight_requests",
-                "Requests in flight per replica",
-                &["replica"],
-            ),
+            in_flight: gauge("router_in_flight_requests", "Requests in flight per replica", &["replica"]),
             replica_healthy: gauge(
                 "router_replica_healthy",
                 "1 if the replica receives new requests, 0 if not",
@@ -103,6 +103,22 @@ impl Metrics {
                 &["endpoint", "stage"],
             ),
             registry,
+        };
+        // Series that exist from the start read 0 rather than missing, so rate() and
+        // alerts work before the first failure.
+        for endpoint in ENDPOINTS {
+            metrics.retries.with_label_values(&[endpoint]);
+            for stage in ["waiting", "streaming"] {
+                metrics.client_disconnects.with_label_values(&[endpoint, stage]);
+            }
+        }
+        metrics
+    }
+
+    /// Create a replica's per-replica series at 0.
+    pub fn add_replica(&self, replica: &str) {
+        for kind in UPSTREAM_ERROR_KINDS {
+            self.upstream_errors.with_label_values(&[replica, kind]);
         }
     }
 

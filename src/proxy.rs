@@ -29,9 +29,7 @@ pub fn http_client(connect_timeout: Duration) -> HttpClient {
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build(connector)
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector)
 }
 
 /// A request ready to be sent, and sent again to another replica if the first fails.
@@ -86,11 +84,7 @@ pub async fn send(
     *request.headers_mut() = outbound.headers.clone();
     let mut response = client.request(request).await.map_err(|e| {
         let detail = error_chain(&e);
-        if e.is_connect() {
-            UpstreamError::Connect(detail)
-        } else {
-            UpstreamError::BeforeHeaders(detail)
-        }
+        if e.is_connect() { UpstreamError::Connect(detail) } else { UpstreamError::BeforeHeaders(detail) }
     })?;
     strip_hop_by_hop(response.headers_mut());
     Ok(response)
@@ -156,7 +150,12 @@ mod tests {
         h.insert("host", "router:8000".parse().unwrap());
         h.insert("content-length", "2".parse().unwrap());
         h.insert("content-type", "application/json".parse().unwrap());
-        let o = Outbound::new(Method::POST, PathAndQuery::from_static("/v1/completions"), h, Bytes::from_static(b"{}"));
+        let o = Outbound::new(
+            Method::POST,
+            PathAndQuery::from_static("/v1/completions"),
+            h,
+            Bytes::from_static(b"{}"),
+        );
         assert!(o.headers.get("host").is_none());
         assert!(o.headers.get("content-length").is_none());
         assert_eq!(o.headers["content-type"], "application/json");

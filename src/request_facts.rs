@@ -143,10 +143,7 @@ impl RawFields<'_> {
         };
         let nested = match self.session_params {
             Some(raw) => serde_json::from_str::<Option<SessionParams>>(raw.get())
-                .map_err(|_| FactsError::WrongType {
-                    field: "session_params",
-                    expected: "an object",
-                })?
+                .map_err(|_| FactsError::WrongType { field: "session_params", expected: "an object" })?
                 .and_then(|p| p.session_id),
             None => None,
         };
@@ -256,10 +253,7 @@ mod tests {
             facts(r#"{"model":"m","stream":"yes"}"#),
             Err(FactsError::WrongType { field: "stream", expected: "a boolean" })
         );
-        assert_eq!(
-            facts(r#"{"model":"m","user":{"id":1}}"#).unwrap_err().field(),
-            Some("user")
-        );
+        assert_eq!(facts(r#"{"model":"m","user":{"id":1}}"#).unwrap_err().field(), Some("user"));
         assert_eq!(
             facts(r#"{"model":"m","session_id":"s","user_id":[1]}"#).unwrap_err().field(),
             Some("user_id")
@@ -268,10 +262,7 @@ mod tests {
             facts(r#"{"model":"m","session_params":"s"}"#).unwrap_err().field(),
             Some("session_params")
         );
-        assert_eq!(
-            facts(r#"{"model":"m","session_id":1.5}"#).unwrap_err().field(),
-            Some("session_id")
-        );
+        assert_eq!(facts(r#"{"model":"m","session_id":1.5}"#).unwrap_err().field(), Some("session_id"));
     }
 
     #[test]

@@ -104,8 +104,10 @@ async fn client_disconnect_mid_stream_cancels_upstream() {
     eventually("replica sees the stream cancelled", || mock.cancelled() == 1).await;
     let metrics = router.metrics.clone();
     eventually("disconnect counted", || {
-        metric(&metrics.render(), r#"router_client_disconnects_total{endpoint="chat_completions",stage="streaming"}"#)
-            == 1.0
+        metric(
+            &metrics.render(),
+            r#"router_client_disconnects_total{endpoint="chat_completions",stage="streaming"}"#,
+        ) == 1.0
     })
     .await;
     eventually("in-flight returns to zero", || router.registry.get(0).in_flight() == 0).await;
@@ -118,14 +120,18 @@ async fn client_disconnect_while_waiting_cancels_upstream() {
     replicas[0].set_mode(Mode::Hold);
     let router = router(config(&replicas)).await;
     let url = format!("{}/v1/completions", base(&router));
-    let request = tokio::spawn(async move { client().post(url).body(completion(false).to_string()).send().await });
+    let request =
+        tokio::spawn(async move { client().post(url).body(completion(false).to_string()).send().await });
     let mock = replicas[0].clone();
     eventually("replica receives the request", || mock.request_count() == 1).await;
     request.abort();
     eventually("replica sees the non-streaming request cancelled", || mock.cancelled() == 1).await;
     let metrics = router.metrics.clone();
     eventually("disconnect counted", || {
-        metric(&metrics.render(), r#"router_client_disconnects_total{endpoint="completions",stage="waiting"}"#) == 1.0
+        metric(
+            &metrics.render(),
+            r#"router_client_disconnects_total{endpoint="completions",stage="waiting"}"#,
+        ) == 1.0
     })
     .await;
     router.shutdown().await;
@@ -140,7 +146,8 @@ async fn a_500_is_retried_once_on_another_replica() {
     let router = router(cfg).await;
     let c = client();
     for _ in 0..4 {
-        let (status, replica, _) = post(&c, &format!("{}/v1/completions", base(&router)), &completion(false), &[]).await;
+        let (status, replica, _) =
+            post(&c, &format!("{}/v1/completions", base(&router)), &completion(false), &[]).await;
         assert_eq!((status, replica.as_deref()), (200, Some("r1")));
     }
     // Every attempt on r0 failed and was retried exactly once, on r1.
@@ -160,7 +167,8 @@ async fn when_every_attempt_fails_the_client_gets_the_upstream_error() {
     let replicas = mocks(3).await;
     replicas.iter().for_each(|r| r.set_mode(Mode::Fail500));
     let router = router(config(&replicas)).await;
-    let (status, _, body) = post(&client(), &format!("{}/v1/completions", base(&router)), &completion(true), &[]).await;
+    let (status, _, body) =
+        post(&client(), &format!("{}/v1/completions", base(&router)), &completion(true), &[]).await;
     assert_eq!(status, 500);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["message"], "engine exploded");
@@ -182,11 +190,13 @@ async fn refused_connection_is_retried_and_all_refused_is_a_502() {
     replicas[0].kill();
     let c = client();
     for _ in 0..4 {
-        let (status, replica, _) = post(&c, &format!("{}/v1/completions", base(&router)), &completion(false), &[]).await;
+        let (status, replica, _) =
+            post(&c, &format!("{}/v1/completions", base(&router)), &completion(false), &[]).await;
         assert_eq!((status, replica.as_deref()), (200, Some("r1")));
     }
     replicas[1].kill();
-    let (status, _, body) = post(&c, &format!("{}/v1/completions", base(&router)), &completion(false), &[]).await;
+    let (status, _, body) =
+        post(&c, &format!("{}/v1/completions", base(&router)), &completion(false), &[]).await;
     assert_eq!(status, 502);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["error"]["code"], 502);
@@ -197,17 +207,19 @@ async fn refused_connection_is_retried_and_all_refused_is_a_502() {
 
 #[tokio::test]
 async fn upstream_4xx_passes_through_and_is_not_retried() {
-    let replicas = mocks(2).await;
+    let replicas = mocks(3).await;
+    replicas.iter().for_each(|r| r.set_mode(Mode::Fail400));
     let router = router(config(&replicas)).await;
-    // The mocks have no /v1/embeddings route: axum answers 404, which must come back as is.
-    let response = client()
-        .post(format!("{}/v1/embeddings", base(&router)))
-        .body(json!({"model": "m", "input": "x"}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 404);
-    assert_eq!(router.metrics.render().contains("router_retries_total{"), false);
+    let c = client();
+    let body = json!({"model": "m", "prompt": "x", "max_tokens": 0});
+    let (status, _, routed) = post(&c, &format!("{}/v1/completions", base(&router)), &body, &[]).await;
+    assert_eq!(status, 400);
+    let (_, _, direct) = post(&c, &format!("{}/v1/completions", replicas[0].url()), &body, &[]).await;
+    assert_eq!(routed, direct, "the replica's error body passes through unchanged");
+    let attempts: usize = replicas.iter().map(|r| r.request_count()).sum();
+    assert_eq!(attempts, 2, "one routed attempt (no retry) plus the direct request");
+    let text = router.metrics.render();
+    assert_eq!(metric(&text, r#"router_retries_total{endpoint="completions"}"#), 0.0);
     router.shutdown().await;
 }
 

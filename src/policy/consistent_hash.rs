@@ -72,11 +72,7 @@ impl ConsistentHash {
         for (replica, name) in replica_names.iter().enumerate() {
             let name: std::sync::Arc<str> = name.as_str().into();
             for index in 0..virtual_nodes {
-                nodes.push(VirtualNode {
-                    name: name.clone(),
-                    index: index as u32,
-                    replica: replica as u32,
-                });
+                nodes.push(VirtualNode { name: name.clone(), index: index as u32, replica: replica as u32 });
             }
         }
         ring.batch_add(nodes);
@@ -144,8 +140,7 @@ impl Policy for ConsistentHash {
 
     fn choose(&self, key: Option<&RoutingKey>, replicas: &[Candidate]) -> Option<Decision> {
         let Some(key) = key else {
-            return PowerOfTwo::pick(replicas)
-                .map(|replica| Decision { replica, reason: Reason::Keyless });
+            return PowerOfTwo::pick(replicas).map(|replica| Decision { replica, reason: Reason::Keyless });
         };
         let walk = self.walk(key);
         let owner = *walk.first()? as usize;

@@ -61,11 +61,7 @@ impl HealthChecker {
     }
 
     fn clone_handle(&self) -> HealthChecker {
-        HealthChecker {
-            registry: self.registry.clone(),
-            client: self.client.clone(),
-            config: self.config,
-        }
+        HealthChecker { registry: self.registry.clone(), client: self.client.clone(), config: self.config }
     }
 
     async fn probe(&self, replica: &Replica) {

@@ -104,6 +104,7 @@ impl Registry {
             .into_iter()
             .enumerate()
             .map(|(index, url)| {
+                metrics.add_replica(url.name());
                 let in_flight_gauge = metrics.in_flight.with_label_values(&[url.name()]);
                 let healthy_gauge = metrics.replica_healthy.with_label_values(&[url.name()]);
                 Arc::new(Replica {
@@ -151,8 +152,7 @@ impl Registry {
             .map(|r| {
                 let healthy = r.is_healthy();
                 any_healthy |= healthy;
-                let eligible =
-                    healthy && model.is_none_or(|m| r.serves(m)) && !tried.contains(&r.index);
+                let eligible = healthy && model.is_none_or(|m| r.serves(m)) && !tried.contains(&r.index);
                 any_eligible |= eligible;
                 Candidate { eligible, in_flight: r.in_flight() }
             })
@@ -240,7 +240,8 @@ mod tests {
     use super::*;
 
     fn registry(n: usize) -> Registry {
-        let urls = (0..n).map(|i| ReplicaUrl::parse(&format!("http://127.0.0.1:{}", 9000 + i)).unwrap()).collect();
+        let urls =
+            (0..n).map(|i| ReplicaUrl::parse(&format!("http://127.0.0.1:{}", 9000 + i)).unwrap()).collect();
         Registry::new(urls, Thresholds { unhealthy: 2, healthy: 3 }, &Metrics::new())
     }
 

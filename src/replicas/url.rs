@@ -81,7 +81,16 @@ mod tests {
 
     #[test]
     fn rejects_malformed_with_the_value_named() {
-        for bad in ["localhost:8000", "ftp://h:1", "https://h:1", "http://h:1/v1", "http://", "http://u:p@h:1", "not a url", "http://h:1?x=1"] {
+        for bad in [
+            "localhost:8000",
+            "ftp://h:1",
+            "https://h:1",
+            "http://h:1/v1",
+            "http://",
+            "http://u:p@h:1",
+            "not a url",
+            "http://h:1?x=1",
+        ] {
             let err = ReplicaUrl::parse(bad).unwrap_err();
             assert!(!err.contains('\n'), "{err}");
             assert!(err.contains(bad.trim_end_matches('/')) || err.contains("http://"), "{bad}: {err}");

@@ -37,6 +37,8 @@ pub enum Mode {
     Normal,
     /// Answer 500 with an error body.
     Fail500,
+    /// Answer 400 with an error body, as vLLM does for invalid parameters.
+    Fail400,
     /// Streams: send the first event, then wait for [`MockReplica::release`].
     /// Non-streaming: wait for the release before answering.
     Hold,
@@ -214,8 +216,13 @@ async fn inference(State(state): State<Arc<MockState>>, request: Request) -> Res
     });
     let mode = *state.mode.lock().unwrap();
     if mode == Mode::Fail500 {
-        let err = r#"{"error":{"message":"engine exploded","type":"InternalServerError","param":null,"code":500}}"#;
+        let err =
+            r#"{"error":{"message":"engine exploded","type":"InternalServerError","param":null,"code":500}}"#;
         return json(StatusCode::INTERNAL_SERVER_ERROR, err.into(), &state.name);
+    }
+    if mode == Mode::Fail400 {
+        let err = r#"{"error":{"message":"max_tokens must be at least 1","type":"BadRequestError","param":"max_tokens","code":400}}"#;
+        return json(StatusCode::BAD_REQUEST, err.into(), &state.name);
     }
     let request: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let chat = parts.uri.path() == "/v1/chat/completions";
