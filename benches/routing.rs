@@ -1,1 +1,100 @@
-fn main() {}
+//! Per-request routing costs: finding the routing facts and key, snapshotting the
+//! replicas, and each policy's decision, for a fleet of 8 replicas.
+//!
+//! Run: `cargo bench --bench routing`. Figures are reported in README.
+
+use std::hint::black_box;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use http::HeaderMap;
+use llm_router::metrics::Metrics;
+use llm_router::policy::{Candidate, HashOptions, PolicyKind};
+use llm_router::replicas::{Registry, ReplicaUrl, Thresholds};
+use llm_router::request_facts;
+use llm_router::routing_key::{KeyHeaders, RoutingKey};
+
+/// A chat body of about `bytes` bytes: many turns, as an agent sends.
+fn chat_body(bytes: usize) -> Vec<u8> {
+    let mut messages = vec![serde_json::json!({"role": "system", "content": "You are a coding agent."})];
+    let mut size = 100;
+    let mut turn = 0;
+    while size < bytes {
+        let content = format!("turn {turn}: {}", "fn main() { println!(\"hello\"); } ".repeat(8));
+        size += content.len() + 40;
+        messages.push(
+            serde_json::json!({"role": if turn % 2 == 0 { "user" } else { "assistant" }, "content": content}),
+        );
+        turn += 1;
+    }
+    serde_json::json!({"model": "Qwen/Qwen3-0.6B", "messages": messages, "stream": true,
+        "max_tokens": 256, "user": "agent-42"})
+    .to_string()
+    .into_bytes()
+}
+
+fn key_extraction(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key_extraction");
+    let keys = KeyHeaders::default();
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert("authorization", "Bearer sk-123".parse().unwrap());
+    headers.insert("x-session-id", "session-0123456789".parse().unwrap());
+    group.bench_function("header", |b| b.iter(|| keys.find(black_box(&headers))));
+    for size in [300, 8_000, 100_000] {
+        let body = chat_body(size);
+        group.throughput(Throughput::Bytes(body.len() as u64));
+        group.bench_with_input(BenchmarkId::new("body_facts", body.len()), &body, |b, body| {
+            b.iter(|| request_facts::parse_inference(black_box(body)).unwrap())
+        });
+    }
+    group.finish();
+}
+
+fn names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("http://10.0.0.{i}:8000")).collect()
+}
+
+fn policies(c: &mut Criterion) {
+    let mut group = c.benchmark_group("policy_8_replicas");
+    let candidates: Vec<Candidate> =
+        (0..8).map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5 }).collect();
+    let key = RoutingKey::from("session-0123456789".to_owned());
+    for kind in [
+        PolicyKind::RoundRobin,
+        PolicyKind::Random,
+        PolicyKind::PowerOfTwo,
+        PolicyKind::LeastLoaded,
+        PolicyKind::ConsistentHash,
+    ] {
+        let policy = kind.build(&names(8), HashOptions::default());
+        group.bench_function(policy.name(), |b| {
+            b.iter(|| policy.choose(Some(black_box(&key)), black_box(&candidates)))
+        });
+    }
+    let bounded = PolicyKind::ConsistentHash
+        .build(&names(8), HashOptions { virtual_nodes: 160, balance_factor: Some(1.25) });
+    group.bench_function("consistent-hash/bounded-1.25", |b| {
+        b.iter(|| bounded.choose(Some(black_box(&key)), black_box(&candidates)))
+    });
+    let plain = PolicyKind::ConsistentHash.build(&names(8), HashOptions::default());
+    let owner = plain.choose(Some(&key), &candidates).unwrap().replica;
+    let mut failover = candidates.clone();
+    failover[owner].eligible = false;
+    group.bench_function("consistent-hash/owner-down", |b| {
+        b.iter(|| plain.choose(Some(black_box(&key)), black_box(&failover)))
+    });
+    group.finish();
+
+    let metrics = Metrics::new();
+    let urls = names(8).iter().map(|n| ReplicaUrl::parse(n).unwrap()).collect();
+    let registry = Registry::new(urls, Thresholds { unhealthy: 3, healthy: 2 }, &metrics);
+    for r in registry.replicas() {
+        registry.record(r, true);
+    }
+    c.bench_function("registry_snapshot_8_replicas", |b| {
+        b.iter(|| registry.candidates(Some(black_box("any-model")), &[]).unwrap())
+    });
+}
+
+criterion_group!(benches, key_extraction, policies);
+criterion_main!(benches);
