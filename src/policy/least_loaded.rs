@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Candidate, Decision, Policy, Reason};
+use super::{Candidate, Decision, Policy, Reason, rotated};
 use crate::routing_key::RoutingKey;
 
 #[derive(Debug, Default)]
@@ -22,8 +22,7 @@ impl Policy for LeastLoaded {
             return None;
         }
         let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n)
-            .map(|offset| (start + offset) % n)
+        rotated(start, n)
             .filter(|&i| replicas[i].eligible)
             .min_by_key(|&i| replicas[i].in_flight)
             .map(|replica| Decision { replica, reason: Reason::Balanced })

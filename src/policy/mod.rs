@@ -103,6 +103,11 @@ fn nth_eligible(replicas: &[Candidate], n: usize) -> Option<usize> {
     replicas.iter().enumerate().filter(|(_, c)| c.eligible).nth(n).map(|(i, _)| i)
 }
 
+/// Every index of `n` once, starting at `start` and wrapping around.
+fn rotated(start: usize, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).map(move |offset| (start + offset) % n)
+}
+
 fn eligible_count(replicas: &[Candidate]) -> usize {
     replicas.iter().filter(|c| c.eligible).count()
 }

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Candidate, Decision, Policy, Reason};
+use super::{Candidate, Decision, Policy, Reason, rotated};
 use crate::routing_key::RoutingKey;
 
 #[derive(Debug, Default)]
@@ -21,8 +21,7 @@ impl Policy for RoundRobin {
             return None;
         }
         let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        (0..n)
-            .map(|offset| (start + offset) % n)
+        rotated(start, n)
             .find(|&i| replicas[i].eligible)
             .map(|replica| Decision { replica, reason: Reason::Balanced })
     }

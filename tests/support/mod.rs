@@ -365,3 +365,12 @@ pub fn metric(text: &str, series: &str) -> f64 {
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or(0.0)
 }
+
+/// Routing decisions with this reason, summed over policies and replicas.
+pub fn decisions(text: &str, reason: &str) -> f64 {
+    let label = format!(r#"reason="{reason}""#);
+    text.lines()
+        .filter(|l| l.starts_with("router_routing_decisions_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
