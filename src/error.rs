@@ -29,6 +29,8 @@ pub enum RouterError {
     Upstream { replica: String, reason: String },
     #[error("route {0} not found")]
     RouteNotFound(String),
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed { method: String, path: String },
 }
 
 impl RouterError {
@@ -39,6 +41,7 @@ impl RouterError {
             RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             RouterError::NoHealthyReplica => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -50,6 +53,7 @@ impl RouterError {
             RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => "NotFoundError",
             RouterError::NoHealthyReplica => "ServiceUnavailableError",
             RouterError::Upstream { .. } => "BadGatewayError",
+            RouterError::MethodNotAllowed { .. } => "MethodNotAllowedError",
         }
     }
 

@@ -109,13 +109,8 @@ async fn not_found(request: Request) -> Response {
 }
 
 async fn method_not_allowed(request: Request) -> Response {
-    let body = serde_json::json!({"error": {
-        "message": format!("method {} is not allowed on {}", request.method(), request.uri().path()),
-        "type": "MethodNotAllowedError",
-        "param": null,
-        "code": 405,
-    }});
-    json(StatusCode::METHOD_NOT_ALLOWED, body.to_string())
+    let (method, path) = (request.method().to_string(), request.uri().path().to_owned());
+    RouterError::MethodNotAllowed { method, path }.into_response()
 }
 
 fn json(status: StatusCode, body: String) -> Response {
