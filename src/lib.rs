@@ -8,6 +8,9 @@
 //! [`response_body`] (the stream back to the client, metered, never re-encoded).
 //! Around it: [`replicas`] (registry and health checks), [`metrics`], [`config`],
 //! [`server`] (start-up and graceful shutdown).
+//!
+//! [`sim`] is the vLLM engine simulator (`vllm-sim`) that tests, benchmarks and
+//! `router --sim N` run against.
 
 pub mod config;
 pub mod dispatch;
@@ -21,3 +24,4 @@ pub mod request_facts;
 pub mod response_body;
 pub mod routing_key;
 pub mod server;
+pub mod sim;

@@ -1,0 +1,45 @@
+//! The `vllm-sim` binary: one simulated vLLM replica on the given address, until
+//! SIGTERM or SIGINT.
+
+use clap::Parser;
+use llm_router::config::one_line_error;
+use llm_router::sim::{self, SimArgs};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> std::process::ExitCode {
+    let args = match SimArgs::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print();
+            return std::process::ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{}", one_line_error(&e));
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    runtime.block_on(async move {
+        let sim = match sim::start(config.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("error: cannot listen on {}: {e}", config.listen);
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        tracing::info!(addr = %sim.addr, model = %config.served_model_name, profile = config.profile.name,
+            role = ?config.role, time_scale = config.time_scale, "vllm-sim listening");
+        let _ = tokio::signal::ctrl_c().await;
+        std::process::ExitCode::SUCCESS
+    })
+}

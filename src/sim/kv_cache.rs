@@ -1,0 +1,197 @@
+//! The KV cache: a fixed pool of 16-token blocks with prefix caching, as vLLM's block
+//! pool works.
+//!
+//! A full block is identified by a chained hash: the hash of its 16 token ids and of
+//! the previous block's hash, so a block hash names the whole prefix up to it. When a
+//! sequence fills a block, the block is published under its hash. A new request looks
+//! up its prompt's block hashes in order and reuses the longest run found: those
+//! tokens need no prefill. Freed blocks keep their contents and stay findable until the
+//! pool needs them back; the least recently freed is reused first (LRU eviction).
+
+use std::collections::{BTreeMap, HashMap};
+
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+pub const BLOCK_SIZE: usize = 16;
+
+pub type BlockId = u32;
+
+#[derive(Debug, Clone, Default)]
+struct Block {
+    ref_count: u32,
+    hash: Option<u64>,
+    /// Position in the free queue while free.
+    free_at: Option<u64>,
+}
+
+pub struct KvCache {
+    blocks: Vec<Block>,
+    /// Free blocks in eviction order: lowest key first.
+    free: BTreeMap<u64, BlockId>,
+    next_free_key: u64,
+    cached: HashMap<u64, BlockId>,
+}
+
+/// The chained hashes of every full block of `tokens`.
+pub fn block_hashes(tokens: &[u32]) -> Vec<u64> {
+    let mut parent = 0u64;
+    tokens
+        .chunks_exact(BLOCK_SIZE)
+        .map(|block| {
+            parent = chain_hash(parent, block);
+            parent
+        })
+        .collect()
+}
+
+/// The hash of one full block given its predecessor's hash (0 for the first block).
+pub fn chain_hash(parent: u64, block: &[u32]) -> u64 {
+    let mut bytes = [0u8; BLOCK_SIZE * 4];
+    for (i, id) in block.iter().enumerate() {
+        bytes[i * 4..i * 4 + 4].copy_from_slice(&id.to_le_bytes());
+    }
+    xxh3_64_with_seed(&bytes, parent)
+}
+
+impl KvCache {
+    pub fn new(num_blocks: usize) -> Self {
+        let mut cache = KvCache {
+            blocks: vec![Block::default(); num_blocks],
+            free: BTreeMap::new(),
+            next_free_key: 0,
+            cached: HashMap::new(),
+        };
+        for id in 0..num_blocks as BlockId {
+            cache.push_free(id);
+        }
+        cache
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Fraction of blocks held by running sequences (vLLM's `kv_cache_usage_perc`).
+    pub fn usage(&self) -> f64 {
+        if self.blocks.is_empty() {
+            return 0.0;
+        }
+        1.0 - self.free.len() as f64 / self.blocks.len() as f64
+    }
+
+    fn push_free(&mut self, id: BlockId) {
+        let key = self.next_free_key;
+        self.next_free_key += 1;
+        self.free.insert(key, id);
+        self.blocks[id as usize].free_at = Some(key);
+    }
+
+    /// The cached blocks matching the longest prefix of `hashes`, without taking them.
+    pub fn lookup(&self, hashes: &[u64]) -> usize {
+        hashes.iter().take_while(|h| self.cached.contains_key(h)).count()
+    }
+
+    /// Take references on the cached blocks of the first `n` hashes (found by
+    /// [`lookup`](Self::lookup)).
+    pub fn take_cached(&mut self, hashes: &[u64]) -> Vec<BlockId> {
+        hashes
+            .iter()
+            .map(|h| {
+                let id = self.cached[h];
+                let block = &mut self.blocks[id as usize];
+                if let Some(key) = block.free_at.take() {
+                    self.free.remove(&key);
+                }
+                block.ref_count += 1;
+                id
+            })
+            .collect()
+    }
+
+    /// Allocate `n` fresh blocks, evicting the least recently freed cached ones. None if
+    /// the pool has fewer than `n` free blocks (nothing is taken then).
+    pub fn allocate(&mut self, n: usize) -> Option<Vec<BlockId>> {
+        if self.free.len() < n {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (_, id) = self.free.pop_first().expect("checked length");
+            let block = &mut self.blocks[id as usize];
+            block.free_at = None;
+            block.ref_count = 1;
+            if let Some(hash) = block.hash.take()
+                && self.cached.get(&hash) == Some(&id)
+            {
+                self.cached.remove(&hash);
+            }
+            out.push(id);
+        }
+        Some(out)
+    }
+
+    /// Publish a full block under its chained hash so later requests can reuse it.
+    pub fn publish(&mut self, id: BlockId, hash: u64) {
+        self.blocks[id as usize].hash = Some(hash);
+        self.cached.entry(hash).or_insert(id);
+    }
+
+    /// Drop a sequence's references; blocks nobody holds go to the back of the free
+    /// queue, still findable by hash until reused.
+    pub fn release(&mut self, ids: &[BlockId]) {
+        // Free the tail first so a sequence's last blocks are evicted before its prefix.
+        for &id in ids.iter().rev() {
+            let block = &mut self.blocks[id as usize];
+            block.ref_count = block.ref_count.saturating_sub(1);
+            if block.ref_count == 0 {
+                self.push_free(id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(n: usize, salt: u32) -> Vec<u32> {
+        (0..n as u32).map(|i| i * 7 + salt).collect()
+    }
+
+    #[test]
+    fn chained_hashes_name_prefixes() {
+        let a = block_hashes(&tokens(40, 0));
+        assert_eq!(a.len(), 2);
+        let mut other = tokens(40, 0);
+        other[3] = 99_999;
+        let b = block_hashes(&other);
+        assert_ne!(a[0], b[0]);
+        assert_ne!(a[1], b[1], "a change in block 0 changes every later hash");
+    }
+
+    #[test]
+    fn published_blocks_are_reused_and_evicted_lru() {
+        let mut kv = KvCache::new(4);
+        let hashes = block_hashes(&tokens(32, 1));
+        let blocks = kv.allocate(2).unwrap();
+        kv.publish(blocks[0], hashes[0]);
+        kv.publish(blocks[1], hashes[1]);
+        kv.release(&blocks);
+        assert_eq!(kv.free_blocks(), 4);
+        assert_eq!(kv.lookup(&hashes), 2, "freed blocks stay cached");
+        let reused = kv.take_cached(&hashes);
+        assert_eq!(reused, blocks);
+        assert_eq!(kv.free_blocks(), 2);
+        kv.release(&reused);
+        // Allocating the whole pool evicts them.
+        let all = kv.allocate(4).unwrap();
+        assert_eq!(kv.lookup(&hashes), 0);
+        assert!(kv.allocate(1).is_none());
+        kv.release(&all);
+        assert_eq!(kv.usage(), 0.0);
+    }
+}

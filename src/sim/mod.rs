@@ -1,0 +1,261 @@
+//! `vllm-sim`: a vLLM engine simulator that behaves like vLLM's OpenAI server on the wire
+//! and, through a continuous-batching model with a timing profile, in time.
+//!
+//! No machine here can run vLLM, so every router test and benchmark talks to this
+//! instead. The pieces, one file each:
+//! [`server`] (HTTP endpoints, fault switches, request log) ->
+//! [`request`] (vLLM's validation) -> [`engine`] (scheduler loop: chunked prefill,
+//! [`kv_cache`] blocks and prefix cache, preemption, P/D handoffs via [`pd`]) timed by a
+//! [`profile`] -> [`responses`] (vLLM's JSON and SSE shapes). Text is tokenised for real
+//! ([`tokenizer`], o200k_base) and generation is deterministic ([`sampler`]).
+//!
+//! It runs as the `vllm-sim` binary or in-process ([`start`]), which is how
+//! `router --sim N` and the tests use it.
+
+pub mod engine;
+pub mod faults;
+pub mod kv_cache;
+pub mod metrics;
+pub mod pd;
+pub mod profile;
+pub mod request;
+pub mod request_log;
+pub mod responses;
+pub mod sampler;
+pub mod server;
+pub mod tokenizer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use tokio::task::JoinHandle;
+
+use engine::{Engine, EngineConfig};
+use faults::{FaultConfig, Faults};
+use metrics::SimMetrics;
+use profile::Profile;
+use server::SimState;
+
+/// Which side of prefill/decode disaggregation this replica plays (vLLM's `kv_role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    Prefill,
+    Decode,
+    Both,
+}
+
+/// The simulator's command line (also used, with defaults, by `router --sim`).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "vllm-sim",
+    version,
+    about = "A vLLM OpenAI-server simulator: vLLM's API and timing, no GPU"
+)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: std::net::IpAddr,
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8100)]
+    pub port: u16,
+    /// Timing profile (model on GPU).
+    #[arg(long, default_value = "qwen3-0.6b-h100", value_parser = parse_profile)]
+    pub profile: Profile,
+    /// Model name served (default: the profile's model).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Context length limit (default: the profile's).
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Most sequences in one batch.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+    /// Most tokens computed in one step (chunked prefill).
+    #[arg(long, default_value_t = 8192)]
+    pub max_num_batched_tokens: usize,
+    /// KV cache blocks of 16 tokens (default: the profile's GPU capacity).
+    #[arg(long)]
+    pub num_gpu_blocks: Option<usize>,
+    /// Run this many times faster than real time.
+    #[arg(long, default_value_t = 1.0)]
+    pub time_scale: f64,
+    /// P/D role.
+    #[arg(long, value_enum, default_value_t = Role::Both)]
+    pub role: Role,
+    /// KV transfer bandwidth for P/D handoffs, bytes per second.
+    #[arg(long, default_value_t = 50e9)]
+    pub kv_bandwidth: f64,
+    /// Requests kept for `GET /sim/requests`.
+    #[arg(long, default_value_t = 256)]
+    pub request_log_size: usize,
+    /// Fault to inject from the start (repeatable): fail-500, refuse-connections=MS,
+    /// stall-after=K, drop-after=K, slowdown=F.
+    #[arg(long = "fault", value_name = "FAULT")]
+    pub faults: Vec<String>,
+}
+
+fn parse_profile(name: &str) -> Result<Profile, String> {
+    Profile::by_name(name)
+        .ok_or_else(|| format!("unknown profile `{name}` (known: {})", Profile::names().join(", ")))
+}
+
+/// The resolved configuration of one simulated replica.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub listen: SocketAddr,
+    pub profile: Profile,
+    pub served_model_name: String,
+    pub max_model_len: usize,
+    pub max_num_seqs: usize,
+    pub max_num_batched_tokens: usize,
+    pub num_gpu_blocks: usize,
+    pub time_scale: f64,
+    pub role: Role,
+    pub kv_bandwidth: f64,
+    pub request_log_size: usize,
+    pub faults: FaultConfig,
+}
+
+impl SimArgs {
+    pub fn into_config(self) -> Result<SimConfig, String> {
+        let mut faults = FaultConfig::default();
+        for f in &self.faults {
+            faults::parse_fault(f, &mut faults)?;
+        }
+        if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
+            return Err(format!("--time-scale must be positive, got {}", self.time_scale));
+        }
+        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
+            return Err("--max-num-seqs and --max-num-batched-tokens must be at least 1".into());
+        }
+        let p = self.profile;
+        Ok(SimConfig {
+            listen: SocketAddr::new(self.host, self.port),
+            served_model_name: self.served_model_name.unwrap_or_else(|| p.model.to_owned()),
+            max_model_len: self.max_model_len.unwrap_or(p.max_model_len),
+            num_gpu_blocks: self.num_gpu_blocks.unwrap_or(p.num_gpu_blocks),
+            profile: p,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens: self.max_num_batched_tokens,
+            time_scale: self.time_scale,
+            role: self.role,
+            kv_bandwidth: self.kv_bandwidth,
+            request_log_size: self.request_log_size,
+            faults,
+        })
+    }
+}
+
+impl Default for SimConfig {
+    /// The defaults of `vllm-sim`, on an ephemeral loopback port.
+    fn default() -> Self {
+        let args = <SimArgs as clap::Parser>::parse_from(["vllm-sim", "--port", "0"]);
+        args.into_config().expect("defaults are valid")
+    }
+}
+
+/// The simulator's errors, in vLLM's error shape.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("The model `{0}` does not exist.")]
+    ModelNotFound(String),
+    #[error("route {0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl SimError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            SimError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            SimError::ModelNotFound(_) | SimError::NotFound(_) => StatusCode::NOT_FOUND,
+            SimError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for SimError {
+    fn into_response(self) -> Response {
+        let (kind, param) = match &self {
+            SimError::BadRequest(_) => ("BadRequestError", None),
+            SimError::ModelNotFound(_) => ("NotFoundError", Some("model")),
+            SimError::NotFound(_) => ("NotFoundError", None),
+            SimError::Internal(_) => ("InternalServerError", None),
+        };
+        let status = self.status();
+        let body = serde_json::json!({"error": {"message": self.to_string(), "type": kind, "param": param,
+            "code": status.as_u16()}});
+        let mut response = (status, body.to_string()).into_response();
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
+}
+
+/// A simulated replica serving on `addr` until dropped or shut down.
+pub struct RunningSim {
+    pub addr: SocketAddr,
+    pub state: Arc<SimState>,
+    server: JoinHandle<()>,
+}
+
+impl RunningSim {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn metrics(&self) -> &SimMetrics {
+        &self.state.metrics
+    }
+
+    pub fn faults(&self) -> &Faults {
+        &self.state.faults
+    }
+
+    pub fn shutdown(&self) {
+        self.server.abort();
+    }
+}
+
+impl Drop for RunningSim {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// Start a simulated replica in this process.
+pub async fn start(config: SimConfig) -> std::io::Result<RunningSim> {
+    tokenizer::warm_up();
+    let listener = server::bind(config.listen)?;
+    let addr = listener.local_addr()?;
+    let metrics = Arc::new(SimMetrics::new(&config.served_model_name));
+    let faults = Arc::new(Faults::new(config.faults.clone()));
+    let engine = Engine::start(
+        EngineConfig {
+            profile: config.profile.clone(),
+            max_num_seqs: config.max_num_seqs,
+            max_num_batched_tokens: config.max_num_batched_tokens,
+            num_gpu_blocks: config.num_gpu_blocks,
+            time_scale: config.time_scale,
+        },
+        metrics.clone(),
+        faults.clone(),
+    );
+    let state = Arc::new(SimState::new(config, engine, metrics, faults.clone(), addr));
+    let app = server::routes(state.clone());
+    let server = tokio::spawn(server::accept_loop(listener, app, faults));
+    Ok(RunningSim { addr, state, server })
+}
+
+/// Start `n` simulated replicas with the same configuration, each on its own port.
+pub async fn start_fleet(n: usize, config: &SimConfig) -> std::io::Result<Vec<RunningSim>> {
+    let mut fleet = Vec::with_capacity(n);
+    for _ in 0..n {
+        fleet.push(start(config.clone()).await?);
+    }
+    Ok(fleet)
+}

@@ -1,0 +1,346 @@
+//! vLLM's response bodies: the JSON of a finished completion or chat completion, and
+//! the SSE stream of chunks, built from the engine's token events.
+//!
+//! A stream is a [`Stream`] polled straight off the request's engine channel: no relay
+//! task, one wake per token. Each chunk is written from a pre-rendered prefix and
+//! suffix with only the text escaped, because the simulator must stay cheap enough
+//! never to be the bottleneck of a router benchmark. When the client goes away hyper
+//! drops the stream, the channel closes, and the engine aborts the request.
+//!
+//! Stop strings follow vLLM: the text ends before the stop string, and a stream holds
+//! back the last few characters that could still begin one.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+
+use super::engine::{Event, Finish};
+use super::faults::Faults;
+use super::request::GenRequest;
+use super::tokenizer::Detokenizer;
+
+/// Identity of one response: what every chunk repeats.
+pub struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub request: GenRequest,
+}
+
+impl Meta {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.request.chat, chunk) {
+            (true, true) => "chat.completion.chunk",
+            (true, false) => "chat.completion",
+            (false, _) => "text_completion",
+        }
+    }
+
+    fn usage(&self, completion_tokens: usize) -> Value {
+        let prompt = self.request.prompt_ids.len();
+        json!({"prompt_tokens": prompt, "total_tokens": prompt + completion_tokens,
+               "completion_tokens": completion_tokens, "prompt_tokens_details": null})
+    }
+}
+
+fn finish_strings(finish: Option<Finish>, stop: &[String]) -> (Value, Value) {
+    match finish {
+        None => (Value::Null, Value::Null),
+        Some(Finish::Length) => (json!("length"), Value::Null),
+        Some(Finish::Stop) => (json!("stop"), Value::Null),
+        Some(Finish::StopString(i)) => (json!("stop"), json!(stop[i])),
+    }
+}
+
+/// Cut `text` before the first occurrence of the stop string that ended generation.
+fn truncate_at_stop(text: &mut String, finish: Option<Finish>, stop: &[String]) {
+    if let Some(Finish::StopString(i)) = finish
+        && let Some(at) = text.find(stop[i].as_str())
+    {
+        text.truncate(at);
+    }
+}
+
+/// Drain the engine events of a non-streaming request into vLLM's response JSON.
+pub async fn collect(
+    meta: &Meta,
+    mut events: mpsc::UnboundedReceiver<Event>,
+    kv_transfer_params: impl FnOnce(&[u32]) -> Option<Value>,
+) -> Result<Value, String> {
+    let mut ids = Vec::new();
+    let mut finish = None;
+    let mut prefill_blocks = None;
+    while let Some(event) = events.recv().await {
+        match event {
+            Event::Token { id, finish: f } => {
+                ids.push(id);
+                if f.is_some() {
+                    finish = f;
+                    break;
+                }
+            }
+            Event::PrefillBlocks(blocks) => prefill_blocks = Some(blocks),
+            Event::Rejected(reason) => return Err(reason),
+        }
+    }
+    let mut detok = Detokenizer::default();
+    let mut text: String = ids.iter().map(|&id| detok.push(id)).collect();
+    let stop = &meta.request.stop;
+    truncate_at_stop(&mut text, finish, stop);
+    let (finish_reason, stop_reason) = finish_strings(finish, stop);
+    let kv = prefill_blocks.as_deref().and_then(kv_transfer_params).unwrap_or(Value::Null);
+    let r = &meta.request;
+    let token_ids = r.return_token_ids.then(|| json!(ids));
+    let prompt_ids = r.return_token_ids.then(|| json!(r.prompt_ids));
+    let usage = meta.usage(ids.len());
+    Ok(if r.chat {
+        json!({
+            "id": meta.id, "object": meta.object(false), "created": meta.created, "model": r.model,
+            "choices": [{"index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": null, "annotations": null,
+                            "audio": null, "function_call": null, "tool_calls": [], "reasoning_content": null},
+                "logprobs": null, "finish_reason": finish_reason, "stop_reason": stop_reason,
+                "token_ids": token_ids}],
+            "service_tier": null, "system_fingerprint": null, "usage": usage,
+            "prompt_logprobs": null, "prompt_token_ids": prompt_ids, "kv_transfer_params": kv,
+        })
+    } else {
+        json!({
+            "id": meta.id, "object": meta.object(false), "created": meta.created, "model": r.model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason,
+                "stop_reason": stop_reason, "prompt_logprobs": null,
+                "prompt_token_ids": prompt_ids, "token_ids": token_ids}],
+            "service_tier": null, "system_fingerprint": null, "usage": usage, "kv_transfer_params": kv,
+        })
+    })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Role,
+    Tokens,
+    Usage,
+    Done,
+    End,
+}
+
+/// The SSE stream of one request.
+pub struct SseStream {
+    meta: Arc<Meta>,
+    events: mpsc::UnboundedReceiver<Event>,
+    faults: Arc<Faults>,
+    phase: Phase,
+    detok: Detokenizer,
+    /// Text not yet sent (held back while it could begin a stop string).
+    held: String,
+    generated: usize,
+    prefix: String,
+    suffix: &'static str,
+    stalled: bool,
+}
+
+impl SseStream {
+    pub fn new(meta: Meta, events: mpsc::UnboundedReceiver<Event>, faults: Arc<Faults>) -> Self {
+        let meta = Arc::new(meta);
+        let head = format!(
+            r#"data: {{"id":"{}","object":"{}","created":{},"model":{},"choices":[{{"index":0,"#,
+            meta.id,
+            meta.object(true),
+            meta.created,
+            Value::from(meta.request.model.as_str())
+        );
+        let (prefix, suffix) = if meta.request.chat {
+            (format!(r#"{head}"delta":{{"content":"#), r#"},"logprobs":null,"finish_reason":null}]"#)
+        } else {
+            (format!(r#"{head}"text":"#), r#","logprobs":null,"finish_reason":null,"stop_reason":null}]"#)
+        };
+        let phase = if meta.request.chat { Phase::Role } else { Phase::Tokens };
+        SseStream {
+            meta,
+            events,
+            faults,
+            phase,
+            detok: Detokenizer::default(),
+            held: String::new(),
+            generated: 0,
+            prefix,
+            suffix,
+            stalled: false,
+        }
+    }
+
+    fn usage_field(&self) -> String {
+        if self.meta.request.continuous_usage {
+            format!(r#","usage":{}"#, self.meta.usage(self.generated))
+        } else {
+            String::new()
+        }
+    }
+
+    fn role_chunk(&self) -> Bytes {
+        let r = &self.meta.request;
+        let mut chunk = json!({"id": self.meta.id, "object": self.meta.object(true), "created": self.meta.created,
+            "model": r.model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+            "logprobs": null, "finish_reason": null}]});
+        if r.return_token_ids {
+            chunk["prompt_token_ids"] = json!(r.prompt_ids);
+        }
+        if r.continuous_usage {
+            chunk["usage"] = self.meta.usage(0);
+        }
+        sse(&chunk)
+    }
+
+    fn text_chunk(&self, text: &str, id: Option<u32>) -> Bytes {
+        let mut out = String::with_capacity(self.prefix.len() + text.len() + 96);
+        out.push_str(&self.prefix);
+        out.push_str(&Value::from(text).to_string());
+        if self.meta.request.return_token_ids {
+            let ids = id.map(|i| format!("[{i}]")).unwrap_or_else(|| "[]".into());
+            if self.meta.request.chat {
+                // token_ids sits on the choice, after the delta.
+                out.push_str(&format!(r#"}},"logprobs":null,"finish_reason":null,"token_ids":{ids}}}]"#));
+            } else {
+                // The first chunk of a completion also carries the prompt's ids.
+                let prompt = if self.generated == 1 {
+                    format!(r#","prompt_token_ids":{}"#, json!(self.meta.request.prompt_ids))
+                } else {
+                    String::new()
+                };
+                out.push_str(&format!(
+                    r#","logprobs":null,"finish_reason":null,"stop_reason":null{prompt},"token_ids":{ids}}}]"#
+                ));
+            }
+        } else {
+            out.push_str(self.suffix);
+        }
+        out.push_str(&self.usage_field());
+        out.push_str("}\n\n");
+        Bytes::from(out)
+    }
+
+    fn final_chunk(&self, text: &str, id: u32, finish: Finish) -> Bytes {
+        let r = &self.meta.request;
+        let (finish_reason, stop_reason) = finish_strings(Some(finish), &r.stop);
+        let mut choice = if r.chat {
+            json!({"index": 0, "delta": {"content": text}, "logprobs": null, "finish_reason": finish_reason,
+                   "stop_reason": stop_reason})
+        } else {
+            json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason,
+                   "stop_reason": stop_reason})
+        };
+        // Stream chunks carry only the fields that are set, as vLLM's exclude_unset does.
+        if r.return_token_ids {
+            if !r.chat && self.generated == 1 {
+                choice["prompt_token_ids"] = json!(r.prompt_ids);
+            }
+            choice["token_ids"] = json!([id]);
+        }
+        let mut chunk = json!({"id": self.meta.id, "object": self.meta.object(true), "created": self.meta.created,
+            "model": r.model, "choices": [choice]});
+        if r.continuous_usage {
+            chunk["usage"] = self.meta.usage(self.generated);
+        }
+        sse(&chunk)
+    }
+
+    /// The part of the text that may be sent now: everything but a tail that could still
+    /// grow into a stop string.
+    fn releasable(&mut self) -> String {
+        let keep = self.meta.request.stop.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
+        if self.held.len() <= keep {
+            return String::new();
+        }
+        let mut cut = self.held.len() - keep;
+        while !self.held.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        self.held.drain(..cut).collect()
+    }
+}
+
+fn sse(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+impl Stream for SseStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            match this.phase {
+                Phase::Role => {
+                    this.phase = Phase::Tokens;
+                    return Poll::Ready(Some(Ok(this.role_chunk())));
+                }
+                Phase::Tokens => {
+                    if this.stalled {
+                        // Stall fault: keep the connection open, send nothing more.
+                        return Poll::Pending;
+                    }
+                    let event = match Pin::new(&mut this.events).poll_recv(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(None) => {
+                            // The engine dropped us (rejected or shut down).
+                            return Poll::Ready(Some(Err(std::io::Error::other("engine ended the request"))));
+                        }
+                        Poll::Ready(Some(event)) => event,
+                    };
+                    let (id, finish) = match event {
+                        Event::Token { id, finish } => (id, finish),
+                        Event::PrefillBlocks(_) => continue,
+                        Event::Rejected(reason) => {
+                            this.phase = Phase::End;
+                            let err = json!({"error": {"message": reason, "type": "BadRequestError", "param": null, "code": 400}});
+                            return Poll::Ready(Some(Ok(sse(&err))));
+                        }
+                    };
+                    this.generated += 1;
+                    match this.faults.on_token(this.generated) {
+                        super::faults::StreamFault::None => {}
+                        super::faults::StreamFault::Stall => {
+                            this.stalled = true;
+                            return Poll::Pending;
+                        }
+                        super::faults::StreamFault::Drop => {
+                            return Poll::Ready(Some(Err(std::io::Error::other(
+                                "fault: connection dropped",
+                            ))));
+                        }
+                    }
+                    let delta = this.detok.push(id);
+                    this.held.push_str(&delta);
+                    match finish {
+                        None => {
+                            let text = this.releasable();
+                            return Poll::Ready(Some(Ok(this.text_chunk(&text, Some(id)))));
+                        }
+                        Some(f) => {
+                            let mut text = std::mem::take(&mut this.held);
+                            truncate_at_stop(&mut text, Some(f), &this.meta.request.stop);
+                            this.phase =
+                                if this.meta.request.include_usage { Phase::Usage } else { Phase::Done };
+                            return Poll::Ready(Some(Ok(this.final_chunk(&text, id, f))));
+                        }
+                    }
+                }
+                Phase::Usage => {
+                    this.phase = Phase::Done;
+                    let chunk = json!({"id": this.meta.id, "object": this.meta.object(true), "created": this.meta.created,
+                        "model": this.meta.request.model, "choices": [], "usage": this.meta.usage(this.generated)});
+                    return Poll::Ready(Some(Ok(sse(&chunk))));
+                }
+                Phase::Done => {
+                    this.phase = Phase::End;
+                    return Poll::Ready(Some(Ok(Bytes::from_static(b"data: [DONE]\n\n"))));
+                }
+                Phase::End => return Poll::Ready(None),
+            }
+        }
+    }
+}
