@@ -19,9 +19,22 @@ use crate::replicas::{HealthConfig, ReplicaUrl, Thresholds};
 pub struct Cli {
     /// Replica base URLs (http://host:port). Give several after one flag, repeat the
     /// flag, or separate them with commas.
-    #[arg(long, required = true, num_args = 1.., value_delimiter = ',', value_name = "URL",
+    #[arg(long, required_unless_present = "sim", num_args = 1.., value_delimiter = ',', value_name = "URL",
           value_parser = ReplicaUrl::parse)]
     pub replicas: Vec<ReplicaUrl>,
+
+    /// Start N simulated vLLM replicas (vllm-sim) in this process on loopback and route
+    /// to them: a working router with no other setup.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub sim: Option<u16>,
+
+    /// Timing profile of the simulated replicas.
+    #[arg(long, default_value = "qwen3-0.6b-h100", requires = "sim")]
+    pub sim_profile: String,
+
+    /// Simulated replicas run this many times faster than real time.
+    #[arg(long, default_value_t = 1.0, requires = "sim")]
+    pub sim_time_scale: f64,
 
     /// How to choose a replica for each request.
     #[arg(long, value_enum, default_value_t = PolicyKind::PowerOfTwo)]
@@ -111,6 +124,9 @@ pub struct RouterConfig {
     pub thresholds: Thresholds,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Simulated replicas to start before routing (`--sim`).
+    pub sim: Option<crate::sim::SimConfig>,
+    pub sim_replicas: usize,
 }
 
 impl RouterConfig {
@@ -118,6 +134,7 @@ impl RouterConfig {
     pub fn new(replicas: Vec<ReplicaUrl>) -> Self {
         Cli::parse_from(["router", "--host", "127.0.0.1", "--port", "0", "--replicas", "http://x:1"])
             .into_config()
+            .expect("defaults are valid")
             .with_replicas(replicas)
     }
 
@@ -128,11 +145,27 @@ impl RouterConfig {
 }
 
 impl Cli {
-    pub fn into_config(self) -> RouterConfig {
+    pub fn into_config(self) -> Result<RouterConfig, String> {
+        let sim = match self.sim {
+            None => None,
+            Some(_) => {
+                let args = <crate::sim::SimArgs as Parser>::try_parse_from([
+                    "vllm-sim",
+                    "--port",
+                    "0",
+                    "--profile",
+                    &self.sim_profile,
+                    "--time-scale",
+                    &self.sim_time_scale.to_string(),
+                ])
+                .map_err(|e| one_line_error(&e))?;
+                Some(args.into_config()?)
+            }
+        };
         let mut replicas = self.replicas;
         let mut seen = std::collections::HashSet::new();
         replicas.retain(|r| seen.insert(r.name().to_owned()));
-        RouterConfig {
+        Ok(RouterConfig {
             listen: SocketAddr::new(self.host, self.port),
             replicas,
             policy: self.policy,
@@ -146,7 +179,9 @@ impl Cli {
             thresholds: Thresholds { unhealthy: self.unhealthy_threshold, healthy: self.healthy_threshold },
             connect_timeout: self.connect_timeout,
             drain_timeout: self.drain_timeout,
-        }
+            sim,
+            sim_replicas: self.sim.unwrap_or(0) as usize,
+        })
     }
 }
 
@@ -187,8 +222,17 @@ mod tests {
     }
 
     #[test]
+    fn sim_replaces_replicas_and_checks_its_profile() {
+        let config = parse(&["--sim", "3"]).unwrap().into_config().unwrap();
+        assert_eq!(config.sim_replicas, 3);
+        assert!(config.replicas.is_empty());
+        let err = parse(&["--sim", "2", "--sim-profile", "gpt-5"]).unwrap().into_config().unwrap_err();
+        assert!(err.contains("gpt-5"), "{err}");
+    }
+
+    #[test]
     fn duplicates_are_dropped() {
-        let config = parse(&["--replicas", "http://a:1,http://a:1/"]).unwrap().into_config();
+        let config = parse(&["--replicas", "http://a:1,http://a:1/"]).unwrap().into_config().unwrap();
         assert_eq!(config.replicas.len(), 1);
     }
 
@@ -219,7 +263,8 @@ mod tests {
             "x-session-id",
         ])
         .unwrap()
-        .into_config();
+        .into_config()
+        .unwrap();
         assert_eq!(config.hash.balance_factor, Some(1.25));
         assert_eq!(config.session_headers, ["x-correlation-id", "x-session-id"]);
     }

@@ -30,6 +30,8 @@ use crate::routing_key::KeyHeaders;
 /// A router serving on `addr` until [`RunningRouter::shutdown`].
 pub struct RunningRouter {
     pub addr: SocketAddr,
+    /// The simulated replicas started for `--sim`, served as long as the router is.
+    pub sims: Vec<crate::sim::RunningSim>,
     pub metrics: Arc<Metrics>,
     pub registry: Arc<Registry>,
     stop: Option<oneshot::Sender<()>>,
@@ -54,8 +56,18 @@ impl RunningRouter {
     }
 }
 
-/// Build the router and start serving on `config.listen`.
-pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
+/// Build the router and start serving on `config.listen` (after starting the simulated
+/// replicas of `--sim`, if any).
+pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
+    let sims = match &config.sim {
+        Some(sim) => crate::sim::start_fleet(config.sim_replicas, sim).await?,
+        None => Vec::new(),
+    };
+    for sim in &sims {
+        let url =
+            crate::replicas::ReplicaUrl::parse(&sim.url()).expect("a bound loopback address is a valid URL");
+        config.replicas.push(url);
+    }
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::new());
@@ -76,9 +88,12 @@ pub async fn start(config: RouterConfig) -> std::io::Result<RunningRouter> {
     let app = ingress::routes(ingress);
     let (stop, stopped) = oneshot::channel();
     let server = tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout));
+    for sim in &sims {
+        tracing::info!(replica = %sim.url(), model = %sim.state.model, "simulated replica started");
+    }
     tracing::info!(%addr, replicas = registry.replicas().len(), healthy = registry.healthy_count(),
         policy = ?config.policy, "router listening");
-    Ok(RunningRouter { addr, metrics, registry, stop: Some(stop), server, health })
+    Ok(RunningRouter { addr, sims, metrics, registry, stop: Some(stop), server, health })
 }
 
 async fn accept_loop(

@@ -199,6 +199,7 @@ impl Scheduler {
         let mut clock = Instant::now();
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
+                self.publish_gauges();
                 let next_ready = self.transferring.iter().filter_map(|s| s.ready_at).min();
                 let request = match next_ready {
                     Some(at) => tokio::select! {

@@ -1,0 +1,421 @@
+//! The vLLM simulator against real HTTP clients on 127.0.0.1: vLLM's wire shapes
+//! (golden bytes), exact usage, determinism, the engine model (prefix caching, KV
+//! exhaustion, aborts), P/D handoffs and every fault switch.
+
+use std::time::{Duration, Instant};
+
+use llm_router::sim::{self, Role, RunningSim, SimConfig};
+use serde_json::{Value, json};
+use tokio_stream::StreamExt;
+
+const MODEL: &str = "Qwen/Qwen3-0.6B";
+
+fn config() -> SimConfig {
+    SimConfig { time_scale: 20.0, ..SimConfig::default() }
+}
+
+async fn sim_with(config: SimConfig) -> RunningSim {
+    sim::start(config).await.unwrap()
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+async fn post(sim: &RunningSim, path: &str, body: &Value) -> (u16, String) {
+    let r = client().post(format!("{}{path}", sim.url())).json_body(body).send().await.unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+trait JsonBody {
+    fn json_body(self, body: &Value) -> Self;
+}
+
+impl JsonBody for reqwest::RequestBuilder {
+    fn json_body(self, body: &Value) -> Self {
+        self.header("content-type", "application/json").body(body.to_string())
+    }
+}
+
+fn metric(sim: &RunningSim, name: &str) -> f64 {
+    sim.metrics()
+        .render()
+        .lines()
+        .find(|l| {
+            l.starts_with(name)
+                && (l.as_bytes().get(name.len()) == Some(&b' ')
+                    || l.as_bytes().get(name.len()) == Some(&b'{'))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Replace the per-response id and timestamp so bytes can be compared with a golden file.
+fn normalise(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.split_inclusive('\n') {
+        let mut line = line.to_owned();
+        for key in ["\"id\":\"", "\"created\":"] {
+            if let Some(start) = line.find(key) {
+                let from = start + key.len();
+                let end = line[from..].find([',', '"']).map(|e| from + e).unwrap_or(line.len());
+                line.replace_range(from..end, "X");
+            }
+        }
+        out.push_str(&line);
+    }
+    out
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = format!("{}/tests/golden/{name}", env!("CARGO_MANIFEST_DIR"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::create_dir_all(format!("{}/tests/golden", env!("CARGO_MANIFEST_DIR"))).unwrap();
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|_| panic!("missing golden {path}; run with UPDATE_GOLDEN=1"));
+    assert_eq!(actual, expected, "{name} differs from its golden file");
+}
+
+#[tokio::test]
+async fn golden_wire_shapes() {
+    let s = sim_with(config()).await;
+    let completion = json!({"model": MODEL, "prompt": "The router", "max_tokens": 4, "ignore_eos": true});
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 4, "ignore_eos": true});
+    let with = |base: &Value, extra: Value| {
+        let mut v = base.clone();
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        v
+    };
+    let cases = [
+        ("completion.json", "/v1/completions", completion.clone()),
+        ("completion_stream.sse", "/v1/completions", with(&completion, json!({"stream": true}))),
+        (
+            "completion_stream_usage.sse",
+            "/v1/completions",
+            with(
+                &completion,
+                json!({"stream": true, "stream_options": {"include_usage": true, "continuous_usage_stats": true}}),
+            ),
+        ),
+        (
+            "completion_token_ids.json",
+            "/v1/completions",
+            with(&completion, json!({"return_token_ids": true})),
+        ),
+        ("chat.json", "/v1/chat/completions", chat.clone()),
+        ("chat_stream.sse", "/v1/chat/completions", with(&chat, json!({"stream": true}))),
+        (
+            "chat_stream_usage.sse",
+            "/v1/chat/completions",
+            with(&chat, json!({"stream": true, "stream_options": {"include_usage": true}})),
+        ),
+    ];
+    for (name, path, body) in cases {
+        let (status, text) = post(&s, path, &body).await;
+        assert_eq!(status, 200, "{name}: {text}");
+        golden(name, &normalise(&text));
+    }
+}
+
+#[tokio::test]
+async fn usage_is_exact_and_output_deterministic() {
+    let s = sim_with(config()).await;
+    let prompt = "Count the tokens of this prompt exactly, please.";
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 30, "ignore_eos": true, "return_token_ids": true});
+    let (_, a) = post(&s, "/v1/completions", &body).await;
+    let (_, b) = post(&s, "/v1/completions", &body).await;
+    let a: Value = serde_json::from_str(&a).unwrap();
+    let b: Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"], "same request, same text");
+    let tok: Value =
+        serde_json::from_str(&post(&s, "/tokenize", &json!({"prompt": prompt})).await.1).unwrap();
+    assert_eq!(a["usage"]["prompt_tokens"], tok["count"]);
+    assert_eq!(a["choices"][0]["prompt_token_ids"], tok["tokens"]);
+    assert_eq!(a["usage"]["completion_tokens"], 30);
+    assert_eq!(a["choices"][0]["token_ids"].as_array().unwrap().len(), 30);
+    // The text is what the ids decode to.
+    let detok: Value = serde_json::from_str(
+        &post(&s, "/detokenize", &json!({"tokens": a["choices"][0]["token_ids"]})).await.1,
+    )
+    .unwrap();
+    assert_eq!(detok["prompt"], a["choices"][0]["text"]);
+    // A different seed gives different text; the same prompt as ids gives the same text.
+    let (_, c) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": prompt, "max_tokens": 30, "ignore_eos": true, "seed": 7}),
+    )
+    .await;
+    assert_ne!(serde_json::from_str::<Value>(&c).unwrap()["choices"][0]["text"], a["choices"][0]["text"]);
+    let (_, d) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": tok["tokens"], "max_tokens": 30, "ignore_eos": true}),
+    )
+    .await;
+    assert_eq!(serde_json::from_str::<Value>(&d).unwrap()["choices"][0]["text"], a["choices"][0]["text"]);
+    assert_eq!(metric(&s, "sim_prompts_token_ids_total"), 1.0);
+    assert!(metric(&s, "sim_prompts_tokenized_total") >= 3.0);
+}
+
+#[tokio::test]
+async fn stop_strings_min_tokens_and_eos() {
+    let s = sim_with(config()).await;
+    let base = json!({"model": MODEL, "prompt": "The router", "max_tokens": 40, "ignore_eos": true});
+    let (_, full) = post(&s, "/v1/completions", &base).await;
+    let full: Value = serde_json::from_str(&full).unwrap();
+    let text = full["choices"][0]["text"].as_str().unwrap().to_owned();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let stop = words[5];
+    let mut body = base.clone();
+    body["stop"] = json!([stop]);
+    let (_, stopped) = post(&s, "/v1/completions", &body).await;
+    let stopped: Value = serde_json::from_str(&stopped).unwrap();
+    let cut = &text[..text.find(stop).unwrap()];
+    assert_eq!(stopped["choices"][0]["text"], cut);
+    assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
+    assert_eq!(stopped["choices"][0]["stop_reason"], stop);
+    // Without ignore_eos the model stops by itself (finish_reason "stop"), never before min_tokens.
+    let (_, natural) = post(
+        &s,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": "x", "max_tokens": 2000, "min_tokens": 300}),
+    )
+    .await;
+    let natural: Value = serde_json::from_str(&natural).unwrap();
+    assert_eq!(natural["choices"][0]["finish_reason"], "stop");
+    assert!(natural["usage"]["completion_tokens"].as_u64().unwrap() >= 300);
+}
+
+#[tokio::test]
+async fn errors_have_vllm_shape_and_status() {
+    let s = sim_with(SimConfig { max_model_len: 64, ..config() }).await;
+    for (path, body, status) in [
+        ("/v1/completions", json!({"model": "other", "prompt": "x"}), 404),
+        ("/v1/completions", json!({"model": MODEL, "prompt": " hello".repeat(100)}), 400),
+        ("/v1/completions", json!({"model": MODEL, "prompt": "x", "n": 3}), 400),
+        ("/v1/chat/completions", json!({"model": MODEL}), 400),
+    ] {
+        let (got, text) = post(&s, path, &body).await;
+        assert_eq!(got, status, "{body}: {text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"]["code"], status);
+        assert!(v["error"]["message"].is_string() && v["error"]["type"].is_string());
+    }
+    let r = client().post(format!("{}/v1/completions", s.url())).body("{nope").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+}
+
+/// Time to the first streamed chunk of a completion.
+async fn ttft(s: &RunningSim, body: &Value) -> Duration {
+    let start = Instant::now();
+    let r = client().post(format!("{}/v1/completions", s.url())).json_body(body).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    let t = start.elapsed();
+    while stream.next().await.is_some() {}
+    t
+}
+
+#[tokio::test]
+async fn prefix_cache_hits_shorten_ttft() {
+    // Real time here: the saving is a prefill of ~6000 tokens (~25 ms on the profile).
+    let s = sim_with(SimConfig { time_scale: 1.0, ..SimConfig::default() }).await;
+    let prompt = "fn main() { let x = 1; } ".repeat(600);
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 2, "stream": true});
+    let cold = ttft(&s, &body).await;
+    let warm = ttft(&s, &body).await;
+    assert!(metric(&s, "vllm:prefix_cache_hits_total") > 5000.0);
+    assert!(warm < cold, "cached prefix should be faster: cold {cold:?}, warm {warm:?}");
+}
+
+#[tokio::test]
+async fn kv_exhaustion_queues_requests() {
+    // 20 blocks = 320 tokens of KV: two 200-token requests cannot run together.
+    let s = sim_with(SimConfig { num_gpu_blocks: 20, time_scale: 5.0, ..SimConfig::default() }).await;
+    let body = |salt: &str| {
+        json!({"model": MODEL, "prompt": format!("{salt} {}", " word".repeat(150)),
+        "max_tokens": 40, "ignore_eos": true})
+    };
+    let url = format!("{}/v1/completions", s.url());
+    let a = tokio::spawn(client().post(url.clone()).json_body(&body("a")).send());
+    let b = tokio::spawn(client().post(url).json_body(&body("b")).send());
+    let mut saw_waiting = false;
+    for _ in 0..200 {
+        if metric(&s, "vllm:num_requests_waiting") >= 1.0 && metric(&s, "vllm:num_requests_running") == 1.0 {
+            saw_waiting = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(saw_waiting, "the second request should wait for KV blocks");
+    assert_eq!(a.await.unwrap().unwrap().status(), 200);
+    assert_eq!(b.await.unwrap().unwrap().status(), 200);
+    // A request larger than the whole cache is refused, not queued forever.
+    let huge = json!({"model": MODEL, "prompt": " word".repeat(400), "max_tokens": 2});
+    let (status, _) = post(&s, "/v1/completions", &huge).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn client_abort_frees_blocks() {
+    let s = sim_with(SimConfig { time_scale: 1.0, ..SimConfig::default() }).await;
+    let body = json!({"model": MODEL, "prompt": "long story", "max_tokens": 5000, "ignore_eos": true, "stream": true});
+    let r = client().post(format!("{}/v1/completions", s.url())).json_body(&body).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    assert!(metric(&s, "vllm:kv_cache_usage_perc") > 0.0);
+    drop(stream);
+    eventually("abort counted", || metric(&s, "sim_requests_aborted_total") == 1.0).await;
+    eventually("blocks freed", || {
+        metric(&s, "vllm:kv_cache_usage_perc") == 0.0 && metric(&s, "vllm:num_requests_running") == 0.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn pd_params_round_trip_and_match_collocated_output() {
+    let prefill = sim_with(SimConfig { role: Role::Prefill, ..config() }).await;
+    let decode = sim_with(SimConfig { role: Role::Decode, ..config() }).await;
+    let both = sim_with(config()).await;
+    let prompt = "Explain prefill and decode disaggregation in one paragraph. ".repeat(20);
+    let p_body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": false, "return_token_ids": true,
+        "kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
+            "remote_block_ids": null, "remote_host": null, "remote_port": null}});
+    let (status, p) = post(&prefill, "/v1/completions", &p_body).await;
+    assert_eq!(status, 200);
+    let p: Value = serde_json::from_str(&p).unwrap();
+    assert_eq!(p["usage"]["completion_tokens"], 1);
+    let kv = &p["kv_transfer_params"];
+    for field in [
+        "do_remote_prefill",
+        "remote_engine_id",
+        "remote_block_ids",
+        "remote_host",
+        "remote_port",
+        "remote_request_id",
+        "tp_size",
+    ] {
+        assert!(!kv[field].is_null(), "missing {field} in {kv}");
+    }
+    assert_eq!(kv["do_remote_prefill"], true);
+    let prompt_ids = p["choices"][0]["prompt_token_ids"].clone();
+    let d_body = json!({"model": MODEL, "prompt": prompt_ids, "max_tokens": 20, "ignore_eos": true, "kv_transfer_params": kv});
+    let (status, d) = post(&decode, "/v1/completions", &d_body).await;
+    assert_eq!(status, 200, "{d}");
+    assert_eq!(metric(&decode, "sim_pd_handoffs_accepted_total"), 1.0);
+    assert_eq!(metric(&decode, "sim_prompts_token_ids_total"), 1.0);
+    assert_eq!(
+        metric(&decode, "vllm:prompt_tokens_total"),
+        1.0,
+        "decode computed only the last prompt token"
+    );
+    let (_, c) = post(
+        &both,
+        "/v1/completions",
+        &json!({"model": MODEL, "prompt": prompt, "max_tokens": 20, "ignore_eos": true}),
+    )
+    .await;
+    let d: Value = serde_json::from_str(&d).unwrap();
+    let c: Value = serde_json::from_str(&c).unwrap();
+    assert_eq!(d["choices"][0]["text"], c["choices"][0]["text"], "P/D output equals collocated output");
+    // Params naming an unknown engine: full local prefill, counted. (A fresh prompt: the
+    // accepted handoff left the first prompt's blocks in the decode replica's cache.)
+    let mut bad = d_body.clone();
+    bad["prompt"] = json!(format!("A different question entirely. {prompt}"));
+    bad["kv_transfer_params"]["remote_engine_id"] = json!("not-a-sim-engine");
+    let (status, _) = post(&decode, "/v1/completions", &bad).await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&decode, "sim_pd_handoffs_rejected_total"), 1.0);
+    assert!(metric(&decode, "vllm:prompt_tokens_total") > 100.0);
+    // The request log saw ids, not text, on the decode replica.
+    let log: Value =
+        client().get(format!("{}/sim/requests", decode.url())).send().await.unwrap().json_value().await;
+    assert_eq!(log[0]["prompt_from_text"], false);
+    assert!(!log[0]["kv_transfer_params"].is_null());
+}
+
+#[tokio::test]
+async fn fault_switches() {
+    let s = sim_with(config()).await;
+    let url = format!("{}/v1/completions", s.url());
+    let body = json!({"model": MODEL, "prompt": "x", "max_tokens": 10, "ignore_eos": true, "stream": true});
+    let set = |faults: Value| {
+        let url = format!("{}/sim/faults", s.url());
+        async move { client().post(url).json_body(&faults).send().await.unwrap().status() }
+    };
+
+    assert_eq!(set(json!({"fail_500": true})).await, 200);
+    let (status, _) = post(&s, "/v1/completions", &body).await;
+    assert_eq!(status, 500);
+    set(json!({})).await;
+
+    set(json!({"stall_after_tokens": 3})).await;
+    let r = client().post(&url).json_body(&body).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    let mut chunks = 0;
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), stream.next()).await {
+            Ok(Some(Ok(_))) => chunks += 1,
+            Ok(other) => panic!("stream ended instead of stalling: {other:?}"),
+            Err(_) => break, // stalled
+        }
+    }
+    assert_eq!(chunks, 3);
+    drop(stream);
+    set(json!({})).await;
+
+    set(json!({"drop_after_tokens": 2})).await;
+    let r = client().post(&url).json_body(&body).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    let mut got = 0;
+    let mut failed = false;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(_) => got += 1,
+            Err(_) => failed = true,
+        }
+    }
+    assert!(failed && got <= 2, "the connection is cut after 2 tokens (got {got})");
+    set(json!({})).await;
+
+    let plain = json!({"model": MODEL, "prompt": "x", "max_tokens": 20, "ignore_eos": true});
+    let t = Instant::now();
+    post(&s, "/v1/completions", &plain).await;
+    let normal = t.elapsed();
+    set(json!({"slowdown": 4.0})).await;
+    let t = Instant::now();
+    post(&s, "/v1/completions", &plain).await;
+    let slow = t.elapsed();
+    assert!(slow > normal * 2, "slowdown: normal {normal:?}, slow {slow:?}");
+    set(json!({})).await;
+
+    set(json!({"refuse_connections_ms": 500})).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let refused = reqwest::Client::new().get(format!("{}/health", s.url())).send().await;
+    assert!(refused.is_err_and(|e| e.is_connect()), "connections are refused");
+    eventually("listening again", || std::net::TcpStream::connect(s.addr).is_ok()).await;
+    assert!(metric(&s, "sim_faults_injected_total") >= 1.0);
+}
+
+trait JsonValue {
+    async fn json_value(self) -> Value;
+}
+
+impl JsonValue for reqwest::Response {
+    async fn json_value(self) -> Value {
+        serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
+    }
+}
