@@ -1,22 +1,13 @@
 //! The `router` binary: parse the command line, start the router, serve until
 //! SIGTERM or SIGINT, then drain and exit 0.
 
-use clap::Parser;
-use llm_router::config::{Cli, one_line_error};
+use llm_router::config::{Cli, parse_args};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match parse_args() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help and --version
-            let _ = e.print();
-            return std::process::ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("{}", one_line_error(&e));
-            return std::process::ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
@@ -30,6 +21,7 @@ fn main() -> std::process::ExitCode {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
+        let stop = llm_router::server::shutdown_signal();
         let router = match llm_router::server::start(config.clone()).await {
             Ok(router) => router,
             Err(error) => {
@@ -37,24 +29,9 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
-        shutdown_signal().await;
+        stop.await;
         tracing::info!("shutting down: draining in-flight requests");
         router.shutdown().await;
         std::process::ExitCode::SUCCESS
     })
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("install SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
 }

@@ -1,22 +1,14 @@
 //! The `vllm-sim` binary: one simulated vLLM replica on the given address, until
-//! SIGTERM or SIGINT.
+//! SIGTERM or SIGINT (exit 0).
 
-use clap::Parser;
-use llm_router::config::one_line_error;
+use llm_router::config::parse_args;
 use llm_router::sim::{self, SimArgs};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
-    let args = match SimArgs::try_parse() {
-        Ok(a) => a,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return std::process::ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("{}", one_line_error(&e));
-            return std::process::ExitCode::from(2);
-        }
+    let args: SimArgs = match parse_args() {
+        Ok(args) => args,
+        Err(code) => return code,
     };
     let config = match args.into_config() {
         Ok(c) => c,
@@ -30,6 +22,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
+        let stop = llm_router::server::shutdown_signal();
         let sim = match sim::start(config.clone()).await {
             Ok(s) => s,
             Err(e) => {
@@ -39,7 +32,7 @@ fn main() -> std::process::ExitCode {
         };
         tracing::info!(addr = %sim.addr, model = %config.served_model_name, profile = config.profile.name,
             role = ?config.role, time_scale = config.time_scale, "vllm-sim listening");
-        let _ = tokio::signal::ctrl_c().await;
+        stop.await;
         std::process::ExitCode::SUCCESS
     })
 }
