@@ -19,7 +19,7 @@ use crate::replicas::{HealthConfig, ReplicaUrl, Thresholds};
 pub struct Cli {
     /// Replica base URLs (http://host:port). Give several after one flag, repeat the
     /// flag, or separate them with commas.
-    #[arg(long, required_unless_present = "sim", num_args = 1.., value_delimiter = ',', value_name = "URL",
+    #[arg(long, required_unless_present_any = ["sim", "pd", "sim_pd"], conflicts_with = "pd", num_args = 1.., value_delimiter = ',', value_name = "URL",
           value_parser = ReplicaUrl::parse)]
     pub replicas: Vec<ReplicaUrl>,
 
@@ -29,16 +29,42 @@ pub struct Cli {
     pub sim: Option<u16>,
 
     /// Timing profile of the simulated replicas.
-    #[arg(long, default_value = "qwen3-0.6b-h100", requires = "sim")]
+    #[arg(long, default_value = "qwen3-0.6b-h100")]
     pub sim_profile: String,
 
     /// Simulated replicas run this many times faster than real time.
-    #[arg(long, default_value_t = 1.0, requires = "sim")]
+    #[arg(long, default_value_t = 1.0)]
     pub sim_time_scale: f64,
 
     /// How to choose a replica for each request.
     #[arg(long, value_enum, default_value_t = PolicyKind::PowerOfTwo)]
     pub policy: PolicyKind,
+
+    /// Prefill/decode disaggregation: `--pd prefill=URL[,URL...] decode=URL[,URL...]`.
+    /// Each inference request is prefilled on a prefill replica and decoded on a decode
+    /// replica (vLLM NixlConnector protocol).
+    #[arg(long, num_args = 2, value_names = ["prefill=URLS", "decode=URLS"], value_parser = parse_pd_side,
+          conflicts_with_all = ["sim", "sim_pd"])]
+    pub pd: Vec<PdSide>,
+
+    /// P/D: policy choosing the prefill replica (consistent-hash keeps a session's
+    /// prefill where its prefix is cached).
+    #[arg(long, value_enum, default_value_t = PolicyKind::PowerOfTwo)]
+    pub prefill_policy: PolicyKind,
+
+    /// P/D: policy choosing the decode replica.
+    #[arg(long, value_enum, default_value_t = PolicyKind::PowerOfTwo)]
+    pub decode_policy: PolicyKind,
+
+    /// P/D: send decode the prompt as text instead of the prefill's token ids (for
+    /// comparison; decode then tokenises the prompt again).
+    #[arg(long)]
+    pub no_tokenize_once: bool,
+
+    /// Start simulated prefill and decode replicas in this process (`P:D`, e.g. 1:1)
+    /// and run in P/D mode against them.
+    #[arg(long, value_name = "P:D", value_parser = parse_sim_pd, conflicts_with = "sim")]
+    pub sim_pd: Option<(u16, u16)>,
 
     /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0")]
@@ -97,6 +123,50 @@ pub struct Cli {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BalanceFactor(pub Option<f64>);
 
+/// One side of `--pd`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PdSide {
+    Prefill(Vec<ReplicaUrl>),
+    Decode(Vec<ReplicaUrl>),
+}
+
+fn parse_pd_side(text: &str) -> Result<PdSide, String> {
+    let (side, urls) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}`: expected prefill=URL[,URL...] or decode=URL[,URL...]"))?;
+    let urls =
+        urls.split(',').filter(|u| !u.is_empty()).map(ReplicaUrl::parse).collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(format!("`{text}`: no URLs"));
+    }
+    match side {
+        "prefill" => Ok(PdSide::Prefill(urls)),
+        "decode" => Ok(PdSide::Decode(urls)),
+        _ => Err(format!("`{text}`: expected prefill=... or decode=...")),
+    }
+}
+
+fn parse_sim_pd(text: &str) -> Result<(u16, u16), String> {
+    let bad = || format!("`{text}` is not P:D with both at least 1 (e.g. 1:1)");
+    let (p, d) = text.split_once(':').ok_or_else(bad)?;
+    let (p, d) = (p.parse::<u16>().map_err(|_| bad())?, d.parse::<u16>().map_err(|_| bad())?);
+    if p == 0 || d == 0 || p > 128 || d > 128 {
+        return Err(bad());
+    }
+    Ok((p, d))
+}
+
+/// Prefill/decode mode: replicas and policies of each stage.
+#[derive(Debug, Clone)]
+pub struct PdConfig {
+    pub prefill: Vec<ReplicaUrl>,
+    pub prefill_policy: PolicyKind,
+    pub decode_policy: PolicyKind,
+    pub tokenize_once: bool,
+    /// Simulated prefill replicas to start (`--sim-pd`); decode ones go to `sim_replicas`.
+    pub sim_prefill: usize,
+}
+
 fn parse_balance_factor(text: &str) -> Result<BalanceFactor, String> {
     if text.eq_ignore_ascii_case("off") {
         return Ok(BalanceFactor(None));
@@ -127,6 +197,8 @@ pub struct RouterConfig {
     /// Simulated replicas to start before routing (`--sim`).
     pub sim: Option<crate::sim::SimConfig>,
     pub sim_replicas: usize,
+    /// P/D mode; `replicas` are then the decode replicas.
+    pub pd: Option<PdConfig>,
 }
 
 impl RouterConfig {
@@ -146,9 +218,9 @@ impl RouterConfig {
 
 impl Cli {
     pub fn into_config(self) -> Result<RouterConfig, String> {
-        let sim = match self.sim {
-            None => None,
-            Some(_) => {
+        let sim = match (self.sim, self.sim_pd) {
+            (None, None) => None,
+            _ => {
                 let args = <crate::sim::SimArgs as Parser>::try_parse_from([
                     "vllm-sim",
                     "--port",
@@ -163,12 +235,31 @@ impl Cli {
             }
         };
         let mut replicas = self.replicas;
+        let mut prefill = Vec::new();
+        for side in self.pd {
+            match side {
+                PdSide::Prefill(urls) => prefill.extend(urls),
+                PdSide::Decode(urls) => replicas.extend(urls),
+            }
+        }
+        let pd_mode = !prefill.is_empty() || self.sim_pd.is_some();
+        if pd_mode && self.sim_pd.is_none() && (prefill.is_empty() || replicas.is_empty()) {
+            return Err("--pd needs both prefill=URL[,URL...] and decode=URL[,URL...]".into());
+        }
+        let pd = pd_mode.then(|| PdConfig {
+            prefill: dedup(std::mem::take(&mut prefill)),
+            prefill_policy: self.prefill_policy,
+            decode_policy: self.decode_policy,
+            tokenize_once: !self.no_tokenize_once,
+            sim_prefill: self.sim_pd.map_or(0, |(p, _)| p as usize),
+        });
+        let policy = if pd.is_some() { self.decode_policy } else { self.policy };
         let mut seen = std::collections::HashSet::new();
         replicas.retain(|r| seen.insert(r.name().to_owned()));
         Ok(RouterConfig {
             listen: SocketAddr::new(self.host, self.port),
             replicas,
-            policy: self.policy,
+            policy,
             hash: HashOptions {
                 virtual_nodes: self.virtual_nodes as usize,
                 balance_factor: self.hash_balance_factor.0,
@@ -180,9 +271,16 @@ impl Cli {
             connect_timeout: self.connect_timeout,
             drain_timeout: self.drain_timeout,
             sim,
-            sim_replicas: self.sim.unwrap_or(0) as usize,
+            sim_replicas: self.sim_pd.map_or(self.sim.unwrap_or(0), |(_, d)| d) as usize,
+            pd,
         })
     }
+}
+
+fn dedup(mut urls: Vec<ReplicaUrl>) -> Vec<ReplicaUrl> {
+    let mut seen = std::collections::HashSet::new();
+    urls.retain(|r| seen.insert(r.name().to_owned()));
+    urls
 }
 
 /// Parse a binary's command line: `--help` and `--version` print and exit 0, errors
@@ -242,6 +340,34 @@ mod tests {
         assert!(config.replicas.is_empty());
         let err = parse(&["--sim", "2", "--sim-profile", "gpt-5"]).unwrap().into_config().unwrap_err();
         assert!(err.contains("gpt-5"), "{err}");
+    }
+
+    #[test]
+    fn pd_sides_and_sim_pd() {
+        let config = parse(&[
+            "--pd",
+            "prefill=http://p:1,http://p:2",
+            "decode=http://d:1",
+            "--decode-policy",
+            "least-loaded",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        let pd = config.pd.unwrap();
+        assert_eq!(pd.prefill.len(), 2);
+        assert_eq!(config.replicas.len(), 1);
+        assert_eq!(config.policy, PolicyKind::LeastLoaded);
+        assert!(pd.tokenize_once);
+        let err = parse(&["--pd", "prefill=http://p:1", "middle=http://d:1"]).unwrap_err();
+        assert!(one_line_error(&err).contains("middle"));
+        let config = parse(&["--sim-pd", "1:2", "--no-tokenize-once"]).unwrap().into_config().unwrap();
+        assert_eq!((config.pd.as_ref().unwrap().sim_prefill, config.sim_replicas), (1, 2));
+        assert!(!config.pd.unwrap().tokenize_once);
+        assert!(parse(&["--sim-pd", "0:1"]).is_err());
+        assert!(
+            parse(&["--pd", "prefill=http://p:1", "decode=http://d:1", "--replicas", "http://r:1"]).is_err()
+        );
     }
 
     #[test]

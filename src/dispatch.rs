@@ -39,6 +39,17 @@ pub struct Route<'a> {
     pub key: Option<&'a RoutingKey>,
     pub stream: bool,
     pub started: Instant,
+    /// Extra timings of a P/D decode stage.
+    pub phase: Option<PhaseTimers>,
+}
+
+/// P/D phase histograms observed by the response body: time to its first byte from
+/// `since`, and the request's total time at its end.
+#[derive(Clone)]
+pub struct PhaseTimers {
+    pub first_token: prometheus::Histogram,
+    pub total: prometheus::Histogram,
+    pub since: Instant,
 }
 
 /// A response from a replica, on its way to the client.
@@ -141,6 +152,7 @@ impl Dispatcher {
             route.endpoint,
             route.started,
             route.stream,
+            route.phase.clone(),
         );
         Response::from_parts(parts, Body::new(body))
     }

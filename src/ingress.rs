@@ -22,13 +22,17 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use crate::dispatch::{Dispatcher, Route};
 use crate::error::RouterError;
 use crate::metrics::{ENDPOINTS, Metrics};
+use crate::pd::{PdRequest, PrefillDecode};
 use crate::proxy::Outbound;
 use crate::request_facts::{self, BodyFacts};
 use crate::routing_key::KeyHeaders;
 
 /// Everything a request handler needs, shared by all of them.
 pub struct Ingress {
+    /// Routes every request, or in P/D mode the decode stage and non-inference calls.
     pub dispatcher: Dispatcher,
+    /// P/D mode: the prefill stage of inference requests.
+    pub pd: Option<PrefillDecode>,
     pub keys: KeyHeaders,
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
@@ -86,7 +90,9 @@ async fn models(State(ingress): State<Arc<Ingress>>) -> Response {
 
 async fn health(State(ingress): State<Arc<Ingress>>) -> Response {
     let registry = &ingress.dispatcher.registry;
-    let healthy = registry.healthy_count();
+    // In P/D mode both stages must have a healthy replica.
+    let prefill_healthy = ingress.pd.as_ref().is_none_or(|pd| pd.prefill.registry.healthy_count() > 0);
+    let healthy = if prefill_healthy { registry.healthy_count() } else { 0 };
     let status = if healthy > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({
         "status": if healthy > 0 { "ok" } else { "unavailable" },
@@ -152,6 +158,22 @@ impl Ingress {
         };
         let key = self.keys.key(&parts.headers, facts.session);
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        if let Some(pd) = &self.pd
+            && endpoint != Endpoint::Other
+        {
+            let request = PdRequest {
+                endpoint: endpoint.label(),
+                chat: endpoint == Endpoint::ChatCompletions,
+                path,
+                headers: parts.headers,
+                body: &body,
+                model: facts.model.as_deref(),
+                key: key.as_ref(),
+                stream: facts.stream,
+                started,
+            };
+            return pd.handle(&self.dispatcher, request).await;
+        }
         let outbound = Outbound::new(parts.method, path, parts.headers, body);
         let route = Route {
             endpoint: endpoint.label(),
@@ -159,6 +181,7 @@ impl Ingress {
             key: key.as_ref(),
             stream: facts.stream,
             started,
+            phase: None,
         };
         self.dispatcher.dispatch(&route, &outbound).await
     }

@@ -3,7 +3,8 @@
 //! The request path, one module per phase:
 //! [`ingress`] (HTTP surface, body read once, routing facts) ->
 //! [`policy`] (pure choice of a replica) ->
-//! [`dispatch`] (choose, forward, retry once before the first byte) ->
+//! [`dispatch`] (choose, forward, retry once before the first byte; in P/D mode
+//! [`pd`] runs it twice, prefill then decode) ->
 //! [`proxy`] (pooled connection to the replica) ->
 //! [`response_body`] (the stream back to the client, metered, never re-encoded).
 //! Around it: [`replicas`] (registry and health checks), [`metrics`], [`config`],
@@ -17,6 +18,7 @@ pub mod dispatch;
 pub mod error;
 pub mod ingress;
 pub mod metrics;
+pub mod pd;
 pub mod policy;
 pub mod proxy;
 pub mod replicas;

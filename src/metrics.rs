@@ -30,10 +30,21 @@ pub struct Metrics {
     /// Clients gone before the response ended, by endpoint and stage (`waiting` for
     /// headers, `streaming` the body).
     pub client_disconnects: IntCounterVec,
+    /// P/D phases: `prefill` (request start to prefill response), `handoff` (prefill
+    /// response to decode request), `decode_ttft` (decode request to first byte),
+    /// `total` (request start to end of response).
+    pub pd_phase: HistogramVec,
+    /// P/D requests by the prefill and decode replica that served them.
+    pub pd_decisions: IntCounterVec,
+    /// Requests sent whole to decode because prefill gave no KV transfer parameters.
+    pub pd_fallbacks: IntCounterVec,
+    /// Decode requests by tokenize-once mode: `on` (token ids), `off` (disabled),
+    /// `unavailable` (no ids from prefill, or a chat feature only the chat endpoint has).
+    pub pd_tokenize_once: IntCounterVec,
 }
 
 /// The `endpoint` label values of proxied requests.
-pub const ENDPOINTS: [&str; 3] = ["chat_completions", "completions", "other"];
+pub const ENDPOINTS: [&str; 4] = ["chat_completions", "completions", "other", "prefill"];
 
 /// The `kind` label values of `router_upstream_errors_total`.
 pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "before_headers", "status_5xx", "mid_body"];
@@ -101,6 +112,26 @@ impl Metrics {
                 "router_client_disconnects_total",
                 "Clients that went away before their response ended",
                 &["endpoint", "stage"],
+            ),
+            pd_phase: histogram(
+                "router_pd_phase_seconds",
+                "Prefill/decode phases: prefill, handoff, decode_ttft, total",
+                &["phase"],
+            ),
+            pd_decisions: counter(
+                "router_pd_decisions_total",
+                "P/D requests by prefill and decode replica",
+                &["prefill", "decode"],
+            ),
+            pd_fallbacks: counter(
+                "router_pd_fallbacks_total",
+                "P/D requests sent whole to decode, by prefill replica and reason",
+                &["prefill", "reason"],
+            ),
+            pd_tokenize_once: counter(
+                "router_pd_tokenize_once_total",
+                "P/D decode requests by tokenize-once mode (on, off, unavailable)",
+                &["mode"],
             ),
             registry,
         };

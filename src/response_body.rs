@@ -17,6 +17,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::dispatch::PhaseTimers;
 use crate::metrics::Metrics;
 use crate::replicas::InFlight;
 
@@ -31,6 +32,7 @@ pub struct MeteredBody {
     seen_data: bool,
     ended: bool,
     failed: bool,
+    phase: Option<PhaseTimers>,
 }
 
 impl MeteredBody {
@@ -41,6 +43,7 @@ impl MeteredBody {
         endpoint: &'static str,
         started: Instant,
         stream: bool,
+        phase: Option<PhaseTimers>,
     ) -> Self {
         MeteredBody {
             inner,
@@ -52,6 +55,7 @@ impl MeteredBody {
             seen_data: false,
             ended: false,
             failed: false,
+            phase,
         }
     }
 }
@@ -70,6 +74,9 @@ impl Body for MeteredBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if !this.seen_data && frame.data_ref().is_some_and(|d| !d.is_empty()) {
                     this.seen_data = true;
+                    if let Some(phase) = &this.phase {
+                        phase.first_token.observe(phase.since.elapsed().as_secs_f64());
+                    }
                     if this.stream {
                         this.metrics
                             .first_event
@@ -101,6 +108,9 @@ impl Body for MeteredBody {
 
 impl Drop for MeteredBody {
     fn drop(&mut self) {
+        if let Some(phase) = &self.phase {
+            phase.total.observe(self.started.elapsed().as_secs_f64());
+        }
         self.metrics
             .duration
             .with_label_values(&[self.endpoint])

@@ -23,6 +23,7 @@ use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
+use crate::pd::PrefillDecode;
 use crate::proxy;
 use crate::replicas::{HealthChecker, Registry};
 use crate::routing_key::KeyHeaders;
@@ -33,10 +34,13 @@ pub struct RunningRouter {
     /// The simulated replicas started for `--sim`, served as long as the router is.
     pub sims: Vec<crate::sim::RunningSim>,
     pub metrics: Arc<Metrics>,
+    /// The replicas requests go to (in P/D mode, the decode replicas).
     pub registry: Arc<Registry>,
+    /// P/D mode: the prefill replicas.
+    pub prefill_registry: Option<Arc<Registry>>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
-    health: JoinHandle<()>,
+    health: Vec<JoinHandle<()>>,
 }
 
 impl RunningRouter {
@@ -46,41 +50,59 @@ impl RunningRouter {
             let _ = stop.send(());
         }
         let _ = (&mut self.server).await;
-        self.health.abort();
+        self.health.iter().for_each(JoinHandle::abort);
     }
 
     /// Serve until the server stops by itself (it does not, short of a fatal error).
     pub async fn wait(mut self) {
         let _ = (&mut self.server).await;
-        self.health.abort();
+        self.health.iter().for_each(JoinHandle::abort);
     }
 }
 
 /// Build the router and start serving on `config.listen` (after starting the simulated
-/// replicas of `--sim`, if any).
+/// replicas of `--sim` / `--sim-pd`, if any).
 pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
-    let sims = match &config.sim {
-        Some(sim) => crate::sim::start_fleet(config.sim_replicas, sim).await?,
-        None => Vec::new(),
-    };
-    for sim in &sims {
-        let url =
-            crate::replicas::ReplicaUrl::parse(&sim.url()).expect("a bound loopback address is a valid URL");
-        config.replicas.push(url);
+    let mut sims = Vec::new();
+    if let Some(sim) = &config.sim {
+        let prefill_sims = config.pd.as_ref().map_or(0, |pd| pd.sim_prefill);
+        let role = |role| crate::sim::SimConfig { role, ..sim.clone() };
+        let (prefill_role, decode_role) = if prefill_sims > 0 {
+            (crate::sim::Role::Prefill, crate::sim::Role::Decode)
+        } else {
+            (crate::sim::Role::Both, crate::sim::Role::Both)
+        };
+        for sim in crate::sim::start_fleet(prefill_sims, &role(prefill_role)).await? {
+            config.pd.as_mut().expect("prefill sims imply P/D").prefill.push(sim_url(&sim));
+            sims.push(sim);
+        }
+        for sim in crate::sim::start_fleet(config.sim_replicas, &role(decode_role)).await? {
+            config.replicas.push(sim_url(&sim));
+            sims.push(sim);
+        }
     }
     let listener = TcpListener::bind(config.listen).await?;
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::new());
-    let registry = Arc::new(Registry::new(config.replicas.clone(), config.thresholds, &metrics));
     let client = proxy::http_client(config.connect_timeout);
 
-    let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
-    checker.probe_all().await;
-    let health = tokio::spawn(checker.run());
-
-    let policy = config.policy.build(&registry.names(), config.hash);
+    let (dispatcher, health) =
+        stage(&config, config.replicas.clone(), config.policy, &client, &metrics).await;
+    let registry = dispatcher.registry.clone();
+    let mut tasks = vec![health];
+    let pd = match &config.pd {
+        Some(pd) => {
+            let (prefill, health) =
+                stage(&config, pd.prefill.clone(), pd.prefill_policy, &client, &metrics).await;
+            tasks.push(health);
+            Some(PrefillDecode::new(prefill, pd.tokenize_once, metrics.clone()))
+        }
+        None => None,
+    };
+    let prefill_registry = pd.as_ref().map(|pd| pd.prefill.registry.clone());
     let ingress = Arc::new(Ingress {
-        dispatcher: Dispatcher { registry: registry.clone(), policy, client, metrics: metrics.clone() },
+        dispatcher,
+        pd,
         keys: KeyHeaders::new(config.session_headers.clone()),
         max_body_bytes: config.max_body_bytes,
         metrics: metrics.clone(),
@@ -89,11 +111,48 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let (stop, stopped) = oneshot::channel();
     let server = tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout));
     for sim in &sims {
-        tracing::info!(replica = %sim.url(), model = %sim.state.model, "simulated replica started");
+        tracing::info!(replica = %sim.url(), role = ?sim.state.config.role, model = %sim.state.model,
+            "simulated replica started");
+    }
+    if let Some(prefill) = &prefill_registry {
+        tracing::info!(
+            prefill = prefill.replicas().len(),
+            healthy = prefill.healthy_count(),
+            "P/D mode: prefill stage"
+        );
     }
     tracing::info!(%addr, replicas = registry.replicas().len(), healthy = registry.healthy_count(),
         policy = ?config.policy, "router listening");
-    Ok(RunningRouter { addr, sims, metrics, registry, stop: Some(stop), server, health })
+    Ok(RunningRouter {
+        addr,
+        sims,
+        metrics,
+        registry,
+        prefill_registry,
+        stop: Some(stop),
+        server,
+        health: tasks,
+    })
+}
+
+/// One stage's registry (probed once before returning), health checker and dispatcher.
+async fn stage(
+    config: &RouterConfig,
+    replicas: Vec<crate::replicas::ReplicaUrl>,
+    policy: crate::policy::PolicyKind,
+    client: &proxy::HttpClient,
+    metrics: &Arc<Metrics>,
+) -> (Dispatcher, JoinHandle<()>) {
+    let registry = Arc::new(Registry::new(replicas, config.thresholds, metrics));
+    let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
+    checker.probe_all().await;
+    let health = tokio::spawn(checker.run());
+    let policy = policy.build(&registry.names(), config.hash);
+    (Dispatcher { registry, policy, client: client.clone(), metrics: metrics.clone() }, health)
+}
+
+fn sim_url(sim: &crate::sim::RunningSim) -> crate::replicas::ReplicaUrl {
+    crate::replicas::ReplicaUrl::parse(&sim.url()).expect("a bound loopback address is a valid URL")
 }
 
 async fn accept_loop(

@@ -194,6 +194,14 @@ impl Registry {
         (now != was).then_some(now)
     }
 
+    /// The context length a healthy replica reports for `model` in its model card.
+    pub fn max_model_len(&self, model: &str) -> Option<u64> {
+        self.replicas
+            .iter()
+            .filter(|r| r.is_healthy())
+            .find_map(|r| r.models()?.iter().find(|c| c.id == model)?.card.get("max_model_len")?.as_u64())
+    }
+
     /// The union of the models healthy replicas serve, first card of each id wins.
     pub fn model_cards(&self) -> Vec<ModelCard> {
         let mut out: Vec<ModelCard> = Vec::new();

@@ -240,9 +240,37 @@ impl Scheduler {
                 .mul_f64(self.faults.slowdown())
                 .div_f64(self.config.time_scale.max(1e-6));
             clock = (clock + step).max(Instant::now() - Duration::from_millis(50));
-            tokio::time::sleep_until(clock.into()).await;
+            self.sleep_until(clock).await;
             self.finish_step(&scheduled);
         }
+    }
+
+    /// Wait for the end of the step, noticing clients that go away meanwhile (a slow
+    /// profile or a slowdown fault can make one step last long).
+    async fn sleep_until(&mut self, deadline: Instant) {
+        const SLICE: Duration = Duration::from_millis(50);
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            tokio::time::sleep_until((deadline.min(now + SLICE)).into()).await;
+            if Instant::now() < deadline {
+                self.drop_aborted_running();
+            }
+        }
+    }
+
+    /// Abort running sequences whose client left, mid-step. Only the last ones can be
+    /// removed without disturbing the step's plan (indexes into `running`); the rest are
+    /// dropped at the next step boundary.
+    fn drop_aborted_running(&mut self) {
+        while self.running.last().is_some_and(|s| s.req.events.is_closed()) {
+            let seq = self.running.pop().expect("checked");
+            self.kv.release(&seq.blocks);
+            self.metrics.aborted.inc();
+        }
+        self.publish_gauges();
     }
 
     fn accept(&mut self, req: EngineRequest) {

@@ -1,0 +1,208 @@
+//! Prefill/decode disaggregation: each inference request is prefilled on a prefill
+//! replica, and its tokens are generated on a decode replica that pulls the KV cache.
+//!
+//! The phases of one request:
+//! 1. prefill: the rewritten request ([`requests::prefill_request`]) goes to a prefill
+//!    replica chosen by `--prefill-policy` (a session key keeps a session's prefill on
+//!    the replica that holds its prefix). Connection failures and 5xx are retried once
+//!    on another prefill replica by the shared [`Dispatcher`]; if that fails too the
+//!    client gets a 502. A 4xx (the client's request is invalid) passes through.
+//! 2. handoff: from the prefill response, `kv_transfer_params` and the prompt's token ids.
+//!    A response without `kv_transfer_params` (prefill replica not running a KV
+//!    connector) falls back to a full request on decode, counted and logged once per
+//!    replica.
+//! 3. decode: the decode request ([`requests::decode_request`]) goes to a decode replica
+//!    chosen by `--decode-policy`, retried once on another with the same parameters if it
+//!    fails before its first byte. Its stream goes to the client, converted to chat
+//!    chunks when a chat request was decoded from token ids ([`chat_stream`]).
+//!
+//! A client that disconnects drops this future or the response body, which cancels
+//! whichever upstream request is in flight. Each stage is sent at most twice and only
+//! one response ever reaches the client.
+
+pub mod chat_stream;
+pub mod requests;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, header};
+use http_body_util::{BodyExt, Limited};
+use serde_json::Value;
+
+use crate::dispatch::{Dispatcher, PhaseTimers, Route, Served};
+use crate::error::RouterError;
+use crate::metrics::Metrics;
+use crate::proxy::Outbound;
+use crate::routing_key::RoutingKey;
+
+/// The `endpoint` label of prefill-stage traffic in the router's metrics.
+pub const PREFILL_ENDPOINT: &str = "prefill";
+
+/// Prefill responses larger than this are refused (a 128k-token prompt's ids are ~1 MB).
+const MAX_PREFILL_RESPONSE: usize = 64 << 20;
+
+pub struct PrefillDecode {
+    pub prefill: Dispatcher,
+    pub tokenize_once: bool,
+    pub metrics: Arc<Metrics>,
+    /// Prefill replicas already warned about for answering without kv_transfer_params.
+    warned: Mutex<HashSet<String>>,
+}
+
+/// The parts of a client request the P/D flow needs.
+pub struct PdRequest<'a> {
+    pub endpoint: &'static str,
+    pub chat: bool,
+    pub path: PathAndQuery,
+    pub headers: HeaderMap,
+    pub body: &'a Bytes,
+    pub model: Option<&'a str>,
+    pub key: Option<&'a RoutingKey>,
+    pub stream: bool,
+    pub started: Instant,
+}
+
+impl PrefillDecode {
+    pub fn new(prefill: Dispatcher, tokenize_once: bool, metrics: Arc<Metrics>) -> Self {
+        PrefillDecode { prefill, tokenize_once, metrics, warned: Mutex::new(HashSet::new()) }
+    }
+
+    pub async fn handle(&self, decode: &Dispatcher, request: PdRequest<'_>) -> Result<Served, RouterError> {
+        let body: Value = serde_json::from_slice(request.body)
+            .map_err(|e| RouterError::BadRequest(crate::request_facts::FactsError::NotJson(e.to_string())))?;
+
+        // 1. Prefill.
+        let prefill_route = Route {
+            endpoint: PREFILL_ENDPOINT,
+            model: request.model,
+            key: request.key,
+            stream: false,
+            started: request.started,
+            phase: None,
+        };
+        let prefill_body = Bytes::from(requests::prefill_request(&body).to_string());
+        let outbound =
+            Outbound::new(Method::POST, request.path.clone(), request.headers.clone(), prefill_body);
+        let served = self.prefill.dispatch(&prefill_route, &outbound).await.map_err(|e| match e {
+            RouterError::Upstream { replica, reason } => {
+                RouterError::Upstream { replica, reason: format!("prefill failed: {reason}") }
+            }
+            other => other,
+        })?;
+        let prefill_replica = served.replica.clone();
+        let status = served.response.status();
+        if status.is_client_error() {
+            return Ok(served); // the client's request is invalid: say so, as prefill did
+        }
+        let prefill_json = read_json(served.response).await;
+        let prefilled = Instant::now();
+        self.metrics
+            .pd_phase
+            .with_label_values(&["prefill"])
+            .observe((prefilled - request.started).as_secs_f64());
+        let prefill_json = match (status.is_success(), prefill_json) {
+            (true, Some(v)) => v,
+            (_, _) => {
+                return Err(RouterError::Upstream {
+                    replica: prefill_replica,
+                    reason: format!("prefill failed: status {status} without a usable response"),
+                });
+            }
+        };
+
+        // 2. Handoff.
+        let result = requests::read_prefill_response(&prefill_json);
+        let (path, decode_body, token_ids, convert) = match &result.kv_transfer_params {
+            Some(kv) => {
+                let max_model_len = request.model.and_then(|m| decode.registry.max_model_len(m));
+                let d = requests::decode_request(
+                    &body,
+                    request.chat,
+                    kv,
+                    result.prompt_token_ids.as_deref(),
+                    self.tokenize_once,
+                    max_model_len,
+                );
+                (d.path, d.body, d.token_ids, d.convert_to_chat)
+            }
+            None => {
+                self.fallback(&prefill_replica);
+                let path = if request.chat { "/v1/chat/completions" } else { "/v1/completions" };
+                (path, body, false, false)
+            }
+        };
+        let mode = match (token_ids, self.tokenize_once) {
+            (true, _) => "on",
+            (false, false) => "off",
+            (false, true) => "unavailable",
+        };
+        self.metrics.pd_tokenize_once.with_label_values(&[mode]).inc();
+
+        // 3. Decode.
+        let decode_start = Instant::now();
+        self.metrics
+            .pd_phase
+            .with_label_values(&["handoff"])
+            .observe((decode_start - prefilled).as_secs_f64());
+        let decode_route = Route {
+            endpoint: request.endpoint,
+            model: request.model,
+            key: request.key,
+            stream: request.stream,
+            started: request.started,
+            phase: Some(PhaseTimers {
+                first_token: self.metrics.pd_phase.with_label_values(&["decode_ttft"]),
+                total: self.metrics.pd_phase.with_label_values(&["total"]),
+                since: decode_start,
+            }),
+        };
+        let outbound = Outbound::new(
+            Method::POST,
+            PathAndQuery::from_static(path),
+            request.headers,
+            Bytes::from(decode_body.to_string()),
+        );
+        let served = decode.dispatch(&decode_route, &outbound).await?;
+        self.metrics.pd_decisions.with_label_values(&[&prefill_replica, &served.replica]).inc();
+        if !convert || !served.response.status().is_success() {
+            return Ok(served);
+        }
+        let replica = served.replica;
+        let (mut parts, body) = served.response.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let body = if request.stream {
+            Body::new(chat_stream::ChatStream::new(body))
+        } else {
+            let completion = read_json(Response::from_parts(parts.clone(), body)).await.ok_or_else(|| {
+                RouterError::Upstream {
+                    replica: replica.clone(),
+                    reason: "decode returned an unreadable body".into(),
+                }
+            })?;
+            Body::from(chat_stream::convert_body(&completion).to_string())
+        };
+        Ok(Served { response: Response::from_parts(parts, body), replica })
+    }
+
+    fn fallback(&self, prefill_replica: &str) {
+        self.metrics.pd_fallbacks.with_label_values(&[prefill_replica, "no_kv_transfer_params"]).inc();
+        if self.warned.lock().expect("warned lock").insert(prefill_replica.to_owned()) {
+            tracing::warn!(
+                replica = prefill_replica,
+                "prefill response has no kv_transfer_params (is the replica running a KV connector?): \
+                 sending full requests to decode"
+            );
+        }
+    }
+}
+
+async fn read_json(response: Response) -> Option<Value> {
+    let bytes = Limited::new(response.into_body(), MAX_PREFILL_RESPONSE).collect().await.ok()?.to_bytes();
+    serde_json::from_slice(&bytes).ok()
+}
