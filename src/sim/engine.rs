@@ -43,8 +43,9 @@ pub enum Kind {
     /// Computed here, then the request ends after one token (P/D prefill stage).
     PrefillOnly,
     /// Pulled from a prefill replica: all but the last prompt token arrive after the
-    /// transfer time, and are not computed here.
-    RemoteKv { transfer: Duration },
+    /// transfer, and are not computed here. Blocks already in this replica's prefix
+    /// cache are not pulled; each other block takes `per_block`.
+    RemoteKv { per_block: Duration },
 }
 
 pub struct EngineRequest {
@@ -275,7 +276,11 @@ impl Scheduler {
 
     fn accept(&mut self, req: EngineRequest) {
         let mut seq = Seq::new(req);
-        if let Kind::RemoteKv { transfer } = seq.req.kind {
+        if let Kind::RemoteKv { per_block } = seq.req.kind {
+            let total = seq.tokens.len();
+            let cached = self.kv.lookup(&block_hashes(&seq.tokens[..total - 1]));
+            let pulled = total.div_ceil(BLOCK_SIZE).saturating_sub(cached);
+            let transfer = per_block * pulled as u32;
             seq.ready_at = Some(Instant::now() + transfer.div_f64(self.config.time_scale.max(1e-6)));
             self.transferring.push(seq);
         } else {

@@ -5,8 +5,8 @@
 //! the parameters a decode replica needs to pull the KV blocks (`do_remote_prefill`,
 //! `remote_engine_id`, `remote_block_ids`, `remote_host`, `remote_port`,
 //! `remote_request_id`, `tp_size`). A decode-stage request carrying valid parameters
-//! skips the prefill and waits for the transfer instead (blocks x bytes per block /
-//! `--kv-bandwidth`). Parameters that are missing, malformed, name an engine that is not
+//! skips the prefill and waits for the transfer instead (blocks not already in its own
+//! prefix cache x bytes per block / `--kv-bandwidth`). Parameters that are missing, malformed, name an engine that is not
 //! a simulator engine, or list the wrong number of blocks for the prompt are rejected:
 //! the request falls back to a full local prefill and is counted.
 

@@ -179,11 +179,11 @@ fn resolve_handoff(s: &SimState, job: &mut GenRequest) -> Kind {
             job.max_tokens = 1;
             Kind::PrefillOnly
         }
-        Handoff::Decode { blocks } if role != Role::Prefill => {
+        Handoff::Decode { .. } if role != Role::Prefill => {
             s.metrics.pd_accepted.inc();
             let profile = &s.config.profile;
             Kind::RemoteKv {
-                transfer: pd::transfer_time(blocks, profile.kv_bytes_per_token, s.config.kv_bandwidth),
+                per_block: pd::transfer_time(1, profile.kv_bytes_per_token, s.config.kv_bandwidth),
             }
         }
         Handoff::Invalid(reason) => {
