@@ -142,11 +142,17 @@ async fn decode_gets_token_ids_and_output_matches_collocated() {
     assert_eq!(sim_metric(&decode[0], "sim_prompts_token_ids_total"), 4.0);
     assert_eq!(sim_metric(&decode[0], "sim_prompts_tokenized_total"), 0.0);
     assert_eq!(sim_metric(&decode[0], "sim_pd_handoffs_accepted_total"), 4.0);
-    // Prefill saw the protocol's request.
-    for entry in log(&prefill[0]).await {
-        assert_eq!(entry["max_tokens"], 1);
-        assert_eq!(entry["stream"], false);
-        assert_eq!(entry["kv_transfer_params"]["do_remote_decode"], true);
+    // Prefill saw the protocol's request; both stages carried the same request id.
+    let request_id = |entry: &Value| {
+        entry["headers"].as_array().unwrap().iter().find(|h| h[0] == "x-request-id").map(|h| h[1].clone())
+    };
+    let decode_log = log(&decode[0]).await;
+    for (p, d) in log(&prefill[0]).await.iter().zip(&decode_log) {
+        assert_eq!(p["max_tokens"], 1);
+        assert_eq!(p["stream"], false);
+        assert_eq!(p["kv_transfer_params"]["do_remote_decode"], true);
+        assert!(request_id(p).is_some());
+        assert_eq!(request_id(p), request_id(d));
     }
     let text = router.metrics.render();
     assert_eq!(metric(&text, r#"router_pd_tokenize_once_total{mode="on"}"#), 4.0);
