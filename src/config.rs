@@ -82,8 +82,8 @@ pub struct Cli {
     pub session_headers: Vec<HeaderName>,
 
     /// Bounded-load factor for consistent-hash: a replica already holding this multiple
-    /// of the mean in-flight load passes new sessions' requests along the ring. `off`
-    /// keeps pure affinity.
+    /// of the mean in-flight load passes further requests along the ring to the next
+    /// replica under the cap. `off` keeps pure affinity.
     #[arg(long, value_name = "FACTOR|off", default_value = "off", value_parser = parse_balance_factor)]
     pub hash_balance_factor: BalanceFactor,
 
@@ -114,6 +114,17 @@ pub struct Cli {
     /// Time allowed to open a connection to a replica.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+
+    /// Time a replica may take to send response headers (retried once on another replica,
+    /// then 504). A non-streaming response's headers come when generation ends, so this
+    /// also bounds a whole non-streaming request.
+    #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+    pub response_timeout: Duration,
+
+    /// Longest silence within a response body; a stream that goes quiet this long is
+    /// ended with an SSE error event and `[DONE]`, and its replica taken out of rotation.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub stream_idle_timeout: Duration,
 
     /// On SIGTERM/SIGINT, time in-flight requests get to finish before the router exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -194,6 +205,7 @@ pub struct RouterConfig {
     pub thresholds: Thresholds,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    pub timeouts: crate::dispatch::Timeouts,
     /// Simulated replicas to start before routing (`--sim`).
     pub sim: Option<crate::sim::SimConfig>,
     pub sim_replicas: usize,
@@ -270,6 +282,10 @@ impl Cli {
             thresholds: Thresholds { unhealthy: self.unhealthy_threshold, healthy: self.healthy_threshold },
             connect_timeout: self.connect_timeout,
             drain_timeout: self.drain_timeout,
+            timeouts: crate::dispatch::Timeouts {
+                response_headers: self.response_timeout,
+                stream_idle: self.stream_idle_timeout,
+            },
             sim,
             sim_replicas: self.sim_pd.map_or(self.sim.unwrap_or(0), |(_, d)| d) as usize,
             pd,

@@ -22,7 +22,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Decision, Policy, Reason};
 use crate::proxy::{self, HttpClient, Outbound, UpstreamError};
 use crate::replicas::{InFlight, Registry};
-use crate::response_body::MeteredBody;
+use crate::response_body::{BodyOptions, MeteredBody};
 use crate::routing_key::RoutingKey;
 
 pub struct Dispatcher {
@@ -30,6 +30,17 @@ pub struct Dispatcher {
     pub policy: Box<dyn Policy>,
     pub client: HttpClient,
     pub metrics: Arc<Metrics>,
+    pub timeouts: Timeouts,
+}
+
+/// Limits on waiting for a replica.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// From sending the request to the response headers (a non-streaming response's
+    /// headers come when generation ends, so this bounds a whole non-streaming request).
+    pub response_headers: std::time::Duration,
+    /// Longest silence within a response body.
+    pub stream_idle: std::time::Duration,
 }
 
 /// What routing needs to know about one request.
@@ -99,6 +110,9 @@ impl Dispatcher {
                 let replica = in_flight.replica().name().to_owned();
                 Ok(Served { response: self.metered(response, in_flight, route), replica })
             }
+            Attempt::Failed { replica, error: UpstreamError::HeaderTimeout(after) } => {
+                Err(RouterError::UpstreamTimeout { replica, after })
+            }
             Attempt::Failed { replica, error } => {
                 Err(RouterError::Upstream { replica, reason: error.to_string() })
             }
@@ -117,7 +131,13 @@ impl Dispatcher {
         let replica = self.registry.get(index).clone();
         let in_flight = InFlight::start(replica.clone());
         let name = replica.name().to_owned();
-        match proxy::send(&self.client, &replica, outbound).await {
+        let sent = tokio::time::timeout(
+            self.timeouts.response_headers,
+            proxy::send(&self.client, &replica, outbound),
+        )
+        .await
+        .unwrap_or(Err(UpstreamError::HeaderTimeout(self.timeouts.response_headers)));
+        match sent {
             Ok(response) if response.status().is_server_error() => {
                 self.metrics.upstream_errors.with_label_values(&[&name, "status_5xx"]).inc();
                 Attempt::ServerError { response, in_flight }
@@ -145,15 +165,19 @@ impl Dispatcher {
         route: &Route<'_>,
     ) -> Response {
         let (parts, body) = response.into_parts();
-        let body = MeteredBody::new(
-            body,
-            in_flight,
-            self.metrics.clone(),
-            route.endpoint,
-            route.started,
-            route.stream,
-            route.phase.clone(),
-        );
+        let sse = parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let options = BodyOptions {
+            endpoint: route.endpoint,
+            started: route.started,
+            stream: route.stream,
+            sse,
+            idle_timeout: Some(self.timeouts.stream_idle),
+            phase: route.phase.clone(),
+        };
+        let body = MeteredBody::new(body, in_flight, self.metrics.clone(), options);
         Response::from_parts(parts, Body::new(body))
     }
 }

@@ -27,6 +27,8 @@ pub enum RouterError {
     NoHealthyReplica,
     #[error("upstream replica {replica} failed: {reason}")]
     Upstream { replica: String, reason: String },
+    #[error("upstream replica {replica} sent no response within {after:?}")]
+    UpstreamTimeout { replica: String, after: std::time::Duration },
     #[error("route {0} not found")]
     RouteNotFound(String),
     #[error("method {method} is not allowed on {path}")]
@@ -41,6 +43,7 @@ impl RouterError {
             RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             RouterError::NoHealthyReplica => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            RouterError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
@@ -53,6 +56,7 @@ impl RouterError {
             RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => "NotFoundError",
             RouterError::NoHealthyReplica => "ServiceUnavailableError",
             RouterError::Upstream { .. } => "BadGatewayError",
+            RouterError::UpstreamTimeout { .. } => "GatewayTimeoutError",
             RouterError::MethodNotAllowed { .. } => "MethodNotAllowedError",
         }
     }

@@ -24,8 +24,8 @@ pub struct Metrics {
     pub decisions: IntCounterVec,
     /// Second attempts on another replica, by endpoint.
     pub retries: IntCounterVec,
-    /// Upstream failures by replica and kind (`connect`, `before_headers`, `status_5xx`,
-    /// `mid_body`).
+    /// Upstream failures by replica and kind (`connect`, `before_headers`,
+    /// `header_timeout`, `status_5xx`, `mid_body`, `idle_timeout`).
     pub upstream_errors: IntCounterVec,
     /// Clients gone before the response ended, by endpoint and stage (`waiting` for
     /// headers, `streaming` the body).
@@ -47,7 +47,8 @@ pub struct Metrics {
 pub const ENDPOINTS: [&str; 4] = ["chat_completions", "completions", "other", "prefill"];
 
 /// The `kind` label values of `router_upstream_errors_total`.
-pub const UPSTREAM_ERROR_KINDS: [&str; 4] = ["connect", "before_headers", "status_5xx", "mid_body"];
+pub const UPSTREAM_ERROR_KINDS: [&str; 6] =
+    ["connect", "before_headers", "header_timeout", "status_5xx", "mid_body", "idle_timeout"];
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];

@@ -59,6 +59,8 @@ pub enum UpstreamError {
     Connect(String),
     #[error("failed before response headers: {0}")]
     BeforeHeaders(String),
+    #[error("no response headers within {0:?}")]
+    HeaderTimeout(std::time::Duration),
 }
 
 impl UpstreamError {
@@ -66,6 +68,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Connect(_) => "connect",
             UpstreamError::BeforeHeaders(_) => "before_headers",
+            UpstreamError::HeaderTimeout(_) => "header_timeout",
         }
     }
 }

@@ -7,102 +7,175 @@
 //! finished stream from one the client abandoned. Dropping it mid-stream drops the
 //! upstream body, which closes the upstream connection: that is how a client disconnect
 //! reaches the replica and vLLM aborts the request.
+//!
+//! When the upstream fails mid-stream (the connection breaks, or no byte arrives for
+//! the idle timeout), an SSE client gets what was already produced, then an error event
+//! in vLLM's shape and `data: [DONE]`, so it neither hangs nor mistakes a cut stream for
+//! a finished one. The replica is taken out of rotation until its health checks pass
+//! again. A non-SSE body can only be cut, which the client sees as an error.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::Sleep;
 
 use crate::dispatch::PhaseTimers;
 use crate::metrics::Metrics;
 use crate::replicas::InFlight;
 
 pub struct MeteredBody {
-    inner: Incoming,
+    /// None once the upstream has been given up on (dropping it closes the connection).
+    inner: Option<Incoming>,
     in_flight: InFlight,
     metrics: Arc<Metrics>,
     endpoint: &'static str,
     started: Instant,
     /// Observe time to first event (streaming requests only).
     stream: bool,
+    /// The response is an SSE stream: failures end it with an error event.
+    sse: bool,
+    idle_timeout: Option<Duration>,
+    idle: Option<Pin<Box<Sleep>>>,
+    /// Frames to send after a failure: the error event and `[DONE]`.
+    tail: VecDeque<Bytes>,
     seen_data: bool,
     ended: bool,
     failed: bool,
     phase: Option<PhaseTimers>,
 }
 
+/// How the metered body should behave.
+pub struct BodyOptions {
+    pub endpoint: &'static str,
+    pub started: Instant,
+    pub stream: bool,
+    pub sse: bool,
+    pub idle_timeout: Option<Duration>,
+    pub phase: Option<PhaseTimers>,
+}
+
 impl MeteredBody {
-    pub fn new(
-        inner: Incoming,
-        in_flight: InFlight,
-        metrics: Arc<Metrics>,
-        endpoint: &'static str,
-        started: Instant,
-        stream: bool,
-        phase: Option<PhaseTimers>,
-    ) -> Self {
+    pub fn new(inner: Incoming, in_flight: InFlight, metrics: Arc<Metrics>, options: BodyOptions) -> Self {
         MeteredBody {
-            inner,
+            inner: Some(inner),
             in_flight,
             metrics,
-            endpoint,
-            started,
-            stream,
+            endpoint: options.endpoint,
+            started: options.started,
+            stream: options.stream,
+            sse: options.sse,
+            idle: options.idle_timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+            idle_timeout: options.idle_timeout,
+            tail: VecDeque::new(),
             seen_data: false,
             ended: false,
             failed: false,
-            phase,
+            phase: options.phase,
+        }
+    }
+
+    /// Give up on the upstream: count it, take the replica out of rotation, close the
+    /// connection, and queue the error event for an SSE client.
+    fn fail(&mut self, kind: &'static str, message: String) {
+        self.failed = true;
+        self.inner = None;
+        let replica = self.in_flight.replica();
+        self.metrics.upstream_errors.with_label_values(&[replica.name(), kind]).inc();
+        if replica.take_out_of_rotation() {
+            tracing::warn!(replica = replica.name(), kind, "replica failed mid-stream: out of rotation");
+        }
+        if self.sse {
+            let error = serde_json::json!({"error": {"message": message, "type": "BadGatewayError",
+                "param": null, "code": 502}});
+            self.tail.push_back(Bytes::from(format!("data: {error}\n\n")));
+            self.tail.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        }
+    }
+
+    fn observe_first_data(&mut self) {
+        self.seen_data = true;
+        if self.stream {
+            let elapsed = self.started.elapsed().as_secs_f64();
+            self.metrics.first_event.with_label_values(&[self.endpoint]).observe(elapsed);
+        }
+        if let Some(phase) = &self.phase {
+            phase.first_token.observe(phase.since.elapsed().as_secs_f64());
         }
     }
 }
 
 impl Body for MeteredBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = axum::BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
+        if let Some(bytes) = this.tail.pop_front() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if !this.seen_data && frame.data_ref().is_some_and(|d| !d.is_empty()) {
-                    this.seen_data = true;
-                    if let Some(phase) = &this.phase {
-                        phase.first_token.observe(phase.since.elapsed().as_secs_f64());
-                    }
-                    if this.stream {
-                        this.metrics
-                            .first_event
-                            .with_label_values(&[this.endpoint])
-                            .observe(this.started.elapsed().as_secs_f64());
-                    }
+                if let (Some(idle), Some(timeout)) = (this.idle.as_mut(), this.idle_timeout) {
+                    idle.as_mut().reset(tokio::time::Instant::now() + timeout);
                 }
+                if !this.seen_data && frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                    this.observe_first_data();
+                }
+                Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(error))) => {
-                this.failed = true;
-                let replica = this.in_flight.replica().name();
-                tracing::debug!(replica, %error, "upstream body failed mid-stream");
-                this.metrics.upstream_errors.with_label_values(&[replica, "mid_body"]).inc();
+                tracing::debug!(replica = this.in_flight.replica().name(), %error, "upstream body failed mid-stream");
+                if !this.sse {
+                    this.failed = true;
+                    let replica = this.in_flight.replica();
+                    this.metrics.upstream_errors.with_label_values(&[replica.name(), "mid_body"]).inc();
+                    replica.take_out_of_rotation();
+                    return Poll::Ready(Some(Err(error.into())));
+                }
+                this.fail("mid_body", format!("the replica failed mid-stream: {error}"));
+                Poll::Ready(this.tail.pop_front().map(|b| Ok(Frame::data(b))))
             }
-            Poll::Ready(None) => this.ended = true,
-            Poll::Pending => {}
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Pending => {
+                let timed_out = this.idle.as_mut().is_some_and(|idle| idle.as_mut().poll(cx).is_ready());
+                if !timed_out {
+                    return Poll::Pending;
+                }
+                let timeout = this.idle_timeout.unwrap_or_default();
+                this.fail("idle_timeout", format!("the replica sent nothing for {timeout:?}"));
+                match this.tail.pop_front() {
+                    Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                    // Not SSE: cut the body with an error, never end it cleanly short.
+                    None => Poll::Ready(Some(Err(format!("upstream idle for {timeout:?}").into()))),
+                }
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.tail.is_empty() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Some(inner) if self.tail.is_empty() => inner.size_hint(),
+            _ => SizeHint::default(),
+        }
     }
 }
 
@@ -115,7 +188,7 @@ impl Drop for MeteredBody {
             .duration
             .with_label_values(&[self.endpoint])
             .observe(self.started.elapsed().as_secs_f64());
-        let finished = self.ended || self.inner.is_end_stream();
+        let finished = self.ended || self.inner.as_ref().is_some_and(Body::is_end_stream);
         if !finished && !self.failed {
             self.metrics.client_disconnects.with_label_values(&[self.endpoint, "streaming"]).inc();
         }

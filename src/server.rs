@@ -148,7 +148,14 @@ async fn stage(
     checker.probe_all().await;
     let health = tokio::spawn(checker.run());
     let policy = policy.build(&registry.names(), config.hash);
-    (Dispatcher { registry, policy, client: client.clone(), metrics: metrics.clone() }, health)
+    let dispatcher = Dispatcher {
+        registry,
+        policy,
+        client: client.clone(),
+        metrics: metrics.clone(),
+        timeouts: config.timeouts,
+    };
+    (dispatcher, health)
 }
 
 fn sim_url(sim: &crate::sim::RunningSim) -> crate::replicas::ReplicaUrl {

@@ -382,13 +382,23 @@ async fn fault_switches() {
     let mut stream = r.bytes_stream();
     let mut got = 0;
     let mut failed = false;
+    let mut received = Vec::new();
     while let Some(item) = stream.next().await {
         match item {
-            Ok(_) => got += 1,
+            Ok(bytes) => {
+                got += 1;
+                received.extend_from_slice(&bytes);
+            }
             Err(_) => failed = true,
         }
     }
-    assert!(failed && got <= 2, "the connection is cut after 2 tokens (got {got})");
+    let text = String::from_utf8_lossy(&received).into_owned();
+    assert!(failed, "the connection is cut");
+    assert_eq!(
+        text.matches("data: ").count(),
+        2,
+        "exactly the 2 tokens before the cut: {text} ({got} reads)"
+    );
     set(json!({})).await;
 
     let plain = json!({"model": MODEL, "prompt": "x", "max_tokens": 20, "ignore_eos": true});

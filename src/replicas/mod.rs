@@ -79,6 +79,19 @@ impl Replica {
         }
     }
 
+    /// Take the replica out of rotation now (it died under a request); the health
+    /// checker brings it back after the healthy threshold of consecutive successes.
+    /// Returns whether it was in rotation.
+    pub fn take_out_of_rotation(&self) -> bool {
+        let mut streak = self.streak.lock().expect("streak lock poisoned");
+        streak.probed = true;
+        streak.successes = 0;
+        streak.failures = streak.failures.max(1);
+        let was = self.is_healthy();
+        self.set_healthy(false);
+        was
+    }
+
     fn set_healthy(&self, healthy: bool) {
         self.healthy.store(healthy, Ordering::Relaxed);
         self.healthy_gauge.set(healthy as i64);

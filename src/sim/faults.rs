@@ -71,6 +71,10 @@ impl Faults {
         self.refuse_until.lock().expect("faults lock").filter(|t| *t > Instant::now())
     }
 
+    pub fn drop_armed(&self) -> bool {
+        self.config.lock().expect("faults lock").drop_after_tokens.is_some()
+    }
+
     /// What happens to a stream that has just produced its `n`-th token.
     pub fn on_token(&self, n: usize) -> StreamFault {
         let config = self.config.lock().expect("faults lock");

@@ -10,6 +10,7 @@
 //! Stop strings follow vLLM: the text ends before the stop string, and a stream holds
 //! back the last few characters that could still begin one.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -141,6 +142,12 @@ pub struct SseStream {
     prefix: String,
     suffix: &'static str,
     stalled: bool,
+    /// Drop fault: the connection is cut when this fires (after the tokens before it
+    /// have had time to leave).
+    dropping: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// With a drop fault armed, each chunk is preceded by one Pending so hyper writes it
+    /// out before the next: chunks yielded in one burst were lost with the cut.
+    paced: bool,
 }
 
 impl SseStream {
@@ -170,6 +177,8 @@ impl SseStream {
             prefix,
             suffix,
             stalled: false,
+            dropping: None,
+            paced: false,
         }
     }
 
@@ -272,6 +281,12 @@ impl Stream for SseStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if let Some(cut) = this.dropping.as_mut() {
+            return match cut.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(std::io::Error::other("fault: connection dropped")))),
+                Poll::Pending => Poll::Pending,
+            };
+        }
         loop {
             match this.phase {
                 Phase::Role => {
@@ -279,6 +294,13 @@ impl Stream for SseStream {
                     return Poll::Ready(Some(Ok(this.role_chunk())));
                 }
                 Phase::Tokens => {
+                    if this.faults.drop_armed() {
+                        this.paced = !this.paced;
+                        if this.paced {
+                            cx.waker().wake_by_ref();
+                            return Poll::Pending;
+                        }
+                    }
                     if this.stalled {
                         // Stall fault: keep the connection open, send nothing more.
                         return Poll::Pending;

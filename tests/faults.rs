@@ -1,0 +1,129 @@
+//! Replica faults seen through the router, injected with vllm-sim's fault switches: a
+//! replica dying mid-stream, a stream going silent, a replica too slow to answer.
+//! The client always gets what was produced and then a clear end, never a hang.
+
+use std::time::{Duration, Instant};
+
+use llm_router::config::RouterConfig;
+use llm_router::replicas::ReplicaUrl;
+use llm_router::server::RunningRouter;
+use llm_router::sim::faults::FaultConfig;
+use llm_router::sim::{self, RunningSim, SimConfig};
+use serde_json::{Value, json};
+
+async fn setup(n: usize, configure: impl FnOnce(&mut RouterConfig)) -> (Vec<RunningSim>, RunningRouter) {
+    let sims = sim::start_fleet(n, &SimConfig { time_scale: 20.0, ..SimConfig::default() }).await.unwrap();
+    let mut config = RouterConfig::new(sims.iter().map(|s| ReplicaUrl::parse(&s.url()).unwrap()).collect());
+    // Slow health checks: what the tests see is the data path's doing.
+    config.health.interval = Duration::from_secs(60);
+    configure(&mut config);
+    let router = llm_router::server::start(config).await.unwrap();
+    (sims, router)
+}
+
+async fn post(router: &RunningRouter, body: &Value) -> (u16, String) {
+    let r = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .unwrap()
+        .post(format!("http://{}/v1/completions", router.addr))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
+fn events(sse: &str) -> Vec<&str> {
+    sse.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect()
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+fn stream_body() -> Value {
+    json!({"model": "Qwen/Qwen3-0.6B", "prompt": "count", "max_tokens": 50, "ignore_eos": true, "stream": true})
+}
+
+#[tokio::test]
+async fn replica_dying_mid_stream_gives_tokens_then_an_error_event() {
+    let (sims, router) = setup(1, |_| {}).await;
+    sims[0].faults().set(FaultConfig { drop_after_tokens: Some(3), ..Default::default() });
+    let (status, body) = post(&router, &stream_body()).await;
+    assert_eq!(status, 200);
+    let events = events(&body);
+    assert_eq!(events.len(), 5, "3 tokens, an error, [DONE]: {body}");
+    for e in &events[..3] {
+        assert!(serde_json::from_str::<Value>(e).unwrap()["choices"][0]["text"].is_string());
+    }
+    let error: Value = serde_json::from_str(events[3]).unwrap();
+    assert_eq!(error["error"]["code"], 502);
+    assert!(error["error"]["message"].as_str().unwrap().contains("mid-stream"));
+    assert_eq!(events[4], "[DONE]");
+    let r0 = sims[0].url();
+    let text = router.metrics.render();
+    assert_eq!(
+        metric(&text, &format!(r#"router_upstream_errors_total{{kind="mid_body",replica="{r0}"}}"#)),
+        1.0
+    );
+    assert!(!router.registry.get(0).is_healthy(), "the replica is out of rotation");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_stream_ends_after_the_idle_timeout() {
+    let (sims, router) = setup(1, |c| c.timeouts.stream_idle = Duration::from_millis(300)).await;
+    sims[0].faults().set(FaultConfig { stall_after_tokens: Some(2), ..Default::default() });
+    let start = Instant::now();
+    // Long enough that the replica is still generating when the router gives up.
+    let mut long = stream_body();
+    long["max_tokens"] = json!(20_000);
+    let (status, body) = post(&router, &long).await;
+    assert_eq!(status, 200);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let events = events(&body);
+    assert_eq!(events.len(), 4, "2 tokens, an error, [DONE]: {body}");
+    assert!(events[2].contains("sent nothing"));
+    assert_eq!(events[3], "[DONE]");
+    // The upstream connection was closed, so the replica aborted the request.
+    for _ in 0..250 {
+        if metric(&sims[0].metrics().render(), "sim_requests_aborted_total ") == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metric(&sims[0].metrics().render(), "sim_requests_aborted_total "), 1.0);
+    let text = router.metrics.render();
+    let r0 = sims[0].url();
+    assert_eq!(
+        metric(&text, &format!(r#"router_upstream_errors_total{{kind="idle_timeout",replica="{r0}"}}"#)),
+        1.0
+    );
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_replica_too_slow_to_answer_is_retried_then_504() {
+    let (sims, router) = setup(2, |c| {
+        c.timeouts.response_headers = Duration::from_millis(300);
+        c.policy = llm_router::policy::PolicyKind::RoundRobin;
+    })
+    .await;
+    let slow = FaultConfig { slowdown: 10_000.0, ..Default::default() };
+    sims[0].faults().set(slow.clone());
+    let body = json!({"model": "Qwen/Qwen3-0.6B", "prompt": "x", "max_tokens": 5});
+    for _ in 0..2 {
+        let (status, text) = post(&router, &body).await;
+        assert_eq!(status, 200, "the slow replica's requests are retried on the other: {text}");
+    }
+    sims[1].faults().set(slow);
+    let start = Instant::now();
+    let (status, text) = post(&router, &body).await;
+    assert_eq!(status, 504, "{text}");
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["type"], "GatewayTimeoutError");
+    router.shutdown().await;
+}
