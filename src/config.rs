@@ -126,6 +126,32 @@ pub struct Cli {
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub stream_idle_timeout: Duration,
 
+    /// Most requests proxied at once (unlimited if unset); more wait in a queue.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: Option<u32>,
+
+    /// Most requests waiting for a slot; beyond it requests get 429 at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queued_requests: usize,
+
+    /// Longest wait for a slot; then 503 with Retry-After.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Client API key (repeat for several). When set, requests need
+    /// `Authorization: Bearer <key>` (401 otherwise); /health and /metrics stay open.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_keys: Vec<String>,
+
+    /// Forward the client's Authorization header to replicas (default: dropped, as it
+    /// carries the router's key, not the replicas').
+    #[arg(long)]
+    pub forward_authorization: bool,
+
+    /// Time a client has to send its request headers; slower connections are closed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
     /// On SIGTERM/SIGINT, time in-flight requests get to finish before the router exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -206,6 +232,11 @@ pub struct RouterConfig {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub timeouts: crate::dispatch::Timeouts,
+    /// (max concurrent, max queued, queue timeout), when limited.
+    pub limit: Option<(usize, usize, Duration)>,
+    pub api_keys: Vec<String>,
+    pub forward_authorization: bool,
+    pub header_read_timeout: Duration,
     /// Simulated replicas to start before routing (`--sim`).
     pub sim: Option<crate::sim::SimConfig>,
     pub sim_replicas: usize,
@@ -286,6 +317,12 @@ impl Cli {
                 response_headers: self.response_timeout,
                 stream_idle: self.stream_idle_timeout,
             },
+            limit: self
+                .max_concurrent_requests
+                .map(|n| (n as usize, self.max_queued_requests, self.queue_timeout)),
+            api_keys: self.api_keys,
+            forward_authorization: self.forward_authorization,
+            header_read_timeout: self.header_read_timeout,
             sim,
             sim_replicas: self.sim_pd.map_or(self.sim.unwrap_or(0), |(_, d)| d) as usize,
             pd,

@@ -31,6 +31,12 @@ pub enum RouterError {
     UpstreamTimeout { replica: String, after: std::time::Duration },
     #[error("route {0} not found")]
     RouteNotFound(String),
+    #[error("a valid API key is required: Authorization: Bearer <key>")]
+    Unauthorized,
+    #[error("too many requests are queued; retry later")]
+    QueueFull,
+    #[error("no capacity within {after:?}; retry later")]
+    QueueTimeout { after: std::time::Duration },
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
 }
@@ -45,6 +51,9 @@ impl RouterError {
             RouterError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             RouterError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            RouterError::Unauthorized => StatusCode::UNAUTHORIZED,
+            RouterError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
+            RouterError::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -58,6 +67,9 @@ impl RouterError {
             RouterError::Upstream { .. } => "BadGatewayError",
             RouterError::UpstreamTimeout { .. } => "GatewayTimeoutError",
             RouterError::MethodNotAllowed { .. } => "MethodNotAllowedError",
+            RouterError::Unauthorized => "AuthenticationError",
+            RouterError::QueueFull => "RateLimitError",
+            RouterError::QueueTimeout { .. } => "ServiceUnavailableError",
         }
     }
 
@@ -87,7 +99,11 @@ impl RouterError {
 impl IntoResponse for RouterError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), self.body()).into_response();
-        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if matches!(self, RouterError::QueueFull | RouterError::QueueTimeout { .. }) {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
         response
     }
 }

@@ -19,6 +19,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
+use crate::admission::{self, ApiKeys, Limiter, Slotted};
 use crate::dispatch::{Dispatcher, Route};
 use crate::error::RouterError;
 use crate::metrics::{ENDPOINTS, Metrics};
@@ -36,6 +37,11 @@ pub struct Ingress {
     pub keys: KeyHeaders,
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// `--max-concurrent-requests` and its queue; None means unlimited.
+    pub limiter: Option<Limiter>,
+    pub api_keys: ApiKeys,
+    /// Forward the client's `Authorization` header to replicas.
+    pub forward_authorization: bool,
 }
 
 /// Which kind of call a request is: a metrics label, and how strictly its body is read.
@@ -57,6 +63,7 @@ impl Endpoint {
 }
 
 pub fn routes(ingress: Arc<Ingress>) -> Router {
+    let keys = ingress.api_keys.clone();
     Router::new()
         .route("/v1/chat/completions", post(chat_completions).fallback(method_not_allowed))
         .route("/v1/completions", post(completions).fallback(method_not_allowed))
@@ -68,6 +75,8 @@ pub fn routes(ingress: Arc<Ingress>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(ingress)
+        .layer(axum::middleware::from_fn_with_state(keys, admission::require_api_key))
+        .layer(axum::middleware::from_fn(admission::request_id))
 }
 
 async fn chat_completions(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
@@ -130,6 +139,21 @@ impl Ingress {
         let started = Instant::now();
         let label = endpoint.label();
         let mut waiting = Waiting { metrics: &self.metrics, endpoint: label, armed: true };
+        let permit = match &self.limiter {
+            Some(limiter) => match limiter.admit().await {
+                Ok(permit) => Some(permit),
+                Err(error) => {
+                    waiting.armed = false;
+                    let response = error.into_response();
+                    self.metrics
+                        .requests
+                        .with_label_values(&[label, "none", response.status().as_str()])
+                        .inc();
+                    return response;
+                }
+            },
+            None => None,
+        };
         let (served, replica) = match self.route_and_forward(endpoint, request, started).await {
             Ok(served) => (served.response, served.replica),
             Err(error) => {
@@ -139,7 +163,10 @@ impl Ingress {
         };
         waiting.armed = false;
         self.metrics.requests.with_label_values(&[label, &replica, served.status().as_str()]).inc();
-        served
+        match permit {
+            Some(permit) => Slotted::wrap(served, permit),
+            None => served,
+        }
     }
 
     async fn route_and_forward(
@@ -148,8 +175,11 @@ impl Ingress {
         request: Request,
         started: Instant,
     ) -> Result<crate::dispatch::Served, RouterError> {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
         let body = read_body(body, &parts.headers, self.max_body_bytes).await?;
+        if !self.forward_authorization {
+            parts.headers.remove(header::AUTHORIZATION);
+        }
         let facts = match endpoint {
             Endpoint::ChatCompletions | Endpoint::Completions => request_facts::parse_inference(&body)?,
             // Not ours to judge: a non-JSON body goes to the replica as it came.

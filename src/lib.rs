@@ -1,6 +1,7 @@
 //! A native Rust LLM router and ingress proxy for vLLM replicas.
 //!
 //! The request path, one module per phase:
+//! [`admission`] (API keys, request ids, concurrency limit) ->
 //! [`ingress`] (HTTP surface, body read once, routing facts) ->
 //! [`policy`] (pure choice of a replica) ->
 //! [`dispatch`] (choose, forward, retry once before the first byte; in P/D mode
@@ -13,6 +14,7 @@
 //! [`sim`] is the vLLM engine simulator (`vllm-sim`) that tests, benchmarks and
 //! `router --sim N` run against.
 
+pub mod admission;
 pub mod config;
 pub mod dispatch;
 pub mod error;

@@ -106,10 +106,14 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         keys: KeyHeaders::new(config.session_headers.clone()),
         max_body_bytes: config.max_body_bytes,
         metrics: metrics.clone(),
+        limiter: config.limit.map(|(n, queued, timeout)| crate::admission::Limiter::new(n, queued, timeout)),
+        api_keys: crate::admission::ApiKeys::new(config.api_keys.clone()),
+        forward_authorization: config.forward_authorization,
     });
     let app = ingress::routes(ingress);
     let (stop, stopped) = oneshot::channel();
-    let server = tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout));
+    let server =
+        tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout, config.header_read_timeout));
     for sim in &sims {
         tracing::info!(replica = %sim.url(), role = ?sim.state.config.role, model = %sim.state.model,
             "simulated replica started");
@@ -167,9 +171,13 @@ async fn accept_loop(
     app: axum::Router,
     mut stopped: oneshot::Receiver<()>,
     drain_timeout: Duration,
+    header_read_timeout: Duration,
 ) {
     let graceful = GracefulShutdown::new();
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
+    // Slow clients: headers must arrive in time, and may not exceed hyper's 400 kB
+    // buffer (hyper answers 431 beyond it).
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {

@@ -44,8 +44,6 @@ use crate::routing_key::RoutingKey;
 /// The `endpoint` label of prefill-stage traffic in the router's metrics.
 pub const PREFILL_ENDPOINT: &str = "prefill";
 
-const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-
 /// Prefill responses larger than this are refused (a 128k-token prompt's ids are ~1 MB).
 const MAX_PREFILL_RESPONSE: usize = 64 << 20;
 
@@ -75,19 +73,10 @@ impl PrefillDecode {
         PrefillDecode { prefill, tokenize_once, metrics, warned: Mutex::new(HashSet::new()) }
     }
 
-    pub async fn handle(
-        &self,
-        decode: &Dispatcher,
-        mut request: PdRequest<'_>,
-    ) -> Result<Served, RouterError> {
-        // Both stages carry one request id, as vLLM's reference proxy sends it: older
-        // NixlConnector versions match the KV transfer by it.
-        if !request.headers.contains_key(REQUEST_ID) {
-            let id = format!("pd-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            request
-                .headers
-                .insert(REQUEST_ID, http::HeaderValue::from_str(&id).expect("hex is a valid header"));
-        }
+    /// Both stages get the client's headers, so both carry the one `x-request-id` that
+    /// admission gave the request, as vLLM's reference proxy sends it: older
+    /// NixlConnector versions match the KV transfer by it.
+    pub async fn handle(&self, decode: &Dispatcher, request: PdRequest<'_>) -> Result<Served, RouterError> {
         let body: Value = serde_json::from_slice(request.body)
             .map_err(|e| RouterError::BadRequest(crate::request_facts::FactsError::NotJson(e.to_string())))?;
 

@@ -1,0 +1,187 @@
+//! Admission: what a request must pass before it is routed. Client API keys, request
+//! ids, and the concurrency limit with its bounded queue.
+//!
+//! - API keys (`--api-key`, several allowed): `Authorization: Bearer KEY`, compared in
+//!   constant time; anything else gets 401 in the OpenAI error shape. `/health` and
+//!   `/metrics` stay open for probes and scrapers.
+//! - Request ids: the client's `x-request-id`, or a new one, is forwarded to the replica
+//!   and returned on every response, the router's own errors included.
+//! - Concurrency (`--max-concurrent-requests`): at most that many requests are proxied
+//!   at once; up to `--max-queued-requests` more wait, each for at most
+//!   `--queue-timeout`. A full queue answers 429 at once, a wait that times out 503 with
+//!   `Retry-After`. The slot is held until the response body ends, so a long stream
+//!   counts for as long as it runs. Memory stays bounded: excess requests are refused,
+//!   not buffered.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, header};
+use http_body::{Frame, SizeHint};
+use subtle::ConstantTimeEq;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::RouterError;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Give every request an id, and every response the request's id.
+pub async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = match request.headers().get(&REQUEST_ID) {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => {
+            let id = format!("req-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let id = HeaderValue::from_str(&id).expect("hex is a valid header value");
+            request.headers_mut().insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+/// The API keys clients must present, if any.
+#[derive(Clone, Default)]
+pub struct ApiKeys {
+    keys: Arc<Vec<Vec<u8>>>,
+}
+
+impl ApiKeys {
+    pub fn new(keys: Vec<String>) -> Self {
+        ApiKeys { keys: Arc::new(keys.into_iter().map(String::into_bytes).collect()) }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        !self.keys.is_empty()
+    }
+
+    /// Whether `authorization` (the header's value) carries one of the keys. Every key is
+    /// compared, in constant time, whatever matches.
+    pub fn accepts(&self, authorization: Option<&HeaderValue>) -> bool {
+        let presented = authorization.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or_default();
+        let mut ok = subtle::Choice::from(0);
+        for key in self.keys.iter() {
+            ok |= key.as_slice().ct_eq(presented);
+        }
+        bool::from(ok)
+    }
+}
+
+/// Refuse requests without a valid key (when keys are configured).
+pub async fn require_api_key(State(keys): State<ApiKeys>, request: Request, next: Next) -> Response {
+    let open = matches!(request.uri().path(), "/health" | "/metrics");
+    if !keys.is_enabled() || open || keys.accepts(request.headers().get(header::AUTHORIZATION)) {
+        return next.run(request).await;
+    }
+    RouterError::Unauthorized.into_response()
+}
+
+/// The concurrency limit and its queue.
+pub struct Limiter {
+    permits: Arc<Semaphore>,
+    queued: AtomicUsize,
+    max_queued: usize,
+    queue_timeout: Duration,
+}
+
+impl Limiter {
+    pub fn new(max_concurrent: usize, max_queued: usize, queue_timeout: Duration) -> Self {
+        Limiter {
+            permits: Arc::new(Semaphore::new(max_concurrent)),
+            queued: AtomicUsize::new(0),
+            max_queued,
+            queue_timeout,
+        }
+    }
+
+    /// A slot for one request, waiting in the queue if need be.
+    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, RouterError> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(RouterError::QueueFull);
+        }
+        let waited = tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        match waited {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(RouterError::QueueTimeout { after: self.queue_timeout }),
+        }
+    }
+}
+
+/// A response body that holds its request's concurrency slot until it ends or drops.
+pub struct Slotted {
+    inner: Body,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slotted {
+    pub fn wrap(response: Response, permit: OwnedSemaphorePermit) -> Response {
+        let (parts, inner) = response.into_parts();
+        Response::from_parts(parts, Body::new(Slotted { inner, _permit: permit }))
+    }
+}
+
+impl http_body::Body for Slotted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_need_bearer_and_an_exact_match() {
+        let keys = ApiKeys::new(vec!["k1".into(), "secret-2".into()]);
+        let h = |v: &str| HeaderValue::from_str(v).unwrap();
+        assert!(keys.accepts(Some(&h("Bearer k1"))));
+        assert!(keys.accepts(Some(&h("Bearer secret-2"))));
+        assert!(!keys.accepts(Some(&h("Bearer k"))));
+        assert!(!keys.accepts(Some(&h("Bearer k12"))));
+        assert!(!keys.accepts(Some(&h("k1"))));
+        assert!(!keys.accepts(None));
+        assert!(!ApiKeys::default().is_enabled());
+    }
+
+    #[tokio::test]
+    async fn queue_is_bounded_and_times_out() {
+        let limiter = Limiter::new(1, 1, Duration::from_millis(50));
+        let held = limiter.admit().await.unwrap();
+        let (queued, full) = tokio::join!(limiter.admit(), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            limiter.admit().await
+        });
+        assert!(matches!(full, Err(RouterError::QueueFull)));
+        assert!(matches!(queued, Err(RouterError::QueueTimeout { .. })));
+        drop(held);
+        assert!(limiter.admit().await.is_ok());
+    }
+}

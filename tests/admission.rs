@@ -1,0 +1,179 @@
+//! What a request must pass before it is routed: API keys, request ids, the
+//! concurrency limit and its bounded queue, and the header read timeout for slow
+//! clients. Against simulated replicas on 127.0.0.1.
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use llm_router::config::RouterConfig;
+use llm_router::replicas::ReplicaUrl;
+use llm_router::server::RunningRouter;
+use llm_router::sim::{self, RunningSim, SimConfig};
+use serde_json::{Value, json};
+
+async fn setup(
+    time_scale: f64,
+    configure: impl FnOnce(&mut RouterConfig),
+) -> (Vec<RunningSim>, RunningRouter) {
+    let sims = sim::start_fleet(1, &SimConfig { time_scale, ..SimConfig::default() }).await.unwrap();
+    let mut config = RouterConfig::new(sims.iter().map(|s| ReplicaUrl::parse(&s.url()).unwrap()).collect());
+    configure(&mut config);
+    (sims, llm_router::server::start(config).await.unwrap())
+}
+
+fn completion() -> Value {
+    json!({"model": "Qwen/Qwen3-0.6B", "prompt": "hello", "max_tokens": 4})
+}
+
+async fn send(router: &RunningRouter, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", router.addr))
+        .header("content-type", "application/json")
+        .body(completion().to_string());
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.send().await.unwrap()
+}
+
+async fn replica_log(sim: &RunningSim) -> Vec<Value> {
+    let text = reqwest::get(format!("{}/sim/requests", sim.url())).await.unwrap().text().await.unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn header<'a>(entry: &'a Value, name: &str) -> Option<&'a str> {
+    entry["headers"].as_array()?.iter().find(|h| h[0] == name).and_then(|h| h[1].as_str())
+}
+
+#[tokio::test]
+async fn api_keys_guard_everything_but_health_and_metrics() {
+    let (sims, router) = setup(20.0, |c| c.api_keys = vec!["key-one".into(), "key-two".into()]).await;
+    for auth in [None, Some("Bearer wrong"), Some("key-one"), Some("Bearer key-on")] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
+        let r = send(&router, &headers).await;
+        assert_eq!(r.status(), 401, "{auth:?}");
+        let body: Value = r.json_value().await;
+        assert_eq!(body["error"]["code"], 401);
+        assert_eq!(body["error"]["type"], "AuthenticationError");
+    }
+    for key in ["key-one", "key-two"] {
+        let r = send(&router, &[("authorization", &format!("Bearer {key}"))]).await;
+        assert_eq!(r.status(), 200);
+    }
+    let models = reqwest::get(format!("http://{}/v1/models", router.addr)).await.unwrap();
+    assert_eq!(models.status(), 401);
+    for open in ["/health", "/metrics"] {
+        assert_eq!(
+            reqwest::get(format!("http://{}{open}", router.addr)).await.unwrap().status(),
+            200,
+            "{open}"
+        );
+    }
+    // The router's key is not forwarded to the replica.
+    for entry in replica_log(&sims[0]).await {
+        assert_eq!(header(&entry, "authorization"), None);
+    }
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn authorization_is_forwarded_only_when_asked() {
+    let (sims, router) = setup(20.0, |c| c.forward_authorization = true).await;
+    assert_eq!(send(&router, &[("authorization", "Bearer for-vllm")]).await.status(), 200);
+    assert_eq!(header(&replica_log(&sims[0]).await[0], "authorization"), Some("Bearer for-vllm"));
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn every_response_carries_a_request_id() {
+    let (sims, router) = setup(20.0, |_| {}).await;
+    let r = send(&router, &[]).await;
+    let generated = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(generated.len() > 8);
+    let r = send(&router, &[("x-request-id", "client-chosen-7")]).await;
+    assert_eq!(r.headers()["x-request-id"], "client-chosen-7");
+    let log = replica_log(&sims[0]).await;
+    assert_eq!(header(&log[0], "x-request-id"), Some(generated.as_str()));
+    assert_eq!(header(&log[1], "x-request-id"), Some("client-chosen-7"));
+    // The router's own errors too.
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/completions", router.addr))
+        .body("nope")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.headers().contains_key("x-request-id"));
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_burst_over_the_limit_is_refused_quickly_while_admitted_requests_complete() {
+    // Real time: each admitted request takes ~2 s (300 tokens), far longer than the queue wait.
+    let (_sims, router) = setup(1.0, |c| c.limit = Some((2, 3, Duration::from_millis(300)))).await;
+    let body = json!({"model": "Qwen/Qwen3-0.6B", "prompt": "x", "max_tokens": 300, "ignore_eos": true});
+    let url = format!("http://{}/v1/completions", router.addr);
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let (url, body) = (url.clone(), body.to_string());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(if i < 2 { 0 } else { 50 })).await;
+                let r = reqwest::Client::new()
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status().as_u16();
+                let retry_after = r.headers().get("retry-after").is_some();
+                let _ = r.bytes().await;
+                (status, retry_after, Instant::now())
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for t in tasks {
+        outcomes.push(t.await.unwrap());
+    }
+    let count = |s: u16| outcomes.iter().filter(|o| o.0 == s).count();
+    assert_eq!(count(200), 2, "{outcomes:?}");
+    assert_eq!(count(503), 3, "the queued ones time out");
+    assert_eq!(count(429), 15, "the rest are refused at once");
+    assert!(outcomes.iter().filter(|o| o.0 != 200).all(|o| o.1), "refusals carry Retry-After");
+    let refused_by = outcomes.iter().filter(|o| o.0 != 200).map(|o| o.2 - start).max().unwrap();
+    assert!(refused_by < Duration::from_secs(1), "refusals are quick: {refused_by:?}");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_too_slow_with_its_headers_is_disconnected() {
+    let (_sims, router) = setup(20.0, |c| c.header_read_timeout = Duration::from_millis(300)).await;
+    let addr = router.addr;
+    let closed_after = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n").unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 1024];
+        let _ = stream.read(&mut buf); // returns when the router closes the connection
+        start.elapsed()
+    })
+    .await
+    .unwrap();
+    assert!(closed_after < Duration::from_secs(3), "closed after {closed_after:?}");
+    // Other clients are unaffected.
+    assert_eq!(send(&router, &[]).await.status(), 200);
+    router.shutdown().await;
+}
+
+trait JsonValue {
+    async fn json_value(self) -> Value;
+}
+
+impl JsonValue for reqwest::Response {
+    async fn json_value(self) -> Value {
+        serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
+    }
+}
