@@ -126,6 +126,15 @@ pub struct Cli {
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub stream_idle_timeout: Duration,
 
+    /// Consecutive failed attempts (refused, 5xx, timeouts) that open a replica's circuit
+    /// breaker: it gets no requests for the cool-down, then one attempt decides.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_failures: u32,
+
+    /// How long an open circuit breaker keeps a replica out.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub breaker_cooldown: Duration,
+
     /// Most requests proxied at once (unlimited if unset); more wait in a queue.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: Option<u32>,
@@ -232,6 +241,7 @@ pub struct RouterConfig {
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub timeouts: crate::dispatch::Timeouts,
+    pub breaker: crate::replicas::BreakerSettings,
     /// (max concurrent, max queued, queue timeout), when limited.
     pub limit: Option<(usize, usize, Duration)>,
     pub api_keys: Vec<String>,
@@ -316,6 +326,10 @@ impl Cli {
             timeouts: crate::dispatch::Timeouts {
                 response_headers: self.response_timeout,
                 stream_idle: self.stream_idle_timeout,
+            },
+            breaker: crate::replicas::BreakerSettings {
+                failures: self.breaker_failures,
+                cooldown: self.breaker_cooldown,
             },
             limit: self
                 .max_concurrent_requests

@@ -119,6 +119,12 @@ impl Dispatcher {
         }
     }
 
+    fn breaker_failure(&self, replica: &crate::replicas::Replica) {
+        if replica.record_attempt(false) {
+            tracing::warn!(replica = replica.name(), "circuit breaker open after repeated failures");
+        }
+    }
+
     fn count_decision(&self, decision: Decision) {
         let replica = self.registry.get(decision.replica).name();
         self.metrics
@@ -140,14 +146,17 @@ impl Dispatcher {
         match sent {
             Ok(response) if response.status().is_server_error() => {
                 self.metrics.upstream_errors.with_label_values(&[&name, "status_5xx"]).inc();
+                self.breaker_failure(&replica);
                 Attempt::ServerError { response, in_flight }
             }
             Ok(response) => {
+                replica.record_attempt(true);
                 Attempt::Done(Served { response: self.metered(response, in_flight, route), replica: name })
             }
             Err(error) => {
                 tracing::debug!(replica = %name, %error, "upstream attempt failed");
                 self.metrics.upstream_errors.with_label_values(&[&name, error.kind()]).inc();
+                self.breaker_failure(&replica);
                 if let UpstreamError::Connect(_) = error
                     && self.registry.record(&replica, false) == Some(false)
                 {

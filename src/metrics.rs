@@ -20,6 +20,8 @@ pub struct Metrics {
     pub first_event: HistogramVec,
     pub in_flight: IntGaugeVec,
     pub replica_healthy: IntGaugeVec,
+    /// 1 while the replica's circuit breaker is open (not half-open).
+    pub circuit_open: IntGaugeVec,
     /// Routing decisions by policy, replica and reason.
     pub decisions: IntCounterVec,
     /// Second attempts on another replica, by endpoint.
@@ -92,6 +94,11 @@ impl Metrics {
             replica_healthy: gauge(
                 "router_replica_healthy",
                 "1 if the replica receives new requests, 0 if not",
+                &["replica"],
+            ),
+            circuit_open: gauge(
+                "router_replica_circuit_open",
+                "1 while the replica's circuit breaker is open after repeated failures",
                 &["replica"],
             ),
             decisions: counter(

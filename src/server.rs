@@ -147,7 +147,7 @@ async fn stage(
     client: &proxy::HttpClient,
     metrics: &Arc<Metrics>,
 ) -> (Dispatcher, JoinHandle<()>) {
-    let registry = Arc::new(Registry::new(replicas, config.thresholds, metrics));
+    let registry = Arc::new(Registry::with_breaker(replicas, config.thresholds, config.breaker, metrics));
     let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
     checker.probe_all().await;
     let health = tokio::spawn(checker.run());

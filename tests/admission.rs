@@ -177,3 +177,25 @@ impl JsonValue for reqwest::Response {
         serde_json::from_slice(&self.bytes().await.unwrap()).unwrap()
     }
 }
+
+#[tokio::test]
+async fn oversized_headers_get_431() {
+    let (_sims, router) = setup(20.0, |_| {}).await;
+    let addr = router.addr;
+    // A raw socket: HTTP client libraries do not send a header this large intact.
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut request = b"GET /health HTTP/1.1\r\nHost: x\r\nx-big: ".to_vec();
+        request.extend(std::iter::repeat_n(b'a', 500_000));
+        request.extend_from_slice(b"\r\n\r\n");
+        let _ = stream.write_all(&request);
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    router.shutdown().await;
+}

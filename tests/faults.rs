@@ -127,3 +127,44 @@ async fn a_replica_too_slow_to_answer_is_retried_then_504() {
     assert_eq!(error["error"]["type"], "GatewayTimeoutError");
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn circuit_breaker_stops_sending_to_a_failing_but_healthy_replica() {
+    let (sims, router) = setup(2, |c| {
+        c.policy = llm_router::policy::PolicyKind::RoundRobin;
+        c.breaker =
+            llm_router::replicas::BreakerSettings { failures: 3, cooldown: Duration::from_millis(500) };
+        c.health.interval = Duration::from_millis(100);
+    })
+    .await;
+    // It answers 500 to requests, yet its /health stays 200.
+    sims[0].faults().set(FaultConfig { fail_500: true, ..Default::default() });
+    let body = json!({"model": "Qwen/Qwen3-0.6B", "prompt": "x", "max_tokens": 3});
+    for _ in 0..12 {
+        let (status, text) = post(&router, &body).await;
+        assert_eq!(status, 200, "failures are retried on the other replica: {text}");
+    }
+    let tried = |s: &RunningSim| {
+        let text = s.metrics().render();
+        metric(&text, r#"sim_faults_injected_total{fault="fail_500"}"#)
+            + metric(&text, "vllm:request_success_total{")
+    };
+    assert_eq!(tried(&sims[0]), 3.0, "the breaker opened after 3 failures");
+    let r0 = sims[0].url();
+    let open = format!(r#"router_replica_circuit_open{{replica="{r0}"}}"#);
+    assert_eq!(metric(&router.metrics.render(), &open), 1.0);
+    assert!(router.registry.get(0).is_healthy(), "health checks alone would have kept it");
+    // Fixed: after the cool-down one success closes the breaker and traffic returns.
+    sims[0].faults().set(FaultConfig::default());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..4 {
+        assert_eq!(post(&router, &body).await.0, 200);
+    }
+    assert_eq!(metric(&router.metrics.render(), &open), 0.0);
+    let served = metric(
+        &sims[0].metrics().render(),
+        r#"vllm:request_success_total{engine="0",finished_reason="length",model_name="Qwen/Qwen3-0.6B"}"#,
+    );
+    assert!(served >= 1.0, "the replica serves again");
+    router.shutdown().await;
+}

@@ -41,6 +41,58 @@ pub struct Replica {
     models: ArcSwapOption<Vec<ModelCard>>,
     in_flight_gauge: IntGauge,
     healthy_gauge: IntGauge,
+    breaker: Breaker,
+}
+
+/// The circuit breaker of one replica, fed by the data path (health checks are
+/// separate): `failures` consecutive failed attempts open it for the cool-down; after
+/// that it is half-open, the replica gets traffic again, and the next attempt decides:
+/// a success closes it, a failure opens it again.
+struct Breaker {
+    failures: std::sync::atomic::AtomicU32,
+    /// Milliseconds since `epoch` until which the breaker is open (0 = closed).
+    open_until: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+    settings: BreakerSettings,
+    open_gauge: IntGauge,
+}
+
+/// `--breaker-failures` and `--breaker-cooldown`.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerSettings {
+    pub failures: u32,
+    pub cooldown: std::time::Duration,
+}
+
+impl Breaker {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
+    fn allows(&self) -> bool {
+        let until = self.open_until.load(Ordering::Relaxed);
+        until == 0 || self.now_ms() >= until
+    }
+
+    fn success(&self) {
+        self.failures.store(0, Ordering::Relaxed);
+        if self.open_until.swap(0, Ordering::Relaxed) != 0 {
+            self.open_gauge.set(0);
+        }
+    }
+
+    /// Returns true when this failure opened the breaker.
+    fn failure(&self) -> bool {
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let half_open = self.open_until.load(Ordering::Relaxed) != 0;
+        if failures >= self.settings.failures || half_open {
+            let until = self.now_ms() + self.settings.cooldown.as_millis() as u64;
+            let was = self.open_until.swap(until, Ordering::Relaxed);
+            self.open_gauge.set(1);
+            return was == 0 || was <= self.now_ms();
+        }
+        false
+    }
 }
 
 /// Consecutive probe outcomes, for the healthy/unhealthy thresholds.
@@ -62,6 +114,21 @@ impl Replica {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether the circuit breaker lets requests through (closed or half-open).
+    pub fn breaker_allows(&self) -> bool {
+        self.breaker.allows()
+    }
+
+    /// Feed the breaker one attempt's outcome; true when a failure opened it.
+    pub fn record_attempt(&self, ok: bool) -> bool {
+        if ok {
+            self.breaker.success();
+            false
+        } else {
+            self.breaker.failure()
+        }
     }
 
     pub fn models(&self) -> Option<Arc<Vec<ModelCard>>> {
@@ -111,8 +178,23 @@ pub struct Registry {
     thresholds: Thresholds,
 }
 
+impl Default for BreakerSettings {
+    fn default() -> Self {
+        BreakerSettings { failures: 5, cooldown: std::time::Duration::from_secs(10) }
+    }
+}
+
 impl Registry {
     pub fn new(urls: Vec<ReplicaUrl>, thresholds: Thresholds, metrics: &Metrics) -> Self {
+        Self::with_breaker(urls, thresholds, BreakerSettings::default(), metrics)
+    }
+
+    pub fn with_breaker(
+        urls: Vec<ReplicaUrl>,
+        thresholds: Thresholds,
+        breaker: BreakerSettings,
+        metrics: &Metrics,
+    ) -> Self {
         let replicas = urls
             .into_iter()
             .enumerate()
@@ -120,6 +202,8 @@ impl Registry {
                 metrics.add_replica(url.name());
                 let in_flight_gauge = metrics.in_flight.with_label_values(&[url.name()]);
                 let healthy_gauge = metrics.replica_healthy.with_label_values(&[url.name()]);
+                let open_gauge = metrics.circuit_open.with_label_values(&[url.name()]);
+                open_gauge.set(0);
                 Arc::new(Replica {
                     index,
                     url,
@@ -129,6 +213,13 @@ impl Registry {
                     models: ArcSwapOption::empty(),
                     in_flight_gauge,
                     healthy_gauge,
+                    breaker: Breaker {
+                        failures: std::sync::atomic::AtomicU32::new(0),
+                        open_until: std::sync::atomic::AtomicU64::new(0),
+                        epoch: std::time::Instant::now(),
+                        settings: breaker,
+                        open_gauge,
+                    },
                 })
             })
             .collect();
@@ -158,24 +249,29 @@ impl Registry {
     /// (503), or none serving the model (404, as vLLM answers an unknown model).
     pub fn candidates(&self, model: Option<&str>, tried: &[usize]) -> Result<Vec<Candidate>, RouterError> {
         let mut any_healthy = false;
+        let mut any_serving = false;
         let mut any_eligible = false;
         let candidates = self
             .replicas
             .iter()
             .map(|r| {
                 let healthy = r.is_healthy();
+                let serving = healthy && model.is_none_or(|m| r.serves(m));
+                let eligible = serving && r.breaker_allows() && !tried.contains(&r.index);
                 any_healthy |= healthy;
-                let eligible = healthy && model.is_none_or(|m| r.serves(m)) && !tried.contains(&r.index);
+                any_serving |= serving;
                 any_eligible |= eligible;
                 Candidate { eligible, in_flight: r.in_flight() }
             })
             .collect();
-        match (any_eligible, any_healthy, model) {
-            (true, _, _) => Ok(candidates),
-            (false, _, _) if !tried.is_empty() => Ok(candidates),
-            (false, false, _) => Err(RouterError::NoHealthyReplica),
-            (false, true, Some(m)) => Err(RouterError::ModelNotFound(m.to_owned())),
-            (false, true, None) => Err(RouterError::NoHealthyReplica),
+        if any_eligible || !tried.is_empty() {
+            return Ok(candidates);
+        }
+        match model {
+            // Healthy replicas exist but none lists the model: vLLM's unknown-model 404.
+            Some(m) if any_healthy && !any_serving => Err(RouterError::ModelNotFound(m.to_owned())),
+            // None healthy, or every one serving it has its breaker open.
+            _ => Err(RouterError::NoHealthyReplica),
         }
     }
 
@@ -301,6 +397,33 @@ mod tests {
         assert_eq!(c.iter().map(|c| c.eligible).collect::<Vec<_>>(), [false, false, true]);
         let ids: Vec<_> = reg.model_cards().into_iter().map(|c| c.id).collect();
         assert_eq!(ids, ["a", "b"]);
+    }
+
+    #[test]
+    fn breaker_opens_after_failures_and_closes_on_success() {
+        let metrics = Metrics::new();
+        let urls = vec![ReplicaUrl::parse("http://127.0.0.1:9000").unwrap()];
+        let settings = BreakerSettings { failures: 3, cooldown: std::time::Duration::from_millis(40) };
+        let reg = Registry::with_breaker(urls, Thresholds { unhealthy: 2, healthy: 1 }, settings, &metrics);
+        let r = reg.get(0).clone();
+        reg.record(&r, true);
+        assert!(!r.record_attempt(false) && !r.record_attempt(false));
+        assert!(r.breaker_allows());
+        assert!(r.record_attempt(false), "the third failure opens it");
+        assert!(!r.breaker_allows());
+        assert!(matches!(reg.candidates(None, &[]), Err(RouterError::NoHealthyReplica)));
+        assert!(
+            matches!(reg.candidates(Some("m"), &[]), Err(RouterError::NoHealthyReplica)),
+            "an open breaker is unavailability, not an unknown model"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(r.breaker_allows(), "half-open after the cool-down");
+        assert!(r.record_attempt(false), "a half-open failure opens it again");
+        assert!(!r.breaker_allows());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        r.record_attempt(true);
+        assert!(r.breaker_allows());
+        assert!(!r.record_attempt(false), "closed again: failures count from zero");
     }
 
     #[test]
