@@ -168,3 +168,70 @@ async fn circuit_breaker_stops_sending_to_a_failing_but_healthy_replica() {
     assert!(served >= 1.0, "the replica serves again");
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn killing_one_of_four_replicas_under_256_streams_loses_nothing() {
+    let sims = sim::start_fleet(4, &SimConfig { time_scale: 10.0, ..SimConfig::default() }).await.unwrap();
+    let mut config = RouterConfig::new(sims.iter().map(|s| ReplicaUrl::parse(&s.url()).unwrap()).collect());
+    config.health.interval = Duration::from_millis(200);
+    let router = llm_router::server::start(config).await.unwrap();
+    let url = format!("http://{}/v1/completions", router.addr);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(512).build().unwrap();
+    let body = json!({"model": "Qwen/Qwen3-0.6B", "prompt": "stream", "max_tokens": 200, "ignore_eos": true,
+        "stream": true})
+    .to_string();
+    let tasks: Vec<_> = (0..256)
+        .map(|i| {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            tokio::spawn(async move {
+                // Stagger the starts so some requests arrive after the kill.
+                tokio::time::sleep(Duration::from_millis(i as u64 * 2)).await;
+                let outcome = async {
+                    let r =
+                        client.post(&url).header("content-type", "application/json").body(body).send().await;
+                    let r = match r {
+                        Ok(r) => r,
+                        Err(e) => return format!("transport error: {e}"),
+                    };
+                    let status = r.status().as_u16();
+                    let text = r.text().await.unwrap_or_else(|e| format!("body error: {e}"));
+                    if status != 200 {
+                        return format!("status {status}");
+                    }
+                    let done = text.matches("data: [DONE]").count();
+                    let errors = text.matches("data: {\"error\"").count();
+                    let tokens = text.matches("\"text\":").count();
+                    match (done, errors) {
+                        (1, 0) if tokens == 200 => "complete".to_owned(),
+                        (1, 1) => "error event".to_owned(),
+                        _ => format!("malformed: {done} [DONE], {errors} errors, {tokens} tokens"),
+                    }
+                };
+                tokio::time::timeout(Duration::from_secs(30), outcome)
+                    .await
+                    .unwrap_or_else(|_| "hung".to_owned())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    sims[2].shutdown();
+    let mut outcomes = std::collections::BTreeMap::<String, usize>::new();
+    for t in tasks {
+        *outcomes.entry(t.await.unwrap()).or_default() += 1;
+    }
+    println!("outcomes of 256 streams with a replica killed: {outcomes:?}");
+    let complete = outcomes.get("complete").copied().unwrap_or(0);
+    let errored = outcomes.get("error event").copied().unwrap_or(0);
+    assert_eq!(complete + errored, 256, "every request completes or ends with a clear error: {outcomes:?}");
+    assert!(errored > 0, "streams on the killed replica end with an error event: {outcomes:?}");
+    assert!(complete > 150, "{outcomes:?}");
+    assert!(!router.registry.get(2).is_healthy(), "the killed replica is out of rotation");
+    let text = router.metrics.render();
+    let killed = sims[2].url();
+    assert_eq!(
+        metric(&text, &format!(r#"router_upstream_errors_total{{kind="mid_body",replica="{killed}"}}"#)),
+        errored as f64,
+        "each cut stream is counted once"
+    );
+    router.shutdown().await;
+}

@@ -201,6 +201,7 @@ pub struct RunningSim {
     pub addr: SocketAddr,
     pub state: Arc<SimState>,
     server: JoinHandle<()>,
+    killed: tokio::sync::watch::Sender<bool>,
 }
 
 impl RunningSim {
@@ -216,14 +217,17 @@ impl RunningSim {
         &self.state.faults
     }
 
+    /// Stop like a crashed process: the listener closes and every open connection is
+    /// cut mid-response.
     pub fn shutdown(&self) {
+        self.killed.send_replace(true);
         self.server.abort();
     }
 }
 
 impl Drop for RunningSim {
     fn drop(&mut self) {
-        self.server.abort();
+        self.shutdown();
     }
 }
 
@@ -247,8 +251,9 @@ pub async fn start(config: SimConfig) -> std::io::Result<RunningSim> {
     );
     let state = Arc::new(SimState::new(config, engine, metrics, faults.clone(), addr));
     let app = server::routes(state.clone());
-    let server = tokio::spawn(server::accept_loop(listener, app, faults));
-    Ok(RunningSim { addr, state, server })
+    let (killed, on_kill) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(server::accept_loop(listener, app, faults, on_kill));
+    Ok(RunningSim { addr, state, server, killed })
 }
 
 /// Start `n` simulated replicas with the same configuration, each on its own port.

@@ -287,7 +287,13 @@ async fn set_faults(State(s): State<Arc<SimState>>, request: Request) -> Result<
 
 /// Accept connections until the task is aborted; while the refuse fault is on, the
 /// listener is closed so connections are refused, then reopened on the same address.
-pub async fn accept_loop(mut listener: TcpListener, app: Router, faults: Arc<Faults>) {
+/// When `killed` turns true every open connection is cut, as if the process died.
+pub async fn accept_loop(
+    mut listener: TcpListener,
+    app: Router,
+    faults: Arc<Faults>,
+    killed: tokio::sync::watch::Receiver<bool>,
+) {
     let addr = listener.local_addr().expect("bound listener");
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
     loop {
@@ -309,8 +315,12 @@ pub async fn accept_loop(mut listener: TcpListener, app: Router, faults: Arc<Fau
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let mut killed = killed.clone();
         tokio::spawn(async move {
-            let _ = connection.await;
+            tokio::select! {
+                _ = connection => {}
+                _ = killed.wait_for(|k| *k) => {}
+            }
         });
     }
 }
