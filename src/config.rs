@@ -126,6 +126,18 @@ pub struct Cli {
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub stream_idle_timeout: Duration,
 
+    /// Retries earned per request (retry budget): 0.2 allows one retry per five requests.
+    #[arg(long, default_value_t = 0.2)]
+    pub retry_ratio: f64,
+
+    /// Retries per second allowed whatever the traffic (retry budget floor).
+    #[arg(long, default_value_t = 10.0)]
+    pub retry_floor: f64,
+
+    /// Mean backoff before a retry (jittered 0.5x to 1.5x).
+    #[arg(long, default_value = "20ms", value_parser = humantime::parse_duration)]
+    pub retry_backoff: Duration,
+
     /// Consecutive failed attempts (refused, 5xx, timeouts) that open a replica's circuit
     /// breaker: it gets no requests for the cool-down, then one attempt decides.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
@@ -242,6 +254,7 @@ pub struct RouterConfig {
     pub drain_timeout: Duration,
     pub timeouts: crate::dispatch::Timeouts,
     pub breaker: crate::replicas::BreakerSettings,
+    pub retries: crate::retry_budget::RetrySettings,
     /// (max concurrent, max queued, queue timeout), when limited.
     pub limit: Option<(usize, usize, Duration)>,
     pub api_keys: Vec<String>,
@@ -330,6 +343,11 @@ impl Cli {
             breaker: crate::replicas::BreakerSettings {
                 failures: self.breaker_failures,
                 cooldown: self.breaker_cooldown,
+            },
+            retries: crate::retry_budget::RetrySettings {
+                ratio: self.retry_ratio.max(0.0),
+                floor_per_sec: self.retry_floor.max(0.0),
+                backoff: self.retry_backoff,
             },
             limit: self
                 .max_concurrent_requests

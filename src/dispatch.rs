@@ -31,6 +31,7 @@ pub struct Dispatcher {
     pub client: HttpClient,
     pub metrics: Arc<Metrics>,
     pub timeouts: Timeouts,
+    pub retries: crate::retry_budget::RetryBudget,
 }
 
 /// Limits on waiting for a replica.
@@ -83,6 +84,7 @@ impl Dispatcher {
     pub async fn dispatch(&self, route: &Route<'_>, outbound: &Outbound) -> Result<Served, RouterError> {
         let candidates = self.registry.candidates(route.model, &[])?;
         let first = self.policy.choose(route.key, &candidates).ok_or(RouterError::NoHealthyReplica)?;
+        self.retries.deposit();
         self.count_decision(first);
         let failed = match self.attempt(first.replica, route, outbound).await {
             Attempt::Done(served) => return Ok(served),
@@ -93,6 +95,11 @@ impl Dispatcher {
         let Some(second) = self.policy.choose(route.key, &candidates) else {
             return self.finish(failed, route);
         };
+        if !self.retries.try_spend() {
+            self.metrics.retries_denied.with_label_values(&[route.endpoint]).inc();
+            return self.finish(failed, route);
+        }
+        tokio::time::sleep(self.retries.backoff()).await;
         self.metrics.retries.with_label_values(&[route.endpoint]).inc();
         self.count_decision(Decision { replica: second.replica, reason: Reason::Retry });
         drop(failed);

@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod replicas;
 pub mod request_facts;
 pub mod response_body;
+pub mod retry_budget;
 pub mod routing_key;
 pub mod server;
 pub mod sim;

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub decisions: IntCounterVec,
     /// Second attempts on another replica, by endpoint.
     pub retries: IntCounterVec,
+    /// Retries the retry budget refused, by endpoint.
+    pub retries_denied: IntCounterVec,
     /// Upstream failures by replica and kind (`connect`, `before_headers`,
     /// `header_timeout`, `status_5xx`, `mid_body`, `idle_timeout`).
     pub upstream_errors: IntCounterVec,
@@ -111,6 +113,11 @@ impl Metrics {
                 "Requests retried on another replica before any response byte was sent",
                 &["endpoint"],
             ),
+            retries_denied: counter(
+                "router_retries_denied_total",
+                "Retries refused because the retry budget was spent",
+                &["endpoint"],
+            ),
             upstream_errors: counter(
                 "router_upstream_errors_total",
                 "Upstream failures by replica and kind",
@@ -147,6 +154,7 @@ impl Metrics {
         // alerts work before the first failure.
         for endpoint in ENDPOINTS {
             metrics.retries.with_label_values(&[endpoint]);
+            metrics.retries_denied.with_label_values(&[endpoint]);
             for stage in ["waiting", "streaming"] {
                 metrics.client_disconnects.with_label_values(&[endpoint, stage]);
             }

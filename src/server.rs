@@ -158,6 +158,7 @@ async fn stage(
         client: client.clone(),
         metrics: metrics.clone(),
         timeouts: config.timeouts,
+        retries: crate::retry_budget::RetryBudget::new(config.retries),
     };
     (dispatcher, health)
 }

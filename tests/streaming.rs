@@ -235,3 +235,28 @@ async fn other_endpoints_are_proxied_with_body_and_query() {
     assert_eq!(recorded[0].body, body.to_string().into_bytes());
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_exhausted_retry_budget_passes_the_first_failure_through() {
+    let replicas = mocks(2).await;
+    replicas[0].set_mode(Mode::Fail500);
+    let mut cfg = config(&replicas);
+    cfg.policy = llm_router::policy::PolicyKind::RoundRobin;
+    cfg.breaker.failures = 1000;
+    cfg.retries =
+        llm_router::retry_budget::RetrySettings { ratio: 0.0, floor_per_sec: 0.0, backoff: Duration::ZERO };
+    let router = router(cfg).await;
+    let c = client();
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        statuses
+            .push(post(&c, &format!("{}/v1/completions", base(&router)), &completion(false), &[]).await.0);
+    }
+    let failed = replicas[0].request_count();
+    assert!(failed >= 1);
+    assert_eq!(statuses.iter().filter(|&&s| s == 500).count(), failed, "no budget, no retry: {statuses:?}");
+    let text = router.metrics.render();
+    assert_eq!(metric(&text, r#"router_retries_total{endpoint="completions"}"#), 0.0);
+    assert_eq!(metric(&text, r#"router_retries_denied_total{endpoint="completions"}"#), failed as f64);
+    router.shutdown().await;
+}
