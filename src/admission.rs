@@ -33,22 +33,6 @@ use crate::error::RouterError;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Give every request an id, and every response the request's id.
-pub async fn request_id(mut request: Request, next: Next) -> Response {
-    let id = match request.headers().get(&REQUEST_ID) {
-        Some(id) if !id.is_empty() => id.clone(),
-        _ => {
-            let id = format!("req-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            let id = HeaderValue::from_str(&id).expect("hex is a valid header value");
-            request.headers_mut().insert(REQUEST_ID, id.clone());
-            id
-        }
-    };
-    let mut response = next.run(request).await;
-    response.headers_mut().insert(REQUEST_ID, id);
-    response
-}
-
 /// The API keys clients must present, if any.
 #[derive(Clone, Default)]
 pub struct ApiKeys {
@@ -76,13 +60,28 @@ impl ApiKeys {
     }
 }
 
-/// Refuse requests without a valid key (when keys are configured).
-pub async fn require_api_key(State(keys): State<ApiKeys>, request: Request, next: Next) -> Response {
+/// The admission layer of every request: give it an id (the client's, or a new one),
+/// refuse it without a valid API key when keys are configured, and put the id on the
+/// response, whoever answered.
+pub async fn admit(State(keys): State<ApiKeys>, mut request: Request, next: Next) -> Response {
+    let id = match request.headers().get(&REQUEST_ID) {
+        Some(id) if !id.is_empty() => id.clone(),
+        _ => {
+            let id = format!("req-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+            let id = HeaderValue::from_str(&id).expect("hex is a valid header value");
+            request.headers_mut().insert(REQUEST_ID, id.clone());
+            id
+        }
+    };
     let open = matches!(request.uri().path(), "/health" | "/metrics");
-    if !keys.is_enabled() || open || keys.accepts(request.headers().get(header::AUTHORIZATION)) {
-        return next.run(request).await;
-    }
-    RouterError::Unauthorized.into_response()
+    let mut response =
+        if !keys.is_enabled() || open || keys.accepts(request.headers().get(header::AUTHORIZATION)) {
+            next.run(request).await
+        } else {
+            RouterError::Unauthorized.into_response()
+        };
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
 }
 
 /// The concurrency limit and its queue.

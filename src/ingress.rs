@@ -75,8 +75,7 @@ pub fn routes(ingress: Arc<Ingress>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(ingress)
-        .layer(axum::middleware::from_fn_with_state(keys, admission::require_api_key))
-        .layer(axum::middleware::from_fn(admission::request_id))
+        .layer(axum::middleware::from_fn_with_state(keys, admission::admit))
 }
 
 async fn chat_completions(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
