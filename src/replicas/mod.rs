@@ -6,9 +6,12 @@
 //! health checker (which flips health and refreshes model lists). All per-request reads
 //! are atomics or an `ArcSwap` load: no locks on the request path.
 
+mod breaker;
 mod health;
 mod url;
 
+use breaker::Breaker;
+pub use breaker::BreakerSettings;
 pub use health::{HealthChecker, HealthConfig};
 pub use url::ReplicaUrl;
 
@@ -42,57 +45,6 @@ pub struct Replica {
     in_flight_gauge: IntGauge,
     healthy_gauge: IntGauge,
     breaker: Breaker,
-}
-
-/// The circuit breaker of one replica, fed by the data path (health checks are
-/// separate): `failures` consecutive failed attempts open it for the cool-down; after
-/// that it is half-open, the replica gets traffic again, and the next attempt decides:
-/// a success closes it, a failure opens it again.
-struct Breaker {
-    failures: std::sync::atomic::AtomicU32,
-    /// Milliseconds since `epoch` until which the breaker is open (0 = closed).
-    open_until: std::sync::atomic::AtomicU64,
-    epoch: std::time::Instant,
-    settings: BreakerSettings,
-    open_gauge: IntGauge,
-}
-
-/// `--breaker-failures` and `--breaker-cooldown`.
-#[derive(Debug, Clone, Copy)]
-pub struct BreakerSettings {
-    pub failures: u32,
-    pub cooldown: std::time::Duration,
-}
-
-impl Breaker {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64 + 1
-    }
-
-    fn allows(&self) -> bool {
-        let until = self.open_until.load(Ordering::Relaxed);
-        until == 0 || self.now_ms() >= until
-    }
-
-    fn success(&self) {
-        self.failures.store(0, Ordering::Relaxed);
-        if self.open_until.swap(0, Ordering::Relaxed) != 0 {
-            self.open_gauge.set(0);
-        }
-    }
-
-    /// Returns true when this failure opened the breaker.
-    fn failure(&self) -> bool {
-        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
-        let half_open = self.open_until.load(Ordering::Relaxed) != 0;
-        if failures >= self.settings.failures || half_open {
-            let until = self.now_ms() + self.settings.cooldown.as_millis() as u64;
-            let was = self.open_until.swap(until, Ordering::Relaxed);
-            self.open_gauge.set(1);
-            return was == 0 || was <= self.now_ms();
-        }
-        false
-    }
 }
 
 /// Consecutive probe outcomes, for the healthy/unhealthy thresholds.
@@ -178,12 +130,6 @@ pub struct Registry {
     thresholds: Thresholds,
 }
 
-impl Default for BreakerSettings {
-    fn default() -> Self {
-        BreakerSettings { failures: 5, cooldown: std::time::Duration::from_secs(10) }
-    }
-}
-
 impl Registry {
     pub fn new(urls: Vec<ReplicaUrl>, thresholds: Thresholds, metrics: &Metrics) -> Self {
         Self::with_breaker(urls, thresholds, BreakerSettings::default(), metrics)
@@ -213,13 +159,7 @@ impl Registry {
                     models: ArcSwapOption::empty(),
                     in_flight_gauge,
                     healthy_gauge,
-                    breaker: Breaker {
-                        failures: std::sync::atomic::AtomicU32::new(0),
-                        open_until: std::sync::atomic::AtomicU64::new(0),
-                        epoch: std::time::Instant::now(),
-                        settings: breaker,
-                        open_gauge,
-                    },
+                    breaker: Breaker::new(breaker, open_gauge),
                 })
             })
             .collect();
