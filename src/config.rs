@@ -173,6 +173,10 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
 
+    /// Time a client has to send its whole request body; slower uploads get 408.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Duration,
+
     /// On SIGTERM/SIGINT, time in-flight requests get to finish before the router exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -260,6 +264,7 @@ pub struct RouterConfig {
     pub api_keys: Vec<String>,
     pub forward_authorization: bool,
     pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
     /// Simulated replicas to start before routing (`--sim`).
     pub sim: Option<crate::sim::SimConfig>,
     pub sim_replicas: usize,
@@ -355,6 +360,7 @@ impl Cli {
             api_keys: self.api_keys,
             forward_authorization: self.forward_authorization,
             header_read_timeout: self.header_read_timeout,
+            body_read_timeout: self.body_read_timeout,
             sim,
             sim_replicas: self.sim_pd.map_or(self.sim.unwrap_or(0), |(_, d)| d) as usize,
             pd,

@@ -21,6 +21,8 @@ pub enum RouterError {
     BodyTooLarge { limit: usize },
     #[error("could not read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(std::time::Duration),
     #[error("The model `{0}` does not exist.")]
     ModelNotFound(String),
     #[error("no healthy replica is available")]
@@ -46,6 +48,7 @@ impl RouterError {
         match self {
             RouterError::BadRequest(_) | RouterError::BodyRead(_) => StatusCode::BAD_REQUEST,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             RouterError::NoHealthyReplica => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -62,6 +65,7 @@ impl RouterError {
         match self {
             RouterError::BadRequest(_) | RouterError::BodyRead(_) => "BadRequestError",
             RouterError::BodyTooLarge { .. } => "RequestEntityTooLargeError",
+            RouterError::BodyTimeout(_) => "RequestTimeoutError",
             RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => "NotFoundError",
             RouterError::NoHealthyReplica => "ServiceUnavailableError",
             RouterError::Upstream { .. } => "BadGatewayError",

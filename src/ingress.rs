@@ -36,6 +36,8 @@ pub struct Ingress {
     pub pd: Option<PrefillDecode>,
     pub keys: KeyHeaders,
     pub max_body_bytes: usize,
+    /// Longest a client may take to send its request body.
+    pub body_read_timeout: std::time::Duration,
     pub metrics: Arc<Metrics>,
     /// `--max-concurrent-requests` and its queue; None means unlimited.
     pub limiter: Option<Limiter>,
@@ -175,7 +177,12 @@ impl Ingress {
         started: Instant,
     ) -> Result<crate::dispatch::Served, RouterError> {
         let (mut parts, body) = request.into_parts();
-        let body = read_body(body, &parts.headers, self.max_body_bytes).await?;
+        let body = tokio::time::timeout(
+            self.body_read_timeout,
+            read_body(body, &parts.headers, self.max_body_bytes),
+        )
+        .await
+        .map_err(|_| RouterError::BodyTimeout(self.body_read_timeout))??;
         if !self.forward_authorization {
             parts.headers.remove(header::AUTHORIZATION);
         }

@@ -105,6 +105,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         pd,
         keys: KeyHeaders::new(config.session_headers.clone()),
         max_body_bytes: config.max_body_bytes,
+        body_read_timeout: config.body_read_timeout,
         metrics: metrics.clone(),
         limiter: config.limit.map(|(n, queued, timeout)| crate::admission::Limiter::new(n, queued, timeout)),
         api_keys: crate::admission::ApiKeys::new(config.api_keys.clone()),

@@ -199,3 +199,27 @@ async fn oversized_headers_get_431() {
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_client_too_slow_with_its_body_gets_408() {
+    let (sims, router) = setup(20.0, |c| c.body_read_timeout = Duration::from_millis(300)).await;
+    let addr = router.addr;
+    let reply = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n";
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(b"{\"model\": ").unwrap(); // ...and the rest never comes
+        let start = Instant::now();
+        let mut buf = [0u8; 512];
+        let n = stream.read(&mut buf).unwrap_or(0);
+        (String::from_utf8_lossy(&buf[..n]).into_owned(), start.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(reply.0.starts_with("HTTP/1.1 408"), "{}", reply.0);
+    assert!(reply.0.contains("RequestTimeoutError"), "{}", reply.0);
+    assert!(reply.1 < Duration::from_secs(3));
+    assert!(replica_log(&sims[0]).await.is_empty(), "nothing reached the replica");
+    router.shutdown().await;
+}
