@@ -42,6 +42,10 @@ pub struct MeteredBody {
     sse: bool,
     idle_timeout: Option<Duration>,
     idle: Option<Pin<Box<Sleep>>>,
+    /// When the last frame arrived. The idle timer is not touched per frame: when it
+    /// fires early it is re-armed from here, so a busy stream costs a clock read per
+    /// frame, not a timer update.
+    last_frame: Instant,
     /// Frames to send after a failure: the error event and `[DONE]`.
     tail: VecDeque<Bytes>,
     seen_data: bool,
@@ -72,6 +76,7 @@ impl MeteredBody {
             sse: options.sse,
             idle: options.idle_timeout.map(|t| Box::pin(tokio::time::sleep(t))),
             idle_timeout: options.idle_timeout,
+            last_frame: Instant::now(),
             tail: VecDeque::new(),
             seen_data: false,
             ended: false,
@@ -127,8 +132,8 @@ impl Body for MeteredBody {
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(idle), Some(timeout)) = (this.idle.as_mut(), this.idle_timeout) {
-                    idle.as_mut().reset(tokio::time::Instant::now() + timeout);
+                if this.idle.is_some() {
+                    this.last_frame = Instant::now();
                 }
                 if !this.seen_data && frame.data_ref().is_some_and(|d| !d.is_empty()) {
                     this.observe_first_data();
@@ -152,11 +157,20 @@ impl Body for MeteredBody {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let timed_out = this.idle.as_mut().is_some_and(|idle| idle.as_mut().poll(cx).is_ready());
-                if !timed_out {
+                let (Some(idle), Some(timeout)) = (this.idle.as_mut(), this.idle_timeout) else {
                     return Poll::Pending;
+                };
+                loop {
+                    if idle.as_mut().poll(cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                    let deadline = this.last_frame + timeout;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    // Frames came since the timer was armed: wait out the rest from the last one.
+                    idle.as_mut().reset(deadline.into());
                 }
-                let timeout = this.idle_timeout.unwrap_or_default();
                 this.fail("idle_timeout", format!("the replica sent nothing for {timeout:?}"));
                 match this.tail.pop_front() {
                     Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),

@@ -52,12 +52,6 @@ impl RunningRouter {
         let _ = (&mut self.server).await;
         self.health.iter().for_each(JoinHandle::abort);
     }
-
-    /// Serve until the server stops by itself (it does not, short of a fatal error).
-    pub async fn wait(mut self) {
-        let _ = (&mut self.server).await;
-        self.health.iter().for_each(JoinHandle::abort);
-    }
 }
 
 /// Build the router and start serving on `config.listen` (after starting the simulated

@@ -84,8 +84,9 @@ pub fn prefill_response(engine_id: &str, host: &str, port: u16, request_id: &str
     })
 }
 
-pub fn transfer_time(blocks: usize, kv_bytes_per_token: f64, bandwidth: f64) -> Duration {
-    Duration::from_secs_f64(blocks as f64 * BLOCK_SIZE as f64 * kv_bytes_per_token / bandwidth.max(1.0))
+/// Time to pull one KV block over the transfer link.
+pub fn block_transfer_time(kv_bytes_per_token: f64, bandwidth: f64) -> Duration {
+    Duration::from_secs_f64(BLOCK_SIZE as f64 * kv_bytes_per_token / bandwidth.max(1.0))
 }
 
 #[cfg(test)]
@@ -103,7 +104,7 @@ mod tests {
         assert!(matches!(classify(Some(&bad), 40), Handoff::Invalid(_)));
         assert_eq!(classify(Some(&json!({"do_remote_decode": true})), 40), Handoff::Prefill);
         assert_eq!(classify(None, 40), Handoff::None);
-        let t = transfer_time(1000, 114_688.0, 50e9);
+        let t = block_transfer_time(114_688.0, 50e9) * 1000;
         assert!((t.as_secs_f64() - 0.0367).abs() < 0.001, "{t:?}");
     }
 }

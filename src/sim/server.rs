@@ -183,7 +183,7 @@ fn resolve_handoff(s: &SimState, job: &mut GenRequest) -> Kind {
             s.metrics.pd_accepted.inc();
             let profile = &s.config.profile;
             Kind::RemoteKv {
-                per_block: pd::transfer_time(1, profile.kv_bytes_per_token, s.config.kv_bandwidth),
+                per_block: pd::block_transfer_time(profile.kv_bytes_per_token, s.config.kv_bandwidth),
             }
         }
         Handoff::Invalid(reason) => {
