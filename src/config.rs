@@ -177,6 +177,10 @@ pub struct Cli {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub body_read_timeout: Duration,
 
+    /// Threads serving requests (default: one per CPU core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
+
     /// On SIGTERM/SIGINT, time in-flight requests get to finish before the router exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
@@ -256,6 +260,8 @@ pub struct RouterConfig {
     pub thresholds: Thresholds,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// Runtime worker threads (`--worker-threads`); None means one per core.
+    pub worker_threads: Option<usize>,
     pub timeouts: crate::dispatch::Timeouts,
     pub breaker: crate::replicas::BreakerSettings,
     pub retries: crate::retry_budget::RetrySettings,
@@ -341,6 +347,7 @@ impl Cli {
             thresholds: Thresholds { unhealthy: self.unhealthy_threshold, healthy: self.healthy_threshold },
             connect_timeout: self.connect_timeout,
             drain_timeout: self.drain_timeout,
+            worker_threads: self.worker_threads.map(usize::from),
             timeouts: crate::dispatch::Timeouts {
                 response_headers: self.response_timeout,
                 stream_idle: self.stream_idle_timeout,

@@ -12,13 +12,15 @@
 //! [`server`] (start-up and graceful shutdown).
 //!
 //! [`sim`] is the vLLM engine simulator (`vllm-sim`) that tests, benchmarks and
-//! `router --sim N` run against.
+//! `router --sim N` run against; [`loadgen`] is the benchmark's load generator
+//! (`llm-bench`).
 
 pub mod admission;
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod ingress;
+pub mod loadgen;
 pub mod metrics;
 pub mod pd;
 pub mod policy;
@@ -30,3 +32,4 @@ pub mod retry_budget;
 pub mod routing_key;
 pub mod server;
 pub mod sim;
+pub mod sse;

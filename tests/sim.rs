@@ -230,6 +230,28 @@ async fn ttft(s: &RunningSim, body: &Value) -> Duration {
 }
 
 #[tokio::test]
+async fn chat_role_chunk_comes_with_the_first_token_not_before_prefill() {
+    // Slowed 100x, the prefill step of this prompt takes over a second: the role chunk
+    // must wait for it (vLLM sends it with the engine's first output), so a client's time
+    // to first chunk measures prefill.
+    let s = sim_with(SimConfig { time_scale: 1.0, ..SimConfig::default() }).await;
+    s.faults().set(sim::faults::FaultConfig { slowdown: 100.0, ..Default::default() });
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": " word".repeat(2000)}],
+        "max_tokens": 1, "stream": true});
+    let r = client().post(format!("{}/v1/chat/completions", s.url())).json_body(&body).send().await.unwrap();
+    let mut stream = r.bytes_stream();
+    let early = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(early.is_err(), "a chunk arrived before prefill could have finished");
+    let mut text = String::new();
+    while let Some(chunk) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+    }
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events[0].contains(r#""role":"assistant""#), "{}", events[0]);
+    assert!(events[1].contains(r#""finish_reason":"length""#), "{}", events[1]);
+}
+
+#[tokio::test]
 async fn prefix_cache_hits_shorten_ttft() {
     // Real time here: the saving is a prefill of ~6000 tokens (~25 ms on the profile).
     let s = sim_with(SimConfig { time_scale: 1.0, ..SimConfig::default() }).await;

@@ -13,9 +13,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use axum::body::Body;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame};
 use serde_json::{Value, json};
+
+use crate::sse::{SseEvents, data_payload};
 
 fn chat_id(id: &Value) -> Value {
     match id.as_str() {
@@ -85,7 +87,7 @@ pub fn convert_body(completion: &Value) -> Value {
 /// The streamed body of a completion, re-framed as chat chunks.
 pub struct ChatStream {
     inner: Body,
-    buffer: BytesMut,
+    events: SseEvents,
     ready: VecDeque<Bytes>,
     first: bool,
     ended: bool,
@@ -93,20 +95,19 @@ pub struct ChatStream {
 
 impl ChatStream {
     pub fn new(inner: Body) -> Self {
-        ChatStream { inner, buffer: BytesMut::new(), ready: VecDeque::new(), first: true, ended: false }
+        ChatStream { inner, events: SseEvents::new(), ready: VecDeque::new(), first: true, ended: false }
     }
 
     fn take_events(&mut self) {
-        while let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
-            let event = self.buffer.split_to(end + 2);
-            self.convert_event(&event);
+        while let Some(event) = self.events.next_event() {
+            self.convert_event(event);
         }
     }
 
-    fn convert_event(&mut self, event: &[u8]) {
-        let text = String::from_utf8_lossy(event);
-        let payload = text.trim_end().strip_prefix("data: ");
-        let parsed = payload.filter(|p| *p != "[DONE]").and_then(|p| serde_json::from_str::<Value>(p).ok());
+    fn convert_event(&mut self, event: Bytes) {
+        let parsed = data_payload(&event)
+            .filter(|p| *p != b"[DONE]")
+            .and_then(|p| serde_json::from_slice::<Value>(p).ok());
         match parsed {
             Some(chunk) => {
                 for chat in convert_chunk(&chunk, self.first) {
@@ -115,7 +116,7 @@ impl ChatStream {
                 self.first = false;
             }
             // [DONE], comments and anything we do not understand pass through as they are.
-            None => self.ready.push_back(Bytes::copy_from_slice(event)),
+            None => self.ready.push_back(event),
         }
     }
 }
@@ -140,16 +141,15 @@ impl HttpBody for ChatStream {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(mut data) = frame.into_data() {
-                        this.buffer.extend_from_slice(&data.copy_to_bytes(data.remaining()));
+                    if let Ok(data) = frame.into_data() {
+                        this.events.push(&data);
                         this.take_events();
                     }
                 }
                 Poll::Ready(None) => {
                     this.ended = true;
-                    if !this.buffer.is_empty() {
-                        let rest = this.buffer.split();
-                        this.ready.push_back(rest.freeze());
+                    if let Some(rest) = this.events.take_rest() {
+                        this.ready.push_back(rest);
                     }
                 }
             }

@@ -122,6 +122,8 @@ pub async fn collect(
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// Chat: the role chunk goes out with the engine's first output, as vLLM sends it
+    /// (so a client's time to first chunk is the time to first token).
     Role,
     Tokens,
     Usage,
@@ -135,6 +137,8 @@ pub struct SseStream {
     events: mpsc::UnboundedReceiver<Event>,
     faults: Arc<Faults>,
     phase: Phase,
+    /// An engine event received in the role phase, handled in the token phase.
+    first: Option<Event>,
     detok: Detokenizer,
     /// Text not yet sent (held back while it could begin a stop string).
     held: String,
@@ -171,6 +175,7 @@ impl SseStream {
             events,
             faults,
             phase,
+            first: None,
             detok: Detokenizer::default(),
             held: String::new(),
             generated: 0,
@@ -290,8 +295,17 @@ impl Stream for SseStream {
         loop {
             match this.phase {
                 Phase::Role => {
+                    let event = match Pin::new(&mut this.events).poll_recv(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(Some(Event::PrefillBlocks(_))) => continue,
+                        Poll::Ready(event) => event,
+                    };
                     this.phase = Phase::Tokens;
-                    return Poll::Ready(Some(Ok(this.role_chunk())));
+                    let role = matches!(event, Some(Event::Token { .. }));
+                    this.first = event;
+                    if role {
+                        return Poll::Ready(Some(Ok(this.role_chunk())));
+                    }
                 }
                 Phase::Tokens => {
                     if this.faults.drop_armed() {
@@ -305,7 +319,11 @@ impl Stream for SseStream {
                         // Stall fault: keep the connection open, send nothing more.
                         return Poll::Pending;
                     }
-                    let event = match Pin::new(&mut this.events).poll_recv(cx) {
+                    let next = match this.first.take() {
+                        Some(event) => Poll::Ready(Some(event)),
+                        None => Pin::new(&mut this.events).poll_recv(cx),
+                    };
+                    let event = match next {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(None) => {
                             // The engine dropped us (rejected or shut down).

@@ -13,29 +13,9 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::tokenizer;
 
-const WORDS: &str = "the of and to in is that for it as was with be by on not he this are or his from at \
-which but have an they you were her she there all one been their has would when if will we who so no out \
-up into do time can more some could them other then than now only its about over also new may any these \
-two way our well even because most after first through back where much before right too good how just \
-model token cache router request stream session prefix replica decode prefill batch queue engine latency \
-value system data code function return error test result number string list file line read write start \
-state event order point place world water light sound house small large great long little high low open \
-close early late fast slow simple clear true false every each many such same different between under again";
-
 fn vocabulary() -> &'static [u32] {
     static VOCAB: OnceLock<Vec<u32>> = OnceLock::new();
-    VOCAB.get_or_init(|| {
-        let mut ids: Vec<u32> = WORDS
-            .split_whitespace()
-            .filter_map(|w| match tokenizer::encode(&format!(" {w}"))[..] {
-                [id] => Some(id),
-                _ => None,
-            })
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
-    })
+    VOCAB.get_or_init(|| tokenizer::single_token_words().iter().map(|w| w.id).collect())
 }
 
 pub struct Sampler {

@@ -35,6 +35,46 @@ pub fn decode_bytes(ids: &[u32]) -> Result<Vec<u8>, String> {
     bpe().decode_bytes(ids).map_err(|e| format!("token ids out of the vocabulary: {e}"))
 }
 
+const WORDS: &str = "the of and to in is that for it as was with be by on not he this are or his from at \
+which but have an they you were her she there all one been their has would when if will we who so no out \
+up into do time can more some could them other then than now only its about over also new may any these \
+two way our well even because most after first through back where much before right too good how just \
+model token cache router request stream session prefix replica decode prefill batch queue engine latency \
+value system data code function return error test result number string list file line read write start \
+state event order point place world water light sound house small large great long little high low open \
+close early late fast slow simple clear true false every each many such same different between under again";
+
+/// A word that is one token when preceded by a space (`" word"`).
+#[derive(Debug, Clone)]
+pub struct WordToken {
+    pub id: u32,
+    /// The word with its leading space.
+    pub text: String,
+}
+
+/// English words that are each a single o200k token with their leading space, sorted
+/// by id. Text made of them has a known token count (one per word: o200k's
+/// pre-tokenizer splits before each space, so BPE never merges across words), decodes
+/// to readable ASCII and re-tokenises to the same ids.
+pub fn single_token_words() -> &'static [WordToken] {
+    static WORDS_BY_ID: OnceLock<Vec<WordToken>> = OnceLock::new();
+    WORDS_BY_ID.get_or_init(|| {
+        let mut words: Vec<WordToken> = WORDS
+            .split_whitespace()
+            .filter_map(|w| {
+                let text = format!(" {w}");
+                match encode(&text)[..] {
+                    [id] => Some(WordToken { id, text }),
+                    _ => None,
+                }
+            })
+            .collect();
+        words.sort_unstable_by_key(|w| w.id);
+        words.dedup_by_key(|w| w.id);
+        words
+    })
+}
+
 /// o200k_base's ids stop below this (the largest ordinary id is 199,997).
 pub const VOCAB_SIZE: u32 = 199_998;
 
@@ -111,6 +151,15 @@ mod tests {
         let mut d = Detokenizer::default();
         let text: String = ids.iter().map(|&id| d.push(id)).collect();
         assert_eq!(text, "東京 🚀 ok");
+    }
+
+    #[test]
+    fn single_token_words_count_one_token_each() {
+        let words = single_token_words();
+        assert!(words.len() > 150, "{}", words.len());
+        let text: String = words.iter().map(|w| w.text.as_str()).collect();
+        let ids: Vec<u32> = words.iter().map(|w| w.id).collect();
+        assert_eq!(encode(&text), ids);
     }
 
     #[test]

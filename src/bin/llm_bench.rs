@@ -1,0 +1,31 @@
+//! The `llm-bench` binary: the benchmark's load generator (see `llm_router::loadgen`).
+//!
+//! It runs on one thread: on a small machine shared with the servers it measures, a
+//! client that takes one core at most leaves the rest to them, and one thread handles
+//! hundreds of streams.
+
+use llm_router::config::parse_args;
+use llm_router::loadgen::cli::{self, Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli: Cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let result = match cli.command {
+        Command::AgenticDataset(args) => cli::agentic_dataset(&args),
+        Command::DatasetStats { path } => cli::dataset_stats(&path),
+        Command::Run(args) => {
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+            runtime.block_on(cli::run(args))
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,458 @@
+//! The `llm-bench` command line: `run` a benchmark pass against an OpenAI-compatible
+//! endpoint, write an `agentic-dataset`, or print a dataset's `dataset-stats`.
+
+use std::io::{BufReader, BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use http::{HeaderName, Uri};
+use serde_json::{Map, Value, json};
+
+use super::agentic::{self, AgenticSpec, LogNormal};
+use super::client::{Client, Spread, parse_base};
+use super::progress::Progress;
+use super::random::RandomWorkload;
+use super::report;
+use super::runner::{self, Limit, Pacing, Work};
+
+/// A load generator for OpenAI-compatible LLM servers and routers, measuring what
+/// `vllm bench serve` measures (TTFT, TPOT, ITL, E2E latency, throughput) on the
+/// study's workloads.
+#[derive(Debug, Parser)]
+#[command(name = "llm-bench", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a warm-up phase (discarded), then the recorded phase; print and save the results.
+    Run(RunArgs),
+    /// Write an agentic multi-turn dataset as JSONL.
+    AgenticDataset(DatasetArgs),
+    /// Print the statistics of an agentic dataset as JSON.
+    DatasetStats {
+        /// The JSONL dataset.
+        path: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadKind {
+    /// Independent requests of exactly --isl prompt tokens and --osl output tokens.
+    Random,
+    /// Multi-turn coding-agent sessions replayed from --dataset.
+    Agentic,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum EndpointKind {
+    Completions,
+    Chat,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Base URL to send to (http://host:port). Several (repeat, or separate with commas)
+    /// spread the requests over them: how a client goes straight to the engines.
+    #[arg(long = "base-url", required = true, num_args = 1.., value_delimiter = ',', value_parser = parse_base)]
+    pub base_urls: Vec<Uri>,
+    /// How requests are spread over several base URLs.
+    #[arg(long, value_enum, default_value_t = Spread::Session)]
+    pub spread: Spread,
+    /// Model name (default: the first model the first base URL lists).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Random)]
+    pub workload: WorkloadKind,
+    /// Random workload: prompt tokens per request.
+    #[arg(long, default_value_t = 8000)]
+    pub isl: usize,
+    /// Random workload: output tokens per request.
+    #[arg(long, default_value_t = 50)]
+    pub osl: usize,
+    /// Random workload: the endpoint to send to.
+    #[arg(long, value_enum, default_value_t = EndpointKind::Completions)]
+    pub endpoint: EndpointKind,
+    /// Agentic workload: the dataset (from `llm-bench agentic-dataset`).
+    #[arg(long, required_if_eq("workload", "agentic"))]
+    pub dataset: Option<PathBuf>,
+    /// Requests in flight at once (sessions, for the agentic workload).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrency: Option<u32>,
+    /// Mean requests per second, Poisson arrivals (sessions per second, agentic);
+    /// `inf` sends as fast as --max-concurrency allows.
+    #[arg(long, default_value = "inf", value_parser = parse_rate)]
+    pub request_rate: f64,
+    /// Requests in the recorded phase (default 1000 unless --duration is given).
+    #[arg(long, conflicts_with = "duration")]
+    pub num_prompts: Option<usize>,
+    /// Length of the recorded phase (e.g. 60s); requests in flight at its end complete.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+    /// Requests in the warm-up phase, whose results are discarded (default:
+    /// --max-concurrency, else 16; 0 skips it). The recorded phase follows without a
+    /// pause, so it starts with the servers busy.
+    #[arg(long, conflicts_with = "warmup_duration")]
+    pub warmup_requests: Option<usize>,
+    /// Length of the warm-up phase instead of a request count.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub warmup_duration: Option<Duration>,
+    /// After the recorded phase, how long requests still running may take to finish;
+    /// then they are cancelled and counted as `unfinished` (default: wait for all, as
+    /// `vllm bench serve` does). Bounds a run whose workload has a long tail.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub drain_timeout: Option<Duration>,
+    /// Seed of prompts and arrivals.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Header carrying the session id of agentic requests.
+    #[arg(long, default_value = "x-session-id")]
+    pub session_header: HeaderName,
+    /// Longest a request may take, stream included.
+    #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub result_file: Option<PathBuf>,
+    /// A label recorded with the results (e.g. the contender's name).
+    #[arg(long)]
+    pub label: Option<String>,
+    /// Extra `key=value` recorded with the results (repeatable).
+    #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_metadata)]
+    pub metadata: Vec<(String, String)>,
+    /// Also save every request's timings (`start_times`, `ttfts`, `itls`, `latencies`,
+    /// `input_lens`, `output_lens`, `errors`) with the results, as `vllm bench serve
+    /// --save-detailed` does.
+    #[arg(long)]
+    pub save_detailed: bool,
+    /// No progress display.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DatasetArgs {
+    #[arg(long, default_value_t = 256)]
+    pub num_sessions: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Where to write the JSONL (stdout if omitted).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[arg(long, default_value_t = 20)]
+    pub turns: usize,
+    #[arg(long, default_value_t = 24_000.0)]
+    pub context_median: f64,
+    #[arg(long, default_value_t = 25_000.0)]
+    pub context_mean: f64,
+    #[arg(long, default_value_t = 400.0)]
+    pub new_tokens_median: f64,
+    #[arg(long, default_value_t = 1_000.0)]
+    pub new_tokens_mean: f64,
+    #[arg(long, default_value_t = 70.0)]
+    pub generation_median: f64,
+    #[arg(long, default_value_t = 230.0)]
+    pub generation_mean: f64,
+    #[arg(long, default_value_t = 1.2)]
+    pub delay_median_s: f64,
+    #[arg(long, default_value_t = 1.8)]
+    pub delay_mean_s: f64,
+    /// Sessions end before a turn that would not fit this context length.
+    #[arg(long, default_value_t = 65_536)]
+    pub max_model_len: usize,
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    match text {
+        "inf" => Ok(f64::INFINITY),
+        _ => text
+            .parse::<f64>()
+            .ok()
+            .filter(|r| *r > 0.0)
+            .ok_or_else(|| format!("`{text}` is not a rate above 0 or `inf`")),
+    }
+}
+
+fn parse_metadata(text: &str) -> Result<(String, String), String> {
+    let (k, v) = text.split_once('=').ok_or_else(|| format!("`{text}` is not KEY=VALUE"))?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+impl DatasetArgs {
+    fn spec(&self) -> Result<AgenticSpec, String> {
+        let dist = |name: &str, median: f64, mean: f64| {
+            if median > 0.0 && mean >= median {
+                Ok(LogNormal::from_median_mean(median, mean))
+            } else {
+                Err(format!("{name}: need mean >= median > 0 (got median {median}, mean {mean})"))
+            }
+        };
+        Ok(AgenticSpec {
+            turns: self.turns,
+            context_tokens: dist("context", self.context_median, self.context_mean)?,
+            new_tokens: dist("new tokens", self.new_tokens_median, self.new_tokens_mean)?,
+            generation_tokens: dist("generation", self.generation_median, self.generation_mean)?,
+            delay_seconds: dist("delay", self.delay_median_s, self.delay_mean_s)?,
+            max_model_len: self.max_model_len,
+        })
+    }
+}
+
+/// Write the dataset.
+pub fn agentic_dataset(args: &DatasetArgs) -> Result<(), String> {
+    let spec = args.spec()?;
+    let write = |out: &mut dyn Write| {
+        let mut out = BufWriter::with_capacity(1 << 20, out);
+        spec.write_dataset(args.seed, args.num_sessions, &mut out)
+    };
+    match &args.output {
+        Some(path) => {
+            let mut file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            write(&mut file).map_err(|e| format!("{}: {e}", path.display()))
+        }
+        None => write(&mut std::io::stdout().lock()).map_err(|e| e.to_string()),
+    }
+}
+
+fn load_dataset(path: &PathBuf) -> Result<Vec<agentic::Session>, String> {
+    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    agentic::read_dataset(BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+pub fn dataset_stats(path: &PathBuf) -> Result<(), String> {
+    let stats = agentic::stats(&load_dataset(path)?);
+    println!("{}", serde_json::to_string_pretty(&stats).expect("stats serialise"));
+    Ok(())
+}
+
+/// The benchmark: warm-up pass, recorded pass, summary, results file.
+pub async fn run(args: RunArgs) -> Result<(), String> {
+    let concurrency = args.max_concurrency.map(|n| n as usize);
+    let pacing = |seed: u64| {
+        if args.request_rate.is_finite() {
+            Pacing::Rate { per_second: args.request_rate, max_concurrency: concurrency, seed }
+        } else {
+            Pacing::Concurrency(concurrency.unwrap_or(1))
+        }
+    };
+    if !args.request_rate.is_finite() && concurrency.is_none() {
+        return Err("--request-rate inf needs --max-concurrency (or give a finite --request-rate)".into());
+    }
+    let limit = match (args.duration, args.num_prompts) {
+        (Some(d), _) => Limit::Duration(d),
+        (None, n) => Limit::Requests(n.unwrap_or(1000)),
+    };
+    let warmup = match (args.warmup_duration, args.warmup_requests) {
+        (Some(d), _) => Some(Limit::Duration(d)),
+        (None, Some(0)) => None,
+        (None, n) => Some(Limit::Requests(n.unwrap_or(concurrency.unwrap_or(16)))),
+    };
+    let client = Arc::new(Client::new(
+        args.base_urls.clone(),
+        args.spread,
+        args.session_header.clone(),
+        args.request_timeout,
+    ));
+    let model = match &args.model {
+        Some(m) => m.clone(),
+        None => client.first_model().await?,
+    };
+    let sessions = match args.workload {
+        WorkloadKind::Agentic => {
+            let path = args.dataset.as_ref().expect("clap requires --dataset for agentic");
+            Some(Arc::new(load_dataset(path)?))
+        }
+        WorkloadKind::Random => None,
+    };
+    let work = match &sessions {
+        Some(sessions) => Work::Sessions { sessions: sessions.clone(), model: model.clone() },
+        None => Work::Random(RandomWorkload {
+            model: model.clone(),
+            isl: args.isl,
+            osl: args.osl,
+            seed: args.seed,
+            chat: args.endpoint == EndpointKind::Chat,
+        }),
+    };
+
+    let progress = Arc::new(Progress::default());
+    let total = match (warmup, limit) {
+        (None | Some(Limit::Requests(_)), Limit::Requests(n)) => {
+            Some(n + limit_total(warmup.unwrap_or(Limit::Requests(0))).unwrap_or(0))
+        }
+        _ => None,
+    };
+    let ticker = progress.ticker("llm-bench", total, !args.no_progress);
+    let run =
+        runner::run(client.clone(), work, pacing(args.seed), (warmup, limit), args.drain_timeout, progress)
+            .await;
+    drop(ticker);
+    if let Some(sessions) = &sessions
+        && run.exhausted
+    {
+        eprintln!(
+            "warning: the dataset ran out after {} sessions, before the run's end; \
+             generate more with --num-sessions",
+            sessions.len()
+        );
+    }
+    let mut metrics = report::summarize(&run.recorded, run.duration);
+    let steady = report::steady_throughput(&run.recorded, &run.warmup, run.warmup_duration, run.window);
+    metrics.insert("steady_request_throughput".into(), json!(steady));
+    metrics.insert("window".into(), json!(run.window.as_secs_f64()));
+    metrics.insert("unfinished".into(), json!(run.unfinished));
+    print_summary(&metrics, &args, &model);
+    if let Some(path) = &args.result_file {
+        let mut result = parameters(&args, &model, limit, warmup);
+        let warm = report::summarize(&run.warmup, run.warmup_duration);
+        result.insert(
+            "warmup".into(),
+            json!({"completed": warm["completed"], "failed": warm["failed"], "duration": run.warmup_duration.as_secs_f64()}),
+        );
+        if sessions.is_some() {
+            result.insert("sessions".into(), json!(run.sessions_started));
+        }
+        result.extend(metrics);
+        if args.save_detailed {
+            result.extend(report::detailed(&run.recorded));
+        }
+        let text = serde_json::to_string_pretty(&Value::Object(result)).expect("results serialise");
+        std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn limit_total(limit: Limit) -> Option<usize> {
+    match limit {
+        Limit::Requests(n) => Some(n),
+        Limit::Duration(_) => None,
+    }
+}
+
+/// The run's parameters, under `vllm bench serve`'s keys where it has them.
+fn parameters(args: &RunArgs, model: &str, limit: Limit, warmup: Option<Limit>) -> Map<String, Value> {
+    let limit_json = |l: Option<Limit>| match l {
+        Some(Limit::Requests(n)) => json!({"requests": n}),
+        Some(Limit::Duration(d)) => json!({"seconds": d.as_secs_f64()}),
+        None => Value::Null,
+    };
+    let mut p = Map::new();
+    p.insert("date".into(), json!(utc_now()));
+    p.insert("tool".into(), json!(concat!("llm-bench ", env!("CARGO_PKG_VERSION"))));
+    p.insert("label".into(), json!(args.label));
+    p.insert(
+        "backend".into(),
+        json!(match (args.workload, args.endpoint) {
+            (WorkloadKind::Random, EndpointKind::Completions) => "openai",
+            _ => "openai-chat",
+        }),
+    );
+    p.insert("base_urls".into(), json!(args.base_urls.iter().map(|u| u.to_string()).collect::<Vec<_>>()));
+    p.insert("spread".into(), json!(format!("{:?}", args.spread).to_lowercase()));
+    p.insert("model_id".into(), json!(model));
+    p.insert("workload".into(), json!(format!("{:?}", args.workload).to_lowercase()));
+    if args.workload == WorkloadKind::Random {
+        p.insert("random_input_len".into(), json!(args.isl));
+        p.insert("random_output_len".into(), json!(args.osl));
+    } else {
+        p.insert("dataset_path".into(), json!(args.dataset.as_ref().map(|d| d.display().to_string())));
+    }
+    p.insert(
+        "request_rate".into(),
+        if args.request_rate.is_finite() { json!(args.request_rate) } else { json!("inf") },
+    );
+    p.insert("burstiness".into(), json!(1.0));
+    p.insert("max_concurrency".into(), json!(args.max_concurrency));
+    if let Limit::Requests(n) = limit {
+        p.insert("num_prompts".into(), json!(n));
+    }
+    p.insert("limit".into(), limit_json(Some(limit)));
+    p.insert("warmup_limit".into(), limit_json(warmup));
+    p.insert("seed".into(), json!(args.seed));
+    p.insert("percentiles".into(), json!(report::PERCENTILES));
+    let metadata: Map<String, Value> = args.metadata.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    p.insert("metadata".into(), Value::Object(metadata));
+    p
+}
+
+/// Now, as an RFC 3339 UTC timestamp.
+fn utc_now() -> String {
+    humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string()
+}
+
+fn print_summary(m: &Map<String, Value>, args: &RunArgs, model: &str) {
+    let f = |k: &str| m.get(k).and_then(Value::as_f64).unwrap_or(0.0);
+    let mut out = String::new();
+    out.push_str(&format!("{:=^50}\n", " Serving Benchmark Result "));
+    out.push_str(&format!("{:<40} {}\n", "Model:", model));
+    out.push_str(&format!("{:<40} {}\n", "Successful requests:", m["completed"]));
+    out.push_str(&format!("{:<40} {}\n", "Failed requests:", m["failed"]));
+    if let Some(c) = args.max_concurrency {
+        out.push_str(&format!("{:<40} {c}\n", "Maximum request concurrency:"));
+    }
+    out.push_str(&format!("{:<40} {:.2}\n", "Benchmark duration (s):", f("duration")));
+    out.push_str(&format!("{:<40} {}\n", "Total input tokens:", m["total_input_tokens"]));
+    out.push_str(&format!("{:<40} {}\n", "Total generated tokens:", m["total_output_tokens"]));
+    out.push_str(&format!("{:<40} {:.2}\n", "Request throughput (req/s):", f("request_throughput")));
+    out.push_str(&format!("{:<40} {:.2}\n", "Output token throughput (tok/s):", f("output_throughput")));
+    out.push_str(&format!("{:<40} {:.2}\n", "Total token throughput (tok/s):", f("total_token_throughput")));
+    for (key, name, header) in [
+        ("ttft", "TTFT", "Time to First Token"),
+        ("tpot", "TPOT", "Time per Output Token (excl. 1st token)"),
+        ("itl", "ITL", "Inter-token Latency"),
+        ("e2el", "E2EL", "End-to-end Latency"),
+    ] {
+        out.push_str(&format!("{header:-^50}\n"));
+        out.push_str(&format!("{:<40} {:.2}\n", format!("Mean {name} (ms):"), f(&format!("mean_{key}_ms"))));
+        out.push_str(&format!(
+            "{:<40} {:.2}\n",
+            format!("Median {name} (ms):"),
+            f(&format!("median_{key}_ms"))
+        ));
+        for p in report::PERCENTILES {
+            out.push_str(&format!(
+                "{:<40} {:.2}\n",
+                format!("P{p} {name} (ms):"),
+                f(&format!("p{p}_{key}_ms"))
+            ));
+        }
+    }
+    if let Some(errors) = m.get("error_counts").and_then(Value::as_object).filter(|e| !e.is_empty()) {
+        out.push_str(&format!("{:-^50}\n", "Errors"));
+        for (error, count) in errors {
+            out.push_str(&format!("{count:>6}  {error}\n"));
+        }
+    }
+    out.push_str(&"=".repeat(50));
+    println!("{out}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_utc_rfc3339() {
+        let now = utc_now();
+        assert_eq!(now.len(), 20, "{now}");
+        assert!(now.starts_with("20") && now.ends_with('Z'));
+    }
+
+    #[test]
+    fn args_parse_and_agentic_needs_a_dataset() {
+        let parse =
+            |args: &[&str]| Cli::try_parse_from(std::iter::once("llm-bench").chain(args.iter().copied()));
+        assert!(parse(&["run", "--base-url", "http://a:1,http://b:2", "--max-concurrency", "8"]).is_ok());
+        assert!(parse(&["run", "--base-url", "http://a:1", "--workload", "agentic"]).is_err());
+        assert!(parse(&["run", "--base-url", "ftp://a:1"]).is_err());
+        assert!(parse(&["run", "--base-url", "http://a:1", "--request-rate", "0"]).is_err());
+        assert!(
+            parse(&["run", "--base-url", "http://a:1", "--num-prompts", "5", "--duration", "5s"]).is_err()
+        );
+    }
+}
