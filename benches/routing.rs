@@ -9,7 +9,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use http::HeaderMap;
 use llm_router::metrics::Metrics;
 use llm_router::policy::{Candidate, HashOptions, PolicyKind};
-use llm_router::replicas::{Registry, ReplicaUrl, Thresholds};
+use llm_router::replicas::{Registry, RegistryConfig, ReplicaUrl};
 use llm_router::request_facts;
 use llm_router::routing_key::{KeyHeaders, RoutingKey};
 
@@ -85,14 +85,13 @@ fn policies(c: &mut Criterion) {
     });
     group.finish();
 
-    let metrics = Metrics::new();
     let urls = names(8).iter().map(|n| ReplicaUrl::parse(n).unwrap()).collect();
-    let registry = Registry::new(urls, Thresholds { unhealthy: 3, healthy: 2 }, &metrics);
+    let registry = Registry::new(urls, RegistryConfig::default(), std::sync::Arc::new(Metrics::new()));
     for r in registry.replicas() {
-        registry.record(r, true);
+        registry.record(&r, true);
     }
     c.bench_function("registry_snapshot_8_replicas", |b| {
-        b.iter(|| registry.candidates(Some(black_box("any-model")), &[]).unwrap())
+        b.iter(|| registry.fleet().candidates(Some(black_box("any-model")), &[]).unwrap())
     });
 }
 

@@ -73,7 +73,9 @@ pub async fn admit(State(keys): State<ApiKeys>, mut request: Request, next: Next
             id
         }
     };
-    let open = matches!(request.uri().path(), "/health" | "/metrics");
+    // Probes, scrapers and the admin API (which has its own token) need no API key.
+    let path = request.uri().path();
+    let open = matches!(path, "/health" | "/metrics") || path.starts_with("/admin/");
     let mut response =
         if !keys.is_enabled() || open || keys.accepts(request.headers().get(header::AUTHORIZATION)) {
             next.run(request).await

@@ -147,6 +147,19 @@ pub struct Cli {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub breaker_cooldown: Duration,
 
+    /// Failed fraction of a replica's attempts, within --breaker-window, that opens its
+    /// breaker (catches a replica failing often but not every time); `off` disables it.
+    #[arg(long, value_name = "RATE|off", default_value = "0.5", value_parser = parse_error_rate)]
+    pub breaker_error_rate: ErrorRate,
+
+    /// Window over which the breaker's error rate is counted.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub breaker_window: Duration,
+
+    /// Attempts a window needs before its error rate can open the breaker.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_min_requests: u32,
+
     /// Most requests proxied at once (unlimited if unset); more wait in a queue.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrent_requests: Option<u32>,
@@ -177,6 +190,16 @@ pub struct Cli {
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub body_read_timeout: Duration,
 
+    /// Enable the admin API (`/admin/replicas`: list, add, remove, drain replicas at run
+    /// time), guarded by `Authorization: Bearer <token>`. Off when unset.
+    #[arg(long, env = "ROUTER_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub admin_token: Option<String>,
+
+    /// Serve the admin API on this address instead of the serving port (e.g.
+    /// 127.0.0.1:9000).
+    #[arg(long, value_name = "ADDR:PORT", requires = "admin_token")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Threads serving requests (default: one per CPU core).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
@@ -188,6 +211,19 @@ pub struct Cli {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BalanceFactor(pub Option<f64>);
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ErrorRate(pub Option<f64>);
+
+fn parse_error_rate(text: &str) -> Result<ErrorRate, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(ErrorRate(None));
+    }
+    match text.parse::<f64>() {
+        Ok(r) if r > 0.0 && r <= 1.0 => Ok(ErrorRate(Some(r))),
+        _ => Err(format!("`{text}` is not a rate in (0, 1] (e.g. 0.5) or `off`")),
+    }
+}
 
 /// One side of `--pd`.
 #[derive(Debug, Clone, PartialEq)]
@@ -269,6 +305,10 @@ pub struct RouterConfig {
     pub limit: Option<(usize, usize, Duration)>,
     pub api_keys: Vec<String>,
     pub forward_authorization: bool,
+    /// The admin API's bearer token; None disables the API.
+    pub admin_token: Option<String>,
+    /// A separate address for the admin API.
+    pub admin_listen: Option<SocketAddr>,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     /// Simulated replicas to start before routing (`--sim`).
@@ -355,6 +395,9 @@ impl Cli {
             breaker: crate::replicas::BreakerSettings {
                 failures: self.breaker_failures,
                 cooldown: self.breaker_cooldown,
+                error_rate: self.breaker_error_rate.0,
+                window: self.breaker_window,
+                min_requests: self.breaker_min_requests,
             },
             retries: crate::retry_budget::RetrySettings {
                 ratio: self.retry_ratio.max(0.0),
@@ -366,6 +409,8 @@ impl Cli {
                 .map(|n| (n as usize, self.max_queued_requests, self.queue_timeout)),
             api_keys: self.api_keys,
             forward_authorization: self.forward_authorization,
+            admin_token: self.admin_token.filter(|t| !t.is_empty()),
+            admin_listen: self.admin_listen,
             header_read_timeout: self.header_read_timeout,
             body_read_timeout: self.body_read_timeout,
             sim,

@@ -19,15 +19,15 @@ use hyper::body::Incoming;
 
 use crate::error::RouterError;
 use crate::metrics::Metrics;
-use crate::policy::{Decision, Policy, Reason};
+use crate::policy::{Decision, Reason};
 use crate::proxy::{self, HttpClient, Outbound, UpstreamError};
-use crate::replicas::{InFlight, Registry};
+use crate::replicas::{Fleet, InFlight, Registry, Replica};
 use crate::response_body::{BodyOptions, MeteredBody};
 use crate::routing_key::RoutingKey;
 
 pub struct Dispatcher {
+    /// The replicas and the policy that chooses among them.
     pub registry: Arc<Registry>,
-    pub policy: Box<dyn Policy>,
     pub client: HttpClient,
     pub metrics: Arc<Metrics>,
     pub timeouts: Timeouts,
@@ -82,17 +82,19 @@ enum Attempt {
 
 impl Dispatcher {
     pub async fn dispatch(&self, route: &Route<'_>, outbound: &Outbound) -> Result<Served, RouterError> {
-        let candidates = self.registry.candidates(route.model, &[])?;
-        let first = self.policy.choose(route.key, &candidates).ok_or(RouterError::NoHealthyReplica)?;
+        // One snapshot for every attempt: the policy's indices name its replicas.
+        let fleet = self.registry.fleet();
+        let candidates = fleet.candidates(route.model, &[])?;
+        let first = fleet.policy.choose(route.key, &candidates).ok_or(RouterError::NoHealthyReplica)?;
         self.retries.deposit();
-        self.count_decision(first);
-        let failed = match self.attempt(first.replica, route, outbound).await {
+        self.count_decision(&fleet, first);
+        let failed = match self.attempt(fleet.get(first.replica), route, outbound).await {
             Attempt::Done(served) => return Ok(served),
             failed => failed,
         };
 
-        let candidates = self.registry.candidates(route.model, &[first.replica])?;
-        let Some(second) = self.policy.choose(route.key, &candidates) else {
+        let candidates = fleet.candidates(route.model, &[first.replica])?;
+        let Some(second) = fleet.policy.choose(route.key, &candidates) else {
             return self.finish(failed, route);
         };
         if !self.retries.try_spend() {
@@ -101,9 +103,9 @@ impl Dispatcher {
         }
         tokio::time::sleep(self.retries.backoff()).await;
         self.metrics.retries.with_label_values(&[route.endpoint]).inc();
-        self.count_decision(Decision { replica: second.replica, reason: Reason::Retry });
+        self.count_decision(&fleet, Decision { replica: second.replica, reason: Reason::Retry });
         drop(failed);
-        match self.attempt(second.replica, route, outbound).await {
+        match self.attempt(fleet.get(second.replica), route, outbound).await {
             Attempt::Done(served) => Ok(served),
             failed => self.finish(failed, route),
         }
@@ -126,22 +128,22 @@ impl Dispatcher {
         }
     }
 
-    fn breaker_failure(&self, replica: &crate::replicas::Replica) {
+    fn breaker_failure(&self, replica: &Replica) {
         if replica.record_attempt(false) {
             tracing::warn!(replica = replica.name(), "circuit breaker open after repeated failures");
         }
     }
 
-    fn count_decision(&self, decision: Decision) {
-        let replica = self.registry.get(decision.replica).name();
+    fn count_decision(&self, fleet: &Fleet, decision: Decision) {
+        let replica = fleet.get(decision.replica).name();
         self.metrics
             .decisions
-            .with_label_values(&[self.policy.name(), replica, decision.reason.as_str()])
+            .with_label_values(&[fleet.policy.name(), replica, decision.reason.as_str()])
             .inc();
     }
 
-    async fn attempt(&self, index: usize, route: &Route<'_>, outbound: &Outbound) -> Attempt {
-        let replica = self.registry.get(index).clone();
+    async fn attempt(&self, replica: &Arc<Replica>, route: &Route<'_>, outbound: &Outbound) -> Attempt {
+        let replica = replica.clone();
         let in_flight = InFlight::start(replica.clone());
         let name = replica.name().to_owned();
         let sent = tokio::time::timeout(

@@ -87,24 +87,30 @@ impl RouterError {
 
     /// The JSON body of this error, in the shape vLLM's OpenAI server uses.
     pub fn body(&self) -> String {
-        let status = self.status();
-        serde_json::json!({
-            "error": {
-                "message": self.to_string(),
-                "type": self.kind(),
-                "param": self.param(),
-                "code": status.as_u16(),
-            }
-        })
-        .to_string()
+        error_body(&self.to_string(), self.kind(), self.param(), self.status())
     }
+}
+
+/// `{"error": {"message", "type", "param", "code"}}`: vLLM's `ErrorResponse`, the
+/// shape of every error the router itself answers (the admin API's included).
+pub fn error_body(message: &str, kind: &str, param: Option<&str>, status: StatusCode) -> String {
+    serde_json::json!({
+        "error": {"message": message, "type": kind, "param": param, "code": status.as_u16()}
+    })
+    .to_string()
+}
+
+/// An error response: the status and [`error_body`] as JSON.
+pub fn error_response(status: StatusCode, body: String) -> Response {
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 impl IntoResponse for RouterError {
     fn into_response(self) -> Response {
-        let mut response = (self.status(), self.body()).into_response();
+        let mut response = error_response(self.status(), self.body());
         let headers = response.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if matches!(self, RouterError::QueueFull | RouterError::QueueTimeout { .. }) {
             headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

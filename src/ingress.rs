@@ -64,9 +64,10 @@ impl Endpoint {
     }
 }
 
-pub fn routes(ingress: Arc<Ingress>) -> Router {
+/// The serving routes, with the admin API's when it is served on this port.
+pub fn routes(ingress: Arc<Ingress>, admin: Option<Router>) -> Router {
     let keys = ingress.api_keys.clone();
-    Router::new()
+    let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions).fallback(method_not_allowed))
         .route("/v1/completions", post(completions).fallback(method_not_allowed))
         .route("/v1/models", get(models).fallback(method_not_allowed))
@@ -76,7 +77,9 @@ pub fn routes(ingress: Arc<Ingress>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(ingress)
+        .with_state(ingress);
+    admin
+        .map_or(router.clone(), |admin| router.merge(admin))
         .layer(axum::middleware::from_fn_with_state(keys, admission::admit))
 }
 
@@ -129,7 +132,8 @@ async fn method_not_allowed(request: Request) -> Response {
     RouterError::MethodNotAllowed { method, path }.into_response()
 }
 
-fn json(status: StatusCode, body: String) -> Response {
+/// A JSON response.
+pub(crate) fn json(status: StatusCode, body: String) -> Response {
     let mut response = (status, body).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response

@@ -8,13 +8,14 @@
 //! [`pd`] runs it twice, prefill then decode) ->
 //! [`proxy`] (pooled connection to the replica) ->
 //! [`response_body`] (the stream back to the client, metered, never re-encoded).
-//! Around it: [`replicas`] (registry and health checks), [`metrics`], [`config`],
-//! [`server`] (start-up and graceful shutdown).
+//! Around it: [`replicas`] (registry and health checks), [`admin`] (the runtime admin
+//! API), [`metrics`], [`config`], [`server`] (start-up and graceful shutdown).
 //!
 //! [`sim`] is the vLLM engine simulator (`vllm-sim`) that tests, benchmarks and
 //! `router --sim N` run against; [`loadgen`] is the benchmark's load generator
 //! (`llm-bench`).
 
+pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod dispatch;

@@ -169,6 +169,13 @@ impl Metrics {
         }
     }
 
+    /// Drop a removed replica's gauges (its counters stay: they are history).
+    pub fn remove_replica(&self, replica: &str) {
+        for gauge in [&self.in_flight, &self.replica_healthy, &self.circuit_open] {
+            let _ = gauge.remove_label_values(&[replica]);
+        }
+    }
+
     /// The Prometheus text exposition of every family.
     pub fn render(&self) -> String {
         let mut out = Vec::with_capacity(16 * 1024);

@@ -19,18 +19,22 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::admin::{Admin, Stage};
 use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
 use crate::pd::PrefillDecode;
 use crate::proxy;
-use crate::replicas::{HealthChecker, Registry};
+use crate::replicas::{HealthChecker, Registry, RegistryConfig};
 use crate::routing_key::KeyHeaders;
 
 /// A router serving on `addr` until [`RunningRouter::shutdown`].
 pub struct RunningRouter {
     pub addr: SocketAddr,
+    /// Where the admin API listens when it has its own address (`--admin-listen`).
+    pub admin_addr: Option<SocketAddr>,
+    admin_stop: Option<oneshot::Sender<()>>,
     /// The simulated replicas started for `--sim`, served as long as the router is.
     pub sims: Vec<crate::sim::RunningSim>,
     pub metrics: Arc<Metrics>,
@@ -46,7 +50,7 @@ pub struct RunningRouter {
 impl RunningRouter {
     /// Stop accepting, drain in-flight requests (bounded by the drain timeout), stop.
     pub async fn shutdown(mut self) {
-        if let Some(stop) = self.stop.take() {
+        for stop in [self.stop.take(), self.admin_stop.take()].into_iter().flatten() {
             let _ = stop.send(());
         }
         let _ = (&mut self.server).await;
@@ -80,18 +84,26 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let metrics = Arc::new(Metrics::new());
     let client = proxy::http_client(config.connect_timeout);
 
-    let (dispatcher, health) =
+    let (dispatcher, health, checker) =
         stage(&config, config.replicas.clone(), config.policy, &client, &metrics).await;
     let registry = dispatcher.registry.clone();
     let mut tasks = vec![health];
+    let main_role = if config.pd.is_some() { "decode" } else { "replica" };
+    let mut stages = vec![Stage { role: main_role, registry: registry.clone(), checker }];
     let pd = match &config.pd {
         Some(pd) => {
-            let (prefill, health) =
+            let (prefill, health, checker) =
                 stage(&config, pd.prefill.clone(), pd.prefill_policy, &client, &metrics).await;
             tasks.push(health);
+            stages.push(Stage { role: "prefill", registry: prefill.registry.clone(), checker });
             Some(PrefillDecode::new(prefill, pd.tokenize_once, metrics.clone()))
         }
         None => None,
+    };
+    let admin = config.admin_token.clone().map(|token| Arc::new(Admin::new(token, stages)).routes());
+    let (admin_here, admin_apart) = match config.admin_listen {
+        Some(_) => (None, admin),
+        None => (admin, None),
     };
     let prefill_registry = pd.as_ref().map(|pd| pd.prefill.registry.clone());
     let ingress = Arc::new(Ingress {
@@ -105,10 +117,30 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         api_keys: crate::admission::ApiKeys::new(config.api_keys.clone()),
         forward_authorization: config.forward_authorization,
     });
-    let app = ingress::routes(ingress);
+    let app = ingress::routes(ingress, admin_here);
     let (stop, stopped) = oneshot::channel();
     let server =
         tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout, config.header_read_timeout));
+    let mut admin_addr = None;
+    let mut admin_stop = None;
+    if let (Some(listen), Some(routes)) = (config.admin_listen, admin_apart) {
+        let listener = TcpListener::bind(listen).await?;
+        admin_addr = Some(listener.local_addr()?);
+        let routes = routes.layer(axum::middleware::from_fn_with_state(
+            crate::admission::ApiKeys::default(),
+            crate::admission::admit,
+        ));
+        let (stop, stopped) = oneshot::channel();
+        admin_stop = Some(stop);
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            routes,
+            stopped,
+            Duration::ZERO,
+            config.header_read_timeout,
+        )));
+        tracing::info!(addr = %admin_addr.expect("bound"), "admin API listening");
+    }
     for sim in &sims {
         tracing::info!(replica = %sim.url(), role = ?sim.state.config.role, model = %sim.state.model,
             "simulated replica started");
@@ -124,6 +156,8 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         policy = ?config.policy, "router listening");
     Ok(RunningRouter {
         addr,
+        admin_addr,
+        admin_stop,
         sims,
         metrics,
         registry,
@@ -141,21 +175,21 @@ async fn stage(
     policy: crate::policy::PolicyKind,
     client: &proxy::HttpClient,
     metrics: &Arc<Metrics>,
-) -> (Dispatcher, JoinHandle<()>) {
-    let registry = Arc::new(Registry::with_breaker(replicas, config.thresholds, config.breaker, metrics));
+) -> (Dispatcher, JoinHandle<()>, HealthChecker) {
+    let registry_config =
+        RegistryConfig { thresholds: config.thresholds, breaker: config.breaker, policy, hash: config.hash };
+    let registry = Arc::new(Registry::new(replicas, registry_config, metrics.clone()));
     let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
     checker.probe_all().await;
-    let health = tokio::spawn(checker.run());
-    let policy = policy.build(&registry.names(), config.hash);
+    let health = tokio::spawn(checker.clone().run());
     let dispatcher = Dispatcher {
         registry,
-        policy,
         client: client.clone(),
         metrics: metrics.clone(),
         timeouts: config.timeouts,
         retries: crate::retry_budget::RetryBudget::new(config.retries),
     };
-    (dispatcher, health)
+    (dispatcher, health, checker)
 }
 
 fn sim_url(sim: &crate::sim::RunningSim) -> crate::replicas::ReplicaUrl {

@@ -132,8 +132,12 @@ async fn a_replica_too_slow_to_answer_is_retried_then_504() {
 async fn circuit_breaker_stops_sending_to_a_failing_but_healthy_replica() {
     let (sims, router) = setup(2, |c| {
         c.policy = llm_router::policy::PolicyKind::RoundRobin;
-        c.breaker =
-            llm_router::replicas::BreakerSettings { failures: 3, cooldown: Duration::from_millis(500) };
+        c.breaker = llm_router::replicas::BreakerSettings {
+            failures: 3,
+            cooldown: Duration::from_millis(500),
+            error_rate: None,
+            ..Default::default()
+        };
         c.health.interval = Duration::from_millis(100);
     })
     .await;

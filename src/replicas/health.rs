@@ -23,6 +23,7 @@ pub struct HealthConfig {
     pub timeout: Duration,
 }
 
+#[derive(Clone)]
 pub struct HealthChecker {
     registry: Arc<Registry>,
     client: HttpClient,
@@ -39,9 +40,8 @@ impl HealthChecker {
 
     /// Probe every replica once, concurrently.
     pub async fn probe_all(&self) {
-        let probes = self.registry.replicas().iter().map(|replica| {
-            let replica = replica.clone();
-            let checker = self.clone_handle();
+        let probes = self.registry.replicas().into_iter().map(|replica| {
+            let checker = self.clone();
             tokio::spawn(async move { checker.probe(&replica).await })
         });
         for probe in probes.collect::<Vec<_>>() {
@@ -60,11 +60,8 @@ impl HealthChecker {
         }
     }
 
-    fn clone_handle(&self) -> HealthChecker {
-        HealthChecker { registry: self.registry.clone(), client: self.client.clone(), config: self.config }
-    }
-
-    async fn probe(&self, replica: &Replica) {
+    /// Probe one replica now (the admin API probes a replica it adds).
+    pub async fn probe(&self, replica: &Replica) {
         let ok = matches!(self.get(replica, "/health").await, Some((s, _)) if s.is_success());
         if ok && let Some(models) = self.fetch_models(replica).await {
             replica.set_models(models);

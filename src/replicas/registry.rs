@@ -1,0 +1,370 @@
+//! The registry: the replicas in rotation and the routing policy laid out for them,
+//! published together as one immutable [`Fleet`] snapshot.
+//!
+//! A request loads the snapshot once (an `ArcSwap` load, no lock) and keeps it for all
+//! its attempts, so the indices the policy returns always name the replicas it was
+//! shown. The admin API changes the set (add, remove, drain) by building a new snapshot,
+//! with a policy laid out for the new set (for `consistent-hash`, a ring in which only
+//! the added or removed replica's sessions move), and swapping it in; requests already
+//! routed keep the replica they hold. Changes are serialised by a lock that only the
+//! admin API takes.
+
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use super::{BreakerSettings, ModelCard, Replica, ReplicaUrl, Thresholds};
+use crate::error::RouterError;
+use crate::metrics::Metrics;
+use crate::policy::{Candidate, HashOptions, Policy, PolicyKind};
+
+/// How a registry's replicas are judged and routed to.
+#[derive(Debug, Clone, Copy)]
+pub struct RegistryConfig {
+    pub thresholds: Thresholds,
+    pub breaker: BreakerSettings,
+    pub policy: PolicyKind,
+    pub hash: HashOptions,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            thresholds: Thresholds { unhealthy: 3, healthy: 2 },
+            breaker: BreakerSettings::default(),
+            policy: PolicyKind::PowerOfTwo,
+            hash: HashOptions::default(),
+        }
+    }
+}
+
+/// The replicas in rotation and the policy built for exactly them.
+pub struct Fleet {
+    pub replicas: Vec<Arc<Replica>>,
+    pub policy: Box<dyn Policy>,
+}
+
+impl Fleet {
+    pub fn get(&self, index: usize) -> &Arc<Replica> {
+        &self.replicas[index]
+    }
+
+    /// The policy's view of the replicas for one request: eligible means healthy, not
+    /// draining, its breaker closed or half-open, serving `model` (when the request
+    /// names one) and not in `tried` (indices into this fleet).
+    ///
+    /// Errors when no replica is eligible before any was tried: none healthy, all
+    /// draining or their breakers open (503), or none serving the model (404, as vLLM
+    /// answers an unknown model).
+    pub fn candidates(&self, model: Option<&str>, tried: &[usize]) -> Result<Vec<Candidate>, RouterError> {
+        let mut any_healthy = false;
+        let mut any_serving = false;
+        let mut any_eligible = false;
+        let candidates = self
+            .replicas
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let healthy = r.is_healthy();
+                let serving = healthy && model.is_none_or(|m| r.serves(m));
+                let eligible = serving && !r.is_draining() && r.breaker_allows() && !tried.contains(&i);
+                any_healthy |= healthy;
+                any_serving |= serving;
+                any_eligible |= eligible;
+                Candidate { eligible, in_flight: r.in_flight() }
+            })
+            .collect();
+        if any_eligible || !tried.is_empty() {
+            return Ok(candidates);
+        }
+        match model {
+            // Healthy replicas exist but none lists the model: vLLM's unknown-model 404.
+            Some(m) if any_healthy && !any_serving => Err(RouterError::ModelNotFound(m.to_owned())),
+            // None healthy, or every one serving it is draining or has its breaker open.
+            _ => Err(RouterError::NoHealthyReplica),
+        }
+    }
+}
+
+/// Why a change to the replica set was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    #[error("replica {0} is already in the set")]
+    Exists(String),
+    #[error("no replica {0} in the set")]
+    NotFound(String),
+}
+
+pub struct Registry {
+    fleet: ArcSwap<Fleet>,
+    config: RegistryConfig,
+    metrics: Arc<Metrics>,
+    /// Serialises changes to the set (admin API only; never taken by a request).
+    changes: Mutex<()>,
+}
+
+impl Registry {
+    pub fn new(urls: Vec<ReplicaUrl>, config: RegistryConfig, metrics: Arc<Metrics>) -> Self {
+        let replicas =
+            urls.into_iter().map(|url| Arc::new(Replica::new(url, config.breaker, &metrics))).collect();
+        let fleet = ArcSwap::from_pointee(Self::lay_out(replicas, &config));
+        Registry { fleet, config, metrics, changes: Mutex::new(()) }
+    }
+
+    fn lay_out(replicas: Vec<Arc<Replica>>, config: &RegistryConfig) -> Fleet {
+        let names: Vec<String> = replicas.iter().map(|r| r.name().to_owned()).collect();
+        Fleet { policy: config.policy.build(&names, config.hash), replicas }
+    }
+
+    /// The current snapshot.
+    pub fn fleet(&self) -> Arc<Fleet> {
+        self.fleet.load_full()
+    }
+
+    pub fn replicas(&self) -> Vec<Arc<Replica>> {
+        self.fleet.load().replicas.clone()
+    }
+
+    /// The replica at `index` in the current snapshot.
+    pub fn get(&self, index: usize) -> Arc<Replica> {
+        self.fleet.load().replicas[index].clone()
+    }
+
+    pub fn find(&self, name: &str) -> Option<Arc<Replica>> {
+        self.fleet.load().replicas.iter().find(|r| r.name() == name).cloned()
+    }
+
+    pub fn policy(&self) -> PolicyKind {
+        self.config.policy
+    }
+
+    /// Add a replica. It joins out of rotation and enters it when a health check passes
+    /// (the caller probes it at once).
+    pub fn add(&self, url: ReplicaUrl) -> Result<Arc<Replica>, MembershipError> {
+        let _change = self.changes.lock().expect("registry change lock");
+        let current = self.fleet.load_full();
+        if current.replicas.iter().any(|r| r.name() == url.name()) {
+            return Err(MembershipError::Exists(url.name().to_owned()));
+        }
+        let replica = Arc::new(Replica::new(url, self.config.breaker, &self.metrics));
+        let mut replicas = current.replicas.clone();
+        replicas.push(replica.clone());
+        self.fleet.store(Arc::new(Self::lay_out(replicas, &self.config)));
+        Ok(replica)
+    }
+
+    /// Remove a replica from the set: it gets no new requests; those in flight finish
+    /// (they hold the replica) and its per-replica gauges go away.
+    pub fn remove(&self, name: &str) -> Result<Arc<Replica>, MembershipError> {
+        let _change = self.changes.lock().expect("registry change lock");
+        let current = self.fleet.load_full();
+        let removed = current
+            .replicas
+            .iter()
+            .find(|r| r.name() == name)
+            .cloned()
+            .ok_or_else(|| MembershipError::NotFound(name.to_owned()))?;
+        let replicas = current.replicas.iter().filter(|r| r.name() != name).cloned().collect();
+        self.fleet.store(Arc::new(Self::lay_out(replicas, &self.config)));
+        self.metrics.remove_replica(name);
+        Ok(removed)
+    }
+
+    /// Start or stop draining a replica: while draining it keeps its place (and its
+    /// sessions' place on the ring) but gets no new requests.
+    pub fn set_draining(&self, name: &str, draining: bool) -> Result<Arc<Replica>, MembershipError> {
+        let replica = self.find(name).ok_or_else(|| MembershipError::NotFound(name.to_owned()))?;
+        replica.draining.store(draining, std::sync::atomic::Ordering::Relaxed);
+        Ok(replica)
+    }
+
+    pub fn healthy_count(&self) -> usize {
+        self.fleet.load().replicas.iter().filter(|r| r.is_healthy()).count()
+    }
+
+    /// Record a probe (or a passive signal from the proxy). Returns the new health if it
+    /// changed. The very first probe of a replica decides its health at once, so a
+    /// router starting against a healthy fleet serves immediately.
+    pub fn record(&self, replica: &Replica, ok: bool) -> Option<bool> {
+        let mut streak = replica.streak.lock().expect("streak lock poisoned");
+        let first = !streak.probed;
+        streak.probed = true;
+        if ok {
+            streak.successes = streak.successes.saturating_add(1);
+            streak.failures = 0;
+        } else {
+            streak.failures = streak.failures.saturating_add(1);
+            streak.successes = 0;
+        }
+        let was = replica.is_healthy();
+        let now = if first {
+            ok
+        } else if was {
+            streak.failures < self.config.thresholds.unhealthy
+        } else {
+            streak.successes >= self.config.thresholds.healthy
+        };
+        if first || now != was {
+            replica.set_healthy(now);
+        }
+        (now != was).then_some(now)
+    }
+
+    /// The context length a healthy replica reports for `model` in its model card.
+    pub fn max_model_len(&self, model: &str) -> Option<u64> {
+        self.fleet
+            .load()
+            .replicas
+            .iter()
+            .filter(|r| r.is_healthy())
+            .find_map(|r| r.models()?.iter().find(|c| c.id == model)?.card.get("max_model_len")?.as_u64())
+    }
+
+    /// The union of the models healthy replicas serve, first card of each id wins.
+    pub fn model_cards(&self) -> Vec<ModelCard> {
+        let mut out: Vec<ModelCard> = Vec::new();
+        for replica in self.fleet.load().replicas.iter().filter(|r| r.is_healthy()) {
+            if let Some(models) = replica.models() {
+                for card in models.iter() {
+                    if !out.iter().any(|c| c.id == card.id) {
+                        out.push(card.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing_key::RoutingKey;
+
+    fn url(i: usize) -> ReplicaUrl {
+        ReplicaUrl::parse(&format!("http://127.0.0.1:{}", 9000 + i)).unwrap()
+    }
+
+    fn registry(n: usize, policy: PolicyKind) -> Registry {
+        let config = RegistryConfig {
+            thresholds: Thresholds { unhealthy: 2, healthy: 3 },
+            policy,
+            ..Default::default()
+        };
+        Registry::new((0..n).map(url).collect(), config, Arc::new(Metrics::new()))
+    }
+
+    fn card(id: &str) -> ModelCard {
+        ModelCard { id: id.into(), card: serde_json::json!({"id": id, "object": "model"}) }
+    }
+
+    #[test]
+    fn thresholds_gate_transitions() {
+        let reg = registry(1, PolicyKind::RoundRobin);
+        let r = reg.get(0);
+        assert!(!r.is_healthy());
+        assert_eq!(reg.record(&r, true), Some(true)); // first probe decides
+        assert_eq!(reg.record(&r, false), None); // 1 failure < 2
+        assert_eq!(reg.record(&r, false), Some(false));
+        assert_eq!(reg.record(&r, true), None);
+        assert_eq!(reg.record(&r, true), None);
+        assert_eq!(reg.record(&r, true), Some(true)); // 3 successes
+    }
+
+    #[test]
+    fn candidates_errors_and_model_filter() {
+        let reg = registry(3, PolicyKind::RoundRobin);
+        assert!(matches!(reg.fleet().candidates(Some("m"), &[]), Err(RouterError::NoHealthyReplica)));
+        for r in reg.replicas() {
+            reg.record(&r, true);
+        }
+        reg.get(0).set_models(vec![card("a")]);
+        reg.get(1).set_models(vec![card("b")]);
+        // Replica 2 has not listed models yet: it may serve anything.
+        let c = reg.fleet().candidates(Some("a"), &[]).unwrap();
+        assert_eq!(c.iter().map(|c| c.eligible).collect::<Vec<_>>(), [true, false, true]);
+        reg.get(2).set_models(vec![card("b")]);
+        assert!(matches!(reg.fleet().candidates(Some("zzz"), &[]), Err(RouterError::ModelNotFound(_))));
+        let c = reg.fleet().candidates(Some("b"), &[1]).unwrap();
+        assert_eq!(c.iter().map(|c| c.eligible).collect::<Vec<_>>(), [false, false, true]);
+        let ids: Vec<_> = reg.model_cards().into_iter().map(|c| c.id).collect();
+        assert_eq!(ids, ["a", "b"]);
+    }
+
+    #[test]
+    fn breaker_opens_after_failures_and_closes_on_success() {
+        let settings = BreakerSettings {
+            failures: 3,
+            cooldown: std::time::Duration::from_millis(40),
+            error_rate: None,
+            ..BreakerSettings::default()
+        };
+        let config = RegistryConfig { breaker: settings, ..Default::default() };
+        let reg = Registry::new(vec![url(0)], config, Arc::new(Metrics::new()));
+        let r = reg.get(0);
+        reg.record(&r, true);
+        assert!(!r.record_attempt(false) && !r.record_attempt(false));
+        assert!(r.breaker_allows());
+        assert!(r.record_attempt(false), "the third failure opens it");
+        assert!(!r.breaker_allows());
+        assert!(matches!(reg.fleet().candidates(None, &[]), Err(RouterError::NoHealthyReplica)));
+        assert!(
+            matches!(reg.fleet().candidates(Some("m"), &[]), Err(RouterError::NoHealthyReplica)),
+            "an open breaker is unavailability, not an unknown model"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(r.breaker_allows(), "half-open after the cool-down");
+        assert!(r.record_attempt(false), "a half-open failure opens it again");
+        assert!(!r.breaker_allows());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        r.record_attempt(true);
+        assert!(r.breaker_allows());
+        assert!(!r.record_attempt(false), "closed again: failures count from zero");
+    }
+
+    #[test]
+    fn adding_and_removing_moves_only_that_replicas_sessions() {
+        let reg = registry(3, PolicyKind::ConsistentHash);
+        for r in reg.replicas() {
+            reg.record(&r, true);
+        }
+        let owner = |reg: &Registry, i: usize| {
+            let fleet = reg.fleet();
+            let key = RoutingKey::from(format!("session-{i}"));
+            let d = fleet.policy.choose(Some(&key), &fleet.candidates(None, &[]).unwrap()).unwrap();
+            fleet.get(d.replica).name().to_owned()
+        };
+        let before: Vec<String> = (0..300).map(|i| owner(&reg, i)).collect();
+        let added = reg.add(url(3)).unwrap();
+        assert_eq!(reg.add(url(3)).unwrap_err(), MembershipError::Exists(url(3).name().to_owned()));
+        assert!(!added.is_healthy(), "a new replica waits for its first probe");
+        assert_eq!(before, (0..300).map(|i| owner(&reg, i)).collect::<Vec<_>>(), "not in rotation yet");
+        reg.record(&added, true);
+        let after: Vec<String> = (0..300).map(|i| owner(&reg, i)).collect();
+        let moved: Vec<_> = before.iter().zip(&after).filter(|(b, a)| b != a).collect();
+        assert!(
+            !moved.is_empty() && moved.iter().all(|(_, a)| *a == added.name()),
+            "only moves to the new one"
+        );
+        reg.remove(added.name()).unwrap();
+        assert_eq!(before, (0..300).map(|i| owner(&reg, i)).collect::<Vec<_>>(), "and back when it leaves");
+        assert_eq!(reg.remove(added.name()).unwrap_err(), MembershipError::NotFound(added.name().to_owned()));
+    }
+
+    #[test]
+    fn a_draining_replica_gets_nothing_new() {
+        let reg = registry(2, PolicyKind::RoundRobin);
+        for r in reg.replicas() {
+            reg.record(&r, true);
+        }
+        let name = reg.get(0).name().to_owned();
+        reg.set_draining(&name, true).unwrap();
+        let c = reg.fleet().candidates(None, &[]).unwrap();
+        assert_eq!(c.iter().map(|c| c.eligible).collect::<Vec<_>>(), [false, true]);
+        reg.set_draining(reg.get(1).name(), true).unwrap();
+        assert!(matches!(reg.fleet().candidates(None, &[]), Err(RouterError::NoHealthyReplica)));
+        reg.set_draining(&name, false).unwrap();
+        assert!(reg.fleet().candidates(None, &[]).is_ok());
+        assert!(reg.set_draining("http://nope:1", true).is_err());
+    }
+}
