@@ -20,6 +20,7 @@ pub mod admission;
 pub mod config;
 pub mod dispatch;
 pub mod error;
+pub mod fuzzing;
 pub mod ingress;
 pub mod loadgen;
 pub mod metrics;

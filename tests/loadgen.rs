@@ -212,3 +212,54 @@ fn the_binary_writes_vllm_bench_serve_keys() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("error:"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn clients_that_hang_up_are_counted_apart_and_abort_upstream() {
+    let fleet = sim::start_fleet(1, &SimConfig { time_scale: 1.0, ..SimConfig::default() }).await.unwrap();
+    let bases = vec![parse_base(&fleet[0].url()).unwrap()];
+    let cancel = llm_router::loadgen::client::Cancellation {
+        fraction: 1.0,
+        max_after: Duration::from_millis(100),
+        seed: 1,
+    };
+    let client = Arc::new(
+        Client::new(
+            bases,
+            Spread::RoundRobin,
+            HeaderName::from_static("x-session-id"),
+            Duration::from_secs(30),
+        )
+        .with_cancellation(Some(cancel)),
+    );
+    let run = runner::run(
+        client,
+        random(50, 2000),
+        Pacing::Concurrency(4),
+        (None, Limit::Requests(8)),
+        None,
+        Arc::new(Progress::default()),
+    )
+    .await;
+    assert!(run.recorded.iter().all(|o| o.cancelled && !o.failed()));
+    let m = report::summarize(&run.recorded, run.duration);
+    assert_eq!(
+        (m["completed"].as_u64(), m["failed"].as_u64(), m["cancelled"].as_u64()),
+        (Some(0), Some(0), Some(8))
+    );
+    // The replica saw every one of them go: it aborted the generations.
+    let aborted = || {
+        fleet[0]
+            .metrics()
+            .render()
+            .lines()
+            .find_map(|l| l.strip_prefix("sim_requests_aborted_total ")?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    for _ in 0..100 {
+        if aborted() >= 8.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(aborted(), 8.0);
+}

@@ -11,7 +11,7 @@ use http::{HeaderName, Uri};
 use serde_json::{Map, Value, json};
 
 use super::agentic::{self, AgenticSpec, LogNormal};
-use super::client::{Client, Spread, parse_base};
+use super::client::{Cancellation, Client, Spread, parse_base};
 use super::progress::Progress;
 use super::random::RandomWorkload;
 use super::report;
@@ -124,6 +124,12 @@ pub struct RunArgs {
     /// Extra `key=value` recorded with the results (repeatable).
     #[arg(long = "metadata", value_name = "KEY=VALUE", value_parser = parse_metadata)]
     pub metadata: Vec<(String, String)>,
+    /// Hang up on this fraction of requests (0 to 1) at a random time up to
+    /// --cancel-after-max: clients that go away, for soak tests.
+    #[arg(long, default_value_t = 0.0)]
+    pub cancel_fraction: f64,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub cancel_after_max: Duration,
     /// Also save every request's timings (`start_times`, `ttfts`, `itls`, `latencies`,
     /// `input_lens`, `output_lens`, `errors`) with the results, as `vllm bench serve
     /// --save-detailed` does.
@@ -252,12 +258,18 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         (None, Some(0)) => None,
         (None, n) => Some(Limit::Requests(n.unwrap_or(concurrency.unwrap_or(16)))),
     };
-    let client = Arc::new(Client::new(
-        args.base_urls.clone(),
-        args.spread,
-        args.session_header.clone(),
-        args.request_timeout,
-    ));
+    if !(0.0..=1.0).contains(&args.cancel_fraction) {
+        return Err(format!("--cancel-fraction {} is not between 0 and 1", args.cancel_fraction));
+    }
+    let cancellation = (args.cancel_fraction > 0.0).then_some(Cancellation {
+        fraction: args.cancel_fraction,
+        max_after: args.cancel_after_max,
+        seed: args.seed,
+    });
+    let client = Arc::new(
+        Client::new(args.base_urls.clone(), args.spread, args.session_header.clone(), args.request_timeout)
+            .with_cancellation(cancellation),
+    );
     let model = match &args.model {
         Some(m) => m.clone(),
         None => client.first_model().await?,
@@ -392,6 +404,9 @@ fn print_summary(m: &Map<String, Value>, args: &RunArgs, model: &str) {
     out.push_str(&format!("{:<40} {}\n", "Model:", model));
     out.push_str(&format!("{:<40} {}\n", "Successful requests:", m["completed"]));
     out.push_str(&format!("{:<40} {}\n", "Failed requests:", m["failed"]));
+    if m["cancelled"].as_u64().unwrap_or(0) > 0 {
+        out.push_str(&format!("{:<40} {}\n", "Cancelled by the client:", m["cancelled"]));
+    }
     if let Some(c) = args.max_concurrency {
         out.push_str(&format!("{:<40} {c}\n", "Maximum request concurrency:"));
     }

@@ -67,14 +67,29 @@ pub struct Outcome {
     pub prompt_tokens: usize,
     pub output_tokens: usize,
     pub error: Option<String>,
+    /// The client gave up on purpose (`--cancel-fraction`): not a success, not a failure.
+    pub cancelled: bool,
     /// The generated text, when asked for.
     pub text: String,
 }
 
 impl Outcome {
     pub fn ok(&self) -> bool {
-        self.error.is_none()
+        self.error.is_none() && !self.cancelled
     }
+
+    pub fn failed(&self) -> bool {
+        self.error.is_some()
+    }
+}
+
+/// Clients that hang up: this fraction of requests is dropped after a random time up to
+/// `max_after` (soak tests; a benchmark cancels nothing).
+#[derive(Debug, Clone, Copy)]
+pub struct Cancellation {
+    pub fraction: f64,
+    pub max_after: Duration,
+    pub seed: u64,
 }
 
 pub struct Client {
@@ -84,6 +99,8 @@ pub struct Client {
     next: AtomicUsize,
     session_header: HeaderName,
     timeout: Duration,
+    cancellation: Option<Cancellation>,
+    sent: AtomicUsize,
 }
 
 /// The fields of a stream event the client reads; everything else is skipped unparsed.
@@ -127,7 +144,29 @@ impl Client {
         let http = HyperClient::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
             .build(connector);
-        Client { http, bases, spread, next: AtomicUsize::new(0), session_header, timeout }
+        Client {
+            http,
+            bases,
+            spread,
+            next: AtomicUsize::new(0),
+            session_header,
+            timeout,
+            cancellation: None,
+            sent: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn with_cancellation(mut self, cancellation: Option<Cancellation>) -> Self {
+        self.cancellation = cancellation;
+        self
+    }
+
+    /// When to hang up on the next request, if at all.
+    fn cancel_after(&self) -> Option<Duration> {
+        let c = self.cancellation?;
+        let n = self.sent.fetch_add(1, Ordering::Relaxed) as u64;
+        let mut rng = fastrand::Rng::with_seed(c.seed ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        (rng.f64() < c.fraction).then(|| c.max_after.mul_f64(rng.f64()))
     }
 
     fn base(&self, session: Option<&str>) -> &Uri {
@@ -146,12 +185,21 @@ impl Client {
             prompt_tokens: request.prompt_tokens,
             ..Outcome::default()
         };
+        let cancel_after = self.cancel_after();
         let exchange = self.exchange(request, sent, &mut outcome);
-        if let Err(error) = tokio::time::timeout(self.timeout, exchange)
-            .await
-            .unwrap_or_else(|_| Err(format!("no complete response within {:?}", self.timeout)))
-        {
-            outcome.error = Some(error);
+        let bounded = tokio::time::timeout(self.timeout, exchange);
+        let result = match cancel_after {
+            Some(after) => tokio::select! {
+                r = bounded => Some(r),
+                _ = tokio::time::sleep(after) => None,
+            },
+            None => Some(bounded.await),
+        };
+        match result {
+            None => outcome.cancelled = true, // dropping the exchange closes the connection
+            Some(Ok(Ok(()))) => {}
+            Some(Ok(Err(error))) => outcome.error = Some(error),
+            Some(Err(_)) => outcome.error = Some(format!("no complete response within {:?}", self.timeout)),
         }
         outcome
     }

@@ -22,7 +22,8 @@ impl Progress {
     }
 
     pub fn end(&self, outcome: &Outcome) {
-        let counter = if outcome.ok() { &self.completed } else { &self.failed };
+        // A cancelled request ends without completing; it shows as neither.
+        let counter = if outcome.failed() { &self.failed } else { &self.completed };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 

@@ -40,7 +40,8 @@ pub fn summarize(outcomes: &[Outcome], duration: Duration) -> Map<String, Value>
     let mut out = Map::new();
     out.insert("duration".into(), json!(seconds));
     out.insert("completed".into(), json!(ok.len()));
-    out.insert("failed".into(), json!(outcomes.len() - ok.len()));
+    out.insert("failed".into(), json!(outcomes.iter().filter(|o| o.failed()).count()));
+    out.insert("cancelled".into(), json!(outcomes.iter().filter(|o| o.cancelled).count()));
     out.insert("total_input_tokens".into(), json!(total_input));
     out.insert("total_output_tokens".into(), json!(total_output));
     out.insert("request_throughput".into(), json!(ok.len() as f64 / seconds));

@@ -1,0 +1,113 @@
+//! The bodies of the fuzz targets (`fuzz/`, run by `bench-scripts/fuzz.sh`), kept in
+//! the library so that `cargo test` replays every input the fuzzer ever found
+//! (`fuzz/regressions/`) through exactly the same code.
+//!
+//! Each function must never panic, whatever its input; the asserts inside check the
+//! invariants the router relies on.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::{Value, json};
+
+use crate::pd::requests;
+use crate::request_facts;
+use crate::routing_key::KeyHeaders;
+use crate::sse::{SseEvents, data_payload};
+
+/// Request parsing and session-key extraction: the input is a request body, and also,
+/// split at its first blank line, header lines (`name: value`) followed by a body.
+pub fn request_parsing(data: &[u8]) {
+    body(data);
+    let split = data.windows(2).position(|w| w == b"\n\n");
+    let (head, body_part) = match split {
+        Some(at) => (&data[..at], &data[at + 2..]),
+        None => (&data[..0], data),
+    };
+    let facts = body(body_part);
+    let mut headers = HeaderMap::new();
+    for line in head.split(|&b| b == b'\n') {
+        let Some(colon) = line.iter().position(|&b| b == b':') else { continue };
+        let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(&line[..colon]), HeaderValue::from_bytes(line[colon + 1..].trim_ascii()))
+        else {
+            continue;
+        };
+        headers.append(name, value);
+    }
+    let keys =
+        KeyHeaders::new(vec![HeaderName::from_static("x-session-id"), HeaderName::from_static("x-user-id")]);
+    let session = facts.and_then(|f| f.session);
+    let key = keys.key(&headers, session.clone());
+    match (keys.find(&headers), &session) {
+        // A header key wins over the body's.
+        (Some(from_header), _) => assert_eq!(key.as_ref(), Some(&from_header)),
+        (None, Some(s)) => assert_eq!(key.as_ref().map(|k| k.as_bytes()), Some(s.as_bytes())),
+        (None, None) => assert!(key.is_none()),
+    }
+}
+
+/// One body through the ingress parser, and, when it is an inference request, through
+/// the P/D rewrites.
+fn body(data: &[u8]) -> Option<request_facts::BodyFacts> {
+    let any = request_facts::parse(data);
+    let inference = request_facts::parse_inference(data);
+    match (&any, &inference) {
+        (Ok(a), Ok(i)) => assert_eq!(a, i, "the inference parse is the general one plus a model"),
+        (Ok(a), Err(_)) => assert!(a.model.is_none(), "only a missing model fails the inference parse"),
+        (Err(_), Ok(_)) => panic!("an inference body that is not a body"),
+        (Err(_), Err(_)) => {}
+    }
+    let facts = inference.ok()?;
+    // The P/D path parses the whole body; what it cannot parse gets a 400 there.
+    let Ok(value) = serde_json::from_slice::<Value>(data) else { return Some(facts) };
+    assert!(value.is_object(), "a body the router accepted is not a JSON object");
+    let prefill = requests::prefill_request(&value);
+    assert_eq!(prefill["stream"], json!(false));
+    assert_eq!(prefill["max_tokens"], json!(1));
+    let _ = requests::read_prefill_response(&value);
+    let kv = json!({"do_remote_prefill": true, "remote_engine_id": "e", "remote_block_ids": [1]});
+    for chat in [false, true] {
+        for tokenize_once in [false, true] {
+            let decode =
+                requests::decode_request(&value, chat, &kv, Some(&[1, 2, 3]), tokenize_once, Some(4096));
+            assert_eq!(decode.body["kv_transfer_params"], kv);
+        }
+    }
+    Some(facts)
+}
+
+/// SSE framing: `data` is split into frames at the points its first byte chooses; the
+/// events found, then whatever is left, must be the input unchanged.
+pub fn sse_framing(data: &[u8]) {
+    let Some((&step, stream)) = data.split_first() else { return };
+    let step = usize::from(step).max(1);
+    let mut sse = SseEvents::new();
+    let mut out = Vec::with_capacity(stream.len());
+    for frame in stream.chunks(step) {
+        sse.push(frame);
+        while let Some(event) = sse.next_event() {
+            assert!(event.ends_with(b"\n\n"), "an event ends at its blank line");
+            assert!(!event[..event.len() - 2].windows(2).any(|w| w == b"\n\n"), "one event at a time");
+            if let Some(payload) = data_payload(&event) {
+                assert!(payload.len() <= event.len());
+            }
+            out.extend_from_slice(&event);
+        }
+    }
+    if let Some(rest) = sse.take_rest() {
+        out.extend_from_slice(&rest);
+    }
+    assert_eq!(out, stream, "framing loses or invents no byte");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn well_formed_inputs_pass() {
+        request_parsing(br#"{"model": "m", "messages": [], "session_id": "s"}"#);
+        request_parsing(b"x-session-id: abc\nx-user-id: u\n\n{\"model\": \"m\", \"user\": 7}");
+        request_parsing(b"not json at all");
+        sse_framing(b"\x03data: {}\n\ndata: [DONE]\n\n: tail");
+    }
+}
