@@ -18,7 +18,7 @@ fn main() -> std::process::ExitCode {
         Command::Run(args) => {
             let runtime =
                 tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
-            runtime.block_on(cli::run(args))
+            runtime.block_on(cli::run(*args))
         }
     };
     match result {

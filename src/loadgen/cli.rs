@@ -30,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a warm-up phase (discarded), then the recorded phase; print and save the results.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Write an agentic multi-turn dataset as JSONL.
     AgenticDataset(DatasetArgs),
     /// Print the statistics of an agentic dataset as JSON.
