@@ -13,8 +13,10 @@ the machine was. Contenders:
                  by session for the agentic workload): no router at all, the limit
   router         this project (release build)
   vllm-router    the PyPI package, pinned, installed into a venv by this script
-  ray-serve-llm  see README ("Ray Serve LLM"): it is not run here; its published figures
-                 are recorded instead
+  ray-serve-llm  Ray Serve LLM (PyPI ray[serve,llm], pinned, ~9 GB with vLLM and torch,
+                 installed into a venv by this script) in its direct-streaming setup:
+                 HAProxy, the LLMRouter, one LLMServer replica per simulated engine whose
+                 engine relays to it (bench-scripts/ray_serve_llm/); not in P/D mode
 
 Routing is the same for every contender: round-robin for the random workloads,
 consistent hashing on the `x-session-id` header for the agentic one. `--pd` also runs the
@@ -49,6 +51,8 @@ BIN = ROOT / "target" / "release"
 VENV = ROOT / "target" / "bench-venv"
 DATA = ROOT / "target" / "bench-data"
 VLLM_ROUTER_VERSION = "0.1.17"
+RAY_VERSION = "2.60.0"
+RAY_VENV = ROOT / "target" / "ray-venv"
 MODEL = "Qwen/Qwen3-0.6B"
 SIM_PORT = 18100
 ROUTER_PORT = 18000
@@ -109,8 +113,17 @@ class Sweep:
             proc.wait()
 
     def stop_all(self):
+        sessions = [p.pid for p in self.procs]
         for proc in self.procs:
             self.stop(proc)
+        # Each process was started in its own session; some of their children outlive
+        # their parents (Ray's GCS and raylet, HAProxy after a reload): kill the rest of
+        # each session.
+        for pid in sum((session_members(s) for s in sessions), []):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.procs = []
 
     def wait_ready(self, url, what, timeout=120):
@@ -144,6 +157,15 @@ class Sweep:
         subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"vllm-router=={VLLM_ROUTER_VERSION}"], check=True)
         return binary
 
+    def ray_python(self):
+        python = RAY_VENV / "bin" / "python"
+        if self.dry or (RAY_VENV / "bin" / "serve").exists():
+            return python
+        log(f"installing ray[serve,llm]=={RAY_VERSION} into {RAY_VENV} (about 9 GB)")
+        subprocess.run([sys.executable, "-m", "venv", str(RAY_VENV)], check=True)
+        subprocess.run([str(RAY_VENV / "bin" / "pip"), "install", "-q", f"ray[serve,llm]=={RAY_VERSION}"], check=True)
+        return python
+
     def dataset(self, sessions):
         path = DATA / f"agentic_{sessions}s_seed{self.args.seed}.jsonl"
         cmd = [BIN / "llm-bench", "agentic-dataset", "--num-sessions", sessions, "--seed", self.args.seed,
@@ -156,8 +178,32 @@ class Sweep:
             subprocess.run([str(c) for c in cmd], check=True)
         return path
 
+    def ensure_free(self, ports, timeout=60):
+        """Wait for our ports to be free: a listener left over would answer in the
+        contender's place. Leftovers of our own binaries (under target/, e.g. an HAProxy
+        of Ray's still draining) are killed; anything else is an error."""
+        if self.dry:
+            return
+        deadline = time.time() + timeout
+        while True:
+            busy = [p for p in ports if port_in_use(p)]
+            if not busy:
+                return
+            for port in busy:
+                pid = listener_pid(port)
+                try:
+                    ours = pid is not None and os.readlink(f"/proc/{pid}/exe").startswith(str(ROOT / "target"))
+                except OSError:
+                    ours = False
+                if ours:
+                    os.kill(pid, signal.SIGKILL)
+            if time.time() > deadline:
+                raise RuntimeError(f"ports {busy} are in use by another process; stop it first")
+            time.sleep(1)
+
     def start_sims(self, roles):
         """Fresh simulated replicas, one process each; returns their URLs by role."""
+        self.ensure_free([SIM_PORT + i for i in range(len(roles))] + [ROUTER_PORT])
         urls = {}
         for i, role in enumerate(roles):
             port = SIM_PORT + i
@@ -196,6 +242,10 @@ class Sweep:
             else:
                 cmd += ["--worker-urls", *urls["both"], "--policy", "consistent_hash" if affinity else "round_robin"]
             return cmd
+        if contender == "ray-serve-llm":
+            return [self.ray_python(), ROOT / "bench-scripts" / "ray_serve_llm" / "serve_app.py",
+                    "--sims", ",".join(urls["both"]), "--port", port,
+                    "--policy", "consistent-hash" if affinity else "round-robin"]
         return None
 
     # ---- one run ---------------------------------------------------------------
@@ -214,7 +264,12 @@ class Sweep:
         if cmd is not None:
             env = {"RUST_LOG": "warn"} if contender == "router" else None
             proc = self.spawn(cmd, name + "-contender", env)
-            self.wait_ready(f"http://127.0.0.1:{ROUTER_PORT}/v1/models", contender)
+            self.wait_ready(f"http://127.0.0.1:{ROUTER_PORT}/v1/models", contender,
+                            timeout=600 if contender == "ray-serve-llm" else 120)
+            if not self.dry:
+                owner = listener_pid(ROUTER_PORT)
+                if proc.poll() is not None or owner not in session_members(proc.pid):
+                    raise RuntimeError(f"{contender} is not the process serving port {ROUTER_PORT} (pid {owner})")
             base = [f"http://127.0.0.1:{ROUTER_PORT}"]
         else:
             base = urls["both"]
@@ -232,7 +287,7 @@ class Sweep:
         if self.dry:
             self.stop_all()
             return None
-        tree = process_tree(proc.pid) if proc else []
+        tree = session_members(proc.pid) if proc else []
         before = {pid: cpu_times(pid) for pid in tree + sim_pids}
         machine0 = machine_ticks()
         started = time.time()
@@ -241,7 +296,7 @@ class Sweep:
         _, status, usage = os.wait4(client.pid, 0)
         client.returncode = os.waitstatus_to_exitcode(status)
         machine1 = machine_ticks()
-        tree = process_tree(proc.pid) if proc else []
+        tree = session_members(proc.pid) if proc else []
 
         def spent(pids, part):
             return sum(cpu_times(pid)[part] - before.get(pid, (0.0, 0.0))[part] for pid in pids)
@@ -284,9 +339,7 @@ class Sweep:
             (self.out / "logs").mkdir(parents=True, exist_ok=True)
         if not args.no_build:
             self.build()
-        contenders = [c for c in args.contenders if c != "ray-serve-llm"]
-        if "ray-serve-llm" in args.contenders:
-            log("ray-serve-llm is not run here (see README, 'Ray Serve LLM'); its published figures are recorded")
+        contenders = list(args.contenders)
         if "agentic" in args.workloads or args.pd:
             self.agentic_dataset = self.dataset(args.sessions or (120 if args.quick else 3 * max(args.concurrency)))
         results_path = self.out / "results.json"
@@ -303,6 +356,7 @@ class Sweep:
                     points += [(workload, concurrency, c, repeat, None) for c in order]
             if args.pd:
                 for concurrency in args.concurrency:
+                    # Ray Serve LLM's P/D needs real engines on both stages: not run here.
                     for c, pd in [("router", "ids"), ("router", "text"), ("vllm-router", "text")]:
                         if c in contenders:
                             points.append(("agentic", concurrency, c, repeat, pd))
@@ -462,21 +516,46 @@ def peak_rss_kb(pid):
     return 0
 
 
-def process_tree(root):
-    children = {}
+def session_members(sid):
+    """Every process of the session `sid` (the contender and all it started, including
+    children whose parents have exited)."""
+    members = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                    members.append(int(entry.name))
             except (OSError, IndexError, ValueError):
                 pass
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
+    return members
+
+
+def port_in_use(port):
+    import socket
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def listener_pid(port):
+    """The pid listening on 127.0.0.1:port, from /proc (socket inode to process)."""
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inode = fields[9]
+    if inode is None:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            for fd in (entry / "fd").iterdir():
+                if os.readlink(fd) == f"socket:[{inode}]":
+                    return int(entry.name)
+        except OSError:
+            continue
+    return None
 
 
 def machine_ticks():
