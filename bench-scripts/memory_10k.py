@@ -65,8 +65,19 @@ def main():
     p.add_argument("--out", default=str(ROOT / "artifacts" / "memory_10k.json"))
     p.add_argument("--no-build", action="store_true")
     args = p.parse_args()
-    # Each stream is a client socket and an upstream socket in the router.
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    # Each stream is a client socket and an upstream socket in the router: it needs two
+    # descriptors per stream. Raise the soft limit as far as the hard one allows; where
+    # the hard limit is too low for --streams, run as many streams as fit and say so.
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 65536:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        fit = (hard - 200) // 2
+        if args.streams > fit:
+            print(f"open-file limit {hard} fits {fit} streams through the router, not {args.streams}: "
+                  f"running {fit}", file=sys.stderr)
+            args.requested_streams, args.streams = args.streams, fit
+    else:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
     if not args.no_build:
         subprocess.run(["cargo", "build", "--release", "--bins"], cwd=ROOT, check=True)
     logs = Path("/tmp/llm-router-memory")
@@ -113,6 +124,8 @@ def main():
         peak = status_kb(router.pid, "VmHWM")
         report = {
             "streams": args.streams,
+            "streams_requested": getattr(args, "requested_streams", args.streams),
+            "open_file_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[1],
             "completed": result["completed"],
             "failed": result["failed"],
             "max_in_flight_seen": top["in_flight"],

@@ -80,6 +80,12 @@ class Sweep:
         self.dry = args.dry_run
         self.out = Path(args.out)
         self.phases = QUICK if args.quick else FULL
+        if args.phases:
+            random_s, agentic_s = args.phases
+            self.phases = {
+                "random": (*random_s, self.phases["random"][2]),
+                "agentic": (*agentic_s, self.phases["agentic"][2]),
+            }
         self.procs = []
 
     # ---- processes -------------------------------------------------------------
@@ -615,6 +621,14 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "artifacts" / "benchmark"))
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out and skip them")
     p.add_argument("--no-build", action="store_true")
+    p.add_argument(
+        "--phases",
+        nargs=2,
+        metavar="WARM:REC",
+        type=lambda v: tuple(int(x) for x in v.split(":")),
+        help="warm-up and recorded seconds for the random and the agentic workloads "
+        "(default 30:60 60:90; --quick 5:10 10:15)",
+    )
     args = p.parse_args()
     if args.concurrency is None:
         args.concurrency = [64] if args.quick else [64, 128, 256]
