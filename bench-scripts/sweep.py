@@ -468,7 +468,8 @@ def write_tables(out, runs):
         w = csv.writer(f)
         w.writerow(["workload", "concurrency", "throughput_router_vs_direct", "throughput_router_vs_vllm_router",
                     "ttft_router_minus_direct_ms", "tpot_router_vs_direct", "cpu_router_vs_vllm_router",
-                    "user_cpu_router_vs_vllm_router", "ttft_router_vs_vllm_router"])
+                    "user_cpu_router_vs_vllm_router", "ttft_router_vs_vllm_router",
+                    "throughput_router_vs_ray", "ttft_router_vs_ray", "cpu_router_vs_ray"])
         keys = sorted({(wl, c) for (wl, c, _) in groups if wl != "agentic-pd"})
         for wl, c in keys:
             def m(contender, key):
@@ -491,6 +492,10 @@ def write_tables(out, runs):
                 ratio(m("router", "contender_user_cpu_s_per_1000_requests"),
                       m("vllm-router", "contender_user_cpu_s_per_1000_requests")),
                 ratio(m("router", "mean_ttft_ms"), m("vllm-router", "mean_ttft_ms")),
+                ratio(m("router", thr), m("ray-serve-llm", thr)),
+                ratio(m("router", "mean_ttft_ms"), m("ray-serve-llm", "mean_ttft_ms")),
+                ratio(m("router", "contender_cpu_s_per_1000_requests"),
+                      m("ray-serve-llm", "contender_cpu_s_per_1000_requests")),
             ])
 
 
