@@ -350,8 +350,13 @@ class Sweep:
             self.agentic_dataset = self.dataset(args.sessions or (120 if args.quick else 3 * max(args.concurrency)))
         results_path = self.out / "results.json"
         runs = []
+        self.passes = []
         if results_path.exists() and args.resume:
-            runs = json.loads(results_path.read_text())["runs"]
+            previous = json.loads(results_path.read_text())
+            runs = previous["runs"]
+            self.passes = previous.get("passes", [{"config": previous.get("config")}])
+        # Each invocation that adds runs to --out is recorded as a pass, with its settings.
+        self.passes.append({"argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         done = {r["name"] for r in runs}
         points = []
         for repeat in range(args.repeats):
@@ -393,6 +398,7 @@ class Sweep:
                 "sim": f"vllm-sim --profile qwen3-0.6b-h100 --max-model-len {MAX_MODEL_LEN} (real time)",
                 "routing": "round-robin (random workloads), consistent hash on x-session-id (agentic)",
             },
+            "passes": self.passes,
             "published": PUBLISHED,
             "runs": runs,
         }

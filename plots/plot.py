@@ -91,8 +91,12 @@ def grid(results, out):
         for h, l in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(l, h)
     fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=3, frameon=False)
-    config = results.get("config", {})
-    fig.suptitle(f"8 simulated Qwen3-0.6B/H100 replicas (vllm-sim), {config.get('repeats', '?')} repeats: "
+    counts = {}
+    for r in results["runs"]:
+        key = (r["workload"], r["concurrency"], r["contender"], r.get("pd"))
+        counts[key] = counts.get(key, 0) + 1
+    repeats = "-".join(str(n) for n in sorted({min(counts.values()), max(counts.values())})) if counts else "?"
+    fig.suptitle(f"8 simulated Qwen3-0.6B/H100 replicas (vllm-sim), {repeats} runs per point: "
                  f"median, band = min..max; machine: {results['machine']['cores']} cores")
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     path = out / "grid.png"
