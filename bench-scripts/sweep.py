@@ -172,17 +172,13 @@ class Sweep:
         subprocess.run([str(RAY_VENV / "bin" / "pip"), "install", "-q", f"ray[serve,llm]=={RAY_VERSION}"], check=True)
         return python
 
-    def dataset(self, sessions):
-        path = DATA / f"agentic_{sessions}s_seed{self.args.seed}.jsonl"
-        cmd = [BIN / "llm-bench", "agentic-dataset", "--num-sessions", sessions, "--seed", self.args.seed,
-               "--max-model-len", MAX_MODEL_LEN, "--output", path]
-        if path.exists():
-            return path
+    def dataset(self):
+        """The study's agentic dataset (AIPerf 0.8.0, checked against its sha256)."""
+        cmd = ["bash", ROOT / "bench-scripts" / "agentic_dataset.sh"]
         log("$", " ".join(map(str, cmd)))
-        if not self.dry:
-            DATA.mkdir(parents=True, exist_ok=True)
-            subprocess.run([str(c) for c in cmd], check=True)
-        return path
+        if self.dry:
+            return DATA / "agentic_loop_2200s_seed42" / "dataset.jsonl"
+        return Path(subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True).stdout.strip())
 
     def ensure_free(self, ports, timeout=60):
         """Wait for our ports to be free: a listener left over would answer in the
@@ -226,7 +222,7 @@ class Sweep:
         """The command that starts a contender, or None for `direct`."""
         port = ROUTER_PORT
         if contender == "router":
-            cmd = [BIN / "router", "--host", "127.0.0.1", "--port", port]
+            cmd = [BIN / "router", "--host", "127.0.0.1", "--port", port, "--session-header", "x-correlation-id"]
             if pd:
                 cmd += ["--pd", "prefill=" + ",".join(urls["prefill"]), "decode=" + ",".join(urls["decode"]),
                         "--prefill-policy", "consistent-hash", "--decode-policy", "consistent-hash"]
@@ -286,7 +282,8 @@ class Sweep:
                  "--label", contender, "--result-file", result_file,
                  "--metadata", f"workload={workload}", "--metadata", f"repeat={repeat}"]
         if agentic:
-            bench += ["--workload", "agentic", "--dataset", self.agentic_dataset, "--spread", "session"]
+            bench += ["--workload", "agentic", "--dataset", self.agentic_dataset, "--spread", "session",
+                      "--num-sessions", 8 * concurrency]
         else:
             bench += ["--isl", spec["isl"], "--osl", spec["osl"], "--spread", "round-robin"]
         log("$", " ".join(shlex.quote(str(c)) for c in bench))
@@ -347,7 +344,7 @@ class Sweep:
             self.build()
         contenders = list(args.contenders)
         if "agentic" in args.workloads or args.pd:
-            self.agentic_dataset = self.dataset(args.sessions or (120 if args.quick else 3 * max(args.concurrency)))
+            self.agentic_dataset = self.dataset()
         results_path = self.out / "results.json"
         runs = []
         self.passes = []
@@ -627,7 +624,6 @@ def parse_args():
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--repeats", type=int)
     p.add_argument("--pd", action="store_true", help="also run the P/D comparison (4 prefill + 4 decode)")
-    p.add_argument("--sessions", type=int, help="agentic dataset size (default: 3x the largest concurrency)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default=str(ROOT / "artifacts" / "benchmark"))
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out and skip them")

@@ -28,10 +28,10 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$LABEL" ] || { echo "--label NAME is required" >&2; exit 2; }
 [ -x "$BENCH" ] || [ "$DRY_RUN" = 1 ] || (cd "$ROOT" && cargo build --release --bin llm-bench)
-DATASET="${DATASET:-$ROOT/target/bench-data/agentic_768s_seed42.jsonl}"
+DATASET="${DATASET:-$ROOT/target/bench-data/agentic_loop_2200s_seed42/dataset.jsonl}"
 if [[ " $WORKLOADS " == *" agentic "* ]] && [ ! -f "$DATASET" ] && [ "$DRY_RUN" = 0 ]; then
   mkdir -p "$(dirname "$DATASET")"
-  "$BENCH" agentic-dataset --num-sessions 768 --seed 42 --max-model-len 65536 --output "$DATASET"
+  DATASET="$(bash "$ROOT/bench-scripts/agentic_dataset.sh")"
 fi
 if [ "$DIRECT" = 1 ]; then base=$(engine_urls 0 8 | tr ' ' ,); else base="http://$HOST_IP:$FRONT_PORT"; fi
 [ "$DRY_RUN" = 1 ] || mkdir -p "$RESULTS"
@@ -42,7 +42,7 @@ for workload in $WORKLOADS; do
     case "$workload" in
       prefill-heavy) args+=(--isl 8000 --osl 50 --spread round-robin --warmup-duration 30s --duration 120s) ;;
       decode-heavy) args+=(--isl 50 --osl 500 --spread round-robin --warmup-duration 30s --duration 120s) ;;
-      agentic) args+=(--workload agentic --dataset "$DATASET" --spread session --warmup-duration 60s
+      agentic) args+=(--workload agentic --dataset "$DATASET" --num-sessions $((8 * c)) --spread session --warmup-duration 60s
                       --duration 180s --drain-timeout 30s) ;;
       *) echo "unknown workload $workload" >&2; exit 2 ;;
     esac

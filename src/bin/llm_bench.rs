@@ -13,8 +13,7 @@ fn main() -> std::process::ExitCode {
         Err(code) => return code,
     };
     let result = match cli.command {
-        Command::AgenticDataset(args) => cli::agentic_dataset(&args),
-        Command::DatasetStats { path } => cli::dataset_stats(&path),
+        Command::DatasetStats { path, isl_block_size } => cli::dataset_stats(&path, isl_block_size),
         Command::Run(args) => {
             let runtime =
                 tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");

@@ -1,7 +1,7 @@
 //! The `llm-bench` command line: `run` a benchmark pass against an OpenAI-compatible
-//! endpoint, write an `agentic-dataset`, or print a dataset's `dataset-stats`.
+//! endpoint, or print a trace dataset's `dataset-stats`.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, Read};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,12 +10,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use http::{HeaderName, Uri};
 use serde_json::{Map, Value, json};
 
-use super::agentic::{self, AgenticSpec, LogNormal};
 use super::client::{Cancellation, Client, Spread, parse_base};
 use super::progress::Progress;
 use super::random::RandomWorkload;
 use super::report;
-use super::runner::{self, Limit, Pacing, Work};
+use super::runner::{self, Limit, Pacing, SessionWork, Work};
+use super::trace::{self, TraceSession};
+use sha2::{Digest, Sha256};
 
 /// A load generator for OpenAI-compatible LLM servers and routers, measuring what
 /// `vllm bench serve` measures (TTFT, TPOT, ITL, E2E latency, throughput) on the
@@ -31,12 +32,13 @@ pub struct Cli {
 pub enum Command {
     /// Run a warm-up phase (discarded), then the recorded phase; print and save the results.
     Run(Box<RunArgs>),
-    /// Write an agentic multi-turn dataset as JSONL.
-    AgenticDataset(DatasetArgs),
-    /// Print the statistics of an agentic dataset as JSON.
+    /// Print the statistics of a trace dataset (AIPerf mooncake-trace JSONL) as JSON.
     DatasetStats {
         /// The JSONL dataset.
         path: PathBuf,
+        /// Tokens per hash id.
+        #[arg(long, default_value_t = trace::DEFAULT_BLOCK_SIZE)]
+        isl_block_size: usize,
     },
 }
 
@@ -44,7 +46,8 @@ pub enum Command {
 pub enum WorkloadKind {
     /// Independent requests of exactly --isl prompt tokens and --osl output tokens.
     Random,
-    /// Multi-turn coding-agent sessions replayed from --dataset.
+    /// Multi-turn sessions replayed from an AIPerf mooncake-trace --dataset (the study's
+    /// agentic workload: bench-scripts/agentic_dataset.sh).
     Agentic,
 }
 
@@ -77,9 +80,26 @@ pub struct RunArgs {
     /// Random workload: the endpoint to send to.
     #[arg(long, value_enum, default_value_t = EndpointKind::Completions)]
     pub endpoint: EndpointKind,
-    /// Agentic workload: the dataset (from `llm-bench agentic-dataset`).
+    /// Agentic workload: the trace (AIPerf mooncake-trace JSONL).
     #[arg(long, required_if_eq("workload", "agentic"))]
     pub dataset: Option<PathBuf>,
+    /// Agentic workload: replay only the trace's first N sessions (the study sliced 8 per
+    /// unit of concurrency). Without --num-prompts or --duration, the run ends when they
+    /// have all been replayed, as AIPerf's does.
+    #[arg(long)]
+    pub num_sessions: Option<usize>,
+    /// Agentic workload: tokens per hash id (AIPerf's --isl-block-size).
+    #[arg(long, default_value_t = trace::DEFAULT_BLOCK_SIZE, value_parser = parse_block_size)]
+    pub isl_block_size: usize,
+    /// Agentic workload: start the --max-concurrency session slots spread over this long
+    /// (AIPerf's --concurrency-ramp-duration).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub ramp_up: Duration,
+    /// The engines run this many times faster than real time (vllm-sim --time-scale).
+    /// Inter-turn delays are scaled to match, and every reported time is converted to the
+    /// engines' clock, so a run at --time-scale 0.25 reports what a real-time run would.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_time_scale)]
+    pub time_scale: f64,
     /// Requests in flight at once (sessions, for the agentic workload).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_concurrency: Option<u32>,
@@ -109,8 +129,8 @@ pub struct RunArgs {
     /// Seed of prompts and arrivals.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Header carrying the session id of agentic requests.
-    #[arg(long, default_value = "x-session-id")]
+    /// Header carrying the session id of agentic requests (AIPerf's X-Correlation-ID).
+    #[arg(long, default_value = "x-correlation-id")]
     pub session_header: HeaderName,
     /// Longest a request may take, stream included.
     #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
@@ -140,38 +160,6 @@ pub struct RunArgs {
     pub no_progress: bool,
 }
 
-#[derive(Debug, clap::Args)]
-pub struct DatasetArgs {
-    #[arg(long, default_value_t = 256)]
-    pub num_sessions: usize,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Where to write the JSONL (stdout if omitted).
-    #[arg(long)]
-    pub output: Option<PathBuf>,
-    #[arg(long, default_value_t = 20)]
-    pub turns: usize,
-    #[arg(long, default_value_t = 24_000.0)]
-    pub context_median: f64,
-    #[arg(long, default_value_t = 25_000.0)]
-    pub context_mean: f64,
-    #[arg(long, default_value_t = 400.0)]
-    pub new_tokens_median: f64,
-    #[arg(long, default_value_t = 1_000.0)]
-    pub new_tokens_mean: f64,
-    #[arg(long, default_value_t = 70.0)]
-    pub generation_median: f64,
-    #[arg(long, default_value_t = 230.0)]
-    pub generation_mean: f64,
-    #[arg(long, default_value_t = 1.2)]
-    pub delay_median_s: f64,
-    #[arg(long, default_value_t = 1.8)]
-    pub delay_mean_s: f64,
-    /// Sessions end before a turn that would not fit this context length.
-    #[arg(long, default_value_t = 65_536)]
-    pub max_model_len: usize,
-}
-
 fn parse_rate(text: &str) -> Result<f64, String> {
     match text {
         "inf" => Ok(f64::INFINITY),
@@ -188,50 +176,36 @@ fn parse_metadata(text: &str) -> Result<(String, String), String> {
     Ok((k.to_owned(), v.to_owned()))
 }
 
-impl DatasetArgs {
-    fn spec(&self) -> Result<AgenticSpec, String> {
-        let dist = |name: &str, median: f64, mean: f64| {
-            if median > 0.0 && mean >= median {
-                Ok(LogNormal::from_median_mean(median, mean))
-            } else {
-                Err(format!("{name}: need mean >= median > 0 (got median {median}, mean {mean})"))
-            }
-        };
-        Ok(AgenticSpec {
-            turns: self.turns,
-            context_tokens: dist("context", self.context_median, self.context_mean)?,
-            new_tokens: dist("new tokens", self.new_tokens_median, self.new_tokens_mean)?,
-            generation_tokens: dist("generation", self.generation_median, self.generation_mean)?,
-            delay_seconds: dist("delay", self.delay_median_s, self.delay_mean_s)?,
-            max_model_len: self.max_model_len,
-        })
-    }
+fn parse_block_size(text: &str) -> Result<usize, String> {
+    text.parse::<usize>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("`{text}` is not a block size above 0"))
 }
 
-/// Write the dataset.
-pub fn agentic_dataset(args: &DatasetArgs) -> Result<(), String> {
-    let spec = args.spec()?;
-    let write = |out: &mut dyn Write| {
-        let mut out = BufWriter::with_capacity(1 << 20, out);
-        spec.write_dataset(args.seed, args.num_sessions, &mut out)
-    };
-    match &args.output {
-        Some(path) => {
-            let mut file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            write(&mut file).map_err(|e| format!("{}: {e}", path.display()))
-        }
-        None => write(&mut std::io::stdout().lock()).map_err(|e| e.to_string()),
-    }
+fn parse_time_scale(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|x| x.is_finite() && *x > 0.0)
+        .ok_or_else(|| format!("`{text}` is not a time scale above 0"))
 }
 
-fn load_dataset(path: &PathBuf) -> Result<Vec<agentic::Session>, String> {
-    let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    agentic::read_dataset(BufReader::with_capacity(1 << 20, file))
-        .map_err(|e| format!("{}: {e}", path.display()))
+/// A trace and its sha256 (recorded with every result that used it).
+fn load_trace(path: &PathBuf, block_size: usize) -> Result<(Vec<TraceSession>, String), String> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| BufReader::new(f).read_to_end(&mut bytes))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let sha256 = format!("{:x}", Sha256::digest(&bytes));
+    let sessions =
+        trace::read_trace(&bytes[..], block_size).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((sessions, sha256))
 }
 
-pub fn dataset_stats(path: &PathBuf) -> Result<(), String> {
-    let stats = agentic::stats(&load_dataset(path)?);
+pub fn dataset_stats(path: &PathBuf, block_size: usize) -> Result<(), String> {
+    let (sessions, sha256) = load_trace(path, block_size)?;
+    let mut stats = serde_json::to_value(trace::stats(&sessions)).expect("stats serialise");
+    stats["sha256"] = json!(sha256);
     println!("{}", serde_json::to_string_pretty(&stats).expect("stats serialise"));
     Ok(())
 }
@@ -249,12 +223,19 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     if !args.request_rate.is_finite() && concurrency.is_none() {
         return Err("--request-rate inf needs --max-concurrency (or give a finite --request-rate)".into());
     }
+    // Durations on the command line are in the engines' clock; the run itself is timed
+    // by the wall clock.
+    let wall = |d: Duration| d.div_f64(args.time_scale);
+    let agentic = args.workload == WorkloadKind::Agentic;
     let limit = match (args.duration, args.num_prompts) {
-        (Some(d), _) => Limit::Duration(d),
-        (None, n) => Limit::Requests(n.unwrap_or(1000)),
+        (Some(d), _) => Limit::Duration(wall(d)),
+        (None, Some(n)) => Limit::Requests(n),
+        // A trace is replayed to its end unless told otherwise, as AIPerf replays it.
+        (None, None) if agentic => Limit::Requests(usize::MAX),
+        (None, None) => Limit::Requests(1000),
     };
     let warmup = match (args.warmup_duration, args.warmup_requests) {
-        (Some(d), _) => Some(Limit::Duration(d)),
+        (Some(d), _) => Some(Limit::Duration(wall(d))),
         (None, Some(0)) => None,
         (None, n) => Some(Limit::Requests(n.unwrap_or(concurrency.unwrap_or(16)))),
     };
@@ -263,26 +244,48 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
     }
     let cancellation = (args.cancel_fraction > 0.0).then_some(Cancellation {
         fraction: args.cancel_fraction,
-        max_after: args.cancel_after_max,
+        max_after: wall(args.cancel_after_max),
         seed: args.seed,
     });
     let client = Arc::new(
-        Client::new(args.base_urls.clone(), args.spread, args.session_header.clone(), args.request_timeout)
-            .with_cancellation(cancellation),
+        Client::new(
+            args.base_urls.clone(),
+            args.spread,
+            args.session_header.clone(),
+            wall(args.request_timeout),
+        )
+        .with_cancellation(cancellation),
     );
     let model = match &args.model {
         Some(m) => m.clone(),
         None => client.first_model().await?,
     };
-    let sessions = match args.workload {
+    let dataset = match args.workload {
         WorkloadKind::Agentic => {
             let path = args.dataset.as_ref().expect("clap requires --dataset for agentic");
-            Some(Arc::new(load_dataset(path)?))
+            let (mut sessions, sha256) = load_trace(path, args.isl_block_size)?;
+            if let Some(n) = args.num_sessions {
+                if n > sessions.len() {
+                    return Err(format!(
+                        "--num-sessions {n}: {} has only {}",
+                        path.display(),
+                        sessions.len()
+                    ));
+                }
+                sessions.truncate(n);
+            }
+            Some((Arc::new(sessions), sha256))
         }
         WorkloadKind::Random => None,
     };
-    let work = match &sessions {
-        Some(sessions) => Work::Sessions { sessions: sessions.clone(), model: model.clone() },
+    let work = match &dataset {
+        Some((sessions, _)) => Work::Sessions(SessionWork {
+            sessions: sessions.clone(),
+            model: model.clone(),
+            block_size: args.isl_block_size,
+            ramp: wall(args.ramp_up),
+            time_scale: args.time_scale,
+        }),
         None => Work::Random(RandomWorkload {
             model: model.clone(),
             isl: args.isl,
@@ -294,22 +297,30 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
 
     let progress = Arc::new(Progress::default());
     let total = match (warmup, limit) {
-        (None | Some(Limit::Requests(_)), Limit::Requests(n)) => {
+        (None | Some(Limit::Requests(_)), Limit::Requests(n)) if n != usize::MAX => {
             Some(n + limit_total(warmup.unwrap_or(Limit::Requests(0))).unwrap_or(0))
         }
         _ => None,
     };
     let ticker = progress.ticker("llm-bench", total, !args.no_progress);
-    let run =
-        runner::run(client.clone(), work, pacing(args.seed), (warmup, limit), args.drain_timeout, progress)
-            .await;
+    let mut run = runner::run(
+        client.clone(),
+        work,
+        pacing(args.seed),
+        (warmup, limit),
+        args.drain_timeout.map(wall),
+        progress,
+    )
+    .await;
     drop(ticker);
-    if let Some(sessions) = &sessions
+    run.rescale(args.time_scale);
+    if let Some((sessions, _)) = &dataset
         && run.exhausted
+        && limit != Limit::Requests(usize::MAX)
     {
         eprintln!(
             "warning: the dataset ran out after {} sessions, before the run's end; \
-             generate more with --num-sessions",
+             the results cover a shorter run than asked",
             sessions.len()
         );
     }
@@ -326,8 +337,9 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             "warmup".into(),
             json!({"completed": warm["completed"], "failed": warm["failed"], "duration": run.warmup_duration.as_secs_f64()}),
         );
-        if sessions.is_some() {
+        if let Some((_, sha256)) = &dataset {
             result.insert("sessions".into(), json!(run.sessions_started));
+            result.insert("dataset_sha256".into(), json!(sha256));
         }
         result.extend(metrics);
         if args.save_detailed {
@@ -349,8 +361,9 @@ fn limit_total(limit: Limit) -> Option<usize> {
 /// The run's parameters, under `vllm bench serve`'s keys where it has them.
 fn parameters(args: &RunArgs, model: &str, limit: Limit, warmup: Option<Limit>) -> Map<String, Value> {
     let limit_json = |l: Option<Limit>| match l {
+        Some(Limit::Requests(usize::MAX)) => json!("the whole dataset"),
         Some(Limit::Requests(n)) => json!({"requests": n}),
-        Some(Limit::Duration(d)) => json!({"seconds": d.as_secs_f64()}),
+        Some(Limit::Duration(d)) => json!({"seconds": d.as_secs_f64() * args.time_scale}),
         None => Value::Null,
     };
     let mut p = Map::new();
@@ -373,14 +386,23 @@ fn parameters(args: &RunArgs, model: &str, limit: Limit, warmup: Option<Limit>) 
         p.insert("random_output_len".into(), json!(args.osl));
     } else {
         p.insert("dataset_path".into(), json!(args.dataset.as_ref().map(|d| d.display().to_string())));
+        p.insert("num_sessions_limit".into(), json!(args.num_sessions));
+        p.insert("isl_block_size".into(), json!(args.isl_block_size));
+        p.insert("session_header".into(), json!(args.session_header.as_str()));
+        p.insert("ramp_up_s".into(), json!(args.ramp_up.as_secs_f64()));
     }
+    // Every time in the results is in the engines' clock; a time scale other than 1 says
+    // the run itself took 1/time_scale as long.
+    p.insert("time_scale".into(), json!(args.time_scale));
     p.insert(
         "request_rate".into(),
         if args.request_rate.is_finite() { json!(args.request_rate) } else { json!("inf") },
     );
     p.insert("burstiness".into(), json!(1.0));
     p.insert("max_concurrency".into(), json!(args.max_concurrency));
-    if let Limit::Requests(n) = limit {
+    if let Limit::Requests(n) = limit
+        && n != usize::MAX
+    {
         p.insert("num_prompts".into(), json!(n));
     }
     p.insert("limit".into(), limit_json(Some(limit)));

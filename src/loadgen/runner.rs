@@ -7,8 +7,10 @@
 //! - Rate: requests start at exponentially distributed gaps (a Poisson process with the
 //!   given mean rate), optionally capped at a concurrency, as `--request-rate r`.
 //! - Sessions (the agentic workload): a worker replays one session at a time, turn by
-//!   turn, waiting each turn's delay after the previous response, so at most `n` requests
-//!   are in flight; in rate mode, sessions start at the Poisson rate.
+//!   turn, waiting each turn's delay after the previous response, so at most `n` sessions
+//!   (and requests) are in flight, as AIPerf's `--concurrency` holds a slot per session;
+//!   the workers may start spread over a ramp (AIPerf's `--concurrency-ramp-duration`).
+//!   In rate mode, sessions start at the Poisson rate.
 //!
 //! The two phases are one continuous run: the recorded phase starts where the warm-up
 //! ends, with the engines' batches full and sessions spread over their turns, not with
@@ -24,11 +26,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
 
-use super::agentic::Session;
 use super::client::{Client, Outcome, Prepared};
 use super::conversation::Conversation;
 use super::progress::Progress;
 use super::random::RandomWorkload;
+use super::trace::TraceSession;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Pacing {
@@ -46,11 +48,20 @@ pub enum Limit {
 /// What a run sends.
 pub enum Work {
     Random(RandomWorkload),
-    /// Sessions replayed in dataset order.
-    Sessions {
-        sessions: Arc<Vec<Session>>,
-        model: String,
-    },
+    /// Trace sessions replayed in dataset order.
+    Sessions(SessionWork),
+}
+
+pub struct SessionWork {
+    pub sessions: Arc<Vec<TraceSession>>,
+    pub model: String,
+    /// Tokens per hash id.
+    pub block_size: usize,
+    /// Workers start spread evenly over this long.
+    pub ramp: Duration,
+    /// The engines run this many times faster than real time: inter-turn delays shrink
+    /// (or, below 1, stretch) by the same factor.
+    pub time_scale: f64,
 }
 
 /// Everything that happened in a run.
@@ -71,6 +82,31 @@ pub struct Run {
     pub sessions_started: usize,
     /// The dataset ran out before the recorded phase ended.
     pub exhausted: bool,
+}
+
+impl Run {
+    /// Express every time in the engines' clock: with engines running `time_scale` times
+    /// faster than real time (below 1: slower, for loads this machine cannot carry in
+    /// real time), a wall-clock time `t` is `t * time_scale` of engine time.
+    pub fn rescale(&mut self, time_scale: f64) {
+        if time_scale == 1.0 {
+            return;
+        }
+        let scale = |d: &mut Duration| *d = d.mul_f64(time_scale);
+        for outcome in self.recorded.iter_mut().chain(self.warmup.iter_mut()) {
+            scale(&mut outcome.start);
+            scale(&mut outcome.latency);
+            if let Some(ttft) = outcome.ttft.as_mut() {
+                scale(ttft);
+            }
+            for gap in &mut outcome.itl_us {
+                *gap = (*gap as f64 * time_scale).round().min(u32::MAX as f64) as u32;
+            }
+        }
+        scale(&mut self.warmup_duration);
+        scale(&mut self.duration);
+        scale(&mut self.window);
+    }
 }
 
 /// Decides whether another request may start, and in which phase.
@@ -188,7 +224,7 @@ impl Shared {
         }
         let exhausted = match &self.work {
             Work::Random(_) => false,
-            Work::Sessions { sessions, .. } => self.next.load(Ordering::Relaxed) >= sessions.len(),
+            Work::Sessions(work) => self.next.load(Ordering::Relaxed) >= work.sessions.len(),
         };
         if exhausted {
             self.exhausted.store(true, Ordering::Relaxed);
@@ -206,11 +242,11 @@ impl Shared {
                 let _ = self.outcomes.send((phase, outcome));
                 true
             }
-            Work::Sessions { sessions, model } => {
+            Work::Sessions(work) => {
                 let index = self.next.fetch_add(1, Ordering::Relaxed);
-                match sessions.get(index) {
+                match work.sessions.get(index) {
                     Some(session) => {
-                        self.session(session, model).await;
+                        self.session(session, work).await;
                         true
                     }
                     None => {
@@ -231,11 +267,11 @@ impl Shared {
         outcome
     }
 
-    async fn session(&self, session: &Session, model: &str) {
-        let mut conversation = Conversation::new(model, session);
+    async fn session(&self, session: &TraceSession, work: &SessionWork) {
+        let mut conversation = Conversation::new(&work.model, &session.session_id, work.block_size);
         for turn in &session.turns {
-            if turn.delay_ms > 0 {
-                self.gate.sleep(Duration::from_millis(turn.delay_ms)).await;
+            if !turn.delay.is_zero() {
+                self.gate.sleep(turn.delay.div_f64(work.time_scale.max(1e-9))).await;
             }
             let Some(phase) = self.gate.admit() else { break };
             let request = conversation.ask(turn);
@@ -274,9 +310,20 @@ pub async fn run(
     let mut tasks = JoinSet::new();
     match pacing {
         Pacing::Concurrency(n) => {
-            for _ in 0..n.max(1) {
+            let ramp = match &shared.work {
+                Work::Sessions(work) => work.ramp,
+                Work::Random(_) => Duration::ZERO,
+            };
+            let n = n.max(1);
+            for i in 0..n {
                 let shared = shared.clone();
-                tasks.spawn(async move { while shared.open() && shared.unit().await {} });
+                let start = ramp.mul_f64(i as f64 / n as f64);
+                tasks.spawn(async move {
+                    if !start.is_zero() {
+                        tokio::time::sleep(start).await;
+                    }
+                    while shared.open() && shared.unit().await {}
+                });
             }
         }
         Pacing::Rate { per_second, max_concurrency, seed } => {
@@ -322,7 +369,7 @@ pub async fn run(
     let end = shared.gate.epoch.elapsed();
     let exhausted = shared.exhausted.load(Ordering::Relaxed);
     let sessions_started = match &shared.work {
-        Work::Sessions { sessions, .. } => shared.next.load(Ordering::Relaxed).min(sessions.len()),
+        Work::Sessions(work) => shared.next.load(Ordering::Relaxed).min(work.sessions.len()),
         Work::Random(_) => 0,
     };
     let (from, _) = shared.gate.recording.get().copied().unwrap_or((end, 0));
@@ -355,6 +402,35 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rescaling_multiplies_every_time() {
+        let outcome = Outcome {
+            start: Duration::from_millis(10),
+            ttft: Some(Duration::from_millis(100)),
+            itl_us: vec![2000, 4000],
+            latency: Duration::from_millis(300),
+            ..Outcome::default()
+        };
+        let mut run = Run {
+            recorded: vec![outcome],
+            warmup: vec![],
+            warmup_duration: Duration::from_secs(2),
+            duration: Duration::from_secs(10),
+            window: Duration::from_secs(8),
+            unfinished: 0,
+            sessions_started: 0,
+            exhausted: false,
+        };
+        run.rescale(0.25);
+        let o = &run.recorded[0];
+        assert_eq!(
+            (o.start, o.ttft, o.latency),
+            (Duration::from_micros(2500), Some(Duration::from_millis(25)), Duration::from_millis(75))
+        );
+        assert_eq!(o.itl_us, [500, 1000]);
+        assert_eq!((run.duration, run.window), (Duration::from_millis(2500), Duration::from_secs(2)));
+    }
 
     #[test]
     fn phases_by_count_then_stop() {
