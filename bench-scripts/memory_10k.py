@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
-MODEL = "Qwen/Qwen3-0.6B"
+MODEL = "Qwen/Qwen3-0.6B-FP8"
 SIM_PORT = 18400
 ROUTER_PORT = 18390
 

@@ -18,6 +18,6 @@ for port in 18190 18191; do
 done
 status=0
 for url in http://127.0.0.1:18190 http://127.0.0.1:18191; do
-  "$venv/bin/python" bench-scripts/openai_client_check.py "$url" Qwen/Qwen3-0.6B || status=1
+  "$venv/bin/python" bench-scripts/openai_client_check.py "$url" Qwen/Qwen3-0.6B-FP8 || status=1
 done
 exit $status

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
 SIM_PORT = 18300
 ROUTER_PORT = 18290
-MODEL = "Qwen/Qwen3-0.6B"
+MODEL = "Qwen/Qwen3-0.6B-FP8"
 
 
 def rss_kb(pid, field="VmRSS"):

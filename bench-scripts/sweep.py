@@ -1,13 +1,13 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark sweep: workloads x concurrency x contenders, on simulated vLLM
-replicas, everything on 127.0.0.1.
+replicas calibrated to the study's engines, everything on 127.0.0.1.
 
 For every point (workload, concurrency, contender, repeat) the sweep starts fresh
 simulated replicas (`vllm-sim`, one process each, so no contender inherits another's
 prefix cache), starts the contender in front of them, runs `llm-bench` (a warm-up phase,
 discarded, then the recorded phase), and records the load generator's results with the
-contender's CPU seconds and peak RSS, the simulators' and the client's CPU, and how busy
-the machine was. Contenders:
+contender's CPU seconds and peak RSS, the simulators' and the client's CPU, how busy the
+machine was, and how many requests each replica served. Contenders:
 
   direct         the client spreads requests over the replicas itself (round-robin, or
                  by session for the agentic workload): no router at all, the limit
@@ -18,9 +18,18 @@ the machine was. Contenders:
                  HAProxy, the LLMRouter, one LLMServer replica per simulated engine whose
                  engine relays to it (bench-scripts/ray_serve_llm/); not in P/D mode
 
-Routing is the same for every contender: round-robin for the random workloads,
-consistent hashing on the `x-session-id` header for the agentic one. `--pd` also runs the
-prefill/decode comparison (4 prefill + 4 decode replicas, agentic workload).
+The engines are `vllm-sim --profile qwen3-0.6b-fp8-h100` (the study's Qwen3-0.6B-FP8 on
+H100, calibrated: bench-scripts/fidelity.py), with fastokens for the agentic workload as
+the study ran it. Workloads are the study's: random ISL 8000 / OSL 50 and 50 / 500, and its
+agentic trace (bench-scripts/agentic_dataset.sh, 8 sessions per unit of concurrency,
+AIPerf's replay). Routing is the same for every contender: round-robin for the random
+workloads, consistent hashing on the `x-correlation-id` header (AIPerf's session header)
+for the agentic one. `--pd` also runs prefill/decode disaggregation: 4 prefill + 4 decode
+ranks of the study's Phi-tiny-MoE DP4EP4 profile, agentic workload.
+
+Two cores cannot carry the study's decode-heavy token rates in real time, so workloads run
+at a time scale (engines slower than real time, llm-bench converting times back to the
+engines' clock; see --time-scale). Phase lengths are in the engines' clock.
 
 Results go to artifacts/benchmark/ (or --out): one JSON per run under runs/,
 results.json with every run and the machine, versions and commit, and one CSV per
@@ -35,10 +44,8 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -46,17 +53,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release"
-VENV = ROOT / "target" / "bench-venv"
-DATA = ROOT / "target" / "bench-data"
-VLLM_ROUTER_VERSION = "0.1.17"
-RAY_VERSION = "2.60.0"
-RAY_VENV = ROOT / "target" / "ray-venv"
-MODEL = "Qwen/Qwen3-0.6B"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+from benchlib import BIN, ROOT, cpu_times, listener_pid, peak_rss_kb, session_members  # noqa: E402
+
 SIM_PORT = 18100
 ROUTER_PORT = 18000
-MAX_MODEL_LEN = 65536
+QWEN = ("qwen3-0.6b-fp8-h100", "Qwen/Qwen3-0.6B-FP8")
+PHI = ("phi-tiny-moe-dp4ep4-h100", "microsoft/Phi-tiny-MoE-instruct")
+SESSION_HEADER = "x-correlation-id"
 
 WORKLOADS = {
     "prefill-heavy": {"kind": "random", "isl": 8000, "osl": 50},
@@ -64,14 +69,15 @@ WORKLOADS = {
     "agentic": {"kind": "agentic"},
 }
 CONTENDERS = ["direct", "router", "vllm-router", "ray-serve-llm"]
+# Engines' clock / wall clock per workload: decode-heavy at c=256 streams ~88k tokens a
+# second at the study's speed, which 2 cores cannot carry through a proxy and a client.
+TIME_SCALE = {"prefill-heavy": 0.5, "decode-heavy": 0.25, "agentic": 1.0}
 
-# Phase lengths in seconds: (warm-up, recorded, drain limit).
-FULL = {"random": (30, 60, 60), "agentic": (60, 90, 20)}
-QUICK = {"random": (5, 10, 30), "agentic": (10, 15, 10)}
+# Phase lengths in the engines' clock, seconds: (warm-up, recorded, drain limit).
+FULL = {"random": (15, 45, 60), "agentic": (60, 120, 30)}
+QUICK = {"random": (5, 10, 30), "agentic": (10, 20, 10)}
 
-
-def log(*parts):
-    print("[sweep]", *parts, file=sys.stderr, flush=True)
+log = benchlib.logger("sweep")
 
 
 class Sweep:
@@ -86,134 +92,20 @@ class Sweep:
                 "random": (*random_s, self.phases["random"][2]),
                 "agentic": (*agentic_s, self.phases["agentic"][2]),
             }
-        self.procs = []
+        self.time_scale = dict(TIME_SCALE, **dict(args.time_scale or []))
+        self.procs = benchlib.Processes(self.out / "logs", log, self.dry)
 
-    # ---- processes -------------------------------------------------------------
-
-    def spawn(self, cmd, name, env=None):
-        log("$", " ".join(shlex.quote(str(c)) for c in cmd))
-        if self.dry:
-            return None
-        logfile = open(self.out / "logs" / f"{name}.log", "ab")
-        proc = subprocess.Popen(
-            [str(c) for c in cmd],
-            stdout=logfile,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc):
-        if proc is None or proc.poll() is not None:
-            return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait()
-
-    def stop_all(self):
-        sessions = [p.pid for p in self.procs]
-        for proc in self.procs:
-            self.stop(proc)
-        # Each process was started in its own session; some of their children outlive
-        # their parents (Ray's GCS and raylet, HAProxy after a reload): kill the rest of
-        # each session.
-        for pid in sum((session_members(s) for s in sessions), []):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.procs = []
-
-    def wait_ready(self, url, what, timeout=120):
-        if self.dry:
-            return
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200 and MODEL.encode() in r.read():
-                        return
-            except OSError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError(f"{what} not ready at {url} after {timeout}s")
-
-    # ---- set-up ----------------------------------------------------------------
-
-    def build(self):
-        cmd = ["cargo", "build", "--release", "--bin", "router", "--bin", "vllm-sim", "--bin", "llm-bench"]
-        log("$", " ".join(cmd))
-        if not self.dry:
-            subprocess.run(cmd, cwd=ROOT, check=True)
-
-    def vllm_router_bin(self):
-        binary = VENV / "bin" / "vllm-router"
-        if self.dry or binary.exists():
-            return binary
-        log(f"installing vllm-router=={VLLM_ROUTER_VERSION} into {VENV}")
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-        subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"vllm-router=={VLLM_ROUTER_VERSION}"], check=True)
-        return binary
-
-    def ray_python(self):
-        python = RAY_VENV / "bin" / "python"
-        if self.dry or (RAY_VENV / "bin" / "serve").exists():
-            return python
-        log(f"installing ray[serve,llm]=={RAY_VERSION} into {RAY_VENV} (about 9 GB)")
-        subprocess.run([sys.executable, "-m", "venv", str(RAY_VENV)], check=True)
-        subprocess.run([str(RAY_VENV / "bin" / "pip"), "install", "-q", f"ray[serve,llm]=={RAY_VERSION}"], check=True)
-        return python
-
-    def dataset(self):
-        """The study's agentic dataset (AIPerf 0.8.0, checked against its sha256)."""
-        cmd = ["bash", ROOT / "bench-scripts" / "agentic_dataset.sh"]
-        log("$", " ".join(map(str, cmd)))
-        if self.dry:
-            return DATA / "agentic_loop_2200s_seed42" / "dataset.jsonl"
-        return Path(subprocess.run([str(c) for c in cmd], check=True, capture_output=True, text=True).stdout.strip())
-
-    def ensure_free(self, ports, timeout=60):
-        """Wait for our ports to be free: a listener left over would answer in the
-        contender's place. Leftovers of our own binaries (under target/, e.g. an HAProxy
-        of Ray's still draining) are killed; anything else is an error."""
-        if self.dry:
-            return
-        deadline = time.time() + timeout
-        while True:
-            busy = [p for p in ports if port_in_use(p)]
-            if not busy:
-                return
-            for port in busy:
-                pid = listener_pid(port)
-                try:
-                    ours = pid is not None and os.readlink(f"/proc/{pid}/exe").startswith(str(ROOT / "target"))
-                except OSError:
-                    ours = False
-                if ours:
-                    os.kill(pid, signal.SIGKILL)
-            if time.time() > deadline:
-                raise RuntimeError(f"ports {busy} are in use by another process; stop it first")
-            time.sleep(1)
-
-    def start_sims(self, roles):
+    def start_sims(self, roles, profile, extra):
         """Fresh simulated replicas, one process each; returns their URLs by role."""
-        self.ensure_free([SIM_PORT + i for i in range(len(roles))] + [ROUTER_PORT])
+        self.procs.ensure_free([SIM_PORT + i for i in range(len(roles))] + [ROUTER_PORT])
         urls = {}
         for i, role in enumerate(roles):
             port = SIM_PORT + i
-            cmd = [BIN / "vllm-sim", "--port", port, "--max-model-len", MAX_MODEL_LEN, "--role", role]
-            self.spawn(cmd, f"sim-{port}")
+            cmd = [BIN / "vllm-sim", "--port", port, "--profile", profile[0], "--role", role, *extra]
+            self.procs.spawn(cmd, f"sim-{port}", {"RUST_LOG": "warn"})
             urls.setdefault(role, []).append(f"http://127.0.0.1:{port}")
         for url in sum(urls.values(), []):
-            self.wait_ready(url + "/v1/models", "vllm-sim")
+            self.procs.wait_ready(url + "/v1/models", profile[1], "vllm-sim")
         return urls
 
     # ---- contenders ------------------------------------------------------------
@@ -222,7 +114,7 @@ class Sweep:
         """The command that starts a contender, or None for `direct`."""
         port = ROUTER_PORT
         if contender == "router":
-            cmd = [BIN / "router", "--host", "127.0.0.1", "--port", port, "--session-header", "x-correlation-id"]
+            cmd = [BIN / "router", "--host", "127.0.0.1", "--port", port, "--session-header", SESSION_HEADER]
             if pd:
                 cmd += ["--pd", "prefill=" + ",".join(urls["prefill"]), "decode=" + ",".join(urls["decode"]),
                         "--prefill-policy", "consistent-hash", "--decode-policy", "consistent-hash"]
@@ -233,22 +125,36 @@ class Sweep:
                         "--policy", "consistent-hash" if affinity else "round-robin"]
             return cmd
         if contender == "vllm-router":
-            cmd = [self.vllm_router_bin(), "--host", "127.0.0.1", "--port", port,
+            cmd = [benchlib.vllm_router_bin(log, self.dry), "--host", "127.0.0.1", "--port", port,
                    "--prometheus-host", "127.0.0.1", "--prometheus-port", port + 90]
             if pd:
-                cmd += ["--vllm-pd-disaggregation", "--policy", "consistent_hash"]
+                cmd += ["--vllm-pd-disaggregation", "--kv-connector", "nixl", "--policy", "consistent_hash"]
                 for url in urls["prefill"]:
                     cmd += ["--prefill", url]
                 for url in urls["decode"]:
                     cmd += ["--decode", url]
             else:
                 cmd += ["--worker-urls", *urls["both"], "--policy", "consistent_hash" if affinity else "round_robin"]
+            if affinity or pd:
+                cmd += ["--request-id-headers", SESSION_HEADER]  # as the study ran it
             return cmd
         if contender == "ray-serve-llm":
-            return [self.ray_python(), ROOT / "bench-scripts" / "ray_serve_llm" / "serve_app.py",
-                    "--sims", ",".join(urls["both"]), "--port", port,
-                    "--policy", "consistent-hash" if affinity else "round-robin"]
+            return [benchlib.ray_python(log, self.dry), ROOT / "bench-scripts" / "ray_serve_llm" / "serve_app.py",
+                    "--sims", ",".join(urls["both"]), "--port", port, "--model", QWEN[1],
+                    "--policy", "consistent-hash" if affinity else "round-robin", "--session-header", SESSION_HEADER]
         return None
+
+    def owned_port(self, proc, contender, timeout=30):
+        """Wait until the process serving the port belongs to the contender's session
+        (Ray's HAProxy may take a moment to be the listener after the app is ready)."""
+        deadline = time.time() + timeout
+        while True:
+            owner = listener_pid(ROUTER_PORT)
+            if proc.poll() is None and owner is not None and owner in session_members(proc.pid):
+                return
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"{contender} is not the process serving port {ROUTER_PORT} (pid {owner})")
+            time.sleep(0.5)
 
     # ---- one run ---------------------------------------------------------------
 
@@ -258,47 +164,50 @@ class Sweep:
         name = f"{workload}_c{concurrency}_{contender}{'-' + pd if pd else ''}_r{repeat}"
         result_file = self.out / "runs" / f"{name}.json"
         log(f"--- {name}")
+        scale = self.time_scale[workload]
+        profile = PHI if pd else QWEN
         roles = ["prefill"] * 4 + ["decode"] * 4 if pd else ["both"] * self.args.replicas
-        urls = self.start_sims(roles)
-        sim_pids = [p.pid for p in self.procs] if not self.dry else []
+        extra = ["--time-scale", scale] + (["--fastokens"] if agentic and not pd else [])
+        urls = self.start_sims(roles, profile, extra)
+        sim_pids = self.procs.pids()
         cmd = self.contender_cmd(contender, urls, agentic, pd)
         proc = None
         if cmd is not None:
             env = {"RUST_LOG": "warn"} if contender == "router" else None
-            proc = self.spawn(cmd, name + "-contender", env)
-            self.wait_ready(f"http://127.0.0.1:{ROUTER_PORT}/v1/models", contender,
-                            timeout=600 if contender == "ray-serve-llm" else 120)
+            proc = self.procs.spawn(cmd, name + "-contender", env)
+            self.procs.wait_ready(f"http://127.0.0.1:{ROUTER_PORT}/v1/models", profile[1], contender,
+                                  timeout=600 if contender == "ray-serve-llm" else 120)
             if not self.dry:
-                owner = listener_pid(ROUTER_PORT)
-                if proc.poll() is not None or owner not in session_members(proc.pid):
-                    raise RuntimeError(f"{contender} is not the process serving port {ROUTER_PORT} (pid {owner})")
+                self.owned_port(proc, contender)
             base = [f"http://127.0.0.1:{ROUTER_PORT}"]
         else:
             base = urls["both"]
         warm, record, drain = self.phases["agentic" if agentic else "random"]
-        bench = [BIN / "llm-bench", "run", "--base-url", ",".join(base), "--model", MODEL,
+        bench = [BIN / "llm-bench", "run", "--base-url", ",".join(base), "--model", profile[1],
                  "--max-concurrency", concurrency, "--warmup-duration", f"{warm}s", "--duration", f"{record}s",
                  "--drain-timeout", f"{drain}s", "--seed", self.args.seed, "--no-progress",
-                 "--label", contender, "--result-file", result_file,
+                 "--time-scale", scale, "--label", contender, "--result-file", result_file,
                  "--metadata", f"workload={workload}", "--metadata", f"repeat={repeat}"]
         if agentic:
+            ramp = min(60.0, max(5.0, 0.25 * concurrency))
             bench += ["--workload", "agentic", "--dataset", self.agentic_dataset, "--spread", "session",
-                      "--num-sessions", 8 * concurrency]
+                      "--num-sessions", 8 * concurrency, "--session-header", SESSION_HEADER,
+                      "--ramp-up", f"{ramp}s"]
         else:
             bench += ["--isl", spec["isl"], "--osl", spec["osl"], "--spread", "round-robin"]
         log("$", " ".join(shlex.quote(str(c)) for c in bench))
         if self.dry:
-            self.stop_all()
+            self.procs.stop_all()
             return None
         tree = session_members(proc.pid) if proc else []
         before = {pid: cpu_times(pid) for pid in tree + sim_pids}
-        machine0 = machine_ticks()
+        machine0 = benchlib.machine_ticks()
         started = time.time()
         client = subprocess.Popen([str(c) for c in bench], stdout=subprocess.DEVNULL,
                                   stderr=open(self.out / "logs" / f"{name}-bench.log", "wb"))
         _, status, usage = os.wait4(client.pid, 0)
         client.returncode = os.waitstatus_to_exitcode(status)
-        machine1 = machine_ticks()
+        machine1 = benchlib.machine_ticks()
         tree = session_members(proc.pid) if proc else []
 
         def spent(pids, part):
@@ -308,7 +217,8 @@ class Sweep:
         contender_cpu = contender_user + contender_sys
         contender_rss = sum(peak_rss_kb(pid) for pid in tree)
         sims_cpu = spent(sim_pids, 0) + spent(sim_pids, 1)
-        self.stop_all()
+        per_replica = replica_load(sum(urls.values(), []))
+        self.procs.stop_all()
         if client.returncode != 0 or not result_file.exists():
             log(f"llm-bench failed for {name} (exit {client.returncode}); see logs/{name}-bench.log")
             return None
@@ -316,7 +226,8 @@ class Sweep:
         handled = result["completed"] + result["failed"] + result["warmup"]["completed"] + result["warmup"]["failed"]
         run = {
             "name": name, "workload": workload, "concurrency": concurrency, "contender": contender,
-            "pd": pd, "repeat": repeat, "started": started,
+            "pd": pd, "repeat": repeat, "started": started, "time_scale": scale,
+            "wall_s": round(time.time() - started, 1),
             "contender_cpu_s": round(contender_cpu, 3) if proc else None,
             "contender_user_cpu_s": round(contender_user, 3) if proc else None,
             "contender_sys_cpu_s": round(contender_sys, 3) if proc else None,
@@ -327,7 +238,10 @@ class Sweep:
             "requests_handled": handled,
             "sims_cpu_s": round(sims_cpu, 3),
             "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-            "machine_busy": round(busy_fraction(machine0, machine1), 3),
+            "machine_busy": round(benchlib.busy_fraction(machine0, machine1), 3),
+            "replica_requests": per_replica,
+            "replica_imbalance": imbalance(per_replica),
+            "dataset_sha256": result.get("dataset_sha256"),
         }
         for key in METRICS:
             run[key] = result.get(key)
@@ -339,12 +253,11 @@ class Sweep:
         args = self.args
         if not self.dry:
             (self.out / "runs").mkdir(parents=True, exist_ok=True)
-            (self.out / "logs").mkdir(parents=True, exist_ok=True)
         if not args.no_build:
-            self.build()
+            benchlib.build(log, self.dry)
         contenders = list(args.contenders)
         if "agentic" in args.workloads or args.pd:
-            self.agentic_dataset = self.dataset()
+            self.agentic_dataset = benchlib.agentic_dataset(log, self.dry)
         results_path = self.out / "results.json"
         runs = []
         self.passes = []
@@ -374,33 +287,59 @@ class Sweep:
                 name = f"{workload}_c{concurrency}_{contender}{'-' + pd if pd else ''}_r{repeat}"
                 if name in done:
                     continue
-                run = self.run_point(*point)
+                try:
+                    run = self.run_point(*point)
+                except RuntimeError as e:
+                    log(f"{name} failed: {e}")
+                    self.procs.stop_all()
+                    run = None
                 if run is not None:
                     runs.append(run)
                     self.write(runs)
         finally:
-            self.stop_all()
+            self.procs.stop_all()
         if not self.dry:
             self.write(runs)
             log(f"results in {self.out}")
 
     def write(self, runs):
         meta = {
-            "machine": machine_info(),
-            "versions": versions(),
-            "commit": git_commit(),
+            "machine": benchlib.machine_info(),
+            "versions": benchlib.versions(),
+            "commit": benchlib.git_commit(),
             "config": {
                 "quick": self.args.quick, "replicas": self.args.replicas, "repeats": self.args.repeats,
                 "concurrency": self.args.concurrency, "seed": self.args.seed, "phases_s": self.phases,
-                "sim": f"vllm-sim --profile qwen3-0.6b-h100 --max-model-len {MAX_MODEL_LEN} (real time)",
-                "routing": "round-robin (random workloads), consistent hash on x-session-id (agentic)",
+                "time_scale": self.time_scale,
+                "sim": f"vllm-sim --profile {QWEN[0]} (P/D: {PHI[0]}); --fastokens for the agentic workload",
+                "routing": f"round-robin (random workloads), consistent hash on {SESSION_HEADER} (agentic)",
             },
             "passes": self.passes,
-            "published": PUBLISHED,
+            "published": json.loads(benchlib.STUDY_POINTS.read_text()),
             "runs": runs,
         }
         (self.out / "results.json").write_text(json.dumps(meta, indent=1) + "\n")
         write_tables(self.out, runs)
+
+
+def replica_load(urls):
+    """Requests each replica finished (vllm:request_success_total), read before it stops."""
+    load = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+                text = r.read().decode()
+            load[url] = int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                                if line.startswith("vllm:request_success_total")))
+        except (OSError, ValueError, IndexError):
+            load[url] = None
+    return load
+
+
+def imbalance(load):
+    """The busiest replica's requests over the mean (1.0 is perfectly even)."""
+    values = [v for v in load.values() if v]
+    return round(max(values) / statistics.mean(values), 3) if values else None
 
 
 # The metrics kept from each llm-bench result.
@@ -409,22 +348,6 @@ METRICS = [
     "output_throughput", "total_token_throughput", "mean_ttft_ms", "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms",
     "mean_tpot_ms", "median_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p99_itl_ms", "mean_e2el_ms", "p99_e2el_ms",
 ]
-
-# What the study published in its text (Anyscale blog, 8x H100, Qwen3-0.6B, concurrency
-# 256); its figures are images, so only the numbers it states are recorded. Labelled
-# published: they were not measured here.
-PUBLISHED = {
-    "source": "Anyscale, 'High Performance Distributed Inference with Ray Serve LLM' (vLLM 0.22, Ray 2.56 "
-              "nightly, vllm-router 0.1.14, 8x H100)",
-    "points": [
-        {"workload": "prefill-heavy", "concurrency": 256, "contender": "ray-serve-llm", "mean_ttft_ms": 355},
-        {"workload": "prefill-heavy", "concurrency": 256, "contender": "vllm-router", "mean_ttft_ms": 389},
-        {"workload": "decode-heavy", "concurrency": 256, "contender": "ray-serve-llm", "mean_ttft_ms": 165},
-        {"workload": "decode-heavy", "concurrency": 256, "contender": "vllm-router", "mean_ttft_ms": 190},
-        {"workload": "agentic-pd-4p4d", "concurrency": 256, "contender": "ray-serve-llm", "mean_tpot_ms": 13.6},
-        {"workload": "agentic-pd-4p4d", "concurrency": 256, "contender": "vllm-router", "mean_tpot_ms": 14.8},
-    ],
-}
 
 # ---- tables ---------------------------------------------------------------------
 
@@ -502,117 +425,6 @@ def write_tables(out, runs):
             ])
 
 
-# ---- /proc ----------------------------------------------------------------------
-
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_times(pid):
-    """(user, system) CPU seconds of a process."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(fields[11]) / TICK, int(fields[12]) / TICK
-    except (OSError, IndexError, ValueError):
-        return 0.0, 0.0
-
-
-def cpu_seconds(pid):
-    return sum(cpu_times(pid))
-
-
-def peak_rss_kb(pid):
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def session_members(sid):
-    """Every process of the session `sid` (the contender and all it started, including
-    children whose parents have exited)."""
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                    members.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                pass
-    return members
-
-
-def port_in_use(port):
-    import socket
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def listener_pid(port):
-    """The pid listening on 127.0.0.1:port, from /proc (socket inode to process)."""
-    inode = None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inode = fields[9]
-    if inode is None:
-        return None
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            for fd in (entry / "fd").iterdir():
-                if os.readlink(fd) == f"socket:[{inode}]":
-                    return int(entry.name)
-        except OSError:
-            continue
-    return None
-
-
-def machine_ticks():
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return fields
-
-
-def busy_fraction(a, b):
-    d = [y - x for x, y in zip(a, b)]
-    total = sum(d)
-    idle = d[3] + d[4]
-    return 1 - idle / total if total else 0.0
-
-
-def machine_info():
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor())
-    mem = next((int(l.split()[1]) for l in Path("/proc/meminfo").read_text().splitlines()
-                if l.startswith("MemTotal")), 0)
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1),
-            "kernel": platform.release(), "python": platform.python_version()}
-
-
-def versions():
-    def out(cmd):
-        try:
-            return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-    return {"rustc": out(["rustc", "--version"]), "router": out([str(BIN / "router"), "--version"]),
-            "vllm-router": VLLM_ROUTER_VERSION, "llm-bench": out([str(BIN / "llm-bench"), "--version"])}
-
-
-def git_commit():
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -633,8 +445,15 @@ def parse_args():
         nargs=2,
         metavar="WARM:REC",
         type=lambda v: tuple(int(x) for x in v.split(":")),
-        help="warm-up and recorded seconds for the random and the agentic workloads "
-        "(default 30:60 60:90; --quick 5:10 10:15)",
+        help="warm-up and recorded seconds (engines' clock) for the random and the agentic workloads "
+        "(default 15:45 60:120; --quick 5:10 10:20)",
+    )
+    p.add_argument(
+        "--time-scale",
+        nargs="+",
+        metavar="WORKLOAD=X",
+        type=lambda v: (v.split("=")[0], float(v.split("=")[1])),
+        help=f"engines' clock / wall clock per workload (default {TIME_SCALE})",
     )
     args = p.parse_args()
     if args.concurrency is None:

@@ -57,7 +57,7 @@ struct Sample {
 }
 
 async fn chat_turn(client: &HttpClient, base: &str, session: usize, messages: &[Value]) -> (Sample, String) {
-    let body = json!({"model": "Qwen/Qwen3-0.6B", "messages": messages, "max_tokens": OUTPUT_TOKENS,
+    let body = json!({"model": "Qwen/Qwen3-0.6B-FP8", "messages": messages, "max_tokens": OUTPUT_TOKENS,
         "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}});
     let request = http::Request::post(format!("{base}/v1/chat/completions"))
         .header("content-type", "application/json")
@@ -255,7 +255,7 @@ fn main() {
         let out = json!({
             "benchmark": "pd_agentic",
             "workload": {"sessions": SESSIONS, "turns": TURNS, "context_tokens": CONTEXT_TOKENS,
-                "new_tokens_per_turn": NEW_TOKENS, "output_tokens": OUTPUT_TOKENS, "profile": "qwen3-0.6b-h100",
+                "new_tokens_per_turn": NEW_TOKENS, "output_tokens": OUTPUT_TOKENS, "profile": "qwen3-0.6b-fp8-h100",
                 "time_scale": 1.0, "runs": RUNS},
             "results": results,
             "tokenisation_saved_per_request": {"mean_ms": mean_ms, "mean_prompt_tokens": mean_tokens},

@@ -26,7 +26,7 @@ fn chat_body(bytes: usize) -> Vec<u8> {
         );
         turn += 1;
     }
-    serde_json::json!({"model": "Qwen/Qwen3-0.6B", "messages": messages, "stream": true,
+    serde_json::json!({"model": "Qwen/Qwen3-0.6B-FP8", "messages": messages, "stream": true,
         "max_tokens": 256, "user": "agent-42"})
     .to_string()
     .into_bytes()

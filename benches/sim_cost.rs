@@ -84,9 +84,10 @@ fn main() {
             for i in 0..REPLICAS * STREAMS_PER_REPLICA {
                 let client = client.clone();
                 let port = base_port + (i % REPLICAS) as u16;
-                let body = serde_json::json!({"model": "Qwen/Qwen3-0.6B", "prompt": format!("{i} {prompt}"),
+                let body =
+                    serde_json::json!({"model": "Qwen/Qwen3-0.6B-FP8", "prompt": format!("{i} {prompt}"),
                     "max_tokens": OUTPUT_TOKENS, "ignore_eos": true, "stream": true})
-                .to_string();
+                    .to_string();
                 tasks.push(tokio::spawn(async move {
                     let req = http::Request::post(format!("http://127.0.0.1:{port}/v1/completions"))
                         .header("content-type", "application/json")

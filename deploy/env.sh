@@ -1,14 +1,15 @@
-# Settings shared by the deploy/ scripts: one 8x H100 node, Qwen3-0.6B, the study's
-# engine configuration. Override any of them in the environment.
+# Settings shared by the deploy/ scripts: one 8x H100 node, the study's models and
+# engine configuration (anyscale/llm-direct-streaming-benchmarks, serve/vllm_8x/start.sh).
+# Override any of them in the environment.
 #
 # The engine settings are the same for every contender, so the only variable is the
-# serving layer: prefix caching on (vLLM's default), 256 sequences and 8192 batched
-# tokens per step, 90% of GPU memory, and a 64k context (the agentic sessions grow to
-# ~48k tokens on average), which Qwen3-0.6B reaches with YaRN (factor 2 over its 32k
-# pre-training context, as Qwen recommends for 64k). vLLM takes RoPE scaling through
-# --hf-overrides/rope_parameters; the old --rope-scaling flag is gone.
+# serving layer: Qwen3-0.6B-FP8 with an fp8 KV cache, prefix caching on, 128 sequences and
+# 16384 batched tokens per step, 95% of GPU memory, one API server per engine, and an
+# 81920-token context (the agentic conversations reach ~60k tokens), which Qwen3-0.6B
+# reaches with YaRN (factor 2 over its 40960 positions), as the study configured it.
+# The agentic runs tokenise with vLLM 0.22's fastokens (VLLM_USE_FASTOKENS=1).
 
-MODEL="${MODEL:-Qwen/Qwen3-0.6B}"
+MODEL="${MODEL:-Qwen/Qwen3-0.6B-FP8}"
 HOST_IP="${HOST_IP:-127.0.0.1}"           # address the routers use to reach the engines
 ENGINE_BASE_PORT="${ENGINE_BASE_PORT:-8100}" # engine i listens on ENGINE_BASE_PORT + i
 FRONT_PORT="${FRONT_PORT:-8000}"             # the router / Ray Serve port clients use
@@ -19,16 +20,22 @@ RAY_VERSION="${RAY_VERSION:-2.60.0}"
 LOG_DIR="${LOG_DIR:-/tmp/llm-router-deploy}"
 
 ENGINE_ARGS=(
-  --max-model-len 65536
-  --hf-overrides '{"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000}}'
-  --max-num-seqs 256
-  --max-num-batched-tokens 8192
-  --gpu-memory-utilization 0.9
+  --max-model-len 81920
+  --hf-overrides '{"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 40960}, "max_position_embeddings": 81920}'
+  --max-num-seqs 128
+  --max-num-batched-tokens 16384
+  --gpu-memory-utilization 0.95
+  --kv-cache-dtype fp8
+  --api-server-count 1
   --enable-prefix-caching
 )
+export VLLM_ALLOW_LONG_MAX_MODEL_LEN=1 VLLM_USE_FASTOKENS="${VLLM_USE_FASTOKENS:-1}"
 
 # The same settings as Ray Serve LLM engine_kwargs (JSON).
-ENGINE_KWARGS_JSON='{"max_model_len": 65536, "hf_overrides": {"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32768, "rope_theta": 1000000}}, "max_num_seqs": 256, "max_num_batched_tokens": 8192, "gpu_memory_utilization": 0.9, "enable_prefix_caching": true}'
+ENGINE_KWARGS_JSON='{"max_model_len": 81920, "hf_overrides": {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 40960}, "max_position_embeddings": 81920}, "max_num_seqs": 128, "max_num_batched_tokens": 16384, "gpu_memory_utilization": 0.95, "kv_cache_dtype": "fp8", "enable_prefix_caching": true}'
+
+# The agentic trace's session header (AIPerf's X-Correlation-ID).
+SESSION_HEADER="${SESSION_HEADER:-x-correlation-id}"
 
 # NixlConnector for P/D, as vLLM's NixlConnector guide configures it.
 KV_TRANSFER_CONFIG='{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'

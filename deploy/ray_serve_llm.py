@@ -13,7 +13,7 @@ Settings, checked against Ray's sources (python/ray/llm/_internal/serve/...):
   the LLMRouter deployment for a replica (/internal/route), then streams straight from
   that replica's own HTTP server (the study's configuration).
 - Routing: ray.serve.experimental.consistent_hash_router.ConsistentHashRouter (MurmurHash3,
-  100 virtual nodes) on the x-session-id header for the agentic workload (HAProxy
+  100 virtual nodes) on the x-correlation-id header (AIPerf's) for the agentic workload (HAProxy
   forwards the header, named by RAY_SERVE_SESSION_ID_HEADER_KEY); direct streaming's
   default RoundRobinRouter for the random ones.
 - The same engine settings as deploy/env.sh (engine_kwargs).
@@ -42,7 +42,7 @@ ENV = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
     "RAY_SERVE_HAPROXY_TCP_NODELAY": "1",
-    "RAY_SERVE_SESSION_ID_HEADER_KEY": "x-session-id",
+    "RAY_SERVE_SESSION_ID_HEADER_KEY": os.environ.get("SESSION_HEADER", "x-correlation-id"),
 }
 CONSISTENT_HASH = "ray.serve.experimental.consistent_hash_router.ConsistentHashRouter"
 

@@ -4,7 +4,7 @@
 #   deploy/router.sh [--workload random|agentic] [--pd] [--no-tokenize-once] [--dry-run]
 #
 # Routing as the benchmark uses it for every contender: round-robin for the random
-# workloads, consistent hashing on x-session-id for the agentic one (and for both P/D
+# workloads, consistent hashing on $SESSION_HEADER (x-correlation-id, AIPerf's) for the agentic one (and for both P/D
 # stages, so a session's prefill stays where its prefix is cached).
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
@@ -23,10 +23,10 @@ done
 policy=$([ "$WORKLOAD" = agentic ] && echo consistent-hash || echo round-robin)
 if [ "$PD" = 1 ]; then
   prefill=$(engine_urls 0 4 | tr ' ' ,) decode=$(engine_urls 4 4 | tr ' ' ,)
-  launch router RUST_LOG=warn "$ROUTER" --host 0.0.0.0 --port "$FRONT_PORT" \
+  launch router RUST_LOG=warn "$ROUTER" --host 0.0.0.0 --port "$FRONT_PORT" --session-header "$SESSION_HEADER" \
     --pd "prefill=$prefill" "decode=$decode" \
     --prefill-policy consistent-hash --decode-policy consistent-hash "${TOKENIZE[@]}"
 else
-  launch router RUST_LOG=warn "$ROUTER" --host 0.0.0.0 --port "$FRONT_PORT" \
+  launch router RUST_LOG=warn "$ROUTER" --host 0.0.0.0 --port "$FRONT_PORT" --session-header "$SESSION_HEADER" \
     --replicas $(engine_urls 0 8 | tr ' ' ,) --policy "$policy"
 fi

@@ -1,6 +1,10 @@
-"""The benchmark figures, drawn from a sweep's results.json (bench-scripts/sweep.py).
+"""The benchmark figures, drawn from artifacts/ alone.
 
-grid.png: the study's grid. Rows: prefill-heavy, decode-heavy, agentic; columns: mean
+  plots/plot.py [ARTIFACTS]     (default artifacts/; plots/plot.sh installs matplotlib)
+
+Each figure is written beside its data and copied to plots/.
+
+grid.png (from benchmark/results.json, bench-scripts/sweep.py): the study's grid. Rows: prefill-heavy, decode-heavy, agentic; columns: mean
 TTFT, mean TPOT, request throughput; x: concurrency; one line per contender (the median
 of the repeats, the band spanning their minimum and maximum). The throughput is the
 steady-state rate (requests finished per second within the recorded window).
@@ -8,7 +12,13 @@ Figures the study published (8x H100, not measured here) are hollow markers.
 
 pd.png: prefill/decode disaggregation on the agentic workload (4 prefill + 4 decode
 simulated replicas) against 8 collocated replicas behind the same routers.
+
+fidelity.png (from fidelity.csv, bench-scripts/fidelity.py): the study's vllm-router
+points against the same points re-measured on simulated engines behind vllm-router.
 """
+
+import csv
+import shutil
 
 import json
 import statistics
@@ -77,12 +87,7 @@ def grid(results, out):
         for col, (key, title) in enumerate(COLUMNS):
             ax = axes[row][col]
             draw(ax, wr, key, order)
-            for p in results.get("published", {}).get("points", []):
-                if p["workload"] == workload and key in p:
-                    style = STYLE[p["contender"]]
-                    ax.plot([p["concurrency"]], [p[key]], linestyle="none", marker=style["marker"],
-                            markerfacecolor="none", markeredgecolor=style["color"], markersize=9,
-                            label=f"{style['label']} (published, 8x H100)")
+            published(ax, results, workload, key)
             ax.set_title(f"{workload}: {title}")
             if row == len(present) - 1:
                 ax.set_xlabel("concurrency")
@@ -96,12 +101,73 @@ def grid(results, out):
         key = (r["workload"], r["concurrency"], r["contender"], r.get("pd"))
         counts[key] = counts.get(key, 0) + 1
     repeats = "-".join(str(n) for n in sorted({min(counts.values()), max(counts.values())})) if counts else "?"
-    fig.suptitle(f"8 simulated Qwen3-0.6B/H100 replicas (vllm-sim), {repeats} runs per point: "
-                 f"median, band = min..max; machine: {results['machine']['cores']} cores")
+    fig.suptitle(f"8 simulated Qwen3-0.6B-FP8/H100 replicas (vllm-sim, calibrated to the study), {repeats} runs "
+                 f"per point: median, band = min..max; hollow: the study's 8x H100; machine: "
+                 f"{results['machine']['cores']} cores")
     fig.tight_layout(rect=(0, 0.07, 1, 0.97))
     path = out / "grid.png"
     fig.savefig(path, dpi=90)
     return path
+
+
+def published(ax, results, workload, key, stacks=None):
+    """The study's own figures for a panel, as hollow markers."""
+    study_key = "request_throughput" if key == "steady_request_throughput" else key
+    stacks = stacks or {"vllm-router": "vllm-router", "ray-serve-llm": "ray-serve-llm"}
+    points = [p for p in results.get("published", {}).get("points", [])
+              if p["workload"] == workload and p.get("stack") in stacks and study_key in p]
+    for stack, label in stacks.items():
+        mine = sorted((p["concurrency"], p[study_key]) for p in points if p["stack"] == stack)
+        if mine:
+            style = STYLE.get(label, {})
+            ax.plot([c for c, _ in mine], [v for _, v in mine], linestyle=":", linewidth=0.8,
+                    marker=style.get("marker", "o"), markerfacecolor="none",
+                    color=style.get("color", "#000000"), markersize=9,
+                    label=f"{STYLE.get(stack, {}).get('label', stack)} (the study, 8x H100)")
+
+
+def fidelity(path, out):
+    """Published against re-measured, per workload and metric."""
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    workloads = [w for w in ["prefill-heavy", "decode-heavy", "agentic", "agentic-pd-4p4d"]
+                 if any(r["point"] == w for r in rows)]
+    metrics = [("TTFT", "mean TTFT (ms)"), ("TPOT", "mean TPOT / ITL (ms)"), ("throughput", "requests / s")]
+    fig, axes = plt.subplots(len(workloads), 3, figsize=(14, 3.2 * len(workloads)), squeeze=False)
+    for i, workload in enumerate(workloads):
+        for j, (metric, title) in enumerate(metrics):
+            ax = axes[i][j]
+            mine = sorted((int(r["concurrency"]), float(r["published"]), float(r["simulated"]), float(r["ratio"]),
+                           float(r["time_scale"])) for r in rows
+                          if r["point"] == workload and r["metric"] == metric and r["simulated"] not in ("", "None"))
+            xs = [m[0] for m in mine]
+            ax.plot(xs, [m[1] for m in mine], color="#1f77b4", marker="^", markerfacecolor="none", markersize=9,
+                    linestyle=":", label="the study (vllm-router, 8x H100)")
+            ax.plot(xs, [m[2] for m in mine], color="#d62728", marker="o",
+                    label="vllm-sim behind vllm-router, on this machine")
+            for c, _, sim, ratio, scale in mine:
+                note = f"{ratio:.2f}" + (f"\n(x{scale:g} time)" if scale != 1.0 else "")
+                ax.annotate(note, (c, sim), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8,
+                            color="#000000" if 0.85 <= ratio <= 1.15 else "#d62728")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs)
+            ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_ylim(bottom=0, top=max([m[1] for m in mine] + [m[2] for m in mine] + [1]) * 1.3)
+            ax.grid(alpha=0.3)
+            ax.set_title(f"{workload}: {title}")
+    handles = {}
+    for h, l in zip(*axes[0][0].get_legend_handles_labels()):
+        handles.setdefault(l, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=2, frameon=False)
+    fig.suptitle("Fidelity: the study's published points and the same points on simulated engines "
+                 "(labels: simulated / published; red outside 0.85-1.15)")
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    target = out / "fidelity.png"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=90)
+    return target
 
 
 def pd(results, out):
@@ -117,6 +183,7 @@ def pd(results, out):
     order = ["router-collocated", "router-pd-ids", "router-pd-text", "vllm-router-pd-text"]
     for ax, (key, title) in zip(axes, COLUMNS):
         draw(ax, runs, key, order)
+        published(ax, results, "agentic-pd-4p4d", key, stacks={"vllm-router": "vllm-router-pd-text"})
         ax.set_title(f"agentic, P/D 4 prefill + 4 decode: {title}")
         ax.set_xlabel("concurrency")
     handles = {}
@@ -130,11 +197,18 @@ def pd(results, out):
 
 
 def main():
-    directory = Path(sys.argv[1] if len(sys.argv) > 1 else "artifacts/benchmark")
-    results = json.loads((directory / "results.json").read_text())
-    for path in (grid(results, directory), pd(results, directory)):
-        if path:
-            print(path)
+    artifacts = Path(sys.argv[1] if len(sys.argv) > 1 else "artifacts")
+    plots = Path(__file__).resolve().parent
+    made = []
+    results_path = artifacts / "benchmark" / "results.json"
+    if results_path.exists():
+        results = json.loads(results_path.read_text())
+        made += [grid(results, results_path.parent), pd(results, results_path.parent)]
+    if (artifacts / "fidelity.csv").exists():
+        made.append(fidelity(artifacts / "fidelity.csv", artifacts / "fidelity"))
+    for path in filter(None, made):
+        shutil.copy(path, plots / path.name)
+        print(path, "and", plots / path.name)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ pub struct Cli {
     pub sim: Option<u16>,
 
     /// Timing profile of the simulated replicas.
-    #[arg(long, default_value = "qwen3-0.6b-h100")]
+    #[arg(long, default_value = "qwen3-0.6b-fp8-h100")]
     pub sim_profile: String,
 
     /// Simulated replicas run this many times faster than real time.

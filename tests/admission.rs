@@ -22,7 +22,7 @@ async fn setup(
 }
 
 fn completion() -> Value {
-    json!({"model": "Qwen/Qwen3-0.6B", "prompt": "hello", "max_tokens": 4})
+    json!({"model": "Qwen/Qwen3-0.6B-FP8", "prompt": "hello", "max_tokens": 4})
 }
 
 async fn send(router: &RunningRouter, headers: &[(&str, &str)]) -> reqwest::Response {
@@ -111,7 +111,7 @@ async fn every_response_carries_a_request_id() {
 async fn a_burst_over_the_limit_is_refused_quickly_while_admitted_requests_complete() {
     // Real time: each admitted request takes ~2 s (300 tokens), far longer than the queue wait.
     let (_sims, router) = setup(1.0, |c| c.limit = Some((2, 3, Duration::from_millis(300)))).await;
-    let body = json!({"model": "Qwen/Qwen3-0.6B", "prompt": "x", "max_tokens": 300, "ignore_eos": true});
+    let body = json!({"model": "Qwen/Qwen3-0.6B-FP8", "prompt": "x", "max_tokens": 300, "ignore_eos": true});
     let url = format!("http://{}/v1/completions", router.addr);
     let start = Instant::now();
     let tasks: Vec<_> = (0..20)

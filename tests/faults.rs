@@ -44,7 +44,7 @@ fn metric(text: &str, series: &str) -> f64 {
 }
 
 fn stream_body() -> Value {
-    json!({"model": "Qwen/Qwen3-0.6B", "prompt": "count", "max_tokens": 50, "ignore_eos": true, "stream": true})
+    json!({"model": "Qwen/Qwen3-0.6B-FP8", "prompt": "count", "max_tokens": 50, "ignore_eos": true, "stream": true})
 }
 
 #[tokio::test]
@@ -113,7 +113,7 @@ async fn a_replica_too_slow_to_answer_is_retried_then_504() {
     .await;
     let slow = FaultConfig { slowdown: 10_000.0, ..Default::default() };
     sims[0].faults().set(slow.clone());
-    let body = json!({"model": "Qwen/Qwen3-0.6B", "prompt": "x", "max_tokens": 5});
+    let body = json!({"model": "Qwen/Qwen3-0.6B-FP8", "prompt": "x", "max_tokens": 5});
     for _ in 0..2 {
         let (status, text) = post(&router, &body).await;
         assert_eq!(status, 200, "the slow replica's requests are retried on the other: {text}");
@@ -143,7 +143,7 @@ async fn circuit_breaker_stops_sending_to_a_failing_but_healthy_replica() {
     .await;
     // It answers 500 to requests, yet its /health stays 200.
     sims[0].faults().set(FaultConfig { fail_500: true, ..Default::default() });
-    let body = json!({"model": "Qwen/Qwen3-0.6B", "prompt": "x", "max_tokens": 3});
+    let body = json!({"model": "Qwen/Qwen3-0.6B-FP8", "prompt": "x", "max_tokens": 3});
     for _ in 0..12 {
         let (status, text) = post(&router, &body).await;
         assert_eq!(status, 200, "failures are retried on the other replica: {text}");
@@ -167,7 +167,7 @@ async fn circuit_breaker_stops_sending_to_a_failing_but_healthy_replica() {
     assert_eq!(metric(&router.metrics.render(), &open), 0.0);
     let served = metric(
         &sims[0].metrics().render(),
-        r#"vllm:request_success_total{engine="0",finished_reason="length",model_name="Qwen/Qwen3-0.6B"}"#,
+        r#"vllm:request_success_total{engine="0",finished_reason="length",model_name="Qwen/Qwen3-0.6B-FP8"}"#,
     );
     assert!(served >= 1.0, "the replica serves again");
     router.shutdown().await;
@@ -181,9 +181,10 @@ async fn killing_one_of_four_replicas_under_256_streams_loses_nothing() {
     let router = llm_router::server::start(config).await.unwrap();
     let url = format!("http://{}/v1/completions", router.addr);
     let client = reqwest::Client::builder().pool_max_idle_per_host(512).build().unwrap();
-    let body = json!({"model": "Qwen/Qwen3-0.6B", "prompt": "stream", "max_tokens": 200, "ignore_eos": true,
+    let body =
+        json!({"model": "Qwen/Qwen3-0.6B-FP8", "prompt": "stream", "max_tokens": 200, "ignore_eos": true,
         "stream": true})
-    .to_string();
+        .to_string();
     let tasks: Vec<_> = (0..256)
         .map(|i| {
             let (client, url, body) = (client.clone(), url.clone(), body.clone());

@@ -20,7 +20,7 @@ use llm_router::sim::faults::FaultConfig;
 use llm_router::sim::{self, RunningSim, SimConfig};
 use serde_json::Value;
 
-const MODEL: &str = "Qwen/Qwen3-0.6B";
+const MODEL: &str = "Qwen/Qwen3-0.6B-FP8";
 
 async fn sims(n: usize) -> Vec<RunningSim> {
     sim::start_fleet(n, &SimConfig { time_scale: 20.0, ..SimConfig::default() }).await.unwrap()

@@ -14,7 +14,7 @@ use llm_router::sim::{self, Role, RunningSim, SimConfig};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
-const MODEL: &str = "Qwen/Qwen3-0.6B";
+const MODEL: &str = "Qwen/Qwen3-0.6B-FP8";
 
 async fn sims(n: usize, role: Role) -> Vec<RunningSim> {
     sim::start_fleet(n, &SimConfig { role, time_scale: 20.0, ..SimConfig::default() }).await.unwrap()

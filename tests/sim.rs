@@ -8,7 +8,7 @@ use llm_router::sim::{self, Role, RunningSim, SimConfig};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
 
-const MODEL: &str = "Qwen/Qwen3-0.6B";
+const MODEL: &str = "Qwen/Qwen3-0.6B-FP8";
 
 fn config() -> SimConfig {
     SimConfig { time_scale: 20.0, ..SimConfig::default() }
@@ -427,7 +427,7 @@ async fn fault_switches() {
     let t = Instant::now();
     post(&s, "/v1/completions", &plain).await;
     let normal = t.elapsed();
-    set(json!({"slowdown": 4.0})).await;
+    set(json!({"slowdown": 50.0})).await;
     let t = Instant::now();
     post(&s, "/v1/completions", &plain).await;
     let slow = t.elapsed();

@@ -4,6 +4,7 @@ replicas: HAProxy ingress, the LLMRouter ingress request router, one LLMServer r
 per simulated engine (sim_engine.SimEngine), all on 127.0.0.1.
 
   serve_app.py --sims URL[,URL...] --port PORT [--policy consistent-hash|round-robin]
+               [--session-header x-correlation-id] [--model NAME]
 
 Blocks until SIGTERM/SIGINT. Used by bench-scripts/sweep.py (contender ray-serve-llm).
 """
@@ -23,14 +24,16 @@ def main():
     p.add_argument("--sims", required=True)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--policy", choices=["consistent-hash", "round-robin"], default="round-robin")
-    p.add_argument("--model", default="Qwen/Qwen3-0.6B")
+    p.add_argument("--model", default="Qwen/Qwen3-0.6B-FP8")
+    p.add_argument("--session-header", default="x-correlation-id",
+                   help="the header ConsistentHashRouter keys sessions on (AIPerf sends x-correlation-id)")
     args = p.parse_args()
     sims = args.sims.split(",")
     env = {
         "RAY_SERVE_ENABLE_HA_PROXY": "1",
         "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1",
         "RAY_SERVE_HAPROXY_TCP_NODELAY": "1",
-        "RAY_SERVE_SESSION_ID_HEADER_KEY": "x-session-id",
+        "RAY_SERVE_SESSION_ID_HEADER_KEY": args.session_header,
         "RAYLLM_VLLM_ENGINE_CLS": "sim_engine.SimEngine",
         "RAY_SIM_URLS": args.sims,
         "PYTHONPATH": f"{HERE}:{os.environ.get('PYTHONPATH', '')}",

@@ -9,7 +9,7 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::sim::tokenizer::single_token_words;
+use crate::sim::tokenizer::{WordToken, single_token_words};
 
 /// `tokens` random words: exactly `tokens` o200k tokens.
 pub fn random_words(rng: &mut fastrand::Rng, tokens: usize) -> String {
@@ -27,11 +27,21 @@ const BLOCK_SEED: u64 = 0x6a09_e667_f3bc_c908;
 /// Append the first `tokens` tokens of the block named `hash_id`: the same id always
 /// gives the same words, whichever session or turn uses it.
 pub fn hash_block(hash_id: u64, tokens: usize, out: &mut String) {
+    out.reserve(tokens * 7);
+    block_words(hash_id, tokens, |w| out.push_str(&w.text));
+}
+
+/// The token ids of [`hash_block`]'s text, without tokenising it.
+pub fn hash_block_ids(hash_id: u64, tokens: usize, out: &mut Vec<u32>) {
+    out.reserve(tokens);
+    block_words(hash_id, tokens, |w| out.push(w.id));
+}
+
+fn block_words(hash_id: u64, tokens: usize, mut each: impl FnMut(&WordToken)) {
     let words = single_token_words();
     let mut rng = fastrand::Rng::with_seed(xxh3_64_with_seed(&hash_id.to_le_bytes(), BLOCK_SEED));
-    out.reserve(tokens * 7);
     for _ in 0..tokens {
-        out.push_str(&words[rng.usize(..words.len())].text);
+        each(&words[rng.usize(..words.len())]);
     }
 }
 
@@ -62,6 +72,9 @@ mod tests {
         assert_ne!(block(7, 64), block(8, 64));
         assert!(block(7, 64).starts_with(&block(7, 10)), "a cut block is a prefix of the whole");
         let two = block(7, 64) + &block(8, 30);
-        assert_eq!(encode(&two).len(), 94, "blocks concatenate without merging tokens");
+        let mut ids = Vec::new();
+        hash_block_ids(7, 64, &mut ids);
+        hash_block_ids(8, 30, &mut ids);
+        assert_eq!(encode(&two), ids, "blocks concatenate without merging tokens, to these ids");
     }
 }

@@ -123,10 +123,10 @@ mod tests {
 
     #[test]
     fn parses_vllm_model_list() {
-        let body = br#"{"object":"list","data":[{"id":"Qwen/Qwen3-0.6B","object":"model","owned_by":"vllm","max_model_len":40960},{"id":"lora-a","object":"model","parent":"Qwen/Qwen3-0.6B"},{"object":"model"}]}"#;
+        let body = br#"{"object":"list","data":[{"id":"Qwen/Qwen3-0.6B-FP8","object":"model","owned_by":"vllm","max_model_len":40960},{"id":"lora-a","object":"model","parent":"Qwen/Qwen3-0.6B-FP8"},{"object":"model"}]}"#;
         let cards = parse_model_list(body).unwrap();
         let ids: Vec<_> = cards.iter().map(|c| c.id.as_str()).collect();
-        assert_eq!(ids, ["Qwen/Qwen3-0.6B", "lora-a"]);
+        assert_eq!(ids, ["Qwen/Qwen3-0.6B-FP8", "lora-a"]);
         assert_eq!(cards[0].card["max_model_len"], 40960);
         assert!(parse_model_list(b"<html>").is_none());
     }

@@ -9,16 +9,19 @@
 //! time the profile says, and every sequence that finished computing its tokens samples
 //! one: that is when its client sees a token.
 //!
-//! Requests arrive on a channel and tokens leave on each request's own channel. A
-//! request whose receiver is dropped (the client went away) is aborted at the next step
-//! and its blocks freed.
+//! Requests arrive on a channel; each step's tokens go to the replica's API server
+//! ([`super::api_server`]), which delivers them on each request's own channel once it has
+//! processed them. A request whose receiver is dropped (the client went away) is aborted
+//! at the next step and its blocks freed.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
+use super::api_server::{ApiServer, StepOutput};
 use super::faults::Faults;
 use super::kv_cache::{BLOCK_SIZE, BlockId, KvCache, block_hashes, chain_hash};
 use super::metrics::SimMetrics;
@@ -88,9 +91,14 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn start(config: EngineConfig, metrics: Arc<SimMetrics>, faults: Arc<Faults>) -> Engine {
+    pub fn start(
+        config: EngineConfig,
+        metrics: Arc<SimMetrics>,
+        faults: Arc<Faults>,
+        api: ApiServer,
+    ) -> Engine {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(Scheduler::new(config, metrics, faults).run(rx));
+        tokio::spawn(Scheduler::new(config, metrics, faults, api).run(rx));
         Engine { tx }
     }
 
@@ -107,7 +115,10 @@ struct Seq {
     prompt_len: usize,
     /// Tokens whose KV is in the cache.
     computed: usize,
+    /// The sequence's blocks in order; those before `released` were given back (outside
+    /// the attention window, or never needed) and are not held.
     blocks: Vec<BlockId>,
+    released: usize,
     /// Full blocks already published to the prefix cache.
     published: usize,
     parent_hash: u64,
@@ -133,6 +144,7 @@ impl Seq {
             prompt_len,
             computed: 0,
             blocks: Vec::new(),
+            released: 0,
             published: 0,
             parent_hash: 0,
             sampler,
@@ -160,6 +172,27 @@ impl Seq {
     fn blocks_for(&self, tokens: usize) -> usize {
         tokens.div_ceil(BLOCK_SIZE).saturating_sub(self.blocks.len())
     }
+
+    /// The blocks this sequence holds references on.
+    fn held(&self) -> &[BlockId] {
+        &self.blocks[self.released..]
+    }
+}
+
+/// A block slot the sequence never held (before its window when it was admitted).
+const NOT_HELD: BlockId = BlockId::MAX;
+
+/// Sum over the tokens `start..start + n` of how many earlier tokens each attends to.
+fn attention_pairs(start: usize, n: usize, window: Option<usize>) -> f64 {
+    let full = |from: usize, count: usize| count as f64 * (from as f64 + count as f64 / 2.0);
+    match window {
+        None => full(start, n),
+        Some(w) if start >= w => (n * w) as f64,
+        Some(w) => {
+            let ramp = (w - start).min(n);
+            full(start, ramp) + ((n - ramp) * w) as f64
+        }
+    }
 }
 
 enum Admission {
@@ -175,6 +208,7 @@ struct Scheduler {
     config: EngineConfig,
     metrics: Arc<SimMetrics>,
     faults: Arc<Faults>,
+    api: ApiServer,
     kv: KvCache,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
@@ -183,12 +217,13 @@ struct Scheduler {
 }
 
 impl Scheduler {
-    fn new(config: EngineConfig, metrics: Arc<SimMetrics>, faults: Arc<Faults>) -> Self {
+    fn new(config: EngineConfig, metrics: Arc<SimMetrics>, faults: Arc<Faults>, api: ApiServer) -> Self {
         let kv = KvCache::new(config.num_gpu_blocks);
         Scheduler {
             config,
             metrics,
             faults,
+            api,
             kv,
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -205,7 +240,7 @@ impl Scheduler {
                 let request = match next_ready {
                     Some(at) => tokio::select! {
                         r = rx.recv() => r.map(Some),
-                        _ = tokio::time::sleep_until(at.into()) => Some(None),
+                        _ = tokio::time::sleep_until(at) => Some(None),
                     },
                     None => rx.recv().await.map(Some),
                 };
@@ -255,7 +290,7 @@ impl Scheduler {
             if now >= deadline {
                 return;
             }
-            tokio::time::sleep_until((deadline.min(now + SLICE)).into()).await;
+            tokio::time::sleep_until(deadline.min(now + SLICE)).await;
             if Instant::now() < deadline {
                 self.drop_aborted_running();
             }
@@ -268,7 +303,7 @@ impl Scheduler {
     fn drop_aborted_running(&mut self) {
         while self.running.last().is_some_and(|s| s.req.events.is_closed()) {
             let seq = self.running.pop().expect("checked");
-            self.kv.release(&seq.blocks);
+            self.kv.release(seq.held());
             self.metrics.aborted.inc();
         }
         self.publish_gauges();
@@ -277,9 +312,16 @@ impl Scheduler {
     fn accept(&mut self, req: EngineRequest) {
         let mut seq = Seq::new(req);
         if let Kind::RemoteKv { per_block } = seq.req.kind {
+            // Pull the blocks the decode step reads that this replica does not have: the
+            // whole prompt, or with a window only the blocks the window reaches.
             let total = seq.tokens.len();
-            let cached = self.kv.lookup(&block_hashes(&seq.tokens[..total - 1]));
-            let pulled = total.div_ceil(BLOCK_SIZE).saturating_sub(cached);
+            let hashes = block_hashes(&seq.tokens[..total - 1]);
+            let from = self.window_start(total - 1);
+            let cached = match self.config.profile.attention_window {
+                None => self.kv.lookup(&hashes),
+                Some(_) => self.kv.cached_count(&hashes[from.min(hashes.len())..]),
+            };
+            let pulled = total.div_ceil(BLOCK_SIZE).saturating_sub(from + cached);
             let transfer = per_block * pulled as u32;
             seq.ready_at = Some(Instant::now() + transfer.div_f64(self.config.time_scale.max(1e-6)));
             self.transferring.push(seq);
@@ -306,7 +348,7 @@ impl Scheduler {
         let metrics = &self.metrics;
         let mut abort = |seq: &Seq| {
             if seq.req.events.is_closed() {
-                kv.release(&seq.blocks);
+                kv.release(seq.held());
                 metrics.aborted.inc();
                 false
             } else {
@@ -356,14 +398,15 @@ impl Scheduler {
                 Admission::Rejected => {}
             }
         }
+        let window = self.config.profile.attention_window;
         let mut shape = StepShape { seqs: scheduled.len(), ..Default::default() };
         for &(i, need) in &scheduled {
             let seq = &self.running[i];
             if seq.remaining() == 1 && need == 1 && seq.computed >= seq.prompt_len {
-                shape.decode_context_tokens += seq.tokens.len();
+                shape.decode_context_tokens += window.map_or(seq.tokens.len(), |w| seq.tokens.len().min(w));
             } else {
                 shape.prefill_tokens += need;
-                shape.prefill_token_pairs += need as f64 * (seq.computed as f64 + need as f64 / 2.0);
+                shape.prefill_token_pairs += attention_pairs(seq.computed, need, window);
             }
         }
         (shape, scheduled)
@@ -375,8 +418,9 @@ impl Scheduler {
         while self.kv.free_blocks() < blocks {
             let victim = self.running.len() - 1;
             let mut seq = self.running.pop().expect("keep is running");
-            self.kv.release(&seq.blocks);
+            self.kv.release(seq.held());
             seq.blocks.clear();
+            seq.released = 0;
             seq.computed = 0;
             seq.published = 0;
             seq.parent_hash = 0;
@@ -389,32 +433,47 @@ impl Scheduler {
         true
     }
 
+    /// The first block attention reads when the next token is at `position`: 0 with full
+    /// attention, else the block holding the window's first token.
+    fn window_start(&self, position: usize) -> usize {
+        self.config.profile.attention_window.map_or(0, |w| position.saturating_sub(w) / BLOCK_SIZE)
+    }
+
     /// Admit a waiting sequence with its cached prefix, if its blocks fit now.
     fn admit(&mut self, seq: &mut Seq, budget: usize) -> Admission {
         let total = seq.tokens.len();
-        if total.div_ceil(BLOCK_SIZE) > self.kv.num_blocks() {
+        let window_blocks = self.config.profile.attention_window.map(|w| w.div_ceil(BLOCK_SIZE));
+        let needed =
+            window_blocks.map_or(total.div_ceil(BLOCK_SIZE), |w| (w + 1).min(total.div_ceil(BLOCK_SIZE)));
+        if needed > self.kv.num_blocks() {
             let _ = seq.req.events.send(Event::Rejected(format!(
-                "request needs {} KV blocks, the engine has {}",
-                total.div_ceil(BLOCK_SIZE),
+                "request needs {needed} KV blocks, the engine has {}",
                 self.kv.num_blocks()
             )));
             return Admission::Rejected;
         }
         // Reuse cached full blocks, always leaving at least one token to compute.
         let hashes = block_hashes(&seq.tokens[..total - 1]);
-        let hit_blocks = self.kv.lookup(&hashes);
+        let hit_blocks = self.kv.lookup_window(&hashes, window_blocks);
         let remote = matches!(seq.req.kind, Kind::RemoteKv { .. });
         let computed = if remote { total - 1 } else { hit_blocks * BLOCK_SIZE };
         let need = (total - computed).min(budget);
-        let fresh = (computed + need).div_ceil(BLOCK_SIZE) - hit_blocks;
-        if self.kv.free_blocks() < fresh + hit_blocks {
+        // Blocks before the window of this step's first token are never held; cached ones
+        // in the window are reused; the rest up to the step's last token are fresh.
+        let hold_from = self.window_start(computed);
+        let reuse = hold_from.min(hit_blocks)..hit_blocks;
+        let fresh_from = hit_blocks.max(hold_from);
+        let fresh = (computed + need).div_ceil(BLOCK_SIZE) - fresh_from;
+        if self.kv.free_blocks() < fresh + reuse.len() {
             return Admission::NoRoom;
         }
-        let mut blocks = self.kv.take_cached(&hashes[..hit_blocks]);
+        let mut blocks = vec![NOT_HELD; reuse.start];
+        blocks.extend(self.kv.take_cached(&hashes[reuse.clone()]));
+        blocks.resize(fresh_from, NOT_HELD);
         match self.kv.allocate(fresh) {
             Some(new) => blocks.extend(new),
             None => {
-                self.kv.release(&blocks);
+                self.kv.release(&blocks[reuse.clone()]);
                 return Admission::NoRoom;
             }
         }
@@ -425,27 +484,49 @@ impl Scheduler {
             self.metrics.queue_time.observe(seq.req.arrived.elapsed().as_secs_f64());
         }
         seq.blocks = blocks;
+        seq.released = if reuse.is_empty() { fresh_from } else { reuse.start };
         seq.computed = computed;
-        seq.published = hit_blocks;
-        seq.parent_hash = if hit_blocks > 0 { hashes[hit_blocks - 1] } else { 0 };
+        seq.published = fresh_from;
+        seq.parent_hash = if fresh_from > 0 { hashes[fresh_from - 1] } else { 0 };
         Admission::Scheduled(need)
+    }
+
+    /// Give back the blocks a sequence's window no longer reaches (they stay cached).
+    fn release_outside_window(&mut self, i: usize) {
+        let from = self.window_start(self.running[i].computed);
+        let seq = &mut self.running[i];
+        let until = from.min(seq.published).min(seq.blocks.len());
+        if until > seq.released {
+            self.kv.release(&seq.blocks[seq.released..until]);
+            seq.released = until;
+        }
     }
 
     fn finish_step(&mut self, scheduled: &[(usize, usize)]) {
         let now = Instant::now();
         let mut done = Vec::new();
+        let mut output: StepOutput = Vec::with_capacity(scheduled.len());
         for &(i, need) in scheduled {
             let Some(seq) = self.running.get_mut(i) else { continue };
+            if seq.req.events.is_closed() {
+                done.push(i);
+                self.metrics.aborted.inc();
+                continue;
+            }
             seq.computed += need;
             if seq.computed <= seq.prompt_len {
                 self.metrics.prompt_tokens.inc_by(need as u64);
             }
             publish_full_blocks(&mut self.kv, seq);
+            if self.config.profile.attention_window.is_some() {
+                self.release_outside_window(i);
+            }
+            let seq = &mut self.running[i];
             if seq.computed < seq.tokens.len() {
                 continue; // mid-prefill
             }
             if seq.req.kind == Kind::PrefillOnly && seq.generated == 0 {
-                let _ = seq.req.events.send(Event::PrefillBlocks(seq.blocks.clone()));
+                output.push((seq.req.events.clone(), Event::PrefillBlocks(seq.blocks.clone())));
             }
             let id = seq.sampler.next_token();
             seq.tokens.push(id);
@@ -469,23 +550,19 @@ impl Scheduler {
             } else {
                 None
             };
-            let sent = seq.req.events.send(Event::Token { id, finish });
-            if finish.is_some() || sent.is_err() {
+            output.push((seq.req.events.clone(), Event::Token { id, finish }));
+            if let Some(f) = finish {
                 done.push(i);
-                if let Some(f) = finish {
-                    let reason = if f == Finish::Length { "length" } else { "stop" };
-
-                    self.metrics.request_success.with_label_values(&[reason]).inc();
-                    self.metrics.e2e.observe((now - seq.req.arrived).as_secs_f64());
-                } else {
-                    self.metrics.aborted.inc();
-                }
+                let reason = if f == Finish::Length { "length" } else { "stop" };
+                self.metrics.request_success.with_label_values(&[reason]).inc();
+                self.metrics.e2e.observe((now - seq.req.arrived).as_secs_f64());
             }
         }
+        self.api.output(output);
         done.sort_unstable();
         for i in done.into_iter().rev() {
             let seq = self.running.remove(i);
-            self.kv.release(&seq.blocks);
+            self.kv.release(seq.held());
         }
     }
 }
@@ -499,5 +576,77 @@ fn publish_full_blocks(kv: &mut KvCache, seq: &mut Seq) {
         kv.publish(seq.blocks[b], hash);
         seq.parent_hash = hash;
         seq.published += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::profile::{ApiCosts, qwen3_0_6b_fp8_h100};
+    use super::*;
+
+    #[test]
+    fn attention_pairs_are_capped_by_the_window() {
+        assert_eq!(attention_pairs(0, 4, None), 8.0);
+        assert_eq!(attention_pairs(100, 10, Some(50)), 500.0, "past the window: window per token");
+        // 40 tokens from 20 with a window of 50: 30 ramp up (20..50), 10 see 50.
+        assert_eq!(attention_pairs(20, 40, Some(50)), 30.0 * 35.0 + 500.0);
+        assert_eq!(attention_pairs(0, 10, Some(50)), attention_pairs(0, 10, None));
+    }
+
+    async fn run(engine: &Engine, prompt: Vec<u32>, max_tokens: usize) -> Vec<u32> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        engine.submit(EngineRequest {
+            prompt,
+            max_tokens,
+            min_tokens: 0,
+            ignore_eos: true,
+            seed: None,
+            stop: Vec::new(),
+            kind: Kind::Local,
+            arrived: Instant::now(),
+            events: tx,
+        });
+        let mut ids = Vec::new();
+        while let Some(event) = rx.recv().await {
+            match event {
+                Event::Token { id, finish } => {
+                    ids.push(id);
+                    if finish.is_some() {
+                        return ids;
+                    }
+                }
+                Event::Rejected(why) => panic!("{why}"),
+                Event::PrefillBlocks(_) => {}
+            }
+        }
+        panic!("no finish");
+    }
+
+    /// With a 64-token window a sequence keeps only ~5 blocks: a 1600-token prompt (100
+    /// blocks) runs on a 24-block pool, and its repeat finds its last window cached.
+    #[tokio::test(start_paused = true)]
+    async fn a_window_keeps_only_its_blocks_and_reuses_its_cached_window() {
+        let mut profile = qwen3_0_6b_fp8_h100();
+        profile.attention_window = Some(64);
+        let config = EngineConfig {
+            profile,
+            max_num_seqs: 8,
+            max_num_batched_tokens: 256,
+            num_gpu_blocks: 24,
+            time_scale: 1.0,
+        };
+        let metrics = Arc::new(SimMetrics::new("m"));
+        let faults = Arc::new(Faults::new(Default::default()));
+        let api = ApiServer::start(ApiCosts::NONE, 1.0, faults.clone());
+        let engine = Engine::start(config, metrics.clone(), faults, api);
+        let prompt: Vec<u32> = (0..1600).map(|i| (i * 31 % 50_000) as u32).collect();
+        let first = run(&engine, prompt.clone(), 20).await;
+        assert_eq!(first.len(), 20);
+        let hits_before = metrics.prefix_hits.get();
+        let second = run(&engine, prompt, 20).await;
+        assert_eq!(first, second, "same prompt, same output");
+        let reused = metrics.prefix_hits.get() - hits_before;
+        assert!(reused >= 1500, "the repeat reused its window's blocks: {reused} tokens");
+        assert_eq!(metrics.preemptions.get(), 0);
     }
 }

@@ -7,6 +7,11 @@
 //! up its prompt's block hashes in order and reuses the longest run found: those
 //! tokens need no prefill. Freed blocks keep their contents and stay findable until the
 //! pool needs them back; the least recently freed is reused first (LRU eviction).
+//!
+//! With sliding-window attention (each token sees only the last `window` tokens), a
+//! sequence holds only the blocks its window still reaches and frees the older ones, and a
+//! prompt's prefix is usable when the blocks of the window before its end are cached,
+//! whatever happened to the blocks before them (vLLM's sliding-window cache manager).
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -95,6 +100,26 @@ impl KvCache {
         hashes.iter().take_while(|h| self.cached.contains_key(h)).count()
     }
 
+    /// The longest usable prefix of `hashes`, in blocks, when attention sees only the last
+    /// `window_blocks` blocks: the longest `n` whose last `window_blocks` blocks (or all
+    /// of them, if fewer) are cached. `None` is full attention: [`lookup`](Self::lookup).
+    pub fn lookup_window(&self, hashes: &[u64], window_blocks: Option<usize>) -> usize {
+        let Some(window) = window_blocks else { return self.lookup(hashes) };
+        let (mut best, mut run) = (0, 0);
+        for (i, hash) in hashes.iter().enumerate() {
+            run = if self.cached.contains_key(hash) { run + 1 } else { 0 };
+            if run > 0 && (run >= window || run == i + 1) {
+                best = i + 1;
+            }
+        }
+        best
+    }
+
+    /// How many of `hashes` are cached, wherever they are.
+    pub fn cached_count(&self, hashes: &[u64]) -> usize {
+        hashes.iter().filter(|h| self.cached.contains_key(h)).count()
+    }
+
     /// Take references on the cached blocks of the first `n` hashes (found by
     /// [`lookup`](Self::lookup)).
     pub fn take_cached(&mut self, hashes: &[u64]) -> Vec<BlockId> {
@@ -171,6 +196,22 @@ mod tests {
         let b = block_hashes(&other);
         assert_ne!(a[0], b[0]);
         assert_ne!(a[1], b[1], "a change in block 0 changes every later hash");
+    }
+
+    #[test]
+    fn a_window_needs_only_its_last_blocks_cached() {
+        let mut kv = KvCache::new(8);
+        let hashes = block_hashes(&tokens(16 * 6, 3));
+        // Blocks 2..6 cached, 0 and 1 not (evicted long ago).
+        let blocks = kv.allocate(4).unwrap();
+        for (b, h) in blocks.iter().zip(&hashes[2..6]) {
+            kv.publish(*b, *h);
+        }
+        assert_eq!(kv.lookup(&hashes), 0, "full attention needs the whole prefix");
+        assert_eq!(kv.lookup_window(&hashes, None), 0);
+        assert_eq!(kv.lookup_window(&hashes, Some(3)), 6, "the last 3 blocks are there");
+        assert_eq!(kv.lookup_window(&hashes, Some(5)), 0);
+        assert_eq!(kv.cached_count(&hashes), 4);
     }
 
     #[test]

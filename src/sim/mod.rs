@@ -4,14 +4,16 @@
 //! No machine here can run vLLM, so every router test and benchmark talks to this
 //! instead. The pieces, one file each:
 //! [`server`] (HTTP endpoints, fault switches, request log) ->
-//! [`request`] (vLLM's validation) -> [`engine`] (scheduler loop: chunked prefill,
-//! [`kv_cache`] blocks and prefix cache, preemption, P/D handoffs via [`pd`]) timed by a
-//! [`profile`] -> [`responses`] (vLLM's JSON and SSE shapes). Text is tokenised for real
+//! [`request`] (vLLM's validation) -> [`api_server`] (the API-server process's queue:
+//! intake) -> [`engine`] (scheduler loop: chunked prefill, [`kv_cache`] blocks and prefix
+//! cache, preemption, P/D handoffs via [`pd`]) timed by a [`profile`] -> [`api_server`]
+//! again (each step's outputs) -> [`responses`] (vLLM's JSON and SSE shapes). Text is tokenised for real
 //! ([`tokenizer`], o200k_base) and generation is deterministic ([`sampler`]).
 //!
 //! It runs as the `vllm-sim` binary or in-process ([`start`]), which is how
 //! `router --sim N` and the tests use it.
 
+pub mod api_server;
 pub mod engine;
 pub mod faults;
 pub mod kv_cache;
@@ -32,6 +34,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use tokio::task::JoinHandle;
 
+use api_server::ApiServer;
 use engine::{Engine, EngineConfig};
 use faults::{FaultConfig, Faults};
 use metrics::SimMetrics;
@@ -60,21 +63,32 @@ pub struct SimArgs {
     /// Port to listen on (0 picks a free one).
     #[arg(long, default_value_t = 8100)]
     pub port: u16,
-    /// Timing profile (model on GPU).
-    #[arg(long, default_value = "qwen3-0.6b-h100", value_parser = parse_profile)]
+    /// Timing profile (model on GPU, with the engine settings it was calibrated with).
+    #[arg(long, default_value = "qwen3-0.6b-fp8-h100", value_parser = parse_profile)]
     pub profile: Profile,
+    /// Change one of the profile's constants (repeatable), e.g. `base=2ms`,
+    /// `api.per_request=10ms`, `hbm_bytes_per_sec=2e12`.
+    #[arg(long = "profile-set", value_name = "NAME=VALUE")]
+    pub profile_set: Vec<String>,
+    /// The API server tokenises with vLLM 0.22's fastokens backend (`VLLM_USE_FASTOKENS=1`,
+    /// ~25x faster than HF's tokenizer; the study set it for its agentic runs).
+    #[arg(long)]
+    pub fastokens: bool,
+    /// No API-server costs: requests reach the engine and tokens leave it at once.
+    #[arg(long)]
+    pub no_api_server_costs: bool,
     /// Model name served (default: the profile's model).
     #[arg(long)]
     pub served_model_name: Option<String>,
     /// Context length limit (default: the profile's).
     #[arg(long)]
     pub max_model_len: Option<usize>,
-    /// Most sequences in one batch.
-    #[arg(long, default_value_t = 256)]
-    pub max_num_seqs: usize,
-    /// Most tokens computed in one step (chunked prefill).
-    #[arg(long, default_value_t = 8192)]
-    pub max_num_batched_tokens: usize,
+    /// Most sequences in one batch (default: the profile's).
+    #[arg(long)]
+    pub max_num_seqs: Option<usize>,
+    /// Most tokens computed in one step, chunked prefill (default: the profile's).
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
     /// KV cache blocks of 16 tokens (default: the profile's GPU capacity).
     #[arg(long)]
     pub num_gpu_blocks: Option<usize>,
@@ -84,9 +98,9 @@ pub struct SimArgs {
     /// P/D role.
     #[arg(long, value_enum, default_value_t = Role::Both)]
     pub role: Role,
-    /// KV transfer bandwidth for P/D handoffs, bytes per second.
-    #[arg(long, default_value_t = 50e9)]
-    pub kv_bandwidth: f64,
+    /// KV transfer bandwidth for P/D handoffs, bytes per second (default: the profile's).
+    #[arg(long)]
+    pub kv_bandwidth: Option<f64>,
     /// Requests kept for `GET /sim/requests`.
     #[arg(long, default_value_t = 256)]
     pub request_log_size: usize,
@@ -118,6 +132,10 @@ pub struct SimConfig {
     pub faults: FaultConfig,
 }
 
+/// How much faster vLLM 0.22's fastokens backend tokenises than HF's tokenizer, as the
+/// study's `bench/run_agentic_8x.sh` states it ("~25x faster").
+pub const FASTOKENS_SPEEDUP: u32 = 25;
+
 impl SimArgs {
     pub fn into_config(self) -> Result<SimConfig, String> {
         let mut faults = FaultConfig::default();
@@ -127,21 +145,34 @@ impl SimArgs {
         if !(self.time_scale.is_finite() && self.time_scale > 0.0) {
             return Err(format!("--time-scale must be positive, got {}", self.time_scale));
         }
-        if self.max_num_seqs == 0 || self.max_num_batched_tokens == 0 {
+        if self.max_num_seqs == Some(0) || self.max_num_batched_tokens == Some(0) {
             return Err("--max-num-seqs and --max-num-batched-tokens must be at least 1".into());
         }
-        let p = self.profile;
+        let mut p = self.profile;
+        for assignment in &self.profile_set {
+            p.set(assignment).map_err(|e| format!("--profile-set {e}"))?;
+        }
+        if self.fastokens {
+            p.api.per_prompt_token /= FASTOKENS_SPEEDUP;
+        }
+        if self.no_api_server_costs {
+            p.api = profile::ApiCosts::NONE;
+        }
+        let kv_bandwidth = self.kv_bandwidth.unwrap_or(p.kv_transfer_bytes_per_sec);
+        if !(kv_bandwidth.is_finite() && kv_bandwidth > 0.0) {
+            return Err(format!("--kv-bandwidth must be positive, got {kv_bandwidth}"));
+        }
         Ok(SimConfig {
             listen: SocketAddr::new(self.host, self.port),
             served_model_name: self.served_model_name.unwrap_or_else(|| p.model.to_owned()),
             max_model_len: self.max_model_len.unwrap_or(p.max_model_len),
             num_gpu_blocks: self.num_gpu_blocks.unwrap_or(p.num_gpu_blocks),
+            max_num_seqs: self.max_num_seqs.unwrap_or(p.max_num_seqs),
+            max_num_batched_tokens: self.max_num_batched_tokens.unwrap_or(p.max_num_batched_tokens),
             profile: p,
-            max_num_seqs: self.max_num_seqs,
-            max_num_batched_tokens: self.max_num_batched_tokens,
             time_scale: self.time_scale,
             role: self.role,
-            kv_bandwidth: self.kv_bandwidth,
+            kv_bandwidth,
             request_log_size: self.request_log_size,
             faults,
         })
@@ -238,6 +269,7 @@ pub async fn start(config: SimConfig) -> std::io::Result<RunningSim> {
     let addr = listener.local_addr()?;
     let metrics = Arc::new(SimMetrics::new(&config.served_model_name));
     let faults = Arc::new(Faults::new(config.faults.clone()));
+    let api = ApiServer::start(config.profile.api, config.time_scale, faults.clone());
     let engine = Engine::start(
         EngineConfig {
             profile: config.profile.clone(),
@@ -248,8 +280,9 @@ pub async fn start(config: SimConfig) -> std::io::Result<RunningSim> {
         },
         metrics.clone(),
         faults.clone(),
+        api.clone(),
     );
-    let state = Arc::new(SimState::new(config, engine, metrics, faults.clone(), addr));
+    let state = Arc::new(SimState::new(config, engine, api, metrics, faults.clone(), addr));
     let app = server::routes(state.clone());
     let (killed, on_kill) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(server::accept_loop(listener, app, faults, on_kill));

@@ -9,7 +9,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Body;
@@ -22,11 +22,14 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
+use super::api_server::ApiServer;
 use super::engine::{Engine, EngineRequest, Kind};
 use super::faults::{FaultConfig, Faults};
 use super::metrics::SimMetrics;
 use super::pd::{self, Handoff};
+use super::profile::PromptForm;
 use super::request::{self, GenRequest};
 use super::request_log::{LoggedRequest, RequestLog};
 use super::responses::{self, Meta, SseStream};
@@ -37,6 +40,7 @@ pub struct SimState {
     pub config: SimConfig,
     pub model: String,
     pub engine: Engine,
+    pub api: ApiServer,
     pub metrics: Arc<SimMetrics>,
     pub faults: Arc<Faults>,
     pub log: RequestLog,
@@ -50,11 +54,13 @@ impl SimState {
     pub fn new(
         config: SimConfig,
         engine: Engine,
+        api: ApiServer,
         metrics: Arc<SimMetrics>,
         faults: Arc<Faults>,
         addr: SocketAddr,
     ) -> Self {
         SimState {
+            api,
             model: config.served_model_name.clone(),
             log: RequestLog::new(config.request_log_size),
             engine_id: pd::engine_id(addr.port()),
@@ -134,6 +140,15 @@ async fn generate(s: Arc<SimState>, request: Request, chat: bool) -> Result<Resp
         s.metrics.prompts_from_ids.inc();
     }
     let kind = resolve_handoff(&s, &mut job);
+    // A client that leaves while its request waits to be taken in aborts it there.
+    let waiting = AbortOnDrop(&s.metrics);
+    let form = match (job.from_text, chat) {
+        (false, _) => PromptForm::Ids,
+        (true, true) => PromptForm::Chat,
+        (true, false) => PromptForm::Text,
+    };
+    s.api.intake(job.prompt_ids.len(), form).await;
+    std::mem::forget(waiting);
     let (tx, rx) = mpsc::unbounded_channel();
     s.engine.submit(EngineRequest {
         prompt: job.prompt_ids.clone(),
@@ -167,6 +182,16 @@ async fn generate(s: Arc<SimState>, request: Request, chat: bool) -> Result<Resp
     .await
     .map_err(SimError::BadRequest)?;
     Ok(json_response(StatusCode::OK, value.to_string()))
+}
+
+/// Counts an abort if dropped: the handler's future was dropped (its client went away)
+/// before the request reached the engine.
+struct AbortOnDrop<'a>(&'a SimMetrics);
+
+impl Drop for AbortOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.aborted.inc();
+    }
 }
 
 /// Decide how this request's KV comes to be, from its `kv_transfer_params` and the
