@@ -162,7 +162,7 @@ impl Gate {
         }
         let (from, first) = *self.recording.get_or_init(|| (now, n));
         let open = match self.limit {
-            Limit::Requests(r) => n < first + r,
+            Limit::Requests(r) => n < first.saturating_add(r),
             Limit::Duration(d) => now < from + d,
         };
         if !open {
@@ -442,6 +442,14 @@ mod tests {
             [Some(Warmup), Some(Warmup), Some(Recorded), Some(Recorded), Some(Recorded), None, None]
         );
         assert!(!gate.open());
+    }
+
+    #[test]
+    fn an_unbounded_count_after_a_warmup_stays_open() {
+        let gate = Gate::new(Some(Limit::Requests(1)), Limit::Requests(usize::MAX));
+        assert_eq!(gate.admit(), Some(Phase::Warmup));
+        assert!((0..100).all(|_| gate.admit() == Some(Phase::Recorded)));
+        assert!(gate.open());
     }
 
     #[test]

@@ -269,11 +269,11 @@ const H100_MEMORY: f64 = 79.2 * (1u64 << 30) as f64;
 /// (Ray Serve LLM serves the same engines from its own replica process). What each
 /// constant stands for and what in the study pins it:
 ///
-/// - `request_latency` 42 ms: at decode-heavy c=64 (8 streams a replica, a 50-token
+/// - `request_latency` 37 ms: at decode-heavy c=64 (8 streams a replica, a 50-token
 ///   prompt, a ~2 ms prefill step) clients saw 57 ms to the first token; the floor under
 ///   every point. Hops between processes (HTTP server, renderer, engine core) and the
 ///   client's own share; it occupies nothing, so it does not grow with load.
-/// - `per_token` 66 us and `per_step` 140 us: the Python work per streamed token
+/// - `per_token` 69 us and `per_step` 150 us: the Python work per streamed token
 ///   (detokenise, build and write one SSE chunk) and per engine step. At decode-heavy
 ///   c=256 (13k tokens a second a replica) the loop is ~80% busy: tokens queue and leave
 ///   in bursts (the study's median ITL there is 0.00 ms) and TTFT climbs to 190 ms while
@@ -281,22 +281,22 @@ const H100_MEMORY: f64 = 79.2 * (1u64 << 30) as f64;
 /// - `per_request` 1 ms over `intake_hops` 4: taking a request in is a chain of awaits,
 ///   each waiting one round of a busy loop: that is how TTFT grows with the streaming
 ///   load (57 / 77 / 190 ms at c = 64 / 128 / 256 decode-heavy) while TPOT does not.
-/// - `per_prompt_token` 1.06 us: tokenising (about a million tokens a second), which is
+/// - `per_prompt_token` 1.10 us: tokenising (about a million tokens a second), which is
 ///   the intake of the 8000-token prefill-heavy prompts; vLLM 0.22's fastokens
 ///   (`VLLM_USE_FASTOKENS=1`, the study's agentic runs, `--fastokens` here) is ~25x faster.
-/// - `per_chat_token` 0.87 us: the rest of a chat request's intake (parsing and validating
+/// - `per_chat_token` 0.78 us: the rest of a chat request's intake (parsing and validating
 ///   its messages, rendering the chat template), which fastokens does not speed up: what
 ///   keeps agentic TTFT at 104-163 ms for ~37k-token conversations.
 /// - `per_prompt_id` 0.05 us: a prompt given as token ids is only checked.
 pub const VLLM_SERVE_API: ApiCosts = ApiCosts {
-    request_latency: Duration::from_micros(41_600),
+    request_latency: Duration::from_micros(37_500),
     per_request: Duration::from_micros(1_000),
     intake_hops: 4,
-    per_prompt_token: Duration::from_nanos(1_060),
-    per_chat_token: Duration::from_nanos(870),
+    per_prompt_token: Duration::from_nanos(1_100),
+    per_chat_token: Duration::from_nanos(780),
     per_prompt_id: Duration::from_nanos(50),
-    per_step: Duration::from_micros(140),
-    per_token: Duration::from_micros(66),
+    per_step: Duration::from_micros(150),
+    per_token: Duration::from_micros(69),
 };
 
 /// Qwen/Qwen3-0.6B-FP8 on one H100 80GB, as the study served it (`serve/vllm_8x/start.sh`:
@@ -312,12 +312,13 @@ pub const VLLM_SERVE_API: ApiCosts = ApiCosts {
 /// - Step costs, fitted with the API server above to the study's decode-heavy (TPOT 1.88 /
 ///   2.05 / 2.42 ms at 8 / 16 / 32 streams a replica), prefill-heavy (19.1 / 21.9 / 23.2
 ///   requests a second a replica, near saturation at the top) and agentic rows (ITL 8.8 /
-///   16.4 / 30.5 ms with ~37k-token contexts): `base` 1.80 ms and `per_seq` 15 us a
-///   step; `mixed_step` 3.3 ms more for a step carrying a prefill chunk; prefill
-///   2.58 us a token (linear layers) plus 0.376 ns per token pair (attention: an
-///   8000-token prompt costs ~33 ms in all); decode attention reads K and V at
-///   1.7 TB/s (half the HBM peak: fp8 KV is dequantised, and 8 KV heads do not fill
-///   the GPU).
+///   16.4 / 30.5 ms with ~37k-token contexts): `base` 1.82 ms and `per_seq` 16 us a
+///   step; `mixed_step` 3.7 ms more for a step carrying a prefill chunk; prefill
+///   1.48 us a token (linear layers) plus 0.354 ns per token pair (attention: an
+///   8000-token prompt costs ~23 ms in all, half of it attention, as the FLOPs split:
+///   2 x 0.44e9 a token for the linear layers, 229k a pair for attention); decode
+///   attention reads K and V at 1.85 TB/s (55% of the HBM peak: fp8 KV is dequantised,
+///   and 8 KV heads do not fill the GPU).
 pub fn qwen3_0_6b_fp8_h100() -> Profile {
     let kv_bytes_per_token = 57_344.0;
     Profile {
@@ -328,12 +329,12 @@ pub fn qwen3_0_6b_fp8_h100() -> Profile {
         max_num_batched_tokens: 16_384,
         num_gpu_blocks: kv_blocks(0.95 * H100_MEMORY - 4.8e9, kv_bytes_per_token),
         kv_bytes_per_token,
-        base: Duration::from_micros(1_800),
-        per_seq: Duration::from_nanos(14_700),
-        mixed_step: Duration::from_micros(3_260),
-        prefill_per_token: Duration::from_nanos(2_580),
-        attention_per_token_pair: 0.376e-9,
-        hbm_bytes_per_sec: 1.7e12,
+        base: Duration::from_micros(1_824),
+        per_seq: Duration::from_nanos(16_060),
+        mixed_step: Duration::from_micros(3_683),
+        prefill_per_token: Duration::from_nanos(1_481),
+        attention_per_token_pair: 0.354e-9,
+        hbm_bytes_per_sec: 1.85e12,
         attention_window: None,
         kv_transfer_bytes_per_sec: KV_TRANSFER,
         api: VLLM_SERVE_API,
@@ -343,18 +344,27 @@ pub fn qwen3_0_6b_fp8_h100() -> Profile {
 /// microsoft/Phi-tiny-MoE-instruct, one data-parallel rank of a DP4EP4 replica on 4 H100s
 /// (the study's `serve/vllm_pd4p4d/start.sh`: one such replica prefills, one decodes,
 /// NixlConnector between them; bf16 KV cache, `--gpu-memory-utilization 0.90`,
-/// `--max-num-seqs 128`, `--max-num-batched-tokens 16384`, `--max-model-len 81920`). Each
-/// rank has its own API server, so a simulated replica stands for one rank.
+/// `--max-num-seqs 128`, `--max-num-batched-tokens 16384`, `--max-model-len 81920`, no
+/// fastokens). Each rank has its own API server, so a simulated replica stands for one
+/// rank: the P/D setup is 4 prefill and 4 decode simulated replicas.
 ///
-/// - Shape (model card: 3.8B parameters, 1.1B active; 32 layers, 4 KV heads of 128,
-///   16 experts, 2 per token): bf16 K and V are 2 x 32 x 4 x 128 x 2 B = 65,536 B per token.
+/// - Shape (model card: 3.8B parameters, 1.1B active; 32 layers, 4 KV heads of 128, 16
+///   experts, 2 per token): bf16 K and V are 2 x 32 x 4 x 128 x 2 B = 65,536 B per token.
+/// - Sliding-window attention of 2047 tokens (`sliding_window` in the Phi-3 family's
+///   configs, which vLLM honours). The study's P/D rows need it: decode ITL grows only
+///   from 7.4 to 14.8 ms between ~7 and ~33 decoding sequences of ~37k tokens a rank,
+///   while full attention would read ~87 GB of KV a step at the top, 26 ms at HBM peak.
 /// - KV capacity: 0.90 x 79.2 GiB = 76.5 GB, less ~3.3 GB of weights (attention and
 ///   embeddings replicated, experts split 4 ways) and ~4 GB of buffers: ~69 GB, 1.05M
 ///   tokens, 65,800 blocks.
-/// - Step costs fitted to the study's P/D rows (agentic, c = 64 / 128 / 256: TTFT 414 /
-///   587 / 1103 ms, ITL 7.41 / 10.34 / 14.82 ms). Expert parallelism makes every step an
-///   all-to-all across the four ranks, so the fixed cost per step is several times the
-///   dense 0.6B model's.
+/// - Step costs and the tokenizer's, fitted to the study's three P/D rows (TTFT 414 / 587
+///   / 1103 ms, ITL 7.41 / 10.34 / 14.82 ms, 16.9 / 27.0 / 38.8 requests a second at
+///   c = 64 / 128 / 256), the API server otherwise `vllm serve`'s: `base` 4.9 ms and
+///   `per_seq` 255 us (expert parallelism makes every step an all-to-all across the four
+///   ranks, and every token a dispatch and combine: about 0.26 ms a sequence, from the
+///   ITL's slope); `mixed_step` 1.8 ms; prefill 4.9 us a token and 0.64 ns a token pair;
+///   tokenising 1.12 us and rendering 0.84 us a prompt token (the fit's own, close to
+///   Qwen's); KV pulled at 61 GB/s.
 pub fn phi_tiny_moe_dp4ep4_h100() -> Profile {
     let kv_bytes_per_token = 65_536.0;
     Profile {
@@ -365,15 +375,19 @@ pub fn phi_tiny_moe_dp4ep4_h100() -> Profile {
         max_num_batched_tokens: 16_384,
         num_gpu_blocks: kv_blocks(0.90 * H100_MEMORY - 7.3e9, kv_bytes_per_token),
         kv_bytes_per_token,
-        base: Duration::from_micros(5_000),
-        per_seq: Duration::from_micros(60),
-        mixed_step: Duration::ZERO,
-        prefill_per_token: Duration::from_nanos(4_000),
-        attention_per_token_pair: 0.6e-9,
+        base: Duration::from_micros(4_890),
+        per_seq: Duration::from_nanos(255_300),
+        mixed_step: Duration::from_micros(1_816),
+        prefill_per_token: Duration::from_nanos(4_886),
+        attention_per_token_pair: 0.638e-9,
         hbm_bytes_per_sec: H100_HBM * 0.7,
         attention_window: Some(2047),
-        kv_transfer_bytes_per_sec: KV_TRANSFER,
-        api: VLLM_SERVE_API,
+        kv_transfer_bytes_per_sec: 60.7e9,
+        api: ApiCosts {
+            per_prompt_token: Duration::from_nanos(1_122),
+            per_chat_token: Duration::from_nanos(844),
+            ..VLLM_SERVE_API
+        },
     }
 }
 
