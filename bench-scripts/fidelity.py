@@ -27,7 +27,8 @@ Writes artifacts/fidelity/runs/<point>.json (llm-bench's result), artifacts/fide
 (point, concurrency, metric, published, simulated, ratio, time scale, within 0.85-1.15)
 and artifacts/fidelity/fidelity.png (plots/plot.py).
 
-  bench-scripts/fidelity.py                      # every point (about two hours)
+  bench-scripts/fidelity.py                      # every point (about three hours)
+  bench-scripts/fidelity.py --sessions-per-c 2   # agentic points on 2c whole sessions (about an hour)
   bench-scripts/fidelity.py --points decode-heavy --concurrency 64
   bench-scripts/fidelity.py --single-replica     # one replica at c/8 streams, real time
   bench-scripts/fidelity.py --dry-run
@@ -112,7 +113,7 @@ class Fidelity:
                  "--max-concurrency", c, "--time-scale", scale, "--no-progress", "--label", "vllm-router",
                  "--result-file", result_file, "--metadata", f"point={point}"]
         if agentic:
-            sessions = 8 * c if not self.args.quick else c
+            sessions = self.args.sessions_per_c * c if not self.args.quick else c
             ramp = min(60.0, max(5.0, 0.25 * c))
             bench += ["--workload", "agentic", "--dataset", self.dataset, "--num-sessions", sessions,
                       "--ramp-up", f"{ramp}s", "--warmup-requests", 2 * c if not self.args.quick else c // 4,
@@ -139,6 +140,8 @@ class Fidelity:
         result = json.loads(result_file.read_text())
         result["fidelity"] = {"point": point, "concurrency": c, "time_scale": scale, "wall_s": round(wall, 1),
                               "profile": profile[0], "sims": len(roles)}
+        if agentic:
+            result["fidelity"]["sessions_per_c"] = self.args.sessions_per_c
         result_file.write_text(json.dumps(result, indent=1) + "\n")
         return result
 
@@ -238,6 +241,9 @@ def parse_args():
     p.add_argument("--single-replica", action="store_true",
                    help="one replica at c/8 streams, real time, no router (the random workloads)")
     p.add_argument("--quick", action="store_true", help="short runs (4c prompts, c sessions), not written to artifacts/")
+    p.add_argument("--sessions-per-c", type=int, default=8,
+                   help="agentic sessions per unit of concurrency (the study's 8: 10-25 minutes a point; "
+                        "fewer replay fewer whole sessions)")
     p.add_argument("--resume", action="store_true", help="keep the points already in the CSV")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "fidelity"))
     p.add_argument("--no-build", action="store_true")

@@ -31,8 +31,14 @@ use super::profile::{ApiCosts, PromptForm};
 pub type StepOutput = Vec<(mpsc::UnboundedSender<Event>, Event)>;
 
 enum Job {
-    Intake { cost: Duration, taken: oneshot::Sender<()> },
+    Intake { cost: Duration, taken: oneshot::Sender<Instant> },
     Output { cost: Duration, events: StepOutput },
+}
+
+/// A job and when it was queued: it can start no earlier, and no later than the loop is free.
+struct Queued {
+    at: Instant,
+    job: Job,
 }
 
 /// Handle to one replica's API-server loop.
@@ -40,7 +46,7 @@ enum Job {
 pub struct ApiServer {
     costs: ApiCosts,
     time_scale: f64,
-    jobs: Option<mpsc::UnboundedSender<Job>>,
+    jobs: Option<mpsc::UnboundedSender<Queued>>,
     /// Time the loop has spent working, in nanoseconds of the simulated clock.
     busy_ns: Arc<AtomicU64>,
 }
@@ -72,15 +78,22 @@ impl ApiServer {
     /// tokens given as `form`.
     pub async fn intake(&self, prompt_tokens: usize, form: PromptForm) {
         let Some(jobs) = &self.jobs else { return };
-        if !self.costs.request_latency.is_zero() {
-            tokio::time::sleep(self.scaled(self.costs.request_latency)).await;
+        // The request reaches the loop after its latency, and each hop is queued when the
+        // one before it was done, however late the timers wake us.
+        let mut at = Instant::now() + self.scaled(self.costs.request_latency);
+        if at > Instant::now() {
+            tokio::time::sleep_until(at).await;
         }
         let hops = self.costs.intake_hops.max(1);
         let cost = self.scaled(self.costs.intake(prompt_tokens, form)) / hops;
         for _ in 0..hops {
             let (taken, done) = oneshot::channel();
-            if jobs.send(Job::Intake { cost, taken }).is_err() || done.await.is_err() {
+            if jobs.send(Queued { at, job: Job::Intake { cost, taken } }).is_err() {
                 return;
+            }
+            match done.await {
+                Ok(finished) => at = finished,
+                Err(_) => return,
             }
         }
     }
@@ -94,8 +107,9 @@ impl ApiServer {
             Some(jobs) => {
                 let tokens = events.iter().filter(|(_, e)| matches!(e, Event::Token { .. })).count();
                 let cost = self.scaled(self.costs.output(tokens));
-                if let Err(mpsc::error::SendError(Job::Output { events, .. })) =
-                    jobs.send(Job::Output { cost, events })
+                let queued = Queued { at: Instant::now(), job: Job::Output { cost, events } };
+                if let Err(mpsc::error::SendError(Queued { job: Job::Output { events, .. }, .. })) =
+                    jobs.send(queued)
                 {
                     deliver(events);
                 }
@@ -115,20 +129,20 @@ fn deliver(events: StepOutput) {
     }
 }
 
-/// The loop: each job starts when the one before it has finished (or when it arrives, if
-/// the loop was idle) and completes `cost` later. Deadlines accumulate from the previous
-/// job's, not from when the timer woke us, so timer granularity delays a delivery but
-/// never slows the loop down.
+/// The loop: each job starts when the one before it has finished (or when it was queued, if
+/// the loop was idle then) and completes `cost` later. Start times come from the previous
+/// job's deadline and the job's own queueing time, never from when the timer woke us
+/// (tokio's timers fire up to a millisecond late), so timer granularity delays a delivery
+/// but never slows the loop down.
 async fn run(
-    mut jobs: mpsc::UnboundedReceiver<Job>,
+    mut jobs: mpsc::UnboundedReceiver<Queued>,
     faults: Arc<Faults>,
     busy_ns: Arc<AtomicU64>,
     time_scale: f64,
 ) {
     let mut free_at = Instant::now();
-    while let Some(job) = jobs.recv().await {
-        let now = Instant::now();
-        let start = if free_at > now { free_at } else { now };
+    while let Some(Queued { at, job }) = jobs.recv().await {
+        let start = free_at.max(at);
         let cost = match &job {
             Job::Intake { cost, .. } | Job::Output { cost, .. } => cost.mul_f64(faults.slowdown()),
         };
@@ -139,7 +153,7 @@ async fn run(
         }
         match job {
             Job::Intake { taken, .. } => {
-                let _ = taken.send(());
+                let _ = taken.send(free_at);
             }
             Job::Output { events, .. } => deliver(events),
         }
@@ -205,5 +219,30 @@ mod tests {
         free.output(vec![(tx, Event::Token { id: 3, finish: None })]);
         assert_eq!(rx.recv().await.unwrap(), Event::Token { id: 3, finish: None });
         assert_eq!(t1.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_timer_delays_deliveries_but_not_the_loop() {
+        // Ten outputs of 2 ms each (per_step 1 ms + one token), queued at once. The clock
+        // then jumps 7 ms in one go, as when a timer fires late: the outputs due by then
+        // leave together, and the rest keep the loop's own pace, so the tenth leaves at
+        // 20 ms, not 7 ms + 2 ms x 9.
+        let api = ApiServer::start(costs(), 1.0, no_faults());
+        let t0 = Instant::now();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for id in 0..10 {
+            api.output(vec![(tx.clone(), Event::Token { id, finish: None })]);
+        }
+        tokio::task::yield_now().await;
+        tokio::time::advance(Duration::from_millis(7)).await;
+        let mut delivered = Vec::new();
+        for _ in 0..10 {
+            rx.recv().await.unwrap();
+            delivered.push(t0.elapsed());
+        }
+        assert_eq!(delivered[0], Duration::from_millis(7), "the first three were due by the jump");
+        assert_eq!(delivered[2], Duration::from_millis(7));
+        assert_eq!(delivered[3], Duration::from_millis(8));
+        assert_eq!(delivered[9], Duration::from_millis(20));
     }
 }

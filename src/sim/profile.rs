@@ -264,39 +264,42 @@ const H100_MEMORY: f64 = 79.2 * (1u64 << 30) as f64;
 
 /// The API server of `vllm serve` as the study ran it (one API-server process and one
 /// renderer worker per replica, HF's tokenizer). Fitted together with the Qwen engine to
-/// the study's 27 collocated vllm-router figures (`bench-scripts/calibrate.py`, which
-/// replays them in virtual time) — the only rows with this server in front of the engines
-/// (Ray Serve LLM serves the same engines from its own replica process). What each
-/// constant stands for and what in the study pins it:
+/// the study's 18 prefill-heavy and decode-heavy vllm-router figures
+/// (`bench-scripts/calibrate.py`, which replays them in virtual time) and checked on its 9
+/// agentic ones — the only rows with this server in front of the engines (Ray Serve LLM
+/// serves the same engines from its own replica process). What each constant stands for
+/// and what in the study pins it:
 ///
-/// - `request_latency` 37 ms: at decode-heavy c=64 (8 streams a replica, a 50-token
-///   prompt, a ~2 ms prefill step) clients saw 57 ms to the first token; the floor under
-///   every point. Hops between processes (HTTP server, renderer, engine core) and the
-///   client's own share; it occupies nothing, so it does not grow with load.
-/// - `per_token` 69 us and `per_step` 150 us: the Python work per streamed token
+/// - `request_latency` 38 ms: the floor under every point (decode-heavy c=64: 57 ms to
+///   the first token for a 50-token prompt and a ~2 ms prefill step). Hops between
+///   processes (HTTP server, renderer, engine core) and the client's own share; it
+///   occupies nothing, so it does not grow with load.
+/// - `per_request` 4.7 ms, in one piece: taking a request in holds the loop. The study's
+///   streams stall for tens of milliseconds a few times a second (p99 ITL 33 ms at
+///   decode-heavy c=64, where the median gap is the 1.3 ms step), and the stalls grow
+///   with the request rate.
+/// - `per_token` 76 us and `per_step` 175 us: the Python work per streamed token
 ///   (detokenise, build and write one SSE chunk) and per engine step. At decode-heavy
-///   c=256 (13k tokens a second a replica) the loop is ~80% busy: tokens queue and leave
-///   in bursts (the study's median ITL there is 0.00 ms) and TTFT climbs to 190 ms while
-///   the engine's own TTFT stayed ~15-18 ms, as the study reports.
-/// - `per_request` 1 ms over `intake_hops` 4: taking a request in is a chain of awaits,
-///   each waiting one round of a busy loop: that is how TTFT grows with the streaming
-///   load (57 / 77 / 190 ms at c = 64 / 128 / 256 decode-heavy) while TPOT does not.
-/// - `per_prompt_token` 1.10 us: tokenising (about a million tokens a second), which is
-///   the intake of the 8000-token prefill-heavy prompts; vLLM 0.22's fastokens
+///   c=256 (32 streams and ~22 new requests a second a replica) the loop is saturated:
+///   tokens queue and leave in bursts (the study's median ITL there is 0.00 ms, 0.01 ms at
+///   c=128) and TTFT climbs to 190 ms while the engine's own TTFT stayed ~15-18 ms, as
+///   the study reports; TPOT follows the loop, not the engine.
+/// - `per_prompt_token` 0.63 us: tokenising (about 1.6 million tokens a second), the
+///   intake of the 8000-token prefill-heavy prompts; vLLM 0.22's fastokens
 ///   (`VLLM_USE_FASTOKENS=1`, the study's agentic runs, `--fastokens` here) is ~25x faster.
 /// - `per_chat_token` 0.78 us: the rest of a chat request's intake (parsing and validating
 ///   its messages, rendering the chat template), which fastokens does not speed up: what
 ///   keeps agentic TTFT at 104-163 ms for ~37k-token conversations.
 /// - `per_prompt_id` 0.05 us: a prompt given as token ids is only checked.
 pub const VLLM_SERVE_API: ApiCosts = ApiCosts {
-    request_latency: Duration::from_micros(37_500),
-    per_request: Duration::from_micros(1_000),
-    intake_hops: 4,
-    per_prompt_token: Duration::from_nanos(1_100),
+    request_latency: Duration::from_micros(38_100),
+    per_request: Duration::from_micros(4_725),
+    intake_hops: 1,
+    per_prompt_token: Duration::from_nanos(630),
     per_chat_token: Duration::from_nanos(780),
     per_prompt_id: Duration::from_nanos(50),
-    per_step: Duration::from_micros(150),
-    per_token: Duration::from_micros(69),
+    per_step: Duration::from_micros(175),
+    per_token: Duration::from_nanos(75_950),
 };
 
 /// Qwen/Qwen3-0.6B-FP8 on one H100 80GB, as the study served it (`serve/vllm_8x/start.sh`:
@@ -310,11 +313,12 @@ pub const VLLM_SERVE_API: ApiCosts = ApiCosts {
 ///   activations, CUDA graphs and other buffers, leaves ~76 GB: 1.32M tokens, 82,600
 ///   blocks of 16.
 /// - Step costs, fitted with the API server above to the study's decode-heavy (TPOT 1.88 /
-///   2.05 / 2.42 ms at 8 / 16 / 32 streams a replica), prefill-heavy (19.1 / 21.9 / 23.2
-///   requests a second a replica, near saturation at the top) and agentic rows (ITL 8.8 /
-///   16.4 / 30.5 ms with ~37k-token contexts): `base` 1.82 ms and `per_seq` 16 us a
-///   step; `mixed_step` 3.7 ms more for a step carrying a prefill chunk; prefill
-///   1.48 us a token (linear layers) plus 0.354 ns per token pair (attention: an
+///   2.05 / 2.42 ms at 8 / 16 / 32 streams a replica) and prefill-heavy rows (19.1 / 21.9
+///   / 23.2 requests a second a replica, near saturation at the top), attention checked
+///   on the agentic rows (ITL 8.8 / 16.4 / 30.5 ms with ~37k-token contexts): `base`
+///   1.66 ms and `per_seq` 14.5 us a step; `mixed_step` 2.0 ms more for a step
+///   carrying a prefill chunk; prefill 1.51 us a token (linear layers) plus 0.354 ns per
+///   token pair (attention: an
 ///   8000-token prompt costs ~23 ms in all, half of it attention, as the FLOPs split:
 ///   2 x 0.44e9 a token for the linear layers, 229k a pair for attention); decode
 ///   attention reads K and V at 1.85 TB/s (55% of the HBM peak: fp8 KV is dequantised,
@@ -329,10 +333,10 @@ pub fn qwen3_0_6b_fp8_h100() -> Profile {
         max_num_batched_tokens: 16_384,
         num_gpu_blocks: kv_blocks(0.95 * H100_MEMORY - 4.8e9, kv_bytes_per_token),
         kv_bytes_per_token,
-        base: Duration::from_micros(1_824),
-        per_seq: Duration::from_nanos(16_060),
-        mixed_step: Duration::from_micros(3_683),
-        prefill_per_token: Duration::from_nanos(1_481),
+        base: Duration::from_micros(1_663),
+        per_seq: Duration::from_nanos(14_460),
+        mixed_step: Duration::from_micros(2_033),
+        prefill_per_token: Duration::from_nanos(1_510),
         attention_per_token_pair: 0.354e-9,
         hbm_bytes_per_sec: 1.85e12,
         attention_window: None,
@@ -359,11 +363,11 @@ pub fn qwen3_0_6b_fp8_h100() -> Profile {
 ///   tokens, 65,800 blocks.
 /// - Step costs and the tokenizer's, fitted to the study's three P/D rows (TTFT 414 / 587
 ///   / 1103 ms, ITL 7.41 / 10.34 / 14.82 ms, 16.9 / 27.0 / 38.8 requests a second at
-///   c = 64 / 128 / 256), the API server otherwise `vllm serve`'s: `base` 4.9 ms and
-///   `per_seq` 255 us (expert parallelism makes every step an all-to-all across the four
-///   ranks, and every token a dispatch and combine: about 0.26 ms a sequence, from the
-///   ITL's slope); `mixed_step` 1.8 ms; prefill 4.9 us a token and 0.64 ns a token pair;
-///   tokenising 1.12 us and rendering 0.84 us a prompt token (the fit's own, close to
+///   c = 64 / 128 / 256), the API server otherwise `vllm serve`'s: `base` 5.3 ms and
+///   `per_seq` 242 us (expert parallelism makes every step an all-to-all across the four
+///   ranks, and every token a dispatch and combine: about 0.24 ms a sequence, from the
+///   ITL's slope); `mixed_step` 2.0 ms; prefill 5.5 us a token and 0.64 ns a token pair;
+///   tokenising 1.03 us and rendering 0.73 us a prompt token (the fit's own, close to
 ///   Qwen's); KV pulled at 61 GB/s.
 pub fn phi_tiny_moe_dp4ep4_h100() -> Profile {
     let kv_bytes_per_token = 65_536.0;
@@ -375,17 +379,17 @@ pub fn phi_tiny_moe_dp4ep4_h100() -> Profile {
         max_num_batched_tokens: 16_384,
         num_gpu_blocks: kv_blocks(0.90 * H100_MEMORY - 7.3e9, kv_bytes_per_token),
         kv_bytes_per_token,
-        base: Duration::from_micros(4_890),
-        per_seq: Duration::from_nanos(255_300),
-        mixed_step: Duration::from_micros(1_816),
-        prefill_per_token: Duration::from_nanos(4_886),
+        base: Duration::from_micros(5_261),
+        per_seq: Duration::from_nanos(241_600),
+        mixed_step: Duration::from_micros(1_993),
+        prefill_per_token: Duration::from_nanos(5_499),
         attention_per_token_pair: 0.638e-9,
         hbm_bytes_per_sec: H100_HBM * 0.7,
         attention_window: Some(2047),
         kv_transfer_bytes_per_sec: 60.7e9,
         api: ApiCosts {
-            per_prompt_token: Duration::from_nanos(1_122),
-            per_chat_token: Duration::from_nanos(844),
+            per_prompt_token: Duration::from_nanos(1_033),
+            per_chat_token: Duration::from_nanos(735),
             ..VLLM_SERVE_API
         },
     }
