@@ -35,7 +35,7 @@ enum Job {
     Output { cost: Duration, events: StepOutput },
 }
 
-/// A job and when it was queued: it can start no earlier, and no later than the loop is free.
+/// A job and when it was queued: it starts then, or when the loop is free if that is later.
 struct Queued {
     at: Instant,
     job: Job,
