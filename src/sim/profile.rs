@@ -70,10 +70,10 @@ pub struct ApiCosts {
     /// Taking in one request: HTTP parsing, validation, request set-up, hand-off to the
     /// engine core.
     pub per_request: Duration,
-    /// The intake is not one piece of work but a chain of `intake_hops` awaits (accept,
-    /// read, route, validate, render, tokenise, add to the engine...), each of which
-    /// waits behind whatever else the loop has ready. Idle, the hops cost nothing extra;
-    /// busy streaming, each waits about one round of the loop.
+    /// The intake split into a chain of `intake_hops` awaits, each of which waits behind
+    /// whatever else the loop has ready (1: one piece of work). Idle, the hops cost
+    /// nothing extra; busy streaming, each waits about one round of the loop. The study's
+    /// figures fit best with 1 (`calibrate.py` with 4: loss 0.56 against 0.14).
     pub intake_hops: u32,
     /// Tokenising a text prompt, per prompt token.
     pub per_prompt_token: Duration,
@@ -276,7 +276,7 @@ const H100_MEMORY: f64 = 79.2 * (1u64 << 30) as f64;
 ///   occupies nothing, so it does not grow with load.
 /// - `per_request` 4.7 ms, in one piece: taking a request in holds the loop. The study's
 ///   streams stall for tens of milliseconds a few times a second (p99 ITL 33 ms at
-///   decode-heavy c=64, where the median gap is the 1.3 ms step), and the stalls grow
+///   decode-heavy c=64, where the median gap is 1.3 ms), and the stalls grow
 ///   with the request rate.
 /// - `per_token` 76 us and `per_step` 175 us: the Python work per streamed token
 ///   (detokenise, build and write one SSE chunk) and per engine step. At decode-heavy
