@@ -25,7 +25,8 @@ TARGETS = [
     ("ttft_router_vs_ray", "TTFT router / Ray Serve LLM", None),
 ]
 ORDER = {"prefill-heavy": 0, "decode-heavy": 1, "agentic": 2}
-CONTENDERS = {"direct": 0, "router": 1, "vllm-router": 2, "ray-serve-llm": 3}
+CONTENDERS = {"direct": 0, "router": 1, "router-prefix-aware": 2, "vllm-router": 3, "vllm-router-cache-aware": 4,
+              "ray-serve-llm": 5}
 
 
 def rows(path):
@@ -41,8 +42,8 @@ def num(value, digits):
 
 def grid_table(out):
     lines = ["| workload | c | contender | runs | mean TTFT ms | p99 TTFT ms | mean TPOT ms | req/s | "
-             "CPU s / 1000 req (user) | peak RSS MB | failed |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "CPU s / 1000 req (user) | peak RSS MB | busiest replica / mean | prefix-cache hits | failed |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     data = sorted(rows(out / "grid.csv"), key=lambda r: (ORDER.get(r["workload"], 9), int(r["concurrency"]),
                                                          CONTENDERS.get(r["contender"], 9)))
     for r in data:
@@ -51,7 +52,9 @@ def grid_table(out):
         rss = "-" if r["contender"] == "direct" else num(r["contender_peak_rss_mb"], 0)
         lines.append(f"| {r['workload']} | {r['concurrency']} | {r['contender']} | {r['runs']} | "
                      f"{num(r['mean_ttft_ms'], 1)} | {num(r['p99_ttft_ms'], 1)} | {num(r['mean_tpot_ms'], 2)} | "
-                     f"{num(r['steady_request_throughput'], 2)} | {cpu} | {rss} | {num(r['failed'], 0)} |")
+                     f"{num(r['steady_request_throughput'], 2)} | {cpu} | {rss} | "
+                     f"{num(r.get('replica_imbalance'), 2)} | {num(r.get('prefix_cache_hit_rate'), 3)} | "
+                     f"{num(r['failed'], 0)} |")
     return "\n".join(lines)
 
 

@@ -69,6 +69,9 @@ WORKLOADS = {
     "agentic": {"kind": "agentic"},
 }
 CONTENDERS = ["direct", "router", "vllm-router", "ray-serve-llm"]
+# Cache-aware routing, on request (--contenders): this router's prefix-aware policy, which
+# ignores session ids, and vllm-router's cache_aware (its default policy).
+CACHE_CONTENDERS = ["router-prefix-aware", "vllm-router-cache-aware"]
 # Engines' clock / wall clock per workload: decode-heavy at c=256 streams ~88k tokens a
 # second at the study's speed, which 2 cores cannot carry through a proxy and a client.
 TIME_SCALE = {"prefill-heavy": 0.5, "decode-heavy": 0.25, "agentic": 1.0}
@@ -113,6 +116,13 @@ class Sweep:
     def contender_cmd(self, contender, urls, affinity, pd=None):
         """The command that starts a contender, or None for `direct`."""
         port = ROUTER_PORT
+        if contender == "router-prefix-aware":
+            return [BIN / "router", "--host", "127.0.0.1", "--port", port, "--replicas", ",".join(urls["both"]),
+                    "--policy", "prefix-aware"]
+        if contender == "vllm-router-cache-aware":
+            return [benchlib.vllm_router_bin(log, self.dry), "--host", "127.0.0.1", "--port", port,
+                    "--prometheus-host", "127.0.0.1", "--prometheus-port", port + 90,
+                    "--worker-urls", *urls["both"], "--policy", "cache_aware"]
         if contender == "router":
             cmd = [BIN / "router", "--host", "127.0.0.1", "--port", port, "--session-header", SESSION_HEADER]
             if pd:
@@ -173,7 +183,7 @@ class Sweep:
         cmd = self.contender_cmd(contender, urls, agentic, pd)
         proc = None
         if cmd is not None:
-            env = {"RUST_LOG": "warn"} if contender == "router" else None
+            env = {"RUST_LOG": "warn"} if contender.startswith("router") else None
             proc = self.procs.spawn(cmd, name + "-contender", env)
             self.procs.wait_ready(f"http://127.0.0.1:{ROUTER_PORT}/v1/models", profile[1], contender,
                                   timeout=600 if contender == "ray-serve-llm" else 120)
@@ -217,7 +227,7 @@ class Sweep:
         contender_cpu = contender_user + contender_sys
         contender_rss = sum(peak_rss_kb(pid) for pid in tree)
         sims_cpu = spent(sim_pids, 0) + spent(sim_pids, 1)
-        per_replica = replica_load(sum(urls.values(), []))
+        per_replica, cache = replica_load(sum(urls.values(), []))
         self.procs.stop_all()
         if client.returncode != 0 or not result_file.exists():
             log(f"llm-bench failed for {name} (exit {client.returncode}); see logs/{name}-bench.log")
@@ -241,6 +251,8 @@ class Sweep:
             "machine_busy": round(benchlib.busy_fraction(machine0, machine1), 3),
             "replica_requests": per_replica,
             "replica_imbalance": imbalance(per_replica),
+            # The engines' prefix cache over the whole run (warm-up included), as vLLM counts it.
+            "prefix_cache_hit_rate": round(cache[1] / cache[0], 4) if cache[0] else None,
             "dataset_sha256": result.get("dataset_sha256"),
         }
         for key in METRICS:
@@ -323,17 +335,24 @@ class Sweep:
 
 
 def replica_load(urls):
-    """Requests each replica finished (vllm:request_success_total), read before it stops."""
+    """Requests each replica finished (vllm:request_success_total), read before it stops,
+    and the prefix-cache tokens queried and hit summed over the replicas."""
     load = {}
+    cache = [0.0, 0.0]
+
+    def total(text, name):
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
     for url in urls:
         try:
             with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
                 text = r.read().decode()
-            load[url] = int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                                if line.startswith("vllm:request_success_total")))
+            load[url] = int(total(text, "vllm:request_success_total"))
+            cache[0] += total(text, "vllm:prefix_cache_queries_total")
+            cache[1] += total(text, "vllm:prefix_cache_hits_total")
         except (OSError, ValueError, IndexError):
             load[url] = None
-    return load
+    return load, cache
 
 
 def imbalance(load):
@@ -353,7 +372,8 @@ METRICS = [
 
 GRID_COLUMNS = ["mean_ttft_ms", "median_ttft_ms", "mean_tpot_ms", "steady_request_throughput",
                 "request_throughput", "output_throughput", "p99_ttft_ms", "contender_cpu_s_per_1000_requests",
-                "contender_user_cpu_s_per_1000_requests", "contender_peak_rss_mb", "machine_busy", "failed"]
+                "contender_user_cpu_s_per_1000_requests", "contender_peak_rss_mb", "machine_busy", "failed",
+                "replica_imbalance", "prefix_cache_hit_rate"]
 
 
 def medians(runs, keys):
@@ -432,7 +452,7 @@ def parse_args():
     p.add_argument("--dry-run", action="store_true", help="print every command without running anything")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--concurrency", nargs="+", type=int)
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS + CACHE_CONTENDERS, default=CONTENDERS)
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--repeats", type=int)
     p.add_argument("--pd", action="store_true", help="also run the P/D comparison (4 prefill + 4 decode)")
