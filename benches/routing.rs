@@ -1,5 +1,7 @@
 //! Per-request routing costs: finding the routing facts and key, snapshotting the
-//! replicas, and each policy's decision, for a fleet of 8 replicas.
+//! replicas, and each policy's decision, for a fleet of 8 replicas; for `prefix-aware`,
+//! the whole decision for an agentic prompt of the study's mean size (37k tokens,
+//! ~150 kB of chat JSON) against an index holding 64 such conversations.
 //!
 //! Run: `cargo bench --bench routing`. Figures are reported in README.
 
@@ -8,7 +10,10 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use http::HeaderMap;
 use llm_router::metrics::Metrics;
-use llm_router::policy::{Candidate, HashOptions, PolicyKind};
+use std::sync::Arc;
+
+use llm_router::cache_index::{CacheIndex, IndexLimits};
+use llm_router::policy::{Candidate, HashOptions, PolicyKind, PolicyOptions};
 use llm_router::replicas::{Registry, RegistryConfig, ReplicaUrl};
 use llm_router::request_facts;
 use llm_router::routing_key::{KeyHeaders, RoutingKey};
@@ -66,17 +71,20 @@ fn policies(c: &mut Criterion) {
         PolicyKind::LeastLoaded,
         PolicyKind::ConsistentHash,
     ] {
-        let policy = kind.build(&names(8), HashOptions::default());
+        let policy = kind.build(&names(8), &PolicyOptions::default(), None);
         group.bench_function(policy.name(), |b| {
             b.iter(|| policy.choose(Some(black_box(&key)), black_box(&candidates)))
         });
     }
-    let bounded = PolicyKind::ConsistentHash
-        .build(&names(8), HashOptions { virtual_nodes: 160, balance_factor: Some(1.25) });
+    let bounded_options = PolicyOptions {
+        hash: HashOptions { virtual_nodes: 160, balance_factor: Some(1.25) },
+        ..Default::default()
+    };
+    let bounded = PolicyKind::ConsistentHash.build(&names(8), &bounded_options, None);
     group.bench_function("consistent-hash/bounded-1.25", |b| {
         b.iter(|| bounded.choose(Some(black_box(&key)), black_box(&candidates)))
     });
-    let plain = PolicyKind::ConsistentHash.build(&names(8), HashOptions::default());
+    let plain = PolicyKind::ConsistentHash.build(&names(8), &PolicyOptions::default(), None);
     let owner = plain.choose(Some(&key), &candidates).unwrap().replica;
     let mut failover = candidates.clone();
     failover[owner].eligible = false;
@@ -95,5 +103,46 @@ fn policies(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, key_extraction, policies);
+/// The `messages` JSON of an agentic conversation: a 48 kB prefix shared by every
+/// session (the study's 12k shared tokens), then the session's own turns up to `bytes`.
+fn agentic_messages(session: usize, bytes: usize) -> Vec<u8> {
+    let shared: String = (0..1200).map(|i| format!("tool spec {i:04}: read_file(path) ")).collect();
+    let mut messages = vec![serde_json::json!({"role": "system", "content": shared})];
+    let mut size = 48_000;
+    let mut turn = 0;
+    while size < bytes {
+        let content = format!("session {session} turn {turn}: {}", "let x = compute(y); ".repeat(100));
+        size += content.len() + 40;
+        messages.push(
+            serde_json::json!({"role": if turn % 2 == 0 { "user" } else { "assistant" }, "content": content}),
+        );
+        turn += 1;
+    }
+    serde_json::to_vec(&messages).unwrap()
+}
+
+fn prefix_aware(c: &mut Criterion) {
+    let index = Arc::new(CacheIndex::new(IndexLimits::default()));
+    let policy = PolicyKind::PrefixAware.build(&names(8), &PolicyOptions::default(), Some(&index));
+    let idle: Vec<Candidate> = (0..8).map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5 }).collect();
+    // 64 conversations already placed, each one turn shorter than the one measured.
+    for session in 0..64 {
+        let earlier = agentic_messages(session, 140_000);
+        let blocks = policy.prompt_blocks(Some("m"), &earlier).unwrap();
+        policy.choose_for_prompt(None, &blocks, &idle).unwrap();
+    }
+    let prompt = agentic_messages(7, 150_000);
+    let mut group = c.benchmark_group("prefix_aware_8_replicas");
+    group.throughput(Throughput::Bytes(prompt.len() as u64));
+    group.bench_function("hash_prompt_150kB", |b| {
+        b.iter(|| policy.prompt_blocks(Some("m"), black_box(&prompt)))
+    });
+    let blocks = policy.prompt_blocks(Some("m"), &prompt).unwrap();
+    group.bench_function("choose_150kB", |b| {
+        b.iter(|| policy.choose_for_prompt(None, black_box(&blocks), black_box(&idle)))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, key_extraction, policies, prefix_aware);
 criterion_main!(benches);

@@ -9,7 +9,8 @@ use std::time::Duration;
 use clap::Parser;
 use http::HeaderName;
 
-use crate::policy::{HashOptions, PolicyKind};
+use crate::cache_index::IndexLimits;
+use crate::policy::{HashOptions, PolicyKind, PrefixOptions};
 use crate::replicas::{HealthConfig, ReplicaUrl, Thresholds};
 
 /// A native LLM router and ingress proxy for vLLM replicas: picks a replica per request
@@ -90,6 +91,33 @@ pub struct Cli {
     /// Virtual nodes per replica on the consistent-hash ring.
     #[arg(long, default_value_t = 160, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub virtual_nodes: u32,
+
+    /// prefix-aware: bytes of prompt text per block (the unit of prefix matching).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(16..=65_536))]
+    pub prefix_block_bytes: u32,
+
+    /// prefix-aware: the fraction of a prompt's blocks a replica must hold to attract it;
+    /// below it the request goes to the least loaded replica.
+    #[arg(long, default_value_t = 0.3, value_parser = parse_fraction)]
+    pub prefix_min_match: f64,
+
+    /// prefix-aware: a replica with more than `min + N` requests in flight (`min` the
+    /// least loaded replica's) and more than `--prefix-balance-rel` times `min` is
+    /// overloaded: requests its cache would attract go to the next best.
+    #[arg(long, default_value_t = 4)]
+    pub prefix_balance_abs: u32,
+
+    /// prefix-aware: see `--prefix-balance-abs`.
+    #[arg(long, default_value_t = 1.5, value_parser = parse_ratio)]
+    pub prefix_balance_rel: f64,
+
+    /// prefix-aware: prompt blocks remembered per replica (least recently used forgotten).
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=1 << 28))]
+    pub prefix_index_blocks: u64,
+
+    /// prefix-aware: a remembered block unused for this long is forgotten (e.g. 10m).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub prefix_index_ttl: Duration,
 
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
@@ -279,6 +307,20 @@ fn parse_balance_factor(text: &str) -> Result<BalanceFactor, String> {
     }
 }
 
+fn parse_fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!("`{text}` is not a fraction between 0 and 1")),
+    }
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 1.0 => Ok(f),
+        _ => Err(format!("`{text}` is not a ratio of at least 1.0")),
+    }
+}
+
 fn parse_header_name(text: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(text.as_bytes()).map_err(|_| format!("`{text}` is not a header name"))
 }
@@ -290,6 +332,9 @@ pub struct RouterConfig {
     pub replicas: Vec<ReplicaUrl>,
     pub policy: PolicyKind,
     pub hash: HashOptions,
+    pub prefix: PrefixOptions,
+    /// Bounds of the cache-aware policies' memory.
+    pub index: IndexLimits,
     pub session_headers: Vec<HeaderName>,
     pub max_body_bytes: usize,
     pub health: HealthConfig,
@@ -380,6 +425,16 @@ impl Cli {
             hash: HashOptions {
                 virtual_nodes: self.virtual_nodes as usize,
                 balance_factor: self.hash_balance_factor.0,
+            },
+            prefix: PrefixOptions {
+                block_bytes: self.prefix_block_bytes as usize,
+                min_match: self.prefix_min_match,
+                balance_abs: self.prefix_balance_abs as usize,
+                balance_rel: self.prefix_balance_rel,
+            },
+            index: IndexLimits {
+                blocks_per_replica: self.prefix_index_blocks as usize,
+                ttl: self.prefix_index_ttl,
             },
             session_headers: self.session_headers,
             max_body_bytes: self.max_body_bytes,
@@ -550,5 +605,35 @@ mod tests {
         .unwrap();
         assert_eq!(config.hash.balance_factor, Some(1.25));
         assert_eq!(config.session_headers, ["x-correlation-id", "x-session-id"]);
+    }
+
+    #[test]
+    fn prefix_options() {
+        let config = parse(&[
+            "--replicas",
+            "http://a:1",
+            "--policy",
+            "prefix-aware",
+            "--prefix-block-bytes",
+            "512",
+            "--prefix-min-match",
+            "0.5",
+            "--prefix-index-ttl",
+            "90s",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert_eq!(config.policy, PolicyKind::PrefixAware);
+        assert_eq!(config.prefix.block_bytes, 512);
+        assert_eq!(config.prefix.min_match, 0.5);
+        assert_eq!(config.prefix.balance_abs, 4);
+        assert_eq!(config.index.ttl, Duration::from_secs(90));
+        for bad in
+            [["--prefix-min-match", "1.5"], ["--prefix-balance-rel", "0.5"], ["--prefix-block-bytes", "8"]]
+        {
+            let err = parse(&["--replicas", "http://a:1", bad[0], bad[1]]).unwrap_err();
+            assert!(one_line_error(&err).contains(bad[1]), "{}", one_line_error(&err));
+        }
     }
 }

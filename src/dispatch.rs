@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 
 use crate::error::RouterError;
 use crate::metrics::Metrics;
-use crate::policy::{Decision, Reason};
+use crate::policy::{Candidate, Decision, Reason};
 use crate::proxy::{self, HttpClient, Outbound, UpstreamError};
 use crate::replicas::{Fleet, InFlight, Registry, Replica};
 use crate::response_body::{BodyOptions, MeteredBody};
@@ -49,6 +49,8 @@ pub struct Route<'a> {
     pub endpoint: &'static str,
     pub model: Option<&'a str>,
     pub key: Option<&'a RoutingKey>,
+    /// The raw JSON of the request's `messages` or `prompt`, for cache-aware policies.
+    pub prompt: Option<&'a [u8]>,
     pub stream: bool,
     pub started: Instant,
     /// Extra timings of a P/D decode stage.
@@ -85,7 +87,12 @@ impl Dispatcher {
         // One snapshot for every attempt: the policy's indices name its replicas.
         let fleet = self.registry.fleet();
         let candidates = fleet.candidates(route.model, &[])?;
-        let first = fleet.policy.choose(route.key, &candidates).ok_or(RouterError::NoHealthyReplica)?;
+        let prompt = route.prompt.and_then(|p| fleet.policy.prompt_blocks(route.model, p));
+        let choose = |candidates: &[Candidate]| match &prompt {
+            Some(prompt) => fleet.policy.choose_for_prompt(route.key, prompt, candidates),
+            None => fleet.policy.choose(route.key, candidates),
+        };
+        let first = choose(&candidates).ok_or(RouterError::NoHealthyReplica)?;
         self.retries.deposit();
         self.count_decision(&fleet, first);
         let failed = match self.attempt(fleet.get(first.replica), route, outbound).await {
@@ -94,7 +101,7 @@ impl Dispatcher {
         };
 
         let candidates = fleet.candidates(route.model, &[first.replica])?;
-        let Some(second) = fleet.policy.choose(route.key, &candidates) else {
+        let Some(second) = choose(&candidates) else {
             return self.finish(failed, route);
         };
         if !self.retries.try_spend() {

@@ -116,6 +116,13 @@ async fn health(State(ingress): State<Arc<Ingress>>) -> Response {
 }
 
 async fn metrics(State(ingress): State<Arc<Ingress>>) -> Response {
+    let registries = std::iter::once(&ingress.dispatcher.registry)
+        .chain(ingress.pd.as_ref().map(|pd| &pd.prefill.registry));
+    for index in registries.filter_map(|registry| registry.cache_index()) {
+        for (replica, blocks) in index.sizes() {
+            ingress.metrics.cache_index_blocks.with_label_values(&[&*replica]).set(blocks as i64);
+        }
+    }
     let mut response = ingress.metrics.render().into_response();
     response
         .headers_mut()
@@ -209,16 +216,19 @@ impl Ingress {
                 body: &body,
                 model: facts.model.as_deref(),
                 key: key.as_ref(),
+                prompt: facts.prompt.clone().map(|range| &body[range]),
                 stream: facts.stream,
                 started,
             };
             return pd.handle(&self.dispatcher, request).await;
         }
+        let prompt = facts.prompt.clone().map(|range| body.slice(range));
         let outbound = Outbound::new(parts.method, path, parts.headers, body);
         let route = Route {
             endpoint: endpoint.label(),
             model: facts.model.as_deref(),
             key: key.as_ref(),
+            prompt: prompt.as_deref(),
             stream: facts.stream,
             started,
             phase: None,

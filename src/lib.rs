@@ -3,7 +3,8 @@
 //! The request path, one module per phase:
 //! [`admission`] (API keys, request ids, concurrency limit) ->
 //! [`ingress`] (HTTP surface, body read once, routing facts) ->
-//! [`policy`] (pure choice of a replica) ->
+//! [`policy`] (pure choice of a replica; the cache-aware ones consult the
+//! [`cache_index`]) ->
 //! [`dispatch`] (choose, forward, retry once before the first byte; in P/D mode
 //! [`pd`] runs it twice, prefill then decode) ->
 //! [`proxy`] (pooled connection to the replica) ->
@@ -17,6 +18,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod cache_index;
 pub mod config;
 pub mod dispatch;
 pub mod error;

@@ -45,6 +45,8 @@ pub struct Metrics {
     /// Decode requests by tokenize-once mode: `on` (token ids), `off` (disabled),
     /// `unavailable` (no ids from prefill, or a chat feature only the chat endpoint has).
     pub pd_tokenize_once: IntCounterVec,
+    /// Prompt blocks the cache-aware policy remembers per replica (set when scraped).
+    pub cache_index_blocks: IntGaugeVec,
 }
 
 /// The `endpoint` label values of proxied requests.
@@ -148,6 +150,11 @@ impl Metrics {
                 "P/D decode requests by tokenize-once mode (on, off, unavailable)",
                 &["mode"],
             ),
+            cache_index_blocks: gauge(
+                "router_cache_index_blocks",
+                "Prompt blocks the cache-aware policy believes each replica holds",
+                &["replica"],
+            ),
             registry,
         };
         // Series that exist from the start read 0 rather than missing, so rate() and
@@ -171,7 +178,7 @@ impl Metrics {
 
     /// Drop a removed replica's gauges (its counters stay: they are history).
     pub fn remove_replica(&self, replica: &str) {
-        for gauge in [&self.in_flight, &self.replica_healthy, &self.circuit_open] {
+        for gauge in [&self.in_flight, &self.replica_healthy, &self.circuit_open, &self.cache_index_blocks] {
             let _ = gauge.remove_label_values(&[replica]);
         }
     }

@@ -9,6 +9,9 @@
 //! Session fields, in priority order: `session_id`, `session_params.session_id` (the form
 //! vllm-router clients send), `user` (OpenAI's field, also vllm-router's), `user_id`. Only
 //! top-level keys count: a message whose text contains `"user"` is content, not a key.
+//!
+//! The prompt (`messages`, else `prompt`) is kept only as where its raw JSON lies in the
+//! body, for the cache-aware policies to hash; it is never parsed here.
 
 use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
@@ -21,6 +24,8 @@ pub struct BodyFacts {
     pub stream: bool,
     /// The body's session key, if any (header keys are found elsewhere and win).
     pub session: Option<String>,
+    /// Where the raw JSON of `messages` (or else `prompt`) lies in the body.
+    pub prompt: Option<std::ops::Range<usize>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -57,7 +62,13 @@ pub fn parse(body: &[u8]) -> Result<BodyFacts, FactsError> {
         serde_json::error::Category::Data => FactsError::NotObject,
         _ => FactsError::NotJson(e.to_string()),
     })?;
-    raw.typed()
+    let mut facts = raw.typed()?;
+    facts.prompt = raw.messages.or(raw.prompt).map(|value| {
+        // A borrowed RawValue is a slice of `body` itself.
+        let start = value.get().as_ptr() as usize - body.as_ptr() as usize;
+        start..start + value.get().len()
+    });
+    Ok(facts)
 }
 
 /// Like [`parse`], and `model` must be present (completions and chat completions).
@@ -78,6 +89,8 @@ struct RawFields<'a> {
     session_params: Option<&'a RawValue>,
     user: Option<&'a RawValue>,
     user_id: Option<&'a RawValue>,
+    messages: Option<&'a RawValue>,
+    prompt: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -89,6 +102,8 @@ enum Field {
     SessionParams,
     User,
     UserId,
+    Messages,
+    Prompt,
     #[serde(other)]
     Other,
 }
@@ -114,6 +129,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawFields<'a> {
                         Field::SessionParams => &mut raw.session_params,
                         Field::User => &mut raw.user,
                         Field::UserId => &mut raw.user_id,
+                        Field::Messages => &mut raw.messages,
+                        Field::Prompt => &mut raw.prompt,
                         Field::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -163,7 +180,7 @@ impl RawFields<'_> {
                 session = value;
             }
         }
-        Ok(BodyFacts { model, stream, session })
+        Ok(BodyFacts { model, stream, session, prompt: None })
     }
 }
 
@@ -263,6 +280,18 @@ mod tests {
             Some("session_params")
         );
         assert_eq!(facts(r#"{"model":"m","session_id":1.5}"#).unwrap_err().field(), Some("session_id"));
+    }
+
+    #[test]
+    fn the_prompt_is_located_not_parsed() {
+        let body = r#"{"model":"m","messages":[{"role":"user","content":"hi \"there\""}],"stream":true}"#;
+        let f = facts(body).unwrap();
+        assert_eq!(&body[f.prompt.unwrap()], r#"[{"role":"user","content":"hi \"there\""}]"#);
+        let body = r#"{"prompt": "once upon", "model":"m"}"#;
+        assert_eq!(&body[facts(body).unwrap().prompt.unwrap()], r#""once upon""#);
+        let body = r#"{"prompt":[1,2,3],"messages":[],"model":"m"}"#;
+        assert_eq!(&body[facts(body).unwrap().prompt.unwrap()], "[]");
+        assert_eq!(facts(r#"{"model":"m"}"#).unwrap().prompt, None);
     }
 
     #[test]

@@ -176,8 +176,14 @@ async fn stage(
     client: &proxy::HttpClient,
     metrics: &Arc<Metrics>,
 ) -> (Dispatcher, JoinHandle<()>, HealthChecker) {
-    let registry_config =
-        RegistryConfig { thresholds: config.thresholds, breaker: config.breaker, policy, hash: config.hash };
+    let registry_config = RegistryConfig {
+        thresholds: config.thresholds,
+        breaker: config.breaker,
+        policy,
+        hash: config.hash,
+        prefix: config.prefix,
+        index: config.index,
+    };
     let registry = Arc::new(Registry::new(replicas, registry_config, metrics.clone()));
     let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
     checker.probe_all().await;

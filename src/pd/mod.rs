@@ -64,6 +64,8 @@ pub struct PdRequest<'a> {
     pub body: &'a Bytes,
     pub model: Option<&'a str>,
     pub key: Option<&'a RoutingKey>,
+    /// The raw JSON of the request's `messages` or `prompt` (a slice of `body`).
+    pub prompt: Option<&'a [u8]>,
     pub stream: bool,
     pub started: Instant,
 }
@@ -85,6 +87,7 @@ impl PrefillDecode {
             endpoint: PREFILL_ENDPOINT,
             model: request.model,
             key: request.key,
+            prompt: request.prompt,
             stream: false,
             started: request.started,
             phase: None,
@@ -157,6 +160,7 @@ impl PrefillDecode {
             endpoint: request.endpoint,
             model: request.model,
             key: request.key,
+            prompt: request.prompt,
             stream: request.stream,
             started: request.started,
             phase: Some(PhaseTimers {

@@ -6,19 +6,29 @@
 //! policy, and the proxy carries the decision out. Retries ask again with the failed
 //! replica marked ineligible, which for `consistent-hash` means "the next one on the
 //! ring".
+//!
+//! Cache-aware policies (`prefix-aware`) also see the request's prompt, as chained block
+//! hashes ([`crate::cache_index`]): the dispatcher asks [`Policy::prompt_blocks`] once and
+//! then [`Policy::choose_for_prompt`]. Their choice is still a pure function
+//! ([`choose_by_prefix`]); only the memory of what went where is state.
 
 mod consistent_hash;
 mod least_loaded;
 mod power_of_two;
+mod prefix_aware;
 mod random;
 mod round_robin;
 
 pub use consistent_hash::{ConsistentHash, HashOptions};
 pub use least_loaded::LeastLoaded;
 pub use power_of_two::PowerOfTwo;
+pub use prefix_aware::{PrefixAware, PrefixOptions, choose_by_prefix};
 pub use random::Random;
 pub use round_robin::RoundRobin;
 
+use std::sync::Arc;
+
+use crate::cache_index::{CacheIndex, PromptBlocks};
 use crate::routing_key::RoutingKey;
 
 /// What a policy sees of one replica for one request.
@@ -45,6 +55,12 @@ pub enum Reason {
     Spill,
     /// A second attempt after the first replica failed before responding.
     Retry,
+    /// `prefix-aware`: the replica holding the longest part of the prompt.
+    Cached,
+    /// `prefix-aware`: no replica holds enough of the prompt; the least loaded.
+    Uncached,
+    /// `prefix-aware`: the best holder was overloaded; the best of the rest.
+    Overloaded,
 }
 
 impl Reason {
@@ -56,6 +72,9 @@ impl Reason {
             Reason::Failover => "failover",
             Reason::Spill => "spill",
             Reason::Retry => "retry",
+            Reason::Cached => "cached",
+            Reason::Uncached => "uncached",
+            Reason::Overloaded => "overloaded",
         }
     }
 }
@@ -71,6 +90,22 @@ pub trait Policy: Send + Sync {
 
     /// Choose one eligible replica, or `None` when no candidate is eligible.
     fn choose(&self, key: Option<&RoutingKey>, replicas: &[Candidate]) -> Option<Decision>;
+
+    /// A cache-aware policy's view of a request's prompt (the raw JSON of its `messages`
+    /// or `prompt`); `None` for policies that do not route by prompt.
+    fn prompt_blocks(&self, _model: Option<&str>, _prompt: &[u8]) -> Option<PromptBlocks> {
+        None
+    }
+
+    /// Choose for a request whose prompt is known.
+    fn choose_for_prompt(
+        &self,
+        key: Option<&RoutingKey>,
+        _prompt: &PromptBlocks,
+        replicas: &[Candidate],
+    ) -> Option<Decision> {
+        self.choose(key, replicas)
+    }
 }
 
 /// The policies `--policy` accepts.
@@ -81,20 +116,44 @@ pub enum PolicyKind {
     PowerOfTwo,
     LeastLoaded,
     ConsistentHash,
+    PrefixAware,
+}
+
+/// Settings of the policies that have any.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct PolicyOptions {
+    pub hash: HashOptions,
+    pub prefix: PrefixOptions,
 }
 
 impl PolicyKind {
     /// Build the policy for replicas with these stable names (their URLs): the ring of
     /// `consistent-hash` is laid out from names, so a replica keeps its sessions across
-    /// restarts of the router and changes of the replica list's order.
-    pub fn build(self, replica_names: &[String], hash: HashOptions) -> Box<dyn Policy> {
+    /// restarts of the router and changes of the replica list's order. `index` is the
+    /// cache-aware policies' memory, kept across rebuilds (see [`PolicyKind::uses_index`]).
+    pub fn build(
+        self,
+        replica_names: &[String],
+        options: &PolicyOptions,
+        index: Option<&Arc<CacheIndex>>,
+    ) -> Box<dyn Policy> {
+        let hash = options.hash;
         match self {
             PolicyKind::RoundRobin => Box::new(RoundRobin::default()),
             PolicyKind::Random => Box::new(Random),
             PolicyKind::PowerOfTwo => Box::new(PowerOfTwo),
             PolicyKind::LeastLoaded => Box::new(LeastLoaded::default()),
             PolicyKind::ConsistentHash => Box::new(ConsistentHash::new(replica_names, hash)),
+            PolicyKind::PrefixAware => {
+                let index = index.cloned().expect("prefix-aware is built with a cache index");
+                Box::new(PrefixAware::new(replica_names, index, options.prefix))
+            }
         }
+    }
+
+    /// Whether the policy keeps a [`CacheIndex`].
+    pub fn uses_index(self) -> bool {
+        matches!(self, PolicyKind::PrefixAware)
     }
 }
 

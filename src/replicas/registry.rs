@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use super::{BreakerSettings, ModelCard, Replica, ReplicaUrl, Thresholds};
+use crate::cache_index::{CacheIndex, IndexLimits};
 use crate::error::RouterError;
 use crate::metrics::Metrics;
-use crate::policy::{Candidate, HashOptions, Policy, PolicyKind};
+use crate::policy::{Candidate, HashOptions, Policy, PolicyKind, PolicyOptions, PrefixOptions};
 
 /// How a registry's replicas are judged and routed to.
 #[derive(Debug, Clone, Copy)]
@@ -25,6 +26,9 @@ pub struct RegistryConfig {
     pub breaker: BreakerSettings,
     pub policy: PolicyKind,
     pub hash: HashOptions,
+    pub prefix: PrefixOptions,
+    /// Bounds of the cache-aware policies' memory.
+    pub index: IndexLimits,
 }
 
 impl Default for RegistryConfig {
@@ -34,6 +38,8 @@ impl Default for RegistryConfig {
             breaker: BreakerSettings::default(),
             policy: PolicyKind::PowerOfTwo,
             hash: HashOptions::default(),
+            prefix: PrefixOptions::default(),
+            index: IndexLimits::default(),
         }
     }
 }
@@ -98,6 +104,9 @@ pub enum MembershipError {
 pub struct Registry {
     fleet: ArcSwap<Fleet>,
     config: RegistryConfig,
+    /// The cache-aware policies' memory of what each replica holds, kept across changes
+    /// to the set.
+    index: Option<Arc<CacheIndex>>,
     metrics: Arc<Metrics>,
     /// Serialises changes to the set (admin API only; never taken by a request).
     changes: Mutex<()>,
@@ -107,13 +116,24 @@ impl Registry {
     pub fn new(urls: Vec<ReplicaUrl>, config: RegistryConfig, metrics: Arc<Metrics>) -> Self {
         let replicas =
             urls.into_iter().map(|url| Arc::new(Replica::new(url, config.breaker, &metrics))).collect();
-        let fleet = ArcSwap::from_pointee(Self::lay_out(replicas, &config));
-        Registry { fleet, config, metrics, changes: Mutex::new(()) }
+        let index = config.policy.uses_index().then(|| Arc::new(CacheIndex::new(config.index)));
+        let fleet = ArcSwap::from_pointee(Self::lay_out(replicas, &config, index.as_ref()));
+        Registry { fleet, config, index, metrics, changes: Mutex::new(()) }
     }
 
-    fn lay_out(replicas: Vec<Arc<Replica>>, config: &RegistryConfig) -> Fleet {
+    fn lay_out(
+        replicas: Vec<Arc<Replica>>,
+        config: &RegistryConfig,
+        index: Option<&Arc<CacheIndex>>,
+    ) -> Fleet {
         let names: Vec<String> = replicas.iter().map(|r| r.name().to_owned()).collect();
-        Fleet { policy: config.policy.build(&names, config.hash), replicas }
+        let options = PolicyOptions { hash: config.hash, prefix: config.prefix };
+        Fleet { policy: config.policy.build(&names, &options, index), replicas }
+    }
+
+    /// The cache-aware policies' memory, when the policy keeps one.
+    pub fn cache_index(&self) -> Option<&Arc<CacheIndex>> {
+        self.index.as_ref()
     }
 
     /// The current snapshot.
@@ -149,7 +169,7 @@ impl Registry {
         let replica = Arc::new(Replica::new(url, self.config.breaker, &self.metrics));
         let mut replicas = current.replicas.clone();
         replicas.push(replica.clone());
-        self.fleet.store(Arc::new(Self::lay_out(replicas, &self.config)));
+        self.fleet.store(Arc::new(Self::lay_out(replicas, &self.config, self.index.as_ref())));
         Ok(replica)
     }
 
@@ -165,7 +185,7 @@ impl Registry {
             .cloned()
             .ok_or_else(|| MembershipError::NotFound(name.to_owned()))?;
         let replicas = current.replicas.iter().filter(|r| r.name() != name).cloned().collect();
-        self.fleet.store(Arc::new(Self::lay_out(replicas, &self.config)));
+        self.fleet.store(Arc::new(Self::lay_out(replicas, &self.config, self.index.as_ref())));
         self.metrics.remove_replica(name);
         Ok(removed)
     }
