@@ -18,7 +18,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Candidate, Decision, Policy, Reason, rotated};
+use super::{Candidate, Decision, LeastLoaded, Policy, Reason, rotated};
 use crate::cache_index::{CacheIndex, PromptBlocks, ReplicaBlocks};
 use crate::routing_key::RoutingKey;
 
@@ -86,21 +86,20 @@ pub struct PrefixAware {
     memories: Vec<Arc<ReplicaBlocks>>,
     options: PrefixOptions,
     rotation: AtomicUsize,
+    /// Requests without a prompt.
+    without_prompt: LeastLoaded,
 }
 
 impl PrefixAware {
     pub fn new(replica_names: &[String], index: Arc<CacheIndex>, options: PrefixOptions) -> Self {
         let memories = index.lay_out(replica_names);
-        PrefixAware { index, memories, options, rotation: AtomicUsize::new(0) }
-    }
-
-    fn least_loaded(&self, replicas: &[Candidate], reason: Reason) -> Option<Decision> {
-        let n = replicas.len();
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n.max(1);
-        rotated(start, n)
-            .filter(|&i| replicas[i].eligible)
-            .min_by_key(|&i| replicas[i].in_flight)
-            .map(|replica| Decision { replica, reason })
+        PrefixAware {
+            index,
+            memories,
+            options,
+            rotation: AtomicUsize::new(0),
+            without_prompt: LeastLoaded::default(),
+        }
     }
 }
 
@@ -110,8 +109,8 @@ impl Policy for PrefixAware {
     }
 
     /// A request without a prompt (`/tokenize`, other calls): the least loaded replica.
-    fn choose(&self, _key: Option<&RoutingKey>, replicas: &[Candidate]) -> Option<Decision> {
-        self.least_loaded(replicas, Reason::Balanced)
+    fn choose(&self, key: Option<&RoutingKey>, replicas: &[Candidate]) -> Option<Decision> {
+        self.without_prompt.choose(key, replicas)
     }
 
     fn prompt_blocks(&self, model: Option<&str>, prompt: &[u8]) -> Option<PromptBlocks> {
