@@ -58,6 +58,7 @@ import benchlib  # noqa: E402
 from benchlib import BIN, ROOT, cpu_times, listener_pid, peak_rss_kb, session_members  # noqa: E402
 
 SIM_PORT = 18100
+KV_EVENTS_PORT = 18300  # + replica index, when the sims publish KV events
 ROUTER_PORT = 18000
 QWEN = ("qwen3-0.6b-fp8-h100", "Qwen/Qwen3-0.6B-FP8")
 PHI = ("phi-tiny-moe-dp4ep4-h100", "microsoft/Phi-tiny-MoE-instruct")
@@ -69,9 +70,12 @@ WORKLOADS = {
     "agentic": {"kind": "agentic"},
 }
 CONTENDERS = ["direct", "router", "vllm-router", "ray-serve-llm"]
-# Cache-aware routing, on request (--contenders): this router's prefix-aware policy, which
-# ignores session ids, and vllm-router's cache_aware (its default policy).
-CACHE_CONTENDERS = ["router-prefix-aware", "vllm-router-cache-aware"]
+# Cache-aware routing, on request (--contenders): this router's prefix-aware and kv-aware
+# policies without session ids (the router's session header is left at its default,
+# x-session-id, which the load generator does not send), kv-aware with them, and
+# vllm-router's cache_aware (its default policy). When a kv-aware contender is in the
+# sweep, every run's simulated replicas publish KV events (same engine cost for all).
+CACHE_CONTENDERS = ["router-prefix-aware", "router-kv-aware", "router-kv-aware-sessions", "vllm-router-cache-aware"]
 # Engines' clock / wall clock per workload: decode-heavy at c=256 streams ~88k tokens a
 # second at the study's speed, which 2 cores cannot carry through a proxy and a client.
 TIME_SCALE = {"prefill-heavy": 0.5, "decode-heavy": 0.25, "agentic": 1.0}
@@ -87,6 +91,7 @@ class Sweep:
     def __init__(self, args):
         self.args = args
         self.dry = args.dry_run
+        self.kv_events = any(c.startswith("router-kv-aware") for c in args.contenders)
         self.out = Path(args.out)
         self.phases = QUICK if args.quick else FULL
         if args.phases:
@@ -105,6 +110,8 @@ class Sweep:
         for i, role in enumerate(roles):
             port = SIM_PORT + i
             cmd = [BIN / "vllm-sim", "--port", port, "--profile", profile[0], "--role", role, *extra]
+            if self.kv_events:
+                cmd += ["--kv-events-port", KV_EVENTS_PORT + i]
             self.procs.spawn(cmd, f"sim-{port}", {"RUST_LOG": "warn"})
             urls.setdefault(role, []).append(f"http://127.0.0.1:{port}")
         for url in sum(urls.values(), []):
@@ -116,6 +123,14 @@ class Sweep:
     def contender_cmd(self, contender, urls, affinity, pd=None):
         """The command that starts a contender, or None for `direct`."""
         port = ROUTER_PORT
+        if contender.startswith("router-kv-aware"):
+            cmd = [BIN / "router", "--host", "127.0.0.1", "--port", port, "--replicas", ",".join(urls["both"]),
+                   "--policy", "kv-aware", "--tokenizer", "builtin"]
+            for i, url in enumerate(urls["both"]):
+                cmd += ["--kv-events-endpoint", f"{url}=tcp://127.0.0.1:{KV_EVENTS_PORT + i}"]
+            if contender.endswith("-sessions"):
+                cmd += ["--session-header", SESSION_HEADER]
+            return cmd + list(self.args.kv_args)
         if contender == "router-prefix-aware":
             return [BIN / "router", "--host", "127.0.0.1", "--port", port, "--replicas", ",".join(urls["both"]),
                     "--policy", "prefix-aware"]
@@ -460,6 +475,8 @@ def parse_args():
     p.add_argument("--out", default=str(ROOT / "artifacts" / "benchmark"))
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out and skip them")
     p.add_argument("--no-build", action="store_true")
+    p.add_argument("--kv-args", nargs="+", default=[], metavar="ARG",
+                   help="extra router flags for the kv-aware contenders (e.g. --kv-load-weight=0.5)")
     p.add_argument(
         "--phases",
         nargs=2,

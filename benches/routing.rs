@@ -1,19 +1,24 @@
 //! Per-request routing costs: finding the routing facts and key, snapshotting the
 //! replicas, and each policy's decision, for a fleet of 8 replicas; for `prefix-aware`,
 //! the whole decision for an agentic prompt of the study's mean size (37k tokens,
-//! ~150 kB of chat JSON) against an index holding 64 such conversations.
+//! ~150 kB of chat JSON) against an index holding 64 such conversations; for `kv-aware`,
+//! the same with the prompt tokenised in the router: a new turn of a session whose
+//! earlier turns were seen (the segment cache holds them), and a prompt never seen.
+//! Before the criterion groups, the kv-aware per-turn routing cost is also sampled 2,000
+//! times and its p50 / p99 / max printed (criterion reports means and medians only).
 //!
 //! Run: `cargo bench --bench routing`. Figures are reported in README.
 
 use std::hint::black_box;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group};
 use http::HeaderMap;
 use llm_router::metrics::Metrics;
 use std::sync::Arc;
 
 use llm_router::cache_index::{CacheIndex, IndexLimits};
-use llm_router::policy::{Candidate, HashOptions, PolicyKind, PolicyOptions};
+use llm_router::policy::{Candidate, HashOptions, Policy, PolicyKind, PolicyOptions, PolicyState};
+use llm_router::prompt_tokens::{BuiltinTokenizer, PromptTokenizer};
 use llm_router::replicas::{Registry, RegistryConfig, ReplicaUrl};
 use llm_router::request_facts;
 use llm_router::routing_key::{KeyHeaders, RoutingKey};
@@ -62,7 +67,7 @@ fn names(n: usize) -> Vec<String> {
 fn policies(c: &mut Criterion) {
     let mut group = c.benchmark_group("policy_8_replicas");
     let candidates: Vec<Candidate> =
-        (0..8).map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5 }).collect();
+        (0..8).map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5, in_flight_tokens: 0 }).collect();
     let key = RoutingKey::from("session-0123456789".to_owned());
     for kind in [
         PolicyKind::RoundRobin,
@@ -71,7 +76,7 @@ fn policies(c: &mut Criterion) {
         PolicyKind::LeastLoaded,
         PolicyKind::ConsistentHash,
     ] {
-        let policy = kind.build(&names(8), &PolicyOptions::default(), None);
+        let policy = kind.build(&names(8), &PolicyOptions::default(), &PolicyState::default());
         group.bench_function(policy.name(), |b| {
             b.iter(|| policy.choose(Some(black_box(&key)), black_box(&candidates)))
         });
@@ -80,11 +85,12 @@ fn policies(c: &mut Criterion) {
         hash: HashOptions { virtual_nodes: 160, balance_factor: Some(1.25) },
         ..Default::default()
     };
-    let bounded = PolicyKind::ConsistentHash.build(&names(8), &bounded_options, None);
+    let bounded = PolicyKind::ConsistentHash.build(&names(8), &bounded_options, &PolicyState::default());
     group.bench_function("consistent-hash/bounded-1.25", |b| {
         b.iter(|| bounded.choose(Some(black_box(&key)), black_box(&candidates)))
     });
-    let plain = PolicyKind::ConsistentHash.build(&names(8), &PolicyOptions::default(), None);
+    let plain =
+        PolicyKind::ConsistentHash.build(&names(8), &PolicyOptions::default(), &PolicyState::default());
     let owner = plain.choose(Some(&key), &candidates).unwrap().replica;
     let mut failover = candidates.clone();
     failover[owner].eligible = false;
@@ -122,9 +128,11 @@ fn agentic_messages(session: usize, bytes: usize) -> Vec<u8> {
 }
 
 fn prefix_aware(c: &mut Criterion) {
-    let index = Arc::new(CacheIndex::new(IndexLimits::default()));
-    let policy = PolicyKind::PrefixAware.build(&names(8), &PolicyOptions::default(), Some(&index));
-    let idle: Vec<Candidate> = (0..8).map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5 }).collect();
+    let state =
+        PolicyState { index: Some(Arc::new(CacheIndex::new(IndexLimits::default()))), ..Default::default() };
+    let policy = PolicyKind::PrefixAware.build(&names(8), &PolicyOptions::default(), &state);
+    let idle: Vec<Candidate> =
+        (0..8).map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5, in_flight_tokens: 0 }).collect();
     // 64 conversations already placed, each one turn shorter than the one measured.
     for session in 0..64 {
         let earlier = agentic_messages(session, 140_000);
@@ -144,5 +152,106 @@ fn prefix_aware(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, key_extraction, policies, prefix_aware);
-criterion_main!(benches);
+/// A kv-aware policy over 8 replicas whose caches hold 64 conversations one turn shorter
+/// than the ones measured, and the request to route: session 7's next turn.
+fn kv_aware_setup() -> (Box<dyn Policy>, Vec<Candidate>) {
+    let index =
+        Arc::new(CacheIndex::new(IndexLimits { blocks_per_replica: 1 << 20, ..IndexLimits::default() }));
+    let state = PolicyState {
+        index: Some(index),
+        tokenizer: Some(Arc::new(PromptTokenizer::Builtin(BuiltinTokenizer::new(16 << 20)))),
+        ..Default::default()
+    };
+    let policy = PolicyKind::KvAware.build(&names(8), &PolicyOptions::default(), &state);
+    let idle: Vec<Candidate> = (0..8)
+        .map(|i| Candidate {
+            eligible: true,
+            in_flight: (i * 7) % 5,
+            in_flight_tokens: ((i * 7) % 5) * 30_000,
+        })
+        .collect();
+    for session in 0..64 {
+        let earlier = agentic_messages(session, 148_000);
+        let blocks = policy.prompt_blocks(Some("m"), &earlier).unwrap();
+        let decision = policy.choose_for_prompt(None, &blocks, &idle).unwrap();
+        policy.routed(None, &blocks, decision);
+    }
+    (policy, idle)
+}
+
+/// Session 7's conversation with a new last message (`n` makes it unique, as a real
+/// turn's new content is).
+fn next_turn(n: usize) -> Vec<u8> {
+    let mut messages: Vec<serde_json::Value> = serde_json::from_slice(&agentic_messages(7, 148_000)).unwrap();
+    messages.push(serde_json::json!({"role": "user", "content": format!("turn {n}: {}", "cargo test -- --nocapture; ".repeat(60))}));
+    serde_json::to_vec(&messages).unwrap()
+}
+
+fn kv_aware(c: &mut Criterion) {
+    let (policy, idle) = kv_aware_setup();
+    let prompt = next_turn(0);
+    let tokens = policy.prompt_blocks(Some("m"), &prompt).unwrap().tokens;
+    let mut group = c.benchmark_group(format!("kv_aware_8_replicas_{}k_tokens", tokens / 1000));
+    group.throughput(Throughput::Bytes(prompt.len() as u64));
+    let mut n = 1;
+    group.bench_function("route_new_turn", |b| {
+        b.iter_batched(
+            || {
+                n += 1;
+                next_turn(n)
+            },
+            |prompt| {
+                let blocks = policy.prompt_blocks(Some("m"), &prompt).unwrap();
+                let decision = policy.choose_for_prompt(None, &blocks, &idle).unwrap();
+                policy.routed(None, &blocks, decision)
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.bench_function("tokenize_unseen_prompt", |b| {
+        b.iter_batched(
+            || BuiltinTokenizer::new(16 << 20),
+            |tokenizer| tokenizer.tokens(black_box(&prompt)).unwrap().len(),
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+/// p50 / p99 / max of the whole kv-aware decision (tokenise, key, choose) for a new turn.
+fn kv_aware_percentiles() {
+    let (policy, idle) = kv_aware_setup();
+    let prompts: Vec<Vec<u8>> = (0..2_000).map(|n| next_turn(10_000 + n)).collect();
+    let mut samples: Vec<std::time::Duration> = prompts
+        .iter()
+        .map(|prompt| {
+            let started = std::time::Instant::now();
+            let blocks = policy.prompt_blocks(Some("m"), prompt).unwrap();
+            let decision = policy.choose_for_prompt(None, &blocks, &idle).unwrap();
+            black_box(policy.routed(None, &blocks, decision));
+            started.elapsed()
+        })
+        .collect();
+    samples.sort();
+    let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
+    let tokens = policy.prompt_blocks(Some("m"), &prompts[0]).unwrap().tokens;
+    println!(
+        "kv_aware route_new_turn ({tokens} tokens, {} kB), {} samples: p50 {:?}, p99 {:?}, max {:?}",
+        prompts[0].len() / 1000,
+        samples.len(),
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+}
+
+criterion_group!(benches, key_extraction, policies, prefix_aware, kv_aware);
+
+fn main() {
+    // Only when benchmarking (not when cargo lists or tests the benches).
+    if std::env::args().any(|a| a == "--bench") {
+        kv_aware_percentiles();
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

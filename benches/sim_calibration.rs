@@ -116,6 +116,7 @@ impl Replica {
             max_num_batched_tokens: profile.max_num_batched_tokens,
             num_gpu_blocks: profile.num_gpu_blocks,
             time_scale: 1.0,
+            kv_events: None,
         };
         let metrics = Arc::new(SimMetrics::new(profile.model));
         let engine = Engine::start(config, metrics.clone(), faults, api.clone());

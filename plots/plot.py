@@ -41,6 +41,9 @@ STYLE = {
     "vllm-router": dict(color="#1f77b4", marker="^", label="vllm-router"),
     "ray-serve-llm": dict(color="#2ca02c", marker="D", label="Ray Serve LLM"),
     "router-prefix-aware": dict(color="#9467bd", marker="o", linestyle="-.", label="this router, prefix-aware"),
+    "router-kv-aware": dict(color="#ff7f0e", marker="o", linestyle="-", label="this router, kv-aware"),
+    "router-kv-aware-sessions": dict(color="#8c564b", marker="o", linestyle=":",
+                                     label="this router, kv-aware + session ids"),
     "vllm-router-cache-aware": dict(color="#17becf", marker="^", linestyle="-.", label="vllm-router, cache_aware"),
     "router-pd-ids": dict(color="#d62728", marker="o", label="this router, P/D, token ids (tokenize once)"),
     "router-pd-text": dict(color="#ff9896", marker="o", linestyle=":", label="this router, P/D, text to decode"),
@@ -83,7 +86,8 @@ def grid(results, out):
     if not present:
         return None
     fig, axes = plt.subplots(len(present), 3, figsize=(15, 3.6 * len(present)), squeeze=False)
-    order = ["direct", "router", "router-prefix-aware", "vllm-router", "vllm-router-cache-aware", "ray-serve-llm"]
+    order = ["direct", "router", "router-kv-aware", "router-kv-aware-sessions", "router-prefix-aware", "vllm-router",
+             "vllm-router-cache-aware", "ray-serve-llm"]
     for row, workload in enumerate(present):
         wr = [r for r in runs if r["workload"] == workload]
         for col, (key, title) in enumerate(COLUMNS):

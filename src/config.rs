@@ -9,8 +9,9 @@ use std::time::Duration;
 use clap::Parser;
 use http::HeaderName;
 
-use crate::cache_index::IndexLimits;
-use crate::policy::{HashOptions, PolicyKind, PrefixOptions};
+use crate::cache_index::{FeedConfig, IndexLimits};
+use crate::policy::{HashOptions, KvOptions, PolicyKind, PrefixOptions};
+use crate::prompt_tokens::TokenizerSpec;
 use crate::replicas::{HealthConfig, ReplicaUrl, Thresholds};
 
 /// A native LLM router and ingress proxy for vLLM replicas: picks a replica per request
@@ -115,9 +116,61 @@ pub struct Cli {
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=1 << 28))]
     pub prefix_index_blocks: u64,
 
-    /// prefix-aware: a remembered block unused for this long is forgotten (e.g. 10m).
+    /// prefix-aware and kv-aware: a remembered block unused for this long is forgotten
+    /// (e.g. 10m).
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub prefix_index_ttl: Duration,
+
+    /// kv-aware: a replica's KV events endpoint, `REPLICA_URL=tcp://HOST:PORT`
+    /// (repeatable). Replicas not named here use `--kv-events-port`.
+    #[arg(long, value_name = "REPLICA=ENDPOINT", value_parser = parse_kv_endpoint)]
+    pub kv_events_endpoint: Vec<(String, String)>,
+
+    /// kv-aware: every replica publishes KV events on `tcp://{its host}:N` (vLLM's
+    /// `--kv-events-config` endpoint `tcp://*:N`).
+    #[arg(long, value_name = "N")]
+    pub kv_events_port: Option<u16>,
+
+    /// kv-aware: the engines' replay endpoint port (vLLM's `replay_endpoint`), used to
+    /// fetch missed events after a sequence gap.
+    #[arg(long, value_name = "N")]
+    pub kv_events_replay_port: Option<u16>,
+
+    /// kv-aware: a replica's replay endpoint, `REPLICA_URL=tcp://HOST:PORT` (repeatable).
+    #[arg(long, value_name = "REPLICA=ENDPOINT", value_parser = parse_kv_endpoint)]
+    pub kv_events_replay_endpoint: Vec<(String, String)>,
+
+    /// kv-aware: the topic to subscribe to (vLLM's default is empty: everything).
+    #[arg(long, default_value = "")]
+    pub kv_events_topic: String,
+
+    /// kv-aware: a replica that was sent requests this long ago and has published no
+    /// event since is stale: its memory is forgotten and it is routed by load.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub kv_events_silence: Duration,
+
+    /// kv-aware: engine blocks remembered per replica (least recently used forgotten).
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 28))]
+    pub kv_index_blocks: u64,
+
+    /// kv-aware: weight of a prompt token the replica would still have to prefill.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_weight)]
+    pub kv_prefill_weight: f64,
+
+    /// kv-aware: weight of a prompt token of a request in flight on the replica.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_weight)]
+    pub kv_load_weight: f64,
+
+    /// kv-aware: how the router tokenises text and chat prompts: `builtin` (the
+    /// simulator's o200k_base and chat template, the default with `--sim`) or the path of
+    /// a Hugging Face `tokenizer.json` (its chat template from the `tokenizer_config.json`
+    /// beside it, or `--chat-template`).
+    #[arg(long, value_parser = TokenizerSpec::parse)]
+    pub tokenizer: Option<TokenizerSpec>,
+
+    /// kv-aware: a Jinja chat template file, instead of the tokenizer config's.
+    #[arg(long, value_name = "FILE")]
+    pub chat_template: Option<std::path::PathBuf>,
 
     /// Largest request body accepted, in bytes; larger ones get 413.
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
@@ -321,6 +374,23 @@ fn parse_ratio(text: &str) -> Result<f64, String> {
     }
 }
 
+fn parse_weight(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(f) if f.is_finite() && f >= 0.0 => Ok(f),
+        _ => Err(format!("`{text}` is not a weight of 0 or more")),
+    }
+}
+
+fn parse_kv_endpoint(text: &str) -> Result<(String, String), String> {
+    let (replica, endpoint) =
+        text.split_once('=').ok_or_else(|| format!("`{text}` is not REPLICA_URL=tcp://HOST:PORT"))?;
+    let replica = ReplicaUrl::parse(replica)?;
+    if !endpoint.starts_with("tcp://") || !endpoint[6..].contains(':') {
+        return Err(format!("`{endpoint}` is not a tcp://HOST:PORT endpoint"));
+    }
+    Ok((replica.name().to_owned(), endpoint.to_owned()))
+}
+
 fn parse_header_name(text: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(text.as_bytes()).map_err(|_| format!("`{text}` is not a header name"))
 }
@@ -333,8 +403,14 @@ pub struct RouterConfig {
     pub policy: PolicyKind,
     pub hash: HashOptions,
     pub prefix: PrefixOptions,
+    pub kv: KvOptions,
     /// Bounds of the cache-aware policies' memory.
     pub index: IndexLimits,
+    /// `kv-aware`: where the replicas' KV events come from (simulated replicas' are
+    /// added when they start).
+    pub kv_events: Option<FeedConfig>,
+    /// `kv-aware`'s tokenizer, loaded.
+    pub tokenizer: Option<std::sync::Arc<crate::prompt_tokens::PromptTokenizer>>,
     pub session_headers: Vec<HeaderName>,
     pub max_body_bytes: usize,
     pub health: HealthConfig,
@@ -416,6 +492,29 @@ impl Cli {
             sim_prefill: self.sim_pd.map_or(0, |(p, _)| p as usize),
         });
         let policy = if pd.is_some() { self.decode_policy } else { self.policy };
+        let kv_aware = policy == PolicyKind::KvAware
+            || pd.as_ref().is_some_and(|p| p.prefill_policy == PolicyKind::KvAware);
+        let simulated = self.sim.is_some() || self.sim_pd.is_some();
+        if kv_aware && !simulated {
+            if self.tokenizer.is_none() {
+                return Err(
+                    "--policy kv-aware needs --tokenizer (the engines' tokenizer; `builtin` for vllm-sim)"
+                        .into(),
+                );
+            }
+            if self.kv_events_port.is_none() && self.kv_events_endpoint.is_empty() {
+                return Err("--policy kv-aware needs --kv-events-port N or --kv-events-endpoint REPLICA=tcp://HOST:PORT".into());
+            }
+        }
+        let kv_events = kv_aware.then(|| FeedConfig {
+            endpoints: self.kv_events_endpoint.clone(),
+            port: self.kv_events_port,
+            replay_endpoints: self.kv_events_replay_endpoint.clone(),
+            replay_port: self.kv_events_replay_port,
+            topic: self.kv_events_topic.clone(),
+            silence: self.kv_events_silence,
+            max_blocks: self.kv_index_blocks as usize,
+        });
         let mut seen = std::collections::HashSet::new();
         replicas.retain(|r| seen.insert(r.name().to_owned()));
         Ok(RouterConfig {
@@ -432,9 +531,22 @@ impl Cli {
                 balance_abs: self.prefix_balance_abs as usize,
                 balance_rel: self.prefix_balance_rel,
             },
+            kv: KvOptions { prefill_weight: self.kv_prefill_weight, load_weight: self.kv_load_weight },
             index: IndexLimits {
-                blocks_per_replica: self.prefix_index_blocks as usize,
+                blocks_per_replica: if kv_aware {
+                    self.kv_index_blocks as usize
+                } else {
+                    self.prefix_index_blocks as usize
+                },
                 ttl: self.prefix_index_ttl,
+            },
+            kv_events,
+            tokenizer: match (kv_aware, self.tokenizer) {
+                (true, spec) => Some(std::sync::Arc::new(
+                    spec.unwrap_or(TokenizerSpec::Builtin)
+                        .load(self.chat_template.as_deref(), crate::replicas::TOKENIZER_CACHE_TOKENS)?,
+                )),
+                (false, _) => None,
             },
             session_headers: self.session_headers,
             max_body_bytes: self.max_body_bytes,

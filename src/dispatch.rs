@@ -92,10 +92,14 @@ impl Dispatcher {
             Some(prompt) => fleet.policy.choose_for_prompt(route.key, prompt, candidates),
             None => fleet.policy.choose(route.key, candidates),
         };
+        // What the policy counts as the request's load on the chosen replica, in tokens.
+        let routed =
+            |decision: Decision| prompt.as_ref().map_or(0, |p| fleet.policy.routed(route.key, p, decision));
         let first = choose(&candidates).ok_or(RouterError::NoHealthyReplica)?;
+        let tokens = routed(first);
         self.retries.deposit();
         self.count_decision(&fleet, first);
-        let failed = match self.attempt(fleet.get(first.replica), route, outbound).await {
+        let failed = match self.attempt(fleet.get(first.replica), route, outbound, tokens).await {
             Attempt::Done(served) => return Ok(served),
             failed => failed,
         };
@@ -111,8 +115,9 @@ impl Dispatcher {
         tokio::time::sleep(self.retries.backoff()).await;
         self.metrics.retries.with_label_values(&[route.endpoint]).inc();
         self.count_decision(&fleet, Decision { replica: second.replica, reason: Reason::Retry });
+        let tokens = routed(second);
         drop(failed);
-        match self.attempt(fleet.get(second.replica), route, outbound).await {
+        match self.attempt(fleet.get(second.replica), route, outbound, tokens).await {
             Attempt::Done(served) => Ok(served),
             failed => self.finish(failed, route),
         }
@@ -149,9 +154,15 @@ impl Dispatcher {
             .inc();
     }
 
-    async fn attempt(&self, replica: &Arc<Replica>, route: &Route<'_>, outbound: &Outbound) -> Attempt {
+    async fn attempt(
+        &self,
+        replica: &Arc<Replica>,
+        route: &Route<'_>,
+        outbound: &Outbound,
+        tokens: usize,
+    ) -> Attempt {
         let replica = replica.clone();
-        let in_flight = InFlight::start(replica.clone());
+        let in_flight = InFlight::with_tokens(replica.clone(), tokens);
         let name = replica.name().to_owned();
         let sent = tokio::time::timeout(
             self.timeouts.response_headers,

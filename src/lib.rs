@@ -28,6 +28,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod pd;
 pub mod policy;
+pub mod prompt_tokens;
 pub mod proxy;
 pub mod replicas;
 pub mod request_facts;

@@ -47,6 +47,24 @@ pub struct Metrics {
     pub pd_tokenize_once: IntCounterVec,
     /// Prompt blocks the cache-aware policy remembers per replica (set when scraped).
     pub cache_index_blocks: IntGaugeVec,
+    /// KV event batches from each replica, by outcome: `applied`, `replayed` (fetched
+    /// from the replay endpoint after a gap), `dropped` (undecodable).
+    pub kv_event_batches: IntCounterVec,
+    /// Blocks in KV events, by replica and kind: `stored`, `removed`, `orphaned` (a
+    /// stored block whose parent was never seen).
+    pub kv_event_blocks: IntCounterVec,
+    /// Sequence gaps in a replica's KV events.
+    pub kv_event_gaps: IntCounterVec,
+    /// A replica's KV index forgotten, by reason: `cleared` (AllBlocksCleared),
+    /// `restart` (sequence started again), `gap` (missed events not replayed),
+    /// `silence` (requests routed, no events), `disconnect`, `oversize`.
+    pub kv_index_resets: IntCounterVec,
+    /// 1 while the router is subscribed to the replica's KV events.
+    pub kv_events_connected: IntGaugeVec,
+    /// Prompt tokens of routed requests, and the part the chosen replica was believed
+    /// to hold (`kv-aware`): their ratio is the router's expected prefix cache hit rate.
+    pub routed_prompt_tokens: IntCounterVec,
+    pub routed_cached_tokens: IntCounterVec,
 }
 
 /// The `endpoint` label values of proxied requests.
@@ -155,6 +173,41 @@ impl Metrics {
                 "Prompt blocks the cache-aware policy believes each replica holds",
                 &["replica"],
             ),
+            kv_event_batches: counter(
+                "router_kv_event_batches_total",
+                "KV event batches received per replica by outcome (applied, replayed, dropped)",
+                &["replica", "outcome"],
+            ),
+            kv_event_blocks: counter(
+                "router_kv_event_blocks_total",
+                "Blocks in KV events per replica by kind (stored, removed, orphaned)",
+                &["replica", "kind"],
+            ),
+            kv_event_gaps: counter(
+                "router_kv_event_gaps_total",
+                "Sequence gaps in a replica's KV events",
+                &["replica"],
+            ),
+            kv_index_resets: counter(
+                "router_kv_index_resets_total",
+                "A replica's KV index forgotten, by reason",
+                &["replica", "reason"],
+            ),
+            kv_events_connected: gauge(
+                "router_kv_events_connected",
+                "1 while subscribed to the replica's KV events",
+                &["replica"],
+            ),
+            routed_prompt_tokens: counter(
+                "router_routed_prompt_tokens_total",
+                "Prompt tokens of requests routed by a token-aware policy",
+                &["policy"],
+            ),
+            routed_cached_tokens: counter(
+                "router_routed_cached_tokens_total",
+                "Prompt tokens the chosen replica was believed to hold in its prefix cache",
+                &["policy"],
+            ),
             registry,
         };
         // Series that exist from the start read 0 rather than missing, so rate() and
@@ -178,7 +231,13 @@ impl Metrics {
 
     /// Drop a removed replica's gauges (its counters stay: they are history).
     pub fn remove_replica(&self, replica: &str) {
-        for gauge in [&self.in_flight, &self.replica_healthy, &self.circuit_open, &self.cache_index_blocks] {
+        for gauge in [
+            &self.in_flight,
+            &self.replica_healthy,
+            &self.circuit_open,
+            &self.cache_index_blocks,
+            &self.kv_events_connected,
+        ] {
             let _ = gauge.remove_label_values(&[replica]);
         }
     }

@@ -64,7 +64,12 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let mut sims = Vec::new();
     if let Some(sim) = &config.sim {
         let prefill_sims = config.pd.as_ref().map_or(0, |pd| pd.sim_prefill);
-        let role = |role| crate::sim::SimConfig { role, ..sim.clone() };
+        // kv-aware: the simulated replicas publish KV events, each on a free port.
+        let kv_events = config
+            .kv_events
+            .as_ref()
+            .map(|feed| crate::sim::kv_events::PublisherConfig { port: 0, topic: feed.topic.clone() });
+        let role = |role| crate::sim::SimConfig { role, kv_events: kv_events.clone(), ..sim.clone() };
         let (prefill_role, decode_role) = if prefill_sims > 0 {
             (crate::sim::Role::Prefill, crate::sim::Role::Decode)
         } else {
@@ -77,6 +82,14 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         for sim in crate::sim::start_fleet(config.sim_replicas, &role(decode_role)).await? {
             config.replicas.push(sim_url(&sim));
             sims.push(sim);
+        }
+        if let Some(feed) = &mut config.kv_events {
+            for sim in &sims {
+                if let Some(port) = sim.kv_events_port {
+                    feed.endpoints
+                        .push((sim_url(sim).name().to_owned(), format!("tcp://{}:{port}", sim.addr.ip())));
+                }
+            }
         }
     }
     let listener = TcpListener::bind(config.listen).await?;
@@ -182,9 +195,17 @@ async fn stage(
         policy,
         hash: config.hash,
         prefix: config.prefix,
+        kv: config.kv,
         index: config.index,
+        tokenizer: config.tokenizer.clone(),
     };
     let registry = Arc::new(Registry::new(replicas, registry_config, metrics.clone()));
+    if let (crate::policy::PolicyKind::KvAware, Some(feed), Some(index)) =
+        (policy, &config.kv_events, registry.cache_index())
+    {
+        let feeds = crate::cache_index::KvFeeds::new(feed.clone(), index.clone(), metrics.clone());
+        registry.follow_kv_events(Arc::new(feeds));
+    }
     let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
     checker.probe_all().await;
     let health = tokio::spawn(checker.clone().run());

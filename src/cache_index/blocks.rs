@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Block hashes are xxh3 values already: used as they are, not hashed again.
 #[derive(Default)]
@@ -37,11 +38,37 @@ pub struct ReplicaBlocks {
     capacity: usize,
     /// Block hash -> last use, in the index clock's milliseconds.
     blocks: Mutex<Map>,
+    /// When a request was first routed here after the last KV event batch arrived
+    /// (index clock, milliseconds + 1; 0 when none): events that do not follow are stale.
+    routed_since_events: AtomicU64,
 }
 
 impl ReplicaBlocks {
     pub fn new(capacity: usize) -> Self {
-        ReplicaBlocks { capacity: capacity.max(1), blocks: Mutex::new(Map::default()) }
+        ReplicaBlocks {
+            capacity: capacity.max(1),
+            blocks: Mutex::new(Map::default()),
+            routed_since_events: AtomicU64::new(0),
+        }
+    }
+
+    /// A request was routed here at `now` (for the KV events' staleness check).
+    pub fn note_routed(&self, now: u64) {
+        let _ = self.routed_since_events.compare_exchange(0, now + 1, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// Events arrived: the replica is not silent.
+    pub fn note_events(&self) {
+        self.routed_since_events.store(0, Ordering::Relaxed);
+    }
+
+    /// Whether requests were routed here at least `silence_ms` before `now` with no
+    /// events since.
+    pub fn silent_since_routed(&self, now: u64, silence_ms: u64) -> bool {
+        match self.routed_since_events.load(Ordering::Relaxed) {
+            0 => false,
+            at => now.saturating_sub(at - 1) >= silence_ms,
+        }
     }
 
     /// How many of `hashes`, from the first, this replica holds (used within `ttl_ms`

@@ -185,10 +185,12 @@ fn engine_hash(value: &Value) -> Result<EngineHash, WireError> {
 /// (0 for a prompt's start). Only whole blocks get keys, as the engine caches only those.
 pub fn token_block_keys(tokens: &[u32], block_size: usize, parent: u64) -> Vec<u64> {
     let mut seed = parent;
+    let mut bytes = Vec::with_capacity(block_size * 4);
     tokens
         .chunks_exact(block_size.max(1))
         .map(|block| {
-            let bytes: Vec<u8> = block.iter().flat_map(|t| t.to_le_bytes()).collect();
+            bytes.clear();
+            bytes.extend(block.iter().flat_map(|t| t.to_le_bytes()));
             seed = xxh3_64_with_seed(&bytes, seed);
             seed
         })

@@ -14,6 +14,8 @@ use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptBlocks {
     pub hashes: Vec<u64>,
+    /// The prompt's length in tokens, when the policy tokenised it (else 0).
+    pub tokens: usize,
 }
 
 impl PromptBlocks {
@@ -27,7 +29,7 @@ impl PromptBlocks {
                 seed
             })
             .collect();
-        PromptBlocks { hashes }
+        PromptBlocks { hashes, tokens: 0 }
     }
 
     pub fn len(&self) -> usize {

@@ -7,28 +7,36 @@
 //! replica marked ineligible, which for `consistent-hash` means "the next one on the
 //! ring".
 //!
-//! Cache-aware policies (`prefix-aware`) also see the request's prompt, as chained block
-//! hashes ([`crate::cache_index`]): the dispatcher asks [`Policy::prompt_blocks`] once and
-//! then [`Policy::choose_for_prompt`]. Their choice is still a pure function
-//! ([`choose_by_prefix`]); only the memory of what went where is state.
+//! Cache-aware policies (`prefix-aware`, `kv-aware`) also see the request's prompt, as
+//! chained block hashes ([`crate::cache_index`]): the dispatcher asks
+//! [`Policy::prompt_blocks`] once and then [`Policy::choose_for_prompt`]. Their choice is
+//! still a pure function ([`choose_by_prefix`], [`choose_by_cost`]); the memory of what
+//! each replica holds, and of where each session went ([`SessionHomes`]), is the state
+//! they keep across rebuilds ([`PolicyState`]).
 
 mod consistent_hash;
+mod kv_aware;
 mod least_loaded;
 mod power_of_two;
 mod prefix_aware;
 mod random;
 mod round_robin;
+mod session_homes;
 
 pub use consistent_hash::{ConsistentHash, HashOptions};
+pub use kv_aware::{KvAware, KvOptions, choose_by_cost};
 pub use least_loaded::LeastLoaded;
 pub use power_of_two::PowerOfTwo;
 pub use prefix_aware::{PrefixAware, PrefixOptions, choose_by_prefix};
 pub use random::Random;
 pub use round_robin::RoundRobin;
+pub use session_homes::SessionHomes;
 
 use std::sync::Arc;
 
 use crate::cache_index::{CacheIndex, PromptBlocks};
+use crate::metrics::Metrics;
+use crate::prompt_tokens::PromptTokenizer;
 use crate::routing_key::RoutingKey;
 
 /// What a policy sees of one replica for one request.
@@ -38,6 +46,10 @@ pub struct Candidate {
     pub eligible: bool,
     /// Requests the router has in flight on this replica.
     pub in_flight: usize,
+    /// The load those requests add in tokens, as the policy counted it
+    /// ([`Policy::routed`]: for `kv-aware`, the prompt tokens each had to prefill there;
+    /// 0 for the other policies).
+    pub in_flight_tokens: usize,
 }
 
 /// Why a replica was chosen; a label of `router_routing_decisions_total`.
@@ -47,7 +59,8 @@ pub enum Reason {
     Balanced,
     /// `consistent-hash` without a session key: routed by power-of-two.
     Keyless,
-    /// The session key's owner on the ring.
+    /// The session key's owner on the ring; for the cache-aware policies, the replica
+    /// the session's earlier turns went to.
     Affinity,
     /// The owner is not eligible (unhealthy, or already failed this request): next on the ring.
     Failover,
@@ -55,11 +68,11 @@ pub enum Reason {
     Spill,
     /// A second attempt after the first replica failed before responding.
     Retry,
-    /// `prefix-aware`: the replica holding the longest part of the prompt.
+    /// Cache-aware: the replica holding the longest part of the prompt.
     Cached,
-    /// `prefix-aware`: no replica holds enough of the prompt; the least loaded.
+    /// Cache-aware: no replica holds enough of the prompt; by load.
     Uncached,
-    /// `prefix-aware`: the best holder was overloaded; the best of the rest.
+    /// Cache-aware: the best holder was too loaded; another one.
     Overloaded,
 }
 
@@ -106,6 +119,14 @@ pub trait Policy: Send + Sync {
     ) -> Option<Decision> {
         self.choose(key, replicas)
     }
+
+    /// The request is being sent where `decision` says: record what that means for the
+    /// policy's memory, and return the load it adds to the replica in tokens (counted in
+    /// [`Candidate::in_flight_tokens`] while it is in flight; 0 for policies that do not
+    /// count tokens).
+    fn routed(&self, _key: Option<&RoutingKey>, _prompt: &PromptBlocks, _decision: Decision) -> usize {
+        0
+    }
 }
 
 /// The policies `--policy` accepts.
@@ -117,6 +138,7 @@ pub enum PolicyKind {
     LeastLoaded,
     ConsistentHash,
     PrefixAware,
+    KvAware,
 }
 
 /// Settings of the policies that have any.
@@ -124,18 +146,29 @@ pub enum PolicyKind {
 pub struct PolicyOptions {
     pub hash: HashOptions,
     pub prefix: PrefixOptions,
+    pub kv: KvOptions,
+}
+
+/// What the cache-aware policies keep across rebuilds of the policy (changes to the
+/// replica set): their index, tokenizer, session homes, and the metrics they count in.
+#[derive(Default, Clone)]
+pub struct PolicyState {
+    pub index: Option<Arc<CacheIndex>>,
+    pub tokenizer: Option<Arc<PromptTokenizer>>,
+    pub sessions: Arc<SessionHomes>,
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl PolicyKind {
     /// Build the policy for replicas with these stable names (their URLs): the ring of
     /// `consistent-hash` is laid out from names, so a replica keeps its sessions across
-    /// restarts of the router and changes of the replica list's order. `index` is the
-    /// cache-aware policies' memory, kept across rebuilds (see [`PolicyKind::uses_index`]).
+    /// restarts of the router and changes of the replica list's order. `state` is what
+    /// the cache-aware policies keep across rebuilds (see [`PolicyKind::uses_index`]).
     pub fn build(
         self,
         replica_names: &[String],
         options: &PolicyOptions,
-        index: Option<&Arc<CacheIndex>>,
+        state: &PolicyState,
     ) -> Box<dyn Policy> {
         let hash = options.hash;
         match self {
@@ -145,16 +178,36 @@ impl PolicyKind {
             PolicyKind::LeastLoaded => Box::new(LeastLoaded::default()),
             PolicyKind::ConsistentHash => Box::new(ConsistentHash::new(replica_names, hash)),
             PolicyKind::PrefixAware => {
-                let index = index.cloned().expect("prefix-aware is built with a cache index");
-                Box::new(PrefixAware::new(replica_names, index, options.prefix))
+                let index = state.index.clone().expect("prefix-aware is built with a cache index");
+                Box::new(PrefixAware::new(replica_names, index, state.sessions.clone(), options.prefix))
             }
+            PolicyKind::KvAware => Box::new(KvAware::new(
+                replica_names,
+                state.index.clone().expect("kv-aware is built with a cache index"),
+                state.tokenizer.clone().expect("kv-aware is built with a tokenizer"),
+                state.sessions.clone(),
+                options.kv,
+                options.prefix,
+                state.metrics.clone(),
+            )),
         }
     }
 
     /// Whether the policy keeps a [`CacheIndex`].
     pub fn uses_index(self) -> bool {
-        matches!(self, PolicyKind::PrefixAware)
+        matches!(self, PolicyKind::PrefixAware | PolicyKind::KvAware)
     }
+
+    /// Whether the policy needs the request's tokens (and so a tokenizer).
+    pub fn uses_tokens(self) -> bool {
+        matches!(self, PolicyKind::KvAware)
+    }
+}
+
+/// The most requests in flight a replica may have before it counts as overloaded, when
+/// the least loaded eligible one has `min`: above `min + abs` and above `rel * min`.
+pub fn overload_bound(min: usize, abs: usize, rel: f64) -> usize {
+    (min + abs).max((rel * min as f64).floor() as usize)
 }
 
 /// The index of the `n`-th eligible candidate.
@@ -176,6 +229,6 @@ pub(crate) mod test_support {
     use super::Candidate;
 
     pub fn all(loads: &[usize]) -> Vec<Candidate> {
-        loads.iter().map(|&in_flight| Candidate { eligible: true, in_flight }).collect()
+        loads.iter().map(|&in_flight| Candidate { eligible: true, in_flight, in_flight_tokens: 0 }).collect()
     }
 }

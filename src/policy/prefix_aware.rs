@@ -18,7 +18,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::{Candidate, Decision, LeastLoaded, Policy, Reason, rotated};
+use super::session_homes::SessionHomes;
+use super::{Candidate, Decision, LeastLoaded, Policy, Reason, overload_bound, rotated};
 use crate::cache_index::{CacheIndex, PromptBlocks, ReplicaBlocks};
 use crate::routing_key::RoutingKey;
 
@@ -55,7 +56,7 @@ pub fn choose_by_prefix(
     let n = replicas.len();
     let eligible = || rotated(start % n.max(1), n).filter(|&i| replicas[i].eligible);
     let min = eligible().map(|i| replicas[i].in_flight).min()?;
-    let bound = (min + options.balance_abs).max((options.balance_rel * min as f64).floor() as usize);
+    let bound = overload_bound(min, options.balance_abs, options.balance_rel);
     let least_loaded = || eligible().min_by_key(|&i| (replicas[i].in_flight, held[i]));
     // Longest match, then least loaded; `max_by_key` keeps the last of equals, so the
     // key inverts the load and the rotation order.
@@ -84,6 +85,8 @@ pub struct PrefixAware {
     index: Arc<CacheIndex>,
     /// Each replica's memory, indexed like the fleet.
     memories: Vec<Arc<ReplicaBlocks>>,
+    names: Vec<String>,
+    sessions: Arc<SessionHomes>,
     options: PrefixOptions,
     rotation: AtomicUsize,
     /// Requests without a prompt.
@@ -91,11 +94,18 @@ pub struct PrefixAware {
 }
 
 impl PrefixAware {
-    pub fn new(replica_names: &[String], index: Arc<CacheIndex>, options: PrefixOptions) -> Self {
+    pub fn new(
+        replica_names: &[String],
+        index: Arc<CacheIndex>,
+        sessions: Arc<SessionHomes>,
+        options: PrefixOptions,
+    ) -> Self {
         let memories = index.lay_out(replica_names);
         PrefixAware {
             index,
             memories,
+            names: replica_names.to_vec(),
+            sessions,
             options,
             rotation: AtomicUsize::new(0),
             without_prompt: LeastLoaded::default(),
@@ -119,11 +129,17 @@ impl Policy for PrefixAware {
 
     fn choose_for_prompt(
         &self,
-        _key: Option<&RoutingKey>,
+        key: Option<&RoutingKey>,
         prompt: &PromptBlocks,
         replicas: &[Candidate],
     ) -> Option<Decision> {
         let (now, ttl) = (self.index.now(), self.index.ttl_ms());
+        if let Some(replica) =
+            key.and_then(|k| self.sessions.home_for(k, &self.names, replicas, &self.options))
+        {
+            self.memories[replica].remember(&prompt.hashes, now);
+            return Some(Decision { replica, reason: Reason::Affinity });
+        }
         let matched: Vec<usize> = replicas
             .iter()
             .zip(&self.memories)
@@ -133,6 +149,9 @@ impl Policy for PrefixAware {
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
         let decision = choose_by_prefix(prompt.len(), &matched, &held, replicas, &self.options, start)?;
         self.memories[decision.replica].remember(&prompt.hashes, now);
+        if let Some(key) = key {
+            self.sessions.set(key, &self.names[decision.replica]);
+        }
         Some(decision)
     }
 }
@@ -214,7 +233,7 @@ mod tests {
         let names: Vec<String> = (0..n).map(|i| format!("http://r{i}")).collect();
         let index =
             Arc::new(CacheIndex::new(IndexLimits { blocks_per_replica: 1000, ttl: Duration::from_secs(60) }));
-        PrefixAware::new(&names, index, O)
+        PrefixAware::new(&names, index, Arc::default(), O)
     }
 
     #[test]

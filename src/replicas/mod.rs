@@ -15,7 +15,7 @@ mod url;
 use breaker::Breaker;
 pub use breaker::BreakerSettings;
 pub use health::{HealthChecker, HealthConfig};
-pub use registry::{Fleet, MembershipError, Registry, RegistryConfig};
+pub use registry::{Fleet, MembershipError, Registry, RegistryConfig, TOKENIZER_CACHE_TOKENS};
 pub use url::ReplicaUrl;
 
 use std::sync::Arc;
@@ -37,6 +37,8 @@ pub struct ModelCard {
 pub struct Replica {
     pub url: ReplicaUrl,
     in_flight: AtomicUsize,
+    /// Prompt tokens of the requests in flight (when the policy counts them).
+    in_flight_tokens: AtomicUsize,
     healthy: AtomicBool,
     /// Draining: no new requests; those in flight finish.
     draining: AtomicBool,
@@ -79,6 +81,7 @@ impl Replica {
             breaker: Breaker::new(breaker, metrics.circuit_open.with_label_values(&label)),
             url,
             in_flight: AtomicUsize::new(0),
+            in_flight_tokens: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             streak: Mutex::new(Streak::default()),
@@ -100,6 +103,10 @@ impl Replica {
 
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn in_flight_tokens(&self) -> usize {
+        self.in_flight_tokens.load(Ordering::Relaxed)
     }
 
     /// Whether the circuit breaker lets requests through (closed or half-open).
@@ -167,13 +174,22 @@ pub struct Thresholds {
 /// body ends or is dropped.
 pub struct InFlight {
     replica: Arc<Replica>,
+    tokens: usize,
 }
 
 impl InFlight {
     pub fn start(replica: Arc<Replica>) -> Self {
+        Self::with_tokens(replica, 0)
+    }
+
+    /// A request whose prompt is `tokens` long, counted in the replica's token load.
+    pub fn with_tokens(replica: Arc<Replica>, tokens: usize) -> Self {
         replica.in_flight.fetch_add(1, Ordering::Relaxed);
+        if tokens > 0 {
+            replica.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
+        }
         replica.in_flight_gauge.inc();
-        InFlight { replica }
+        InFlight { replica, tokens }
     }
 
     pub fn replica(&self) -> &Arc<Replica> {
@@ -184,6 +200,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.replica.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.tokens > 0 {
+            self.replica.in_flight_tokens.fetch_sub(self.tokens, Ordering::Relaxed);
+        }
         self.replica.in_flight_gauge.dec();
     }
 }

@@ -14,22 +14,31 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 
 use super::{BreakerSettings, ModelCard, Replica, ReplicaUrl, Thresholds};
-use crate::cache_index::{CacheIndex, IndexLimits};
+use crate::cache_index::{CacheIndex, IndexLimits, KvFeeds};
 use crate::error::RouterError;
 use crate::metrics::Metrics;
-use crate::policy::{Candidate, HashOptions, Policy, PolicyKind, PolicyOptions, PrefixOptions};
+use crate::policy::{
+    Candidate, HashOptions, KvOptions, Policy, PolicyKind, PolicyOptions, PolicyState, PrefixOptions,
+};
+use crate::prompt_tokens::PromptTokenizer;
 
 /// How a registry's replicas are judged and routed to.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RegistryConfig {
     pub thresholds: Thresholds,
     pub breaker: BreakerSettings,
     pub policy: PolicyKind,
     pub hash: HashOptions,
     pub prefix: PrefixOptions,
+    pub kv: KvOptions,
     /// Bounds of the cache-aware policies' memory.
     pub index: IndexLimits,
+    /// The tokenizer of `kv-aware` (the built-in one if none is given).
+    pub tokenizer: Option<Arc<PromptTokenizer>>,
 }
+
+/// Token ids the tokenizer's segment cache holds (64 MB).
+pub const TOKENIZER_CACHE_TOKENS: usize = 16 << 20;
 
 impl Default for RegistryConfig {
     fn default() -> Self {
@@ -39,7 +48,9 @@ impl Default for RegistryConfig {
             policy: PolicyKind::PowerOfTwo,
             hash: HashOptions::default(),
             prefix: PrefixOptions::default(),
+            kv: KvOptions::default(),
             index: IndexLimits::default(),
+            tokenizer: None,
         }
     }
 }
@@ -77,7 +88,7 @@ impl Fleet {
                 any_healthy |= healthy;
                 any_serving |= serving;
                 any_eligible |= eligible;
-                Candidate { eligible, in_flight: r.in_flight() }
+                Candidate { eligible, in_flight: r.in_flight(), in_flight_tokens: r.in_flight_tokens() }
             })
             .collect();
         if any_eligible || !tried.is_empty() {
@@ -104,9 +115,10 @@ pub enum MembershipError {
 pub struct Registry {
     fleet: ArcSwap<Fleet>,
     config: RegistryConfig,
-    /// The cache-aware policies' memory of what each replica holds, kept across changes
-    /// to the set.
-    index: Option<Arc<CacheIndex>>,
+    /// What the cache-aware policies keep across changes to the set.
+    state: PolicyState,
+    /// The KV event subscriptions, following the set (`kv-aware`).
+    feeds: std::sync::OnceLock<Arc<KvFeeds>>,
     metrics: Arc<Metrics>,
     /// Serialises changes to the set (admin API only; never taken by a request).
     changes: Mutex<()>,
@@ -116,24 +128,52 @@ impl Registry {
     pub fn new(urls: Vec<ReplicaUrl>, config: RegistryConfig, metrics: Arc<Metrics>) -> Self {
         let replicas =
             urls.into_iter().map(|url| Arc::new(Replica::new(url, config.breaker, &metrics))).collect();
-        let index = config.policy.uses_index().then(|| Arc::new(CacheIndex::new(config.index)));
-        let fleet = ArcSwap::from_pointee(Self::lay_out(replicas, &config, index.as_ref()));
-        Registry { fleet, config, index, metrics, changes: Mutex::new(()) }
+        let state = PolicyState {
+            index: config.policy.uses_index().then(|| Arc::new(CacheIndex::new(config.index))),
+            tokenizer: config.policy.uses_tokens().then(|| {
+                config.tokenizer.clone().unwrap_or_else(|| {
+                    Arc::new(PromptTokenizer::Builtin(crate::prompt_tokens::BuiltinTokenizer::new(
+                        TOKENIZER_CACHE_TOKENS,
+                    )))
+                })
+            }),
+            sessions: Arc::default(),
+            metrics: Some(metrics.clone()),
+        };
+        let fleet = ArcSwap::from_pointee(Self::lay_out(replicas, &config, &state));
+        Registry { fleet, config, state, feeds: Default::default(), metrics, changes: Mutex::new(()) }
     }
 
-    fn lay_out(
-        replicas: Vec<Arc<Replica>>,
-        config: &RegistryConfig,
-        index: Option<&Arc<CacheIndex>>,
-    ) -> Fleet {
+    fn lay_out(replicas: Vec<Arc<Replica>>, config: &RegistryConfig, state: &PolicyState) -> Fleet {
         let names: Vec<String> = replicas.iter().map(|r| r.name().to_owned()).collect();
-        let options = PolicyOptions { hash: config.hash, prefix: config.prefix };
-        Fleet { policy: config.policy.build(&names, &options, index), replicas }
+        let options = PolicyOptions { hash: config.hash, prefix: config.prefix, kv: config.kv };
+        Fleet { policy: config.policy.build(&names, &options, state), replicas }
+    }
+
+    /// Publish a new set, with its policy, and move the KV event subscriptions to it.
+    fn publish(&self, replicas: Vec<Arc<Replica>>) {
+        let fleet = Self::lay_out(replicas, &self.config, &self.state);
+        if let Some(feeds) = self.feeds.get() {
+            feeds.follow(&fleet.replicas.iter().map(|r| r.name().to_owned()).collect::<Vec<_>>());
+        }
+        self.fleet.store(Arc::new(fleet));
     }
 
     /// The cache-aware policies' memory, when the policy keeps one.
     pub fn cache_index(&self) -> Option<&Arc<CacheIndex>> {
-        self.index.as_ref()
+        self.state.index.as_ref()
+    }
+
+    /// Subscribe to the replicas' KV events (now and as the set changes). Within the
+    /// runtime; once.
+    pub fn follow_kv_events(&self, feeds: Arc<KvFeeds>) {
+        let names: Vec<String> = self.replicas().iter().map(|r| r.name().to_owned()).collect();
+        feeds.follow(&names);
+        let _ = self.feeds.set(feeds);
+    }
+
+    pub fn kv_feeds(&self) -> Option<&Arc<KvFeeds>> {
+        self.feeds.get()
     }
 
     /// The current snapshot.
@@ -169,7 +209,7 @@ impl Registry {
         let replica = Arc::new(Replica::new(url, self.config.breaker, &self.metrics));
         let mut replicas = current.replicas.clone();
         replicas.push(replica.clone());
-        self.fleet.store(Arc::new(Self::lay_out(replicas, &self.config, self.index.as_ref())));
+        self.publish(replicas);
         Ok(replica)
     }
 
@@ -185,7 +225,7 @@ impl Registry {
             .cloned()
             .ok_or_else(|| MembershipError::NotFound(name.to_owned()))?;
         let replicas = current.replicas.iter().filter(|r| r.name() != name).cloned().collect();
-        self.fleet.store(Arc::new(Self::lay_out(replicas, &self.config, self.index.as_ref())));
+        self.publish(replicas);
         self.metrics.remove_replica(name);
         Ok(removed)
     }

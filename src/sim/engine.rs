@@ -23,7 +23,7 @@ use tokio::time::Instant;
 
 use super::api_server::{ApiServer, StepOutput};
 use super::faults::Faults;
-use super::kv_cache::{BLOCK_SIZE, BlockId, KvCache, block_hashes, chain_hash};
+use super::kv_cache::{BLOCK_SIZE, BlockId, CacheEvent, KvCache, block_hashes, chain_hash};
 use super::metrics::SimMetrics;
 use super::profile::{Profile, StepShape};
 use super::sampler::Sampler;
@@ -36,6 +36,8 @@ pub struct EngineConfig {
     pub num_gpu_blocks: usize,
     /// Simulated time runs this many times faster than real time.
     pub time_scale: f64,
+    /// Where to send the cache's events after each step, when publishing them.
+    pub kv_events: Option<mpsc::UnboundedSender<Vec<CacheEvent>>>,
 }
 
 /// How the prompt's KV comes to be.
@@ -218,7 +220,10 @@ struct Scheduler {
 
 impl Scheduler {
     fn new(config: EngineConfig, metrics: Arc<SimMetrics>, faults: Arc<Faults>, api: ApiServer) -> Self {
-        let kv = KvCache::new(config.num_gpu_blocks);
+        let mut kv = KvCache::new(config.num_gpu_blocks);
+        if config.kv_events.is_some() {
+            kv.record_events();
+        }
         Scheduler {
             config,
             metrics,
@@ -278,6 +283,17 @@ impl Scheduler {
             clock = (clock + step).max(Instant::now() - Duration::from_millis(50));
             self.sleep_until(clock).await;
             self.finish_step(&scheduled);
+            self.send_kv_events();
+        }
+    }
+
+    /// Hand the step's cache events to the publisher (one batch per step, as vLLM).
+    fn send_kv_events(&mut self) {
+        if let Some(tx) = &self.config.kv_events {
+            let events = self.kv.take_events();
+            if !events.is_empty() {
+                let _ = tx.send(events);
+            }
         }
     }
 
@@ -572,8 +588,9 @@ fn publish_full_blocks(kv: &mut KvCache, seq: &mut Seq) {
     let full = seq.computed / BLOCK_SIZE;
     while seq.published < full.min(seq.blocks.len()) {
         let b = seq.published;
-        let hash = chain_hash(seq.parent_hash, &seq.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE]);
-        kv.publish(seq.blocks[b], hash);
+        let tokens = &seq.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
+        let hash = chain_hash(seq.parent_hash, tokens);
+        kv.publish(seq.blocks[b], hash, (b > 0).then_some(seq.parent_hash), tokens);
         seq.parent_hash = hash;
         seq.published += 1;
     }
@@ -634,6 +651,7 @@ mod tests {
             max_num_batched_tokens: 256,
             num_gpu_blocks: 24,
             time_scale: 1.0,
+            kv_events: None,
         };
         let metrics = Arc::new(SimMetrics::new("m"));
         let faults = Arc::new(Faults::new(Default::default()));

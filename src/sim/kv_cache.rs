@@ -12,6 +12,10 @@
 //! sequence holds only the blocks its window still reaches and frees the older ones, and a
 //! prompt's prefix is usable when the blocks of the window before its end are cached,
 //! whatever happened to the blocks before them (vLLM's sliding-window cache manager).
+//!
+//! With events on ([`KvCache::record_events`]) the cache notes what a vLLM engine would
+//! publish as KV events: blocks newly findable by hash (with their token ids and their
+//! parent) and blocks evicted, for [`super::kv_events`] to send.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -35,6 +39,18 @@ pub struct KvCache {
     free: BTreeMap<u64, BlockId>,
     next_free_key: u64,
     cached: HashMap<u64, BlockId>,
+    /// Events since the last [`take_events`](KvCache::take_events), when recording.
+    events: Option<Vec<CacheEvent>>,
+}
+
+/// A change to what the cache can serve by hash, as vLLM's KV events describe it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacheEvent {
+    /// Consecutive blocks now cached; the first a child of `parent` (none for a prompt's
+    /// first block); `tokens` are their token ids, `BLOCK_SIZE` per block.
+    Stored { hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32> },
+    /// Blocks evicted.
+    Removed { hashes: Vec<u64> },
 }
 
 /// The chained hashes of every full block of `tokens`.
@@ -65,11 +81,22 @@ impl KvCache {
             free: BTreeMap::new(),
             next_free_key: 0,
             cached: HashMap::new(),
+            events: None,
         };
         for id in 0..num_blocks as BlockId {
             cache.push_free(id);
         }
         cache
+    }
+
+    /// Note stored and evicted blocks from now on.
+    pub fn record_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The events noted since the last call (none when not recording).
+    pub fn take_events(&mut self) -> Vec<CacheEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     pub fn num_blocks(&self) -> usize {
@@ -153,6 +180,12 @@ impl KvCache {
                 && self.cached.get(&hash) == Some(&id)
             {
                 self.cached.remove(&hash);
+                if let Some(events) = &mut self.events {
+                    match events.last_mut() {
+                        Some(CacheEvent::Removed { hashes }) => hashes.push(hash),
+                        _ => events.push(CacheEvent::Removed { hashes: vec![hash] }),
+                    }
+                }
             }
             out.push(id);
         }
@@ -160,9 +193,24 @@ impl KvCache {
     }
 
     /// Publish a full block under its chained hash so later requests can reuse it.
-    pub fn publish(&mut self, id: BlockId, hash: u64) {
+    /// `parent` is the previous block's hash (none for a prompt's first block) and
+    /// `tokens` the block's token ids, for the stored event.
+    pub fn publish(&mut self, id: BlockId, hash: u64, parent: Option<u64>, tokens: &[u32]) {
         self.blocks[id as usize].hash = Some(hash);
-        self.cached.entry(hash).or_insert(id);
+        let std::collections::hash_map::Entry::Vacant(slot) = self.cached.entry(hash) else { return };
+        slot.insert(id);
+        let Some(events) = &mut self.events else { return };
+        // A block continuing the last stored run joins its event, as one vLLM event
+        // carries a request's consecutive new blocks.
+        if let Some(CacheEvent::Stored { hashes, tokens: ids, .. }) = events.last_mut()
+            && parent.is_some()
+            && hashes.last() == parent.as_ref()
+        {
+            hashes.push(hash);
+            ids.extend_from_slice(tokens);
+            return;
+        }
+        events.push(CacheEvent::Stored { hashes: vec![hash], parent, tokens: tokens.to_vec() });
     }
 
     /// Drop a sequence's references; blocks nobody holds go to the back of the free
@@ -205,7 +253,7 @@ mod tests {
         // Blocks 2..6 cached, 0 and 1 not (evicted long ago).
         let blocks = kv.allocate(4).unwrap();
         for (b, h) in blocks.iter().zip(&hashes[2..6]) {
-            kv.publish(*b, *h);
+            kv.publish(*b, *h, None, &[0; BLOCK_SIZE]);
         }
         assert_eq!(kv.lookup(&hashes), 0, "full attention needs the whole prefix");
         assert_eq!(kv.lookup_window(&hashes, None), 0);
@@ -219,8 +267,8 @@ mod tests {
         let mut kv = KvCache::new(4);
         let hashes = block_hashes(&tokens(32, 1));
         let blocks = kv.allocate(2).unwrap();
-        kv.publish(blocks[0], hashes[0]);
-        kv.publish(blocks[1], hashes[1]);
+        kv.publish(blocks[0], hashes[0], None, &[0; BLOCK_SIZE]);
+        kv.publish(blocks[1], hashes[1], Some(hashes[0]), &[0; BLOCK_SIZE]);
         kv.release(&blocks);
         assert_eq!(kv.free_blocks(), 4);
         assert_eq!(kv.lookup(&hashes), 2, "freed blocks stay cached");
@@ -234,5 +282,30 @@ mod tests {
         assert!(kv.allocate(1).is_none());
         kv.release(&all);
         assert_eq!(kv.usage(), 0.0);
+    }
+
+    #[test]
+    fn events_describe_stored_runs_and_evictions() {
+        let mut kv = KvCache::new(3);
+        kv.record_events();
+        let toks = tokens(48, 2);
+        let hashes = block_hashes(&toks);
+        let blocks = kv.allocate(3).unwrap();
+        kv.publish(blocks[0], hashes[0], None, &toks[..16]);
+        kv.publish(blocks[1], hashes[1], Some(hashes[0]), &toks[16..32]);
+        // Already cached under that hash: nothing new to announce.
+        kv.publish(blocks[2], hashes[1], Some(hashes[0]), &toks[16..32]);
+        assert_eq!(
+            kv.take_events(),
+            vec![CacheEvent::Stored {
+                hashes: hashes[..2].to_vec(),
+                parent: None,
+                tokens: toks[..32].to_vec()
+            }]
+        );
+        kv.release(&blocks);
+        kv.allocate(3).unwrap();
+        assert_eq!(kv.take_events(), vec![CacheEvent::Removed { hashes: vec![hashes[1], hashes[0]] }]);
+        assert!(kv.take_events().is_empty());
     }
 }

@@ -17,6 +17,7 @@ pub mod api_server;
 pub mod engine;
 pub mod faults;
 pub mod kv_cache;
+pub mod kv_events;
 pub mod metrics;
 pub mod pd;
 pub mod profile;
@@ -108,6 +109,14 @@ pub struct SimArgs {
     /// stall-after=K, drop-after=K, slowdown=F.
     #[arg(long = "fault", value_name = "FAULT")]
     pub faults: Vec<String>,
+    /// Publish KV cache events on a ZMQ PUB socket on this port, as vLLM does with
+    /// `--kv-events-config '{"enable_kv_cache_events": true, "publisher": "zmq"}'`
+    /// (0 picks a free port). Off when not given.
+    #[arg(long)]
+    pub kv_events_port: Option<u16>,
+    /// Topic of the KV events messages (vLLM's default is empty).
+    #[arg(long, default_value = "")]
+    pub kv_events_topic: String,
 }
 
 fn parse_profile(name: &str) -> Result<Profile, String> {
@@ -130,6 +139,8 @@ pub struct SimConfig {
     pub kv_bandwidth: f64,
     pub request_log_size: usize,
     pub faults: FaultConfig,
+    /// KV events publisher, when on.
+    pub kv_events: Option<kv_events::PublisherConfig>,
 }
 
 /// How much faster vLLM 0.22's fastokens backend tokenises than HF's tokenizer, as the
@@ -175,6 +186,9 @@ impl SimArgs {
             kv_bandwidth,
             request_log_size: self.request_log_size,
             faults,
+            kv_events: self
+                .kv_events_port
+                .map(|port| kv_events::PublisherConfig { port, topic: self.kv_events_topic }),
         })
     }
 }
@@ -231,6 +245,8 @@ impl IntoResponse for SimError {
 pub struct RunningSim {
     pub addr: SocketAddr,
     pub state: Arc<SimState>,
+    /// The port KV events are published on, when on.
+    pub kv_events_port: Option<u16>,
     server: JoinHandle<()>,
     killed: tokio::sync::watch::Sender<bool>,
 }
@@ -270,6 +286,11 @@ pub async fn start(config: SimConfig) -> std::io::Result<RunningSim> {
     let metrics = Arc::new(SimMetrics::new(&config.served_model_name));
     let faults = Arc::new(Faults::new(config.faults.clone()));
     let api = ApiServer::start(config.profile.api, config.time_scale, faults.clone());
+    let publisher = match &config.kv_events {
+        Some(events) => Some(kv_events::start(addr.ip(), events).await?),
+        None => None,
+    };
+    let kv_events_port = publisher.as_ref().map(|p| p.port);
     let engine = Engine::start(
         EngineConfig {
             profile: config.profile.clone(),
@@ -277,6 +298,7 @@ pub async fn start(config: SimConfig) -> std::io::Result<RunningSim> {
             max_num_batched_tokens: config.max_num_batched_tokens,
             num_gpu_blocks: config.num_gpu_blocks,
             time_scale: config.time_scale,
+            kv_events: publisher.map(|p| p.events),
         },
         metrics.clone(),
         faults.clone(),
@@ -286,7 +308,7 @@ pub async fn start(config: SimConfig) -> std::io::Result<RunningSim> {
     let app = server::routes(state.clone());
     let (killed, on_kill) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(server::accept_loop(listener, app, faults, on_kill));
-    Ok(RunningSim { addr, state, server, killed })
+    Ok(RunningSim { addr, state, kv_events_port, server, killed })
 }
 
 /// Start `n` simulated replicas with the same configuration, each on its own port.

@@ -1,0 +1,355 @@
+//! The subscriber side of vLLM's KV events: one task per replica keeps that replica's
+//! memory in the [`CacheIndex`] in step with what its engine reports.
+//!
+//! Each task connects a ZMQ SUB socket to the replica's endpoint
+//! (`--kv-events-endpoint REPLICA=tcp://HOST:PORT`, or `--kv-events-port N` meaning
+//! `tcp://{replica host}:N`), subscribes to `--kv-events-topic`, and applies each
+//! batch ([`super::kv_events`]). What can go wrong degrades to routing by load, never
+//! to an error:
+//! - a sequence gap (PUB drops messages for slow subscribers): the missed batches are
+//!   fetched from the replica's replay endpoint (`--kv-events-replay-endpoint
+//!   REPLICA=tcp://HOST:PORT` or `--kv-events-replay-port`, vLLM's
+//!   `replay_endpoint`: a DEALER sends `[b"", start sequence]`, the engine answers
+//!   `[b"", topic, sequence, payload]` per buffered batch (`[b"", sequence, payload]`
+//!   before vLLM added the topic) and ends with sequence -1); without one, or if
+//!   the replay does not cover the gap, the replica's memory is forgotten;
+//! - the sequence starting again (the engine restarted) or `AllBlocksCleared`: forgotten;
+//! - the connection lost: forgotten, and the task reconnects with back-off;
+//! - silence: requests were routed to the replica `--kv-events-silence` ago and no
+//!   events followed (the engine stopped publishing, or we are cut off): forgotten.
+//!   An idle engine publishes nothing, and that is not silence.
+//!
+//! A replica that joined late is caught up from the replay endpoint's buffer when there
+//! is one. The set of tasks follows the registry's replicas ([`KvFeeds::follow`]).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::task::JoinHandle;
+use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
+
+use super::kv_events::{Applied, KvEvent, KvReplica, decode_batch};
+use super::{CacheIndex, ReplicaBlocks};
+use crate::metrics::Metrics;
+
+/// Where each replica publishes, and how to judge the feed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeedConfig {
+    /// Explicit endpoints by replica name (`http://host:port`).
+    pub endpoints: Vec<(String, String)>,
+    /// For replicas without an explicit endpoint: `tcp://{replica host}:{port}`.
+    pub port: Option<u16>,
+    /// Explicit replay endpoints by replica name.
+    pub replay_endpoints: Vec<(String, String)>,
+    /// For replicas without an explicit replay endpoint: the port on the replica's host,
+    /// if the engines have one.
+    pub replay_port: Option<u16>,
+    pub topic: String,
+    pub silence: Duration,
+    /// Engine block hashes remembered per replica before the map is dropped whole.
+    pub max_blocks: usize,
+}
+
+impl FeedConfig {
+    /// The events endpoint of a replica, if it has one.
+    pub fn endpoint(&self, replica: &str) -> Option<String> {
+        if let Some((_, endpoint)) = self.endpoints.iter().find(|(name, _)| name == replica) {
+            return Some(endpoint.clone());
+        }
+        self.port.and_then(|port| Some(format!("tcp://{}:{port}", host_of(replica)?)))
+    }
+
+    pub fn replay_endpoint(&self, replica: &str) -> Option<String> {
+        if let Some((_, endpoint)) = self.replay_endpoints.iter().find(|(name, _)| name == replica) {
+            return Some(endpoint.clone());
+        }
+        self.replay_port.and_then(|port| Some(format!("tcp://{}:{port}", host_of(replica)?)))
+    }
+}
+
+fn host_of(replica: &str) -> Option<String> {
+    let uri: http::Uri = replica.parse().ok()?;
+    let host = uri.host()?;
+    Some(if host == "localhost" { "127.0.0.1".to_owned() } else { host.to_owned() })
+}
+
+/// The running subscriptions, one per replica that has an endpoint.
+pub struct KvFeeds {
+    config: FeedConfig,
+    index: Arc<CacheIndex>,
+    metrics: Arc<Metrics>,
+    running: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+impl KvFeeds {
+    pub fn new(config: FeedConfig, index: Arc<CacheIndex>, metrics: Arc<Metrics>) -> Self {
+        KvFeeds { config, index, metrics, running: Mutex::new(HashMap::new()) }
+    }
+
+    /// Subscribe to exactly these replicas: new ones start, gone ones stop. Must be
+    /// called within the runtime.
+    pub fn follow(&self, replicas: &[String]) {
+        let mut running = self.running.lock().expect("kv feeds lock");
+        running.retain(|name, task| {
+            let keep = replicas.contains(name);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        for name in replicas {
+            if running.contains_key(name) {
+                continue;
+            }
+            let Some(endpoint) = self.config.endpoint(name) else {
+                tracing::warn!(replica = %name, "no KV events endpoint: this replica is routed by load only");
+                continue;
+            };
+            let feed = Feed {
+                replica: name.clone(),
+                endpoint,
+                replay: self.config.replay_endpoint(name),
+                topic: self.config.topic.clone(),
+                silence: self.config.silence,
+                memory: self.index.memory(name),
+                state: KvReplica::new(self.index.memory(name), self.config.max_blocks),
+                index: self.index.clone(),
+                metrics: self.metrics.clone(),
+            };
+            running.insert(name.clone(), tokio::spawn(feed.run()));
+        }
+    }
+
+    /// Replicas with a running subscription.
+    pub fn replicas(&self) -> Vec<String> {
+        self.running.lock().expect("kv feeds lock").keys().cloned().collect()
+    }
+}
+
+impl Drop for KvFeeds {
+    fn drop(&mut self) {
+        for task in self.running.lock().expect("kv feeds lock").values() {
+            task.abort();
+        }
+    }
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REPLAY_TIMEOUT: Duration = Duration::from_secs(2);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const END_OF_REPLAY: [u8; 8] = [0xff; 8];
+
+struct Feed {
+    replica: String,
+    endpoint: String,
+    replay: Option<String>,
+    topic: String,
+    silence: Duration,
+    memory: Arc<ReplicaBlocks>,
+    state: KvReplica,
+    index: Arc<CacheIndex>,
+    metrics: Arc<Metrics>,
+}
+
+impl Feed {
+    async fn run(mut self) {
+        let connected = self.metrics.kv_events_connected.with_label_values(&[&self.replica]);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let Some(mut socket) = self.subscribe().await else {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                continue;
+            };
+            backoff = Duration::from_millis(100);
+            connected.set(1);
+            tracing::info!(replica = %self.replica, endpoint = %self.endpoint, "subscribed to KV events");
+            self.receive(&mut socket).await;
+            connected.set(0);
+            self.reset("disconnect");
+            tracing::warn!(replica = %self.replica, "KV events connection lost; routing this replica by load");
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    async fn subscribe(&self) -> Option<zeromq::SubSocket> {
+        let mut socket = zeromq::SubSocket::new();
+        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(&self.endpoint)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::debug!(replica = %self.replica, %error, "KV events connect failed");
+                return None;
+            }
+            Err(_) => return None,
+        }
+        socket.subscribe(&self.topic).await.ok()?;
+        Some(socket)
+    }
+
+    /// Apply batches until the connection fails.
+    async fn receive(&mut self, socket: &mut zeromq::SubSocket) {
+        let mut last: Option<u64> = None;
+        loop {
+            let message = match tokio::time::timeout(self.silence, socket.recv()).await {
+                Err(_) => {
+                    if self.memory.silent_since_routed(self.index.now(), self.silence.as_millis() as u64) {
+                        self.reset("silence");
+                    }
+                    continue;
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(replica = %self.replica, %error, "KV events receive failed");
+                    return;
+                }
+                Ok(Ok(message)) => message,
+            };
+            let frames = message.into_vec();
+            let Some((sequence, payload)) = sequenced(&frames) else {
+                self.count_batch("dropped");
+                continue;
+            };
+            match last {
+                Some(previous) if sequence <= previous => self.reset("restart"),
+                Some(previous) if sequence > previous + 1 => {
+                    self.metrics.kv_event_gaps.with_label_values(&[&self.replica]).inc();
+                    if !self.replay(previous + 1, sequence).await {
+                        self.reset("gap");
+                    }
+                }
+                // Joined mid-stream: catch up on what the engine still buffers.
+                None if sequence > 0 => {
+                    self.replay(0, sequence).await;
+                }
+                _ => {}
+            }
+            last = Some(sequence);
+            self.apply(payload, "applied");
+        }
+    }
+
+    /// Fetch and apply batches `from..until` from the replay endpoint; true when all of
+    /// them came.
+    async fn replay(&mut self, from: u64, until: u64) -> bool {
+        let Some(endpoint) = self.replay.clone() else { return false };
+        let mut dealer = zeromq::DealerSocket::new();
+        if !matches!(tokio::time::timeout(REPLAY_TIMEOUT, dealer.connect(&endpoint)).await, Ok(Ok(()))) {
+            return false;
+        }
+        let request = vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())];
+        if dealer.send(ZmqMessage::try_from(request).expect("two frames")).await.is_err() {
+            return false;
+        }
+        let mut next = from;
+        while let Ok(Ok(reply)) = tokio::time::timeout(REPLAY_TIMEOUT, dealer.recv()).await {
+            let mut frames = reply.into_vec();
+            if frames.first().is_some_and(|f| f.is_empty()) {
+                frames.remove(0);
+            }
+            if frames.iter().rev().nth(1).is_some_and(|seq| seq[..] == END_OF_REPLAY) {
+                break;
+            }
+            let Some((sequence, payload)) = sequenced(&frames) else { continue };
+            if sequence == next && sequence < until {
+                self.apply(payload, "replayed");
+                next += 1;
+            }
+        }
+        next >= until
+    }
+
+    fn apply(&mut self, payload: &Bytes, outcome: &str) {
+        self.memory.note_events();
+        let batch = match decode_batch(payload) {
+            Ok(batch) => batch,
+            Err(error) => {
+                tracing::debug!(replica = %self.replica, %error, "undecodable KV event batch");
+                self.count_batch("dropped");
+                self.reset("gap");
+                return;
+            }
+        };
+        self.count_batch(outcome);
+        let now = self.index.now();
+        let mut total = Applied::default();
+        for event in &batch.events {
+            match event {
+                KvEvent::AllBlocksCleared => self.reset("cleared"),
+                KvEvent::BlockStored { block_size, .. } => {
+                    self.index.set_block_size(*block_size);
+                    let applied = self.state.apply(event, now);
+                    if applied.stored > 0 && self.state.is_empty() {
+                        self.count_reset("oversize");
+                    }
+                    total.stored += applied.stored;
+                    total.orphans += applied.orphans;
+                }
+                KvEvent::BlockRemoved { .. } => total.removed += self.state.apply(event, now).removed,
+            }
+        }
+        let blocks = |kind: &str, n: usize| {
+            if n > 0 {
+                self.metrics.kv_event_blocks.with_label_values(&[&self.replica, kind]).inc_by(n as u64);
+            }
+        };
+        blocks("stored", total.stored);
+        blocks("removed", total.removed);
+        blocks("orphaned", total.orphans);
+    }
+
+    fn reset(&mut self, reason: &str) {
+        self.state.clear();
+        self.memory.note_events();
+        self.count_reset(reason);
+    }
+
+    fn count_reset(&self, reason: &str) {
+        self.metrics.kv_index_resets.with_label_values(&[&self.replica, reason]).inc();
+    }
+
+    fn count_batch(&self, outcome: &str) {
+        self.metrics.kv_event_batches.with_label_values(&[&self.replica, outcome]).inc();
+    }
+}
+
+/// `(sequence, payload)` of `[topic, sequence, payload]` or `[sequence, payload]`.
+fn sequenced(frames: &[Bytes]) -> Option<(u64, &Bytes)> {
+    let [.., sequence, payload] = frames else { return None };
+    let sequence: [u8; 8] = sequence[..].try_into().ok()?;
+    Some((u64::from_be_bytes(sequence), payload))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_by_name_or_port() {
+        let config = FeedConfig {
+            endpoints: vec![("http://a:8000".into(), "tcp://10.0.0.9:7000".into())],
+            port: Some(5557),
+            replay_endpoints: vec![("http://a:8000".into(), "tcp://10.0.0.9:7001".into())],
+            replay_port: Some(5558),
+            topic: String::new(),
+            silence: Duration::from_secs(30),
+            max_blocks: 10,
+        };
+        assert_eq!(config.endpoint("http://a:8000").unwrap(), "tcp://10.0.0.9:7000");
+        assert_eq!(config.endpoint("http://b.svc:8000").unwrap(), "tcp://b.svc:5557");
+        assert_eq!(config.endpoint("http://localhost:8000").unwrap(), "tcp://127.0.0.1:5557");
+        assert_eq!(config.replay_endpoint("http://b:1").unwrap(), "tcp://b:5558");
+        assert_eq!(config.replay_endpoint("http://a:8000").unwrap(), "tcp://10.0.0.9:7001");
+        let none = FeedConfig { port: None, ..config };
+        assert_eq!(none.endpoint("http://b:8000"), None);
+    }
+
+    #[test]
+    fn sequences_with_and_without_topic() {
+        let seq = Bytes::copy_from_slice(&7u64.to_be_bytes());
+        let payload = Bytes::from_static(b"x");
+        assert_eq!(sequenced(&[Bytes::new(), seq.clone(), payload.clone()]).unwrap().0, 7);
+        assert_eq!(sequenced(&[seq, payload.clone()]).unwrap().0, 7);
+        assert!(sequenced(&[payload.clone(), payload]).is_none());
+    }
+}
