@@ -161,6 +161,12 @@ pub struct Cli {
     #[arg(long, default_value_t = 1.0, value_parser = parse_weight)]
     pub kv_load_weight: f64,
 
+    /// kv-aware: choose every request by the cost alone (as Dynamo's KV router), instead
+    /// of placing new conversations by hash and keeping held ones on their holder until
+    /// it is overloaded.
+    #[arg(long)]
+    pub kv_pure_cost: bool,
+
     /// kv-aware: how the router tokenises text and chat prompts: `builtin` (the
     /// simulator's o200k_base and chat template, the default with `--sim`) or the path of
     /// a Hugging Face `tokenizer.json` (its chat template from the `tokenizer_config.json`
@@ -531,7 +537,11 @@ impl Cli {
                 balance_abs: self.prefix_balance_abs as usize,
                 balance_rel: self.prefix_balance_rel,
             },
-            kv: KvOptions { prefill_weight: self.kv_prefill_weight, load_weight: self.kv_load_weight },
+            kv: KvOptions {
+                prefill_weight: self.kv_prefill_weight,
+                load_weight: self.kv_load_weight,
+                pure_cost: self.kv_pure_cost,
+            },
             index: IndexLimits {
                 blocks_per_replica: if kv_aware {
                     self.kv_index_blocks as usize

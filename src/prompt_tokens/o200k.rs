@@ -224,10 +224,10 @@ mod tests {
         let t = BuiltinTokenizer::new(1 << 20);
         let replies: Vec<String> = (0..6).map(|i| format!("done {i}: 1 2 3")).collect();
         let mut messages = vec![("system", "You are an agent.\nBe brief.")];
-        for turn in 0..5 {
+        for (turn, reply) in replies.iter().take(5).enumerate() {
             messages.push(("user", if turn % 2 == 0 { "run the tests\nnow" } else { "ok" }));
             assert_eq!(t.tokens(raw(&messages).as_bytes()).unwrap(), reference(&messages));
-            messages.push(("assistant", &replies[turn]));
+            messages.push(("assistant", reply));
         }
         let before = t.cache.tokens();
         t.tokens(raw(&messages).as_bytes()).unwrap();
