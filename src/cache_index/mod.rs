@@ -27,6 +27,7 @@ mod prompt;
 
 pub use kv_feed::{FeedConfig, KvFeeds};
 
+pub(crate) use blocks::Prehashed;
 pub use blocks::ReplicaBlocks;
 pub use prompt::PromptBlocks;
 

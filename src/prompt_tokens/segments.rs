@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::sync::{Arc, Mutex};
 
+use crate::cache_index::Prehashed;
+
 /// The byte ranges of the elements of the JSON array `raw` (already validated JSON, as
 /// the ingress parsed the body), or `None` if `raw` is not an array. One pass over the
 /// bytes: string contents are skipped quote to quote, nesting is counted.
@@ -65,23 +67,6 @@ fn trim_end(raw: &[u8], mut end: usize) -> usize {
         end -= 1;
     }
     end
-}
-
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl std::hash::Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
 }
 
 struct Entry {
