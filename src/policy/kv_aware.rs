@@ -119,8 +119,7 @@ pub fn place_new_conversation(
     replicas: &[Candidate],
     balance: &PrefixOptions,
 ) -> Option<usize> {
-    let min = replicas.iter().filter(|c| c.eligible).map(|c| c.in_flight).min()?;
-    let bound = super::overload_bound(min, balance.balance_abs, balance.balance_rel);
+    let bound = super::candidates_bound(replicas, balance.balance_abs, balance.balance_rel)?;
     (0..replicas.len())
         .filter(|&i| replicas[i].eligible && replicas[i].in_flight <= bound)
         .max_by_key(|&i| xxhash_rust::xxh3::xxh3_64_with_seed(&conversation.to_le_bytes(), name_hashes[i]))
@@ -129,8 +128,7 @@ pub fn place_new_conversation(
 /// The replica holding the longest part of the prompt, if it is eligible and not
 /// overloaded ([`super::overload_bound`]).
 fn holder(matched: &[usize], replicas: &[Candidate], balance: &PrefixOptions) -> Option<usize> {
-    let min = replicas.iter().filter(|c| c.eligible).map(|c| c.in_flight).min()?;
-    let bound = super::overload_bound(min, balance.balance_abs, balance.balance_rel);
+    let bound = super::candidates_bound(replicas, balance.balance_abs, balance.balance_rel)?;
     let best = (0..replicas.len())
         .filter(|&i| replicas[i].eligible)
         .max_by_key(|&i| (matched[i], std::cmp::Reverse(replicas[i].in_flight)))?;

@@ -204,6 +204,12 @@ impl PolicyKind {
     }
 }
 
+/// [`overload_bound`] for these candidates: `None` when none is eligible.
+pub fn candidates_bound(replicas: &[Candidate], abs: usize, rel: f64) -> Option<usize> {
+    let min = replicas.iter().filter(|c| c.eligible).map(|c| c.in_flight).min()?;
+    Some(overload_bound(min, abs, rel))
+}
+
 /// The most requests in flight a replica may have before it counts as overloaded, when
 /// the least loaded eligible one has `min`: above `min + abs` and above `rel * min`.
 pub fn overload_bound(min: usize, abs: usize, rel: f64) -> usize {

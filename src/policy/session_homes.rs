@@ -60,8 +60,7 @@ impl SessionHomes {
     ) -> Option<usize> {
         let home = self.get(key)?;
         let i = names.iter().position(|n| *n == *home)?;
-        let min = replicas.iter().filter(|c| c.eligible).map(|c| c.in_flight).min()?;
-        let bound = super::overload_bound(min, balance.balance_abs, balance.balance_rel);
+        let bound = super::candidates_bound(replicas, balance.balance_abs, balance.balance_rel)?;
         (replicas[i].eligible && replicas[i].in_flight <= bound).then_some(i)
     }
 
