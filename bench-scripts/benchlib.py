@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,46 @@ def vllm_router_bin(log, dry=False):
     subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     subprocess.run([str(VENV / "bin" / "pip"), "install", "-q", f"vllm-router=={VLLM_ROUTER_VERSION}"], check=True)
     return binary
+
+
+def haproxy_bin(log, dry=False):
+    """HAProxy from Debian's packages (`apt-get install haproxy`, 2.6 on bookworm)."""
+    found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if dry or found:
+        return found or "haproxy"
+    log("installing haproxy with apt-get")
+    subprocess.run(["apt-get", "install", "-y", "-q", "haproxy"], check=True, stdout=subprocess.DEVNULL)
+    return shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+def haproxy_config(path, port, urls, session_header=None):
+    """An HAProxy configuration in HTTP mode in front of `urls`: keep-alive to the
+    engines (connections reused across clients), round robin, or consistent hashing on
+    `session_header` when given. Written to `path`; returns the command that runs it in
+    the foreground."""
+    servers = "\n".join(
+        f"    server e{i} {url.removeprefix('http://')} maxconn 10000" for i, url in enumerate(urls)
+    )
+    balance = (f"    balance hdr({session_header})\n    hash-type consistent\n" if session_header
+               else "    balance roundrobin\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(f"""global
+    maxconn 8000
+defaults
+    mode http
+    option http-keep-alive
+    http-reuse always
+    timeout connect 5s
+    timeout client 600s
+    timeout server 600s
+    timeout http-keep-alive 60s
+frontend ingress
+    bind 127.0.0.1:{port}
+    default_backend engines
+backend engines
+{balance}{servers}
+""")
+    return ["-f", str(path), "-db"]
 
 
 def ray_python(log, dry=False):

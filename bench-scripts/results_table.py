@@ -25,8 +25,8 @@ TARGETS = [
     ("ttft_router_vs_ray", "TTFT router / Ray Serve LLM", None),
 ]
 ORDER = {"prefill-heavy": 0, "decode-heavy": 1, "agentic": 2}
-CONTENDERS = {"direct": 0, "router": 1, "router-kv-aware": 2, "router-kv-aware-sessions": 3, "router-prefix-aware": 4,
-              "vllm-router": 5, "vllm-router-cache-aware": 6, "ray-serve-llm": 7}
+CONTENDERS = {"direct": 0, "haproxy": 1, "router": 2, "router-kv-aware": 3, "router-kv-aware-sessions": 4,
+              "router-prefix-aware": 5, "vllm-router": 6, "vllm-router-cache-aware": 7, "ray-serve-llm": 8}
 
 
 def rows(path):

@@ -11,6 +11,10 @@ machine was, and how many requests each replica served. Contenders:
 
   direct         the client spreads requests over the replicas itself (round-robin, or
                  by session for the agentic workload): no router at all, the limit
+  haproxy        HAProxy 2.6 from Debian's packages, HTTP mode, keep-alive to the engines,
+                 round robin, or consistent hashing on the session header (`balance
+                 hdr()`, `hash-type consistent`) for the agentic workload: the floor
+                 for one proxy hop (not in P/D mode)
   router         this project (release build)
   vllm-router    the PyPI package, pinned, installed into a venv by this script
   ray-serve-llm  Ray Serve LLM (PyPI ray[serve,llm], pinned, ~9 GB with vLLM and torch,
@@ -69,7 +73,7 @@ WORKLOADS = {
     "decode-heavy": {"kind": "random", "isl": 50, "osl": 500},
     "agentic": {"kind": "agentic"},
 }
-CONTENDERS = ["direct", "router", "vllm-router", "ray-serve-llm"]
+CONTENDERS = ["direct", "haproxy", "router", "vllm-router", "ray-serve-llm"]
 # Cache-aware routing, on request (--contenders): this router's prefix-aware and kv-aware
 # policies without session ids (the router's session header is left at its default,
 # x-session-id, which the load generator does not send), kv-aware with them, and
@@ -163,6 +167,10 @@ class Sweep:
             if affinity or pd:
                 cmd += ["--request-id-headers", SESSION_HEADER]  # as the study ran it
             return cmd
+        if contender == "haproxy":
+            config = benchlib.haproxy_config(self.out / "logs" / "haproxy.cfg", port, urls["both"],
+                                             SESSION_HEADER if affinity else None)
+            return [benchlib.haproxy_bin(log, self.dry), *config]
         if contender == "ray-serve-llm":
             return [benchlib.ray_python(log, self.dry), ROOT / "bench-scripts" / "ray_serve_llm" / "serve_app.py",
                     "--sims", ",".join(urls["both"]), "--port", port, "--model", QWEN[1],

@@ -38,6 +38,7 @@ COLUMNS = [
 STYLE = {
     "direct": dict(color="#555555", linestyle="--", marker="s", label="direct to engines (limit)"),
     "router": dict(color="#d62728", marker="o", label="this router"),
+    "haproxy": dict(color="#000000", linestyle=":", marker="x", label="HAProxy 2.6 (floor for one hop)"),
     "vllm-router": dict(color="#1f77b4", marker="^", label="vllm-router"),
     "ray-serve-llm": dict(color="#2ca02c", marker="D", label="Ray Serve LLM"),
     "router-prefix-aware": dict(color="#9467bd", marker="o", linestyle="-.", label="this router, prefix-aware"),
@@ -86,7 +87,7 @@ def grid(results, out):
     if not present:
         return None
     fig, axes = plt.subplots(len(present), 3, figsize=(15, 3.6 * len(present)), squeeze=False)
-    order = ["direct", "router", "router-kv-aware", "router-kv-aware-sessions", "router-prefix-aware", "vllm-router",
+    order = ["direct", "haproxy", "router", "router-kv-aware", "router-kv-aware-sessions", "router-prefix-aware", "vllm-router",
              "vllm-router-cache-aware", "ray-serve-llm"]
     for row, workload in enumerate(present):
         wr = [r for r in runs if r["workload"] == workload]

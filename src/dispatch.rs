@@ -15,12 +15,12 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::response::Response;
-use hyper::body::Incoming;
 
 use crate::error::RouterError;
 use crate::metrics::Metrics;
 use crate::policy::{Candidate, Decision, Reason};
-use crate::proxy::{self, HttpClient, Outbound, UpstreamError};
+use crate::proxy::{Outbound, UpstreamError};
+use crate::relay::{Relay, RelayBody};
 use crate::replicas::{Fleet, InFlight, Registry, Replica};
 use crate::response_body::{BodyOptions, MeteredBody};
 use crate::routing_key::RoutingKey;
@@ -28,7 +28,7 @@ use crate::routing_key::RoutingKey;
 pub struct Dispatcher {
     /// The replicas and the policy that chooses among them.
     pub registry: Arc<Registry>,
-    pub client: HttpClient,
+    pub relay: Relay,
     pub metrics: Arc<Metrics>,
     pub timeouts: Timeouts,
     pub retries: crate::retry_budget::RetryBudget,
@@ -77,7 +77,7 @@ enum Attempt {
     Done(Served),
     /// A 5xx: passed on only if no retry is possible or the retry fails the same way.
     /// Kept unwrapped so that discarding it is not mistaken for a client disconnect.
-    ServerError { response: http::Response<Incoming>, in_flight: InFlight },
+    ServerError { response: http::Response<RelayBody>, in_flight: InFlight },
     /// No response at all.
     Failed { replica: String, error: UpstreamError },
 }
@@ -164,12 +164,9 @@ impl Dispatcher {
         let replica = replica.clone();
         let in_flight = InFlight::with_tokens(replica.clone(), tokens);
         let name = replica.name().to_owned();
-        let sent = tokio::time::timeout(
-            self.timeouts.response_headers,
-            proxy::send(&self.client, &replica, outbound),
-        )
-        .await
-        .unwrap_or(Err(UpstreamError::HeaderTimeout(self.timeouts.response_headers)));
+        let sent = tokio::time::timeout(self.timeouts.response_headers, self.relay.send(&replica, outbound))
+            .await
+            .unwrap_or(Err(UpstreamError::HeaderTimeout(self.timeouts.response_headers)));
         match sent {
             Ok(response) if response.status().is_server_error() => {
                 self.metrics.upstream_errors.with_label_values(&[&name, "status_5xx"]).inc();
@@ -196,7 +193,7 @@ impl Dispatcher {
 
     fn metered(
         &self,
-        response: http::Response<Incoming>,
+        response: http::Response<RelayBody>,
         in_flight: InFlight,
         route: &Route<'_>,
     ) -> Response {

@@ -30,6 +30,7 @@ pub mod pd;
 pub mod policy;
 pub mod prompt_tokens;
 pub mod proxy;
+pub mod relay;
 pub mod replicas;
 pub mod request_facts;
 pub mod response_body;

@@ -1,29 +1,26 @@
-//! The proxy: send one request to one replica over a pooled keep-alive connection and
-//! hand back its response with the body still streaming.
+//! The proxy's request and its failures: what is forwarded to a replica (the client's
+//! method, path, end-to-end headers and body bytes as read), what is stripped (the
+//! hop-by-hop headers, both ways), and why an attempt can produce no response.
 //!
 //! It never decides where a request goes (that is the policy's job, carried out by
-//! [`crate::dispatch`]). It forwards the client's method, path, end-to-end headers and
-//! the body bytes as read, and returns the upstream response untouched but for the
-//! hop-by-hop headers. Connections use TCP_NODELAY so each SSE event leaves as soon as
-//! it arrives.
+//! [`crate::dispatch`]) and never touches a socket: [`crate::relay`] carries the request
+//! to the replica and streams the response back. The pooled hyper client here serves
+//! the health checks.
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::Method;
 use http::header::{self, HeaderMap, HeaderName};
 use http::uri::PathAndQuery;
-use http::{Method, Request, Response};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::replicas::Replica;
-
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
 
-/// The pooled client shared by the proxy and the health checker.
+/// The pooled client of the health checker.
 pub fn http_client(connect_timeout: Duration) -> HttpClient {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -73,26 +70,6 @@ impl UpstreamError {
     }
 }
 
-/// Send `outbound` to `replica`; the response body streams from the replica as read.
-pub async fn send(
-    client: &HttpClient,
-    replica: &Replica,
-    outbound: &Outbound,
-) -> Result<Response<Incoming>, UpstreamError> {
-    let mut request = Request::builder()
-        .method(outbound.method.clone())
-        .uri(replica.url.join(&outbound.path))
-        .body(Full::new(outbound.body.clone()))
-        .expect("method and URI come from a parsed request");
-    *request.headers_mut() = outbound.headers.clone();
-    let mut response = client.request(request).await.map_err(|e| {
-        let detail = error_chain(&e);
-        if e.is_connect() { UpstreamError::Connect(detail) } else { UpstreamError::BeforeHeaders(detail) }
-    })?;
-    strip_hop_by_hop(response.headers_mut());
-    Ok(response)
-}
-
 const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -116,17 +93,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -22,16 +22,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use crate::dispatch::PhaseTimers;
 use crate::metrics::Metrics;
+use crate::relay::RelayBody;
 use crate::replicas::InFlight;
 
 pub struct MeteredBody {
     /// None once the upstream has been given up on (dropping it closes the connection).
-    inner: Option<Incoming>,
+    inner: Option<RelayBody>,
     in_flight: InFlight,
     metrics: Arc<Metrics>,
     endpoint: &'static str,
@@ -65,7 +65,7 @@ pub struct BodyOptions {
 }
 
 impl MeteredBody {
-    pub fn new(inner: Incoming, in_flight: InFlight, metrics: Arc<Metrics>, options: BodyOptions) -> Self {
+    pub fn new(inner: RelayBody, in_flight: InFlight, metrics: Arc<Metrics>, options: BodyOptions) -> Self {
         MeteredBody {
             inner: Some(inner),
             in_flight,

@@ -96,9 +96,10 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::new());
     let client = proxy::http_client(config.connect_timeout);
+    let relay = crate::relay::Relay::new(config.connect_timeout);
 
     let (dispatcher, health, checker) =
-        stage(&config, config.replicas.clone(), config.policy, &client, &metrics).await;
+        stage(&config, config.replicas.clone(), config.policy, &client, &relay, &metrics).await;
     let registry = dispatcher.registry.clone();
     let mut tasks = vec![health];
     let main_role = if config.pd.is_some() { "decode" } else { "replica" };
@@ -106,7 +107,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let pd = match &config.pd {
         Some(pd) => {
             let (prefill, health, checker) =
-                stage(&config, pd.prefill.clone(), pd.prefill_policy, &client, &metrics).await;
+                stage(&config, pd.prefill.clone(), pd.prefill_policy, &client, &relay, &metrics).await;
             tasks.push(health);
             stages.push(Stage { role: "prefill", registry: prefill.registry.clone(), checker });
             Some(PrefillDecode::new(prefill, pd.tokenize_once, metrics.clone()))
@@ -187,6 +188,7 @@ async fn stage(
     replicas: Vec<crate::replicas::ReplicaUrl>,
     policy: crate::policy::PolicyKind,
     client: &proxy::HttpClient,
+    relay: &crate::relay::Relay,
     metrics: &Arc<Metrics>,
 ) -> (Dispatcher, JoinHandle<()>, HealthChecker) {
     let registry_config = RegistryConfig {
@@ -211,7 +213,7 @@ async fn stage(
     let health = tokio::spawn(checker.clone().run());
     let dispatcher = Dispatcher {
         registry,
-        client: client.clone(),
+        relay: relay.clone(),
         metrics: metrics.clone(),
         timeouts: config.timeouts,
         retries: crate::retry_budget::RetryBudget::new(config.retries),

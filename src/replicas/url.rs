@@ -49,6 +49,21 @@ impl ReplicaUrl {
         &self.name
     }
 
+    /// `host:port` as written (the `Host` header for requests to the replica).
+    pub fn authority(&self) -> &str {
+        self.authority.as_str()
+    }
+
+    /// The host to connect to (an IPv6 literal without its brackets).
+    pub fn host(&self) -> &str {
+        self.authority.host().trim_start_matches('[').trim_end_matches(']')
+    }
+
+    /// The port to connect to (80 when the URL names none).
+    pub fn port(&self) -> u16 {
+        self.authority.port_u16().unwrap_or(80)
+    }
+
     /// The URL of `path_and_query` on this replica.
     pub fn join(&self, path_and_query: &PathAndQuery) -> Uri {
         Uri::builder()
@@ -75,6 +90,9 @@ mod tests {
         assert_eq!(ReplicaUrl::parse("http://10.0.0.1:8000").unwrap().name(), "http://10.0.0.1:8000");
         assert_eq!(ReplicaUrl::parse("http://vllm-0:8000/").unwrap().name(), "http://vllm-0:8000");
         assert_eq!(ReplicaUrl::parse("http://[::1]:9000").unwrap().name(), "http://[::1]:9000");
+        let v6 = ReplicaUrl::parse("http://[::1]:9000").unwrap();
+        assert_eq!((v6.host(), v6.port(), v6.authority()), ("::1", 9000, "[::1]:9000"));
+        assert_eq!(ReplicaUrl::parse("http://vllm-0").unwrap().port(), 80);
         let u = ReplicaUrl::parse("http://h:1").unwrap();
         assert_eq!(u.join(&"/v1/models?x=1".parse().unwrap()).to_string(), "http://h:1/v1/models?x=1");
     }
