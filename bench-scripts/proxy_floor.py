@@ -95,8 +95,9 @@ class Floor:
 
     def contender_cmd(self, contender):
         port = PROXY_PORT
-        if contender == "router":
-            return [BIN / "router", "--host", "127.0.0.1", "--port", port, "--replicas", ",".join(self.urls),
+        if contender in ("router", "router-baseline"):
+            binary = BIN / "router" if contender == "router" else self.args.baseline_router
+            return [binary, "--host", "127.0.0.1", "--port", port, "--replicas", ",".join(self.urls),
                     "--policy", "round-robin"]
         if contender == "haproxy":
             config = benchlib.haproxy_config(self.tmp / "haproxy.cfg", port, self.urls)
@@ -113,7 +114,7 @@ class Floor:
         if cmd is None:
             return None, [self.urls[i % len(self.urls)] for i in range(WRK_PROCESSES)]
         self.procs.ensure_free([PROXY_PORT])
-        env = {"RUST_LOG": "warn"} if contender == "router" else None
+        env = {"RUST_LOG": "warn"} if contender.startswith("router") else None
         proc = self.procs.spawn(cmd, label, env)
         self.procs.wait_ready(f"http://127.0.0.1:{PROXY_PORT}/v1/models", MODEL[1], contender)
         return proc, [f"http://127.0.0.1:{PROXY_PORT}"] * WRK_PROCESSES
@@ -372,15 +373,20 @@ def parse_args():
     p.add_argument("--tokens", type=int, default=128, help="tokens per streamed completion")
     p.add_argument("--time-scale", type=float, default=4.0, help="engines' clock / wall clock")
     p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS + ["router-baseline"], default=CONTENDERS)
     p.add_argument("--itl", action="store_true", help="add the llm-bench pass (ITL p50/p99 per contender)")
     p.add_argument("--syscalls", action="store_true",
                    help="add the perf pass (system calls, context switches and CPU per request)")
     p.add_argument("--perf-seconds", type=int, default=5)
+    p.add_argument("--baseline-router", metavar="PATH",
+                   help="another router binary (e.g. an earlier commit's) measured as contender router-baseline")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "proxy-floor"))
     p.add_argument("--no-build", action="store_true")
     p.add_argument("--dry-run", action="store_true")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.baseline_router and "router-baseline" not in args.contenders:
+        args.contenders = [*args.contenders, "router-baseline"]
+    return args
 
 
 if __name__ == "__main__":
