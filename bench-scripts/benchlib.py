@@ -64,8 +64,11 @@ def haproxy_bin(log, dry=False):
 def haproxy_config(path, port, urls, session_header=None):
     """An HAProxy configuration in HTTP mode in front of `urls`: keep-alive to the
     engines (connections reused across clients), round robin, or consistent hashing on
-    `session_header` when given. Written to `path`; returns the command that runs it in
-    the foreground."""
+    `session_header` when given, and `option http-no-delay` so that each event is sent
+    when it is read (by default HAProxy lets the kernel merge small sends, which held SSE
+    events back: +28 ms TTFT and 34 ms p99 ITL on the decode-heavy sweep; Ray Serve LLM
+    sets TCP_NODELAY on its HAProxy too). Written to `path`; returns the command that
+    runs it in the foreground."""
     servers = "\n".join(
         f"    server e{i} {url.removeprefix('http://')} maxconn 10000" for i, url in enumerate(urls)
     )
@@ -77,6 +80,7 @@ def haproxy_config(path, port, urls, session_header=None):
 defaults
     mode http
     option http-keep-alive
+    option http-no-delay
     http-reuse always
     timeout connect 5s
     timeout client 600s
