@@ -66,7 +66,9 @@ async fn read_request(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<St
             let head = String::from_utf8_lossy(&buffer[..end]).to_string();
             let length = head
                 .lines()
-                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .find_map(|l| {
+                    l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                })
                 .map_or(0, |v| v.parse::<usize>().unwrap());
             while buffer.len() < end + 4 + length {
                 let mut more = [0u8; 4096];
@@ -193,7 +195,8 @@ async fn a_pooled_connection_the_replica_closed_is_not_a_failure() {
     }
     assert_eq!(replica.completions.load(Ordering::SeqCst), 3, "each request sent once");
     assert_eq!(replica.completion_connections.load(Ordering::SeqCst), 3, "a new connection each time");
-    let metrics = client.get(format!("{}/metrics", base(&router))).send().await.unwrap().text().await.unwrap();
+    let metrics =
+        client.get(format!("{}/metrics", base(&router))).send().await.unwrap().text().await.unwrap();
     assert_eq!(metric(&metrics, "router_retries_total{endpoint=\"completions\"}"), 0.0);
     router.shutdown().await;
 }
