@@ -23,6 +23,8 @@ use super::pool::Pool;
 /// Bytes asked of the socket per read: more than an engine writes between two reads of
 /// a busy proxy.
 const READ_BYTES: usize = 16 * 1024;
+/// Below this much free space the read buffer is renewed.
+const MIN_SPARE: usize = 4 * 1024;
 
 pub struct RelayBody {
     /// None once the body has ended (the connection went back to the pool or was closed).
@@ -82,16 +84,15 @@ impl RelayBody {
                 }
                 payload
             }
-            Decode::Chunked(chunked) => {
-                let mut out = BytesMut::with_capacity(self.read.len());
-                if let Err(e) = chunked.decode(&mut self.read, &mut out) {
-                    return Err(self.fail(std::io::ErrorKind::InvalidData, e.to_string()));
+            Decode::Chunked(chunked) => match chunked.decode(&mut self.read) {
+                Ok(payload) => {
+                    if chunked.is_done() {
+                        self.decode = Decode::Done;
+                    }
+                    payload
                 }
-                if chunked.is_done() {
-                    self.decode = Decode::Done;
-                }
-                out.freeze()
-            }
+                Err(e) => return Err(self.fail(std::io::ErrorKind::InvalidData, e.to_string())),
+            },
             Decode::UntilClose => self.read.split().freeze(),
             Decode::Done | Decode::Failed => Bytes::new(),
         };
@@ -145,7 +146,11 @@ impl Body for RelayBody {
             let Some(stream) = this.stream.as_mut() else {
                 return Poll::Ready(None);
             };
-            this.read.reserve(READ_BYTES);
+            // Frames handed out share the buffer's allocation; a new one is taken only
+            // when the space left is short, not per read.
+            if this.read.capacity() - this.read.len() < MIN_SPARE {
+                this.read.reserve(READ_BYTES);
+            }
             // A read that fills less than asked clears the socket's readiness, so the
             // next poll waits for the reactor instead of trying a read that would block.
             let n = match ready!(tokio_util::io::poll_read_buf(Pin::new(stream), cx, &mut this.read)) {

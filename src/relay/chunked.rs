@@ -2,11 +2,12 @@
 //!
 //! The relay reads whatever the socket has and asks [`Chunked::decode`] for the payload
 //! in it: a read that holds fifteen SSE events in fifteen chunks gives one run of
-//! payload bytes, which leaves the router as one write. Chunk boundaries carry no
+//! payload bytes, gathered in the read buffer itself, which leaves the router as one
+//! write. Chunk boundaries carry no
 //! meaning for SSE (events end at blank lines, not at chunk ends), so nothing is lost by
 //! joining them. Chunk extensions and trailer fields are read and dropped.
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 
 /// Where the decoder is within the coding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,22 +63,37 @@ impl Default for Chunked {
 const MAX_DIGITS: u8 = 16;
 
 impl Chunked {
-    /// Consume `input` (all of it) and append the payload it holds to `out`.
-    pub fn decode(&mut self, input: &mut BytesMut, out: &mut BytesMut) -> Result<(), ChunkedError> {
-        while !input.is_empty() {
+    /// Consume `buffer` (all of it) and return the payload it holds. The payload is
+    /// gathered in place: framing at the front is dropped without copying, later chunks
+    /// are moved down over the framing before them, so a read holding one chunk costs
+    /// no copy and no allocation, and one holding many costs a move within the buffer.
+    pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Bytes, ChunkedError> {
+        // Payload bytes gathered at the front, and the next byte to read. While nothing is
+        // gathered, framing is dropped from the front of the buffer, so `read` stays 0.
+        let (mut gathered, mut read) = (0, 0);
+        while read < buffer.len() {
             if let State::Data { left } = self.state {
-                let take = input.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                out.extend_from_slice(&input[..take]);
-                input.advance(take);
+                let take = (buffer.len() - read).min(usize::try_from(left).unwrap_or(usize::MAX));
+                if gathered != read {
+                    buffer.copy_within(read..read + take, gathered);
+                }
+                gathered += take;
+                read += take;
                 let left = left - take as u64;
                 self.state = if left == 0 { State::DataCr } else { State::Data { left } };
                 continue;
             }
-            let byte = input[0];
-            input.advance(1);
+            let byte = buffer[read];
+            if gathered == 0 {
+                buffer.advance(1);
+            } else {
+                read += 1;
+            }
             self.state = self.step(byte)?;
         }
-        Ok(())
+        let payload = buffer.split_to(gathered).freeze();
+        buffer.clear();
+        Ok(payload)
     }
 
     /// The last chunk and the trailer section have been read.
@@ -155,13 +171,13 @@ mod tests {
 
     fn decode_in_pieces(encoded: &[u8], piece: usize) -> (Vec<u8>, bool) {
         let mut decoder = Chunked::default();
-        let mut out = BytesMut::new();
+        let mut out = Vec::new();
         for part in encoded.chunks(piece) {
             let mut input = BytesMut::from(part);
-            decoder.decode(&mut input, &mut out).unwrap();
+            out.extend_from_slice(&decoder.decode(&mut input).unwrap());
             assert!(input.is_empty());
         }
-        (out.to_vec(), decoder.is_done())
+        (out, decoder.is_done())
     }
 
     #[test]
@@ -188,8 +204,7 @@ mod tests {
     fn malformed_framing_is_an_error() {
         for bad in [&b"zz\r\n"[..], b"\r\n", b"3\r\nabcX", b"11111111111111111\r\n", b"0\r\n\r\nmore"] {
             let mut decoder = Chunked::default();
-            let mut out = BytesMut::new();
-            assert!(decoder.decode(&mut BytesMut::from(bad), &mut out).is_err(), "{bad:?}");
+            assert!(decoder.decode(&mut BytesMut::from(bad)).is_err(), "{bad:?}");
         }
     }
 }
