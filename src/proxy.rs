@@ -83,16 +83,21 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// Remove the headers that describe one connection (RFC 9110 §7.6.1), including any
 /// the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let named: Vec<HeaderName> =
+        connection_options(headers).filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()).collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// The options of the `Connection` header (`close`, `keep-alive`, header names), trimmed.
+pub fn connection_options(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named.iter().chain(HOP_BY_HOP.iter()) {
-        headers.remove(name);
-    }
+        .map(str::trim)
 }
 
 #[cfg(test)]

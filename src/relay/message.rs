@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
-use crate::proxy::Outbound;
+use crate::proxy::{Outbound, connection_options};
 
 /// The request line and headers of `outbound` for a replica at `authority`.
 pub fn request_head(outbound: &Outbound, authority: &str) -> BytesMut {
@@ -130,13 +130,7 @@ pub fn framing(method: &Method, head: &Head) -> Result<Framing, HeadError> {
 
 /// Whether the connection can carry another request once this response is read.
 pub fn reusable(head: &Head, framing: Framing) -> bool {
-    let close = head
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"));
+    let close = connection_options(&head.headers).any(|option| option.eq_ignore_ascii_case("close"));
     head.version == Version::HTTP_11 && !close && framing != Framing::UntilClose
 }
 
