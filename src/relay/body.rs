@@ -67,11 +67,6 @@ impl RelayBody {
         body
     }
 
-    /// A body with nothing in it (for tests and synthetic responses).
-    pub fn empty() -> Self {
-        RelayBody { stream: None, read: BytesMut::new(), decode: Decode::Done, reuse: None }
-    }
-
     /// The payload in `self.read`, consumed from it; marks the end when it is reached.
     fn take_payload(&mut self) -> std::io::Result<Bytes> {
         let payload = match &mut self.decode {

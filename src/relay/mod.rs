@@ -31,7 +31,7 @@ use tokio::net::TcpStream;
 
 pub use body::RelayBody;
 use message::HeadError;
-pub use pool::Pool;
+use pool::Pool;
 
 use crate::proxy::{Outbound, UpstreamError, strip_hop_by_hop};
 use crate::replicas::Replica;
@@ -61,11 +61,6 @@ enum Failure {
 impl Relay {
     pub fn new(connect_timeout: Duration) -> Self {
         Relay { pool: Arc::new(Pool::new(MAX_IDLE_PER_REPLICA, IDLE_TIMEOUT)), connect_timeout }
-    }
-
-    /// Idle connections held for `replica` (by name).
-    pub fn idle_connections(&self, replica: &str) -> usize {
-        self.pool.idle_count(replica)
     }
 
     /// Send `outbound` to `replica`; the response body streams from the replica as read.

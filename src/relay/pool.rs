@@ -66,7 +66,8 @@ impl Pool {
     }
 
     /// Idle connections held for `replica`, on all threads.
-    pub fn idle_count(&self, replica: &str) -> usize {
+    #[cfg(test)]
+    fn idle_count(&self, replica: &str) -> usize {
         self.idle.lock().expect("pool lock").values().filter_map(|m| m.get(replica)).map(Vec::len).sum()
     }
 }
