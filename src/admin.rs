@@ -36,15 +36,7 @@ use serde_json::{Value, json};
 use crate::admission::ApiKeys;
 use crate::error::{error_body, error_response};
 use crate::ingress::json as json_response;
-use crate::replicas::{HealthChecker, MembershipError, Registry, Replica, ReplicaUrl};
-
-/// One stage's replicas, as the admin API sees them.
-pub struct Stage {
-    /// `replica` (one stage), or `prefill` / `decode` in P/D mode.
-    pub role: &'static str,
-    pub registry: Arc<Registry>,
-    pub checker: HealthChecker,
-}
+use crate::replicas::{MembershipError, Replica, ReplicaUrl, Stage};
 
 pub struct Admin {
     token: ApiKeys,
@@ -145,14 +137,7 @@ async fn list(State(admin): State<Arc<Admin>>) -> Response {
 async fn add(State(admin): State<Arc<Admin>>, body: Bytes) -> Result<Response, AdminError> {
     let target = parse_target(&body)?;
     let stage = admin.stage(target.role.as_deref())?;
-    let replica = stage.registry.add(parse_url(&target.url)?)?;
-    stage.checker.probe(&replica).await;
-    tracing::info!(
-        replica = replica.name(),
-        role = stage.role,
-        healthy = replica.is_healthy(),
-        "replica added"
-    );
+    let replica = stage.join(parse_url(&target.url)?, "admin").await?;
     Ok(json_response(StatusCode::CREATED, describe(stage.role, &replica).to_string()))
 }
 
@@ -168,13 +153,7 @@ async fn remove(
 ) -> Result<Response, AdminError> {
     let url = query.url.ok_or_else(|| AdminError::BadRequest("expected ?url=http://host:port".into()))?;
     let stage = admin.stage(query.role.as_deref())?;
-    let replica = stage.registry.remove(parse_url(&url)?.name())?;
-    tracing::info!(
-        replica = replica.name(),
-        role = stage.role,
-        in_flight = replica.in_flight(),
-        "replica removed"
-    );
+    let replica = stage.leave(parse_url(&url)?.name(), "admin")?;
     Ok(json_response(StatusCode::OK, describe(stage.role, &replica).to_string()))
 }
 

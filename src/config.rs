@@ -10,6 +10,9 @@ use clap::Parser;
 use http::HeaderName;
 
 use crate::cache_index::{FeedConfig, IndexLimits};
+use crate::discovery::Role;
+use crate::discovery::dns::DnsTarget;
+use crate::logging::LogFormat;
 use crate::policy::{HashOptions, KvOptions, PolicyKind, PrefixOptions};
 use crate::prompt_tokens::TokenizerSpec;
 use crate::replicas::{HealthConfig, ReplicaUrl, Thresholds};
@@ -21,7 +24,7 @@ use crate::replicas::{HealthConfig, ReplicaUrl, Thresholds};
 pub struct Cli {
     /// Replica base URLs (http://host:port). Give several after one flag, repeat the
     /// flag, or separate them with commas.
-    #[arg(long, required_unless_present_any = ["sim", "pd", "sim_pd"], conflicts_with = "pd", num_args = 1.., value_delimiter = ',', value_name = "URL",
+    #[arg(long, required_unless_present_any = ["sim", "pd", "sim_pd", "replicas_file", "discover_dns", "discover_k8s"], conflicts_with = "pd", num_args = 1.., value_delimiter = ',', value_name = "URL",
           value_parser = ReplicaUrl::parse)]
     pub replicas: Vec<ReplicaUrl>,
 
@@ -294,6 +297,69 @@ pub struct Cli {
     /// On SIGTERM/SIGINT, time in-flight requests get to finish before the router exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+
+    /// How log lines are written: `text`, or `json` (one object per line). Colour codes
+    /// only when writing to a terminal (and `NO_COLOR` unset). Levels from `RUST_LOG`.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log one line per request (target `access`) when its response ends.
+    #[arg(long)]
+    pub access_log: bool,
+
+    /// A file of replicas, one `[ROLE] URL` per line (ROLE: prefill, decode or replica),
+    /// re-read when it changes; a bad file is logged and the last good set kept.
+    #[arg(long, value_name = "PATH")]
+    pub replicas_file: Option<std::path::PathBuf>,
+
+    /// Every address NAME resolves to is a replica on PORT (a headless Service, Consul,
+    /// docker compose), re-resolved every --discovery-interval. Repeatable.
+    #[arg(long, value_name = "NAME:PORT")]
+    pub discover_dns: Vec<String>,
+
+    /// P/D: every address NAME resolves to is a prefill replica on PORT. Repeatable.
+    #[arg(long, value_name = "NAME:PORT")]
+    pub discover_dns_prefill: Vec<String>,
+
+    /// Ask this DNS server (IP:PORT) instead of the system's resolvers.
+    #[arg(long, value_name = "IP:PORT")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// Follow the ready endpoints of the EndpointSlices that --k8s-selector picks, through
+    /// the Kubernetes API (in-cluster service account, or the kubeconfig).
+    #[arg(long, requires = "k8s_selector")]
+    pub discover_k8s: bool,
+
+    /// Label selector of the EndpointSlices to follow (e.g. `app=vllm`).
+    #[arg(long, value_name = "SELECTOR")]
+    pub k8s_selector: Option<String>,
+
+    /// Namespace of the EndpointSlices (default: the service account's, or the
+    /// kubeconfig context's).
+    #[arg(long)]
+    pub k8s_namespace: Option<String>,
+
+    /// The replicas' port: a number, or the name of the slice's port (default: the
+    /// slice's only port, or the one named `http`).
+    #[arg(long, value_name = "PORT|NAME", value_parser = crate::discovery::k8s::PortSpec::parse)]
+    pub k8s_port: Option<crate::discovery::k8s::PortSpec>,
+
+    /// The EndpointSlice (Service) label naming the P/D role: prefill, decode or replica.
+    #[arg(long, default_value = "llm-router/role")]
+    pub k8s_role_label: String,
+
+    /// The Kubernetes API server's URL, instead of the in-cluster or kubeconfig one.
+    #[arg(long, value_name = "URL")]
+    pub k8s_api_server: Option<http::Uri>,
+
+    /// How often the replicas file is re-read and DNS names re-resolved.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub discovery_interval: Duration,
+
+    /// Run in P/D mode with prefill and decode replicas that discovery finds (file roles
+    /// or the Kubernetes role label), none given on the command line.
+    #[arg(long, conflicts_with_all = ["sim", "sim_pd"])]
+    pub pd_discovered: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -443,6 +509,26 @@ pub struct RouterConfig {
     pub sim_replicas: usize,
     /// P/D mode; `replicas` are then the decode replicas.
     pub pd: Option<PdConfig>,
+    /// Log one line per request (`--access-log`).
+    pub access_log: bool,
+    /// Where replicas are discovered, besides the command line.
+    pub discovery: Discovery,
+}
+
+/// The discovery sources that are on.
+#[derive(Debug, Clone, Default)]
+pub struct Discovery {
+    pub file: Option<std::path::PathBuf>,
+    pub dns: Vec<crate::discovery::dns::DnsTarget>,
+    pub dns_server: Option<SocketAddr>,
+    pub k8s: Option<crate::discovery::k8s::K8sConfig>,
+    pub interval: Duration,
+}
+
+impl Discovery {
+    pub fn is_on(&self) -> bool {
+        self.file.is_some() || !self.dns.is_empty() || self.k8s.is_some()
+    }
 }
 
 impl RouterConfig {
@@ -486,9 +572,37 @@ impl Cli {
                 PdSide::Decode(urls) => replicas.extend(urls),
             }
         }
-        let pd_mode = !prefill.is_empty() || self.sim_pd.is_some();
-        if pd_mode && self.sim_pd.is_none() && (prefill.is_empty() || replicas.is_empty()) {
+        let discovery = Discovery {
+            file: self.replicas_file.clone(),
+            dns: self
+                .discover_dns
+                .iter()
+                .map(|t| DnsTarget::parse(Role::Main, t))
+                .chain(self.discover_dns_prefill.iter().map(|t| DnsTarget::parse(Role::Prefill, t)))
+                .collect::<Result<_, _>>()?,
+            dns_server: self.dns_server,
+            k8s: self.discover_k8s.then(|| crate::discovery::k8s::K8sConfig {
+                api_server: self.k8s_api_server.clone(),
+                namespace: self.k8s_namespace.clone(),
+                selector: self.k8s_selector.clone().unwrap_or_default(),
+                port: self.k8s_port.clone(),
+                role_label: self.k8s_role_label.clone(),
+            }),
+            interval: self.discovery_interval,
+        };
+        let pd_mode = !prefill.is_empty()
+            || self.sim_pd.is_some()
+            || self.pd_discovered
+            || !self.discover_dns_prefill.is_empty();
+        if pd_mode
+            && self.sim_pd.is_none()
+            && !discovery.is_on()
+            && (prefill.is_empty() || replicas.is_empty())
+        {
             return Err("--pd needs both prefill=URL[,URL...] and decode=URL[,URL...]".into());
+        }
+        if self.pd_discovered && !discovery.is_on() {
+            return Err("--pd-discovered needs --replicas-file, --discover-dns or --discover-k8s".into());
         }
         let pd = pd_mode.then(|| PdConfig {
             prefill: dedup(std::mem::take(&mut prefill)),
@@ -593,6 +707,8 @@ impl Cli {
             sim,
             sim_replicas: self.sim_pd.map_or(self.sim.unwrap_or(0), |(_, d)| d) as usize,
             pd,
+            access_log: self.access_log,
+            discovery,
         })
     }
 }

@@ -44,6 +44,8 @@ pub struct Ingress {
     pub api_keys: ApiKeys,
     /// Forward the client's `Authorization` header to replicas.
     pub forward_authorization: bool,
+    /// `--access-log`: name the replica on each response for the access log line.
+    pub access_log: bool,
 }
 
 /// Which kind of call a request is: a metrics label, and how strictly its body is read.
@@ -67,6 +69,7 @@ impl Endpoint {
 /// The serving routes, with the admin API's when it is served on this port.
 pub fn routes(ingress: Arc<Ingress>, admin: Option<Router>) -> Router {
     let keys = ingress.api_keys.clone();
+    let access_log = ingress.access_log;
     let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions).fallback(method_not_allowed))
         .route("/v1/completions", post(completions).fallback(method_not_allowed))
@@ -78,9 +81,14 @@ pub fn routes(ingress: Arc<Ingress>, admin: Option<Router>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .with_state(ingress);
-    admin
-        .map_or(router.clone(), |admin| router.merge(admin))
-        .layer(axum::middleware::from_fn_with_state(keys, admission::admit))
+    let router = admin.map_or(router.clone(), |admin| router.merge(admin));
+    // The access log sits inside admission, so it sees the request id admission gives.
+    let router = if access_log {
+        router.layer(axum::middleware::from_fn(crate::logging::access_layer))
+    } else {
+        router
+    };
+    router.layer(axum::middleware::from_fn_with_state(keys, admission::admit))
 }
 
 async fn chat_completions(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
@@ -175,6 +183,10 @@ impl Ingress {
         };
         waiting.armed = false;
         self.metrics.requests.with_label_values(&[label, &replica, served.status().as_str()]).inc();
+        let mut served = served;
+        if self.access_log {
+            served.extensions_mut().insert(crate::logging::AccessLog(replica));
+        }
         match permit {
             Some(permit) => Slotted::wrap(served, permit),
             None => served,

@@ -10,7 +10,9 @@
 //! [`proxy`] (pooled connection to the replica) ->
 //! [`response_body`] (the stream back to the client, metered, never re-encoded).
 //! Around it: [`replicas`] (registry and health checks), [`admin`] (the runtime admin
-//! API), [`metrics`], [`config`], [`server`] (start-up and graceful shutdown).
+//! API), [`discovery`] (replica sets from a file, DNS or Kubernetes), [`metrics`],
+//! [`logging`] (log format, access log), [`config`], [`server`] (start-up and graceful
+//! shutdown).
 //!
 //! [`sim`] is the vLLM engine simulator (`vllm-sim`) that tests, benchmarks and
 //! `router --sim N` run against; [`loadgen`] is the benchmark's load generator
@@ -20,11 +22,13 @@ pub mod admin;
 pub mod admission;
 pub mod cache_index;
 pub mod config;
+pub mod discovery;
 pub mod dispatch;
 pub mod error;
 pub mod fuzzing;
 pub mod ingress;
 pub mod loadgen;
+pub mod logging;
 pub mod metrics;
 pub mod pd;
 pub mod policy;

@@ -2,16 +2,13 @@
 //! SIGTERM or SIGINT, then drain and exit 0.
 
 use llm_router::config::{Cli, parse_args};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> std::process::ExitCode {
     let cli: Cli = match parse_args() {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .init();
+    llm_router::logging::init(cli.log_format);
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(e) => {
@@ -29,7 +26,7 @@ fn main() -> std::process::ExitCode {
         let router = match llm_router::server::start(config.clone()).await {
             Ok(router) => router,
             Err(error) => {
-                eprintln!("error: cannot listen on {}: {error}", config.listen);
+                eprintln!("error: {error}");
                 return std::process::ExitCode::FAILURE;
             }
         };

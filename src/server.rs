@@ -19,14 +19,14 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::admin::{Admin, Stage};
+use crate::admin::Admin;
 use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
 use crate::pd::PrefillDecode;
 use crate::proxy;
-use crate::replicas::{HealthChecker, Registry, RegistryConfig};
+use crate::replicas::{HealthChecker, Registry, RegistryConfig, Stage};
 use crate::routing_key::KeyHeaders;
 
 /// A router serving on `addr` until [`RunningRouter::shutdown`].
@@ -92,7 +92,10 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
             }
         }
     }
-    let listener = TcpListener::bind(config.listen).await?;
+    let listen = config.listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {listen}: {e}")))?;
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::new());
     let client = proxy::http_client(config.connect_timeout);
@@ -114,6 +117,13 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         }
         None => None,
     };
+    if config.discovery.is_on() {
+        let prefill = stages.iter().find(|s| s.role == "prefill");
+        let found = crate::discovery::start(&config.discovery, &stages[0], prefill)
+            .await
+            .map_err(std::io::Error::other)?;
+        tasks.extend(found);
+    }
     let admin = config.admin_token.clone().map(|token| Arc::new(Admin::new(token, stages)).routes());
     let (admin_here, admin_apart) = match config.admin_listen {
         Some(_) => (None, admin),
@@ -130,6 +140,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         limiter: config.limit.map(|(n, queued, timeout)| crate::admission::Limiter::new(n, queued, timeout)),
         api_keys: crate::admission::ApiKeys::new(config.api_keys.clone()),
         forward_authorization: config.forward_authorization,
+        access_log: config.access_log,
     });
     let app = ingress::routes(ingress, admin_here);
     let (stop, stopped) = oneshot::channel();

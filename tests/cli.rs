@@ -136,3 +136,95 @@ fn vllm_sim_serves_and_exits_zero_on_sigterm() {
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
+
+/// Start the router binary on a free port with `args`, its stdout collected line by
+/// line; returns once it logs that it listens.
+async fn spawn_logging(args: &[&str]) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = router()
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while std::time::Instant::now() < deadline {
+        if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+            let ready = line.contains("router listening");
+            seen.push(line);
+            if ready {
+                let (tx, rx2) = std::sync::mpsc::channel();
+                for line in seen {
+                    tx.send(line).unwrap();
+                }
+                std::thread::spawn(move || {
+                    while let Ok(line) = rx.recv() {
+                        if tx.send(line).is_err() {
+                            break;
+                        }
+                    }
+                });
+                return (child, port, rx2);
+            }
+        }
+    }
+    let _ = child.kill();
+    panic!("the router did not start: {seen:?}");
+}
+
+/// SIGTERM, wait for exit, and return every line it wrote.
+async fn stop(mut child: std::process::Child, lines: std::sync::mpsc::Receiver<String>) -> Vec<String> {
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    lines.into_iter().collect()
+}
+
+// Multi-threaded: `spawn_logging` blocks its thread while the mock answers probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirected_log_has_no_escape_codes_and_json_is_one_object_per_line() {
+    let replica = support::MockReplica::start("r0", &["m"]).await;
+    let (child, _, lines) = spawn_logging(&["--replicas", &replica.url()]).await;
+    let text = stop(child, lines).await;
+    assert!(text.len() >= 2, "{text:?}");
+    assert!(text.iter().all(|l| !l.contains('\x1b')), "escape codes in a redirected log: {text:?}");
+
+    let (child, port, lines) =
+        spawn_logging(&["--replicas", &replica.url(), "--log-format", "json", "--access-log"]).await;
+    let body = serde_json::json!({"model": "m", "prompt": "hi", "stream": true});
+    let url = format!("http://127.0.0.1:{port}/v1/completions");
+    let (status, _, answer) =
+        support::post(&support::client(), &url, &body, &[("x-request-id", "req-abc")]).await;
+    assert_eq!(status, 200, "{answer:?}");
+    let (status, _, _) =
+        support::post(&support::client(), &format!("http://127.0.0.1:{port}/v2/nothing"), &body, &[]).await;
+    assert_eq!(status, 404);
+    let json = stop(child, lines).await;
+    let objects: Vec<serde_json::Value> = json
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not one JSON object: {l}: {e}")))
+        .collect();
+    assert!(objects.iter().all(|o| o.is_object() && o["level"].is_string() && o["timestamp"].is_string()));
+    assert!(objects.iter().any(|o| o["message"] == "router listening"), "{json:?}");
+    let access: Vec<&serde_json::Value> = objects.iter().filter(|o| o["target"] == "access").collect();
+    assert_eq!(access.len(), 2, "one line per request: {json:?}");
+    let served = access.iter().find(|o| o["request_id"] == "req-abc").expect("the request's id");
+    assert_eq!(served["status"], 200);
+    assert_eq!(served["replica"], replica.url().as_str());
+    assert_eq!(served["path"], "/v1/completions");
+    assert_eq!(served["outcome"], "complete");
+    assert!(served["bytes"].as_u64().unwrap() > 0 && served["duration_s"].as_f64().unwrap() >= 0.0);
+    let refused = access.iter().find(|o| o["path"] == "/v2/nothing").unwrap();
+    assert_eq!((refused["status"].as_u64(), refused["replica"].as_str()), (Some(404), Some("none")));
+}

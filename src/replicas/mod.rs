@@ -10,12 +10,14 @@
 mod breaker;
 mod health;
 mod registry;
+mod stage;
 mod url;
 
 use breaker::Breaker;
 pub use breaker::BreakerSettings;
 pub use health::{HealthChecker, HealthConfig};
 pub use registry::{Fleet, MembershipError, Registry, RegistryConfig, TOKENIZER_CACHE_TOKENS};
+pub use stage::Stage;
 pub use url::ReplicaUrl;
 
 use std::sync::Arc;

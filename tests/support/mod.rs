@@ -73,6 +73,11 @@ pub struct MockReplica {
 
 impl MockReplica {
     pub async fn start(name: &str, models: &[&str]) -> Arc<MockReplica> {
+        Self::start_on(name, models, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// A mock listening on `addr` (another loopback address, a chosen port).
+    pub async fn start_on(name: &str, models: &[&str], addr: SocketAddr) -> Arc<MockReplica> {
         let state = Arc::new(MockState {
             name: name.to_owned(),
             models: Mutex::new(models.iter().map(|m| m.to_string()).collect()),
@@ -84,7 +89,7 @@ impl MockReplica {
             events: 5,
             released: watch::channel(false).0,
         });
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await;
+        let listener = bind(addr).await;
         let addr = listener.local_addr().unwrap();
         let mock = Arc::new(MockReplica { addr, state, server: Mutex::new(None) });
         mock.serve(listener);
