@@ -180,6 +180,7 @@ async fn spawn_logging(args: &[&str]) -> (std::process::Child, u16, std::sync::m
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("the router did not start: {seen:?}");
 }
 
