@@ -356,6 +356,20 @@ pub struct Cli {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     pub discovery_interval: Duration,
 
+    /// Export a span per request over OTLP/HTTP to this endpoint (e.g.
+    /// http://otel-collector:4318) and continue the client's trace at the replica. Off
+    /// when unset.
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<http::Uri>,
+
+    /// The `service.name` of the exported spans.
+    #[arg(long, default_value = "llm-router")]
+    pub otlp_service_name: String,
+
+    /// Share of new traces recorded (a client's sampled or unsampled trace is followed).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_fraction)]
+    pub trace_sample_ratio: f64,
+
     /// Run in P/D mode with prefill and decode replicas that discovery finds (file roles
     /// or the Kubernetes role label), none given on the command line.
     #[arg(long, conflicts_with_all = ["sim", "sim_pd"])]
@@ -513,6 +527,8 @@ pub struct RouterConfig {
     pub access_log: bool,
     /// Where replicas are discovered, besides the command line.
     pub discovery: Discovery,
+    /// `--otlp-endpoint`: span export; None is off.
+    pub trace: Option<crate::trace::TraceConfig>,
 }
 
 /// The discovery sources that are on.
@@ -709,6 +725,11 @@ impl Cli {
             pd,
             access_log: self.access_log,
             discovery,
+            trace: self.otlp_endpoint.map(|endpoint| crate::trace::TraceConfig {
+                endpoint: endpoint.to_string(),
+                service_name: self.otlp_service_name,
+                sample_ratio: self.trace_sample_ratio,
+            }),
         })
     }
 }

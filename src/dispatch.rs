@@ -70,6 +70,19 @@ pub struct PhaseTimers {
 pub struct Served {
     pub response: Response,
     pub replica: String,
+    /// Why the policy chose it (`affinity`, `balanced`, `retry`, ...).
+    pub reason: &'static str,
+    /// P/D: the replica that ran the prefill.
+    pub prefill: Option<String>,
+}
+
+/// Who served a response and why, put in its extensions for the access log and the
+/// request's trace span (only when one of them is on).
+#[derive(Debug, Clone)]
+pub struct ServedBy {
+    pub replica: String,
+    pub reason: &'static str,
+    pub prefill: Option<String>,
 }
 
 enum Attempt {
@@ -77,7 +90,7 @@ enum Attempt {
     Done(Served),
     /// A 5xx: passed on only if no retry is possible or the retry fails the same way.
     /// Kept unwrapped so that discarding it is not mistaken for a client disconnect.
-    ServerError { response: http::Response<RelayBody>, in_flight: InFlight },
+    ServerError { response: http::Response<RelayBody>, in_flight: InFlight, reason: &'static str },
     /// No response at all.
     Failed { replica: String, error: UpstreamError },
 }
@@ -99,7 +112,8 @@ impl Dispatcher {
         let tokens = routed(first);
         self.retries.deposit();
         self.count_decision(&fleet, first);
-        let failed = match self.attempt(fleet.get(first.replica), route, outbound, tokens).await {
+        let failed = match self.attempt(fleet.get(first.replica), route, outbound, tokens, first.reason).await
+        {
             Attempt::Done(served) => return Ok(served),
             failed => failed,
         };
@@ -117,7 +131,7 @@ impl Dispatcher {
         self.count_decision(&fleet, Decision { replica: second.replica, reason: Reason::Retry });
         let tokens = routed(second);
         drop(failed);
-        match self.attempt(fleet.get(second.replica), route, outbound, tokens).await {
+        match self.attempt(fleet.get(second.replica), route, outbound, tokens, Reason::Retry).await {
             Attempt::Done(served) => Ok(served),
             failed => self.finish(failed, route),
         }
@@ -127,9 +141,14 @@ impl Dispatcher {
     fn finish(&self, attempt: Attempt, route: &Route<'_>) -> Result<Served, RouterError> {
         match attempt {
             Attempt::Done(served) => Ok(served),
-            Attempt::ServerError { response, in_flight } => {
+            Attempt::ServerError { response, in_flight, reason } => {
                 let replica = in_flight.replica().name().to_owned();
-                Ok(Served { response: self.metered(response, in_flight, route), replica })
+                Ok(Served {
+                    response: self.metered(response, in_flight, route),
+                    replica,
+                    reason,
+                    prefill: None,
+                })
             }
             Attempt::Failed { replica, error: UpstreamError::HeaderTimeout(after) } => {
                 Err(RouterError::UpstreamTimeout { replica, after })
@@ -160,6 +179,7 @@ impl Dispatcher {
         route: &Route<'_>,
         outbound: &Outbound,
         tokens: usize,
+        reason: Reason,
     ) -> Attempt {
         let replica = replica.clone();
         let in_flight = InFlight::with_tokens(replica.clone(), tokens);
@@ -171,11 +191,16 @@ impl Dispatcher {
             Ok(response) if response.status().is_server_error() => {
                 self.metrics.upstream_errors.with_label_values(&[&name, "status_5xx"]).inc();
                 self.breaker_failure(&replica);
-                Attempt::ServerError { response, in_flight }
+                Attempt::ServerError { response, in_flight, reason: reason.as_str() }
             }
             Ok(response) => {
                 replica.record_attempt(true);
-                Attempt::Done(Served { response: self.metered(response, in_flight, route), replica: name })
+                Attempt::Done(Served {
+                    response: self.metered(response, in_flight, route),
+                    replica: name,
+                    reason: reason.as_str(),
+                    prefill: None,
+                })
             }
             Err(error) => {
                 tracing::debug!(replica = %name, %error, "upstream attempt failed");

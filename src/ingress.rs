@@ -20,7 +20,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use crate::admission::{self, ApiKeys, Limiter, Slotted};
-use crate::dispatch::{Dispatcher, Route};
+use crate::dispatch::{Dispatcher, Route, ServedBy};
 use crate::error::RouterError;
 use crate::metrics::{ENDPOINTS, Metrics};
 use crate::pd::{PdRequest, PrefillDecode};
@@ -44,8 +44,10 @@ pub struct Ingress {
     pub api_keys: ApiKeys,
     /// Forward the client's `Authorization` header to replicas.
     pub forward_authorization: bool,
-    /// `--access-log`: name the replica on each response for the access log line.
+    /// `--access-log`.
     pub access_log: bool,
+    /// `--otlp-endpoint`: a span per request.
+    pub tracing: Option<Arc<crate::trace::Tracing>>,
 }
 
 /// Which kind of call a request is: a metrics label, and how strictly its body is read.
@@ -70,6 +72,7 @@ impl Endpoint {
 pub fn routes(ingress: Arc<Ingress>, admin: Option<Router>) -> Router {
     let keys = ingress.api_keys.clone();
     let access_log = ingress.access_log;
+    let tracing = ingress.tracing.clone();
     let router = Router::new()
         .route("/v1/chat/completions", post(chat_completions).fallback(method_not_allowed))
         .route("/v1/completions", post(completions).fallback(method_not_allowed))
@@ -87,6 +90,11 @@ pub fn routes(ingress: Arc<Ingress>, admin: Option<Router>) -> Router {
         router.layer(axum::middleware::from_fn(crate::logging::access_layer))
     } else {
         router
+    };
+    // Outside the access log: the span covers the whole request.
+    let router = match tracing {
+        Some(tracing) => router.layer(axum::middleware::from_fn_with_state(tracing, crate::trace::layer)),
+        None => router,
     };
     router.layer(axum::middleware::from_fn_with_state(keys, admission::admit))
 }
@@ -174,19 +182,26 @@ impl Ingress {
             },
             None => None,
         };
-        let (served, replica) = match self.route_and_forward(endpoint, request, started).await {
-            Ok(served) => (served.response, served.replica),
+        let served = match self.route_and_forward(endpoint, request, started).await {
+            Ok(served) => {
+                let status = served.response.status();
+                self.metrics.requests.with_label_values(&[label, &served.replica, status.as_str()]).inc();
+                let mut response = served.response;
+                if self.access_log || self.tracing.is_some() {
+                    let by =
+                        ServedBy { replica: served.replica, reason: served.reason, prefill: served.prefill };
+                    response.extensions_mut().insert(by);
+                }
+                response
+            }
             Err(error) => {
                 tracing::debug!(endpoint = label, %error, "request refused");
-                (error.into_response(), "none".to_owned())
+                let response = error.into_response();
+                self.metrics.requests.with_label_values(&[label, "none", response.status().as_str()]).inc();
+                response
             }
         };
         waiting.armed = false;
-        self.metrics.requests.with_label_values(&[label, &replica, served.status().as_str()]).inc();
-        let mut served = served;
-        if self.access_log {
-            served.extensions_mut().insert(crate::logging::AccessLog(replica));
-        }
         match permit {
             Some(permit) => Slotted::wrap(served, permit),
             None => served,

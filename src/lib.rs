@@ -43,3 +43,4 @@ pub mod routing_key;
 pub mod server;
 pub mod sim;
 pub mod sse;
+pub mod trace;

@@ -44,6 +44,8 @@ pub struct RunningRouter {
     pub prefill_registry: Option<Arc<Registry>>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
+    /// Span export, flushed at shutdown.
+    tracing: Option<Arc<crate::trace::Tracing>>,
     health: Vec<JoinHandle<()>>,
 }
 
@@ -55,6 +57,9 @@ impl RunningRouter {
         }
         let _ = (&mut self.server).await;
         self.health.iter().for_each(JoinHandle::abort);
+        if let Some(tracing) = self.tracing.take() {
+            let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+        }
     }
 }
 
@@ -130,6 +135,10 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         None => (admin, None),
     };
     let prefill_registry = pd.as_ref().map(|pd| pd.prefill.registry.clone());
+    let tracing = match &config.trace {
+        Some(trace) => Some(crate::trace::Tracing::start(trace).map_err(std::io::Error::other)?),
+        None => None,
+    };
     let ingress = Arc::new(Ingress {
         dispatcher,
         pd,
@@ -141,6 +150,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         api_keys: crate::admission::ApiKeys::new(config.api_keys.clone()),
         forward_authorization: config.forward_authorization,
         access_log: config.access_log,
+        tracing: tracing.clone(),
     });
     let app = ingress::routes(ingress, admin_here);
     let (stop, stopped) = oneshot::channel();
@@ -189,6 +199,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         prefill_registry,
         stop: Some(stop),
         server,
+        tracing,
         health: tasks,
     })
 }

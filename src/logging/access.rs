@@ -2,7 +2,7 @@
 //! ends (the last byte sent, or the client gone), at `info` under the target `access`.
 //!
 //! A line names the request (id, method, path), who answered it (the replica, or
-//! `none` when the router answered itself), its status, how long until the response
+//! `none` when the router answered itself) and why the policy chose it, its status, how long until the response
 //! headers and until the end, the body bytes sent, and how it ended: `complete`, or
 //! `client_closed` when the client left before the end. Off by default: without the
 //! flag the layer is not installed and requests pay nothing for it.
@@ -19,11 +19,7 @@ use bytes::Bytes;
 use http_body::{Frame, SizeHint};
 
 use crate::admission::REQUEST_ID;
-
-/// The replica that served a response, put in its extensions by the ingress when the
-/// access log is on.
-#[derive(Debug, Clone)]
-pub struct AccessLog(pub String);
+use crate::dispatch::ServedBy;
 
 /// What one line of the access log says.
 #[derive(Debug, Clone)]
@@ -33,6 +29,8 @@ pub struct AccessRecord {
     pub path: String,
     pub status: u16,
     pub replica: String,
+    /// Why the policy chose the replica.
+    pub reason: &'static str,
     pub started: Instant,
     pub headers_after: f64,
 }
@@ -44,13 +42,16 @@ pub async fn layer(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
-    let replica = response.extensions().get::<AccessLog>().map_or_else(|| "none".to_owned(), |r| r.0.clone());
+    let served = response.extensions().get::<ServedBy>();
+    let replica = served.map_or_else(|| "none".to_owned(), |s| s.replica.clone());
+    let reason = served.map_or("none", |s| s.reason);
     let record = AccessRecord {
         id,
         method,
         path,
         status: response.status().as_u16(),
         replica,
+        reason,
         started,
         headers_after: started.elapsed().as_secs_f64(),
     };
@@ -109,6 +110,7 @@ impl Drop for Logged {
             path = %r.path,
             status = r.status,
             replica = %r.replica,
+            reason = r.reason,
             headers_s = r.headers_after,
             duration_s = r.started.elapsed().as_secs_f64(),
             bytes = self.bytes,

@@ -8,7 +8,7 @@
 
 mod access;
 
-pub use access::{AccessLog, AccessRecord, layer as access_layer};
+pub use access::{AccessRecord, layer as access_layer};
 
 use std::io::IsTerminal;
 

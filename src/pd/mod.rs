@@ -178,9 +178,9 @@ impl PrefillDecode {
         let served = decode.dispatch(&decode_route, &outbound).await?;
         self.metrics.pd_decisions.with_label_values(&[&prefill_replica, &served.replica]).inc();
         if !convert || !served.response.status().is_success() {
-            return Ok(served);
+            return Ok(Served { prefill: Some(prefill_replica), ..served });
         }
-        let replica = served.replica;
+        let (replica, reason) = (served.replica, served.reason);
         let (mut parts, body) = served.response.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
         let body = if request.stream {
@@ -194,7 +194,12 @@ impl PrefillDecode {
             })?;
             Body::from(chat_stream::convert_body(&completion).to_string())
         };
-        Ok(Served { response: Response::from_parts(parts, body), replica })
+        Ok(Served {
+            response: Response::from_parts(parts, body),
+            replica,
+            reason,
+            prefill: Some(prefill_replica),
+        })
     }
 
     fn fallback(&self, prefill_replica: &str) {
