@@ -341,3 +341,61 @@ fn a_url(port: u16) -> String {
 fn b_url(port: u16) -> String {
     format!("http://127.0.0.3:{port}")
 }
+
+#[tokio::test]
+async fn a_replicas_file_with_roles_runs_prefill_decode_with_nothing_on_the_command_line() {
+    use llm_router::sim::{self, SimConfig};
+    let sim = |role| SimConfig { role, time_scale: 20.0, ..SimConfig::default() };
+    let prefill = sim::start_fleet(1, &sim(sim::Role::Prefill)).await.unwrap();
+    let decode = sim::start_fleet(2, &sim(sim::Role::Decode)).await.unwrap();
+    let path = temp_path("pd-replicas");
+    let file = |decodes: &[&sim::RunningSim]| {
+        let mut text = format!("prefill {}\n", prefill[0].url());
+        for d in decodes {
+            text.push_str(&format!("decode {}\n", d.url()));
+        }
+        text
+    };
+    write_atomically(&path, &file(&[&decode[0]]));
+    let cli = <llm_router::config::Cli as clap::Parser>::parse_from([
+        "router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--pd-discovered",
+        "--decode-policy",
+        "round-robin",
+        "--replicas-file",
+        path.to_str().unwrap(),
+        "--discovery-interval",
+        "100ms",
+        "--health-interval",
+        "100ms",
+    ]);
+    let router = llm_router::server::start(cli.into_config().unwrap()).await.unwrap();
+    let prefill_registry = router.prefill_registry.clone().expect("P/D mode");
+    assert_eq!(prefill_registry.replicas().len(), 1);
+    assert_eq!(names(&router), [decode[0].url()]);
+
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let body = json!({"model": "Qwen/Qwen3-0.6B-FP8", "stream": true, "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hello"}]});
+    let (status, _, bytes) = post(&client(), &url, &body, &[]).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&bytes));
+
+    write_atomically(&path, &file(&[&decode[0], &decode[1]]));
+    eventually("the second decode replica in rotation", || in_rotation(&router, &decode[1].url())).await;
+    for _ in 0..6 {
+        let (status, _, _) = post(&client(), &url, &body, &[]).await;
+        assert_eq!(status, 200);
+    }
+    let text = router.metrics.render();
+    for d in &decode {
+        let series =
+            format!(r#"router_pd_decisions_total{{decode="{}",prefill="{}"}}"#, d.url(), prefill[0].url());
+        assert!(support::metric(&text, &series) > 0.0, "{series} in\n{text}");
+    }
+    router.shutdown().await;
+    let _ = std::fs::remove_file(&path);
+}
