@@ -610,15 +610,15 @@ impl Cli {
             || self.sim_pd.is_some()
             || self.pd_discovered
             || !self.discover_dns_prefill.is_empty();
+        if self.pd_discovered && !discovery.is_on() {
+            return Err("--pd-discovered needs --replicas-file, --discover-dns or --discover-k8s".into());
+        }
         if pd_mode
             && self.sim_pd.is_none()
             && !discovery.is_on()
             && (prefill.is_empty() || replicas.is_empty())
         {
             return Err("--pd needs both prefill=URL[,URL...] and decode=URL[,URL...]".into());
-        }
-        if self.pd_discovered && !discovery.is_on() {
-            return Err("--pd-discovered needs --replicas-file, --discover-dns or --discover-k8s".into());
         }
         let pd = pd_mode.then(|| PdConfig {
             prefill: dedup(std::mem::take(&mut prefill)),
@@ -825,6 +825,38 @@ mod tests {
         assert!(
             parse(&["--pd", "prefill=http://p:1", "decode=http://d:1", "--replicas", "http://r:1"]).is_err()
         );
+    }
+
+    #[test]
+    fn discovery_flags() {
+        let config = parse(&[
+            "--replicas-file",
+            "/etc/router/replicas",
+            "--discover-dns",
+            "vllm.serving.svc:8000",
+            "--discover-dns-prefill",
+            "vllm-prefill.serving.svc:8000",
+            "--discovery-interval",
+            "2s",
+        ])
+        .unwrap()
+        .into_config()
+        .unwrap();
+        assert!(config.discovery.is_on() && config.pd.is_some(), "a prefill name means P/D mode");
+        assert_eq!(config.discovery.dns.len(), 2);
+        assert_eq!(config.discovery.interval, Duration::from_secs(2));
+        let err = parse(&["--pd-discovered", "--replicas", "http://a:1"]).unwrap().into_config().unwrap_err();
+        assert!(err.contains("--pd-discovered needs"), "{err}");
+        let err = parse(&["--discover-dns", "vllm"]).unwrap().into_config().unwrap_err();
+        assert!(err.contains("`vllm` is not NAME:PORT"), "{err}");
+        assert!(parse(&["--discover-k8s"]).is_err(), "--discover-k8s needs a selector");
+        let config = parse(&["--discover-k8s", "--k8s-selector", "app=vllm", "--k8s-port", "http"])
+            .unwrap()
+            .into_config()
+            .unwrap();
+        let k8s = config.discovery.k8s.unwrap();
+        assert_eq!((k8s.selector.as_str(), k8s.role_label.as_str()), ("app=vllm", "llm-router/role"));
+        assert!(config.pd.is_none());
     }
 
     #[test]
