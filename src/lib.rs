@@ -38,6 +38,7 @@ pub mod relay;
 pub mod replicas;
 pub mod request_facts;
 pub mod response_body;
+pub mod response_end;
 pub mod retry_budget;
 pub mod routing_key;
 pub mod server;

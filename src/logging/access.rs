@@ -7,19 +7,15 @@
 //! `client_closed` when the client left before the end. Off by default: without the
 //! flag the layer is not installed and requests pay nothing for it.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
-use axum::body::Body;
 use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 
 use crate::admission::REQUEST_ID;
 use crate::dispatch::ServedBy;
+use crate::response_end::{self, Ending};
 
 /// What one line of the access log says.
 #[derive(Debug, Clone)]
@@ -56,53 +52,13 @@ pub async fn layer(request: Request, next: Next) -> Response {
         headers_after: started.elapsed().as_secs_f64(),
     };
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, Body::new(Logged { inner: body, record, bytes: 0, ended: false }))
+    Response::from_parts(parts, response_end::watch(body, move |end| record.write(end)))
 }
 
-/// A response body that writes its access log line when dropped.
-struct Logged {
-    inner: Body,
-    record: AccessRecord,
-    bytes: u64,
-    ended: bool,
-}
-
-impl http_body::Body for Logged {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                self.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
-            }
-            Poll::Ready(None) => self.ended = true,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Logged {
-    fn drop(&mut self) {
-        let r = &self.record;
-        let outcome = if self.ended || http_body::Body::is_end_stream(&self.inner) {
-            "complete"
-        } else {
-            "client_closed"
-        };
+impl AccessRecord {
+    /// The line, once the response has ended.
+    fn write(&self, end: Ending) {
+        let r = self;
         tracing::info!(
             target: "access",
             request_id = %r.id,
@@ -113,8 +69,8 @@ impl Drop for Logged {
             reason = r.reason,
             headers_s = r.headers_after,
             duration_s = r.started.elapsed().as_secs_f64(),
-            bytes = self.bytes,
-            outcome,
+            bytes = end.bytes,
+            outcome = if end.complete { "complete" } else { "client_closed" },
             "request"
         );
     }

@@ -2,27 +2,22 @@
 //! response body, carrying the routing decision the ingress put on the response.
 
 use std::borrow::Cow;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use bytes::Bytes;
 use http::HeaderValue;
-use http_body::{Frame, SizeHint};
 use opentelemetry::trace::{
     Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
     Tracer as _,
 };
 use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::trace::Span;
 
 use super::{TraceParent, Tracing};
 use crate::admission::REQUEST_ID;
 use crate::dispatch::ServedBy;
+use crate::response_end;
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";
@@ -93,47 +88,10 @@ pub async fn layer(State(tracing): State<Arc<Tracing>>, mut request: Request, ne
         span.set_status(Status::error(status.to_string()));
     }
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, Body::new(Traced { inner: body, span, ended: false }))
-}
-
-/// A response body that ends its request's span when it is dropped.
-struct Traced {
-    inner: Body,
-    span: Span,
-    ended: bool,
-}
-
-impl http_body::Body for Traced {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = polled {
-            self.ended = true;
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Traced {
-    fn drop(&mut self) {
-        let complete = self.ended || http_body::Body::is_end_stream(&self.inner);
-        self.span.set_attribute(KeyValue::new(
-            "llm_router.outcome",
-            if complete { "complete" } else { "client_closed" },
-        ));
-        self.span.end();
-    }
+    let body = response_end::watch(body, move |end| {
+        let outcome = if end.complete { "complete" } else { "client_closed" };
+        span.set_attribute(KeyValue::new("llm_router.outcome", outcome));
+        span.end();
+    });
+    Response::from_parts(parts, body)
 }
