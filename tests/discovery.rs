@@ -107,7 +107,8 @@ fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("llm-router-{name}-{}-{nanos}", std::process::id()))
 }
 
-/// Join, leave and a crash after leaving, under load: the common part of every source.
+/// Join, leave with streams in flight, and a crash after leaving, under load: the
+/// common part of every source.
 /// `set(&[...])` makes the source show exactly those mocks.
 async fn join_then_leave<F, Fut>(router: &RunningRouter, a: &MockReplica, b: &MockReplica, mut set: F)
 where
@@ -123,8 +124,17 @@ where
     eventually("the new replica in rotation", || in_rotation(router, &b.url())).await;
     eventually("the new replica serving", || b.request_count() > 0).await;
 
+    // Streams in flight on the replica that leaves: they finish after it left.
+    a.set_mode(support::Mode::Hold);
+    let leaving = router.registry.find(&a.url()).unwrap();
+    let arrived = a.request_count();
+    eventually("streams held on the leaving replica", || a.request_count() > arrived + 1).await;
     set(vec![b.url()]).await;
     eventually("the old replica out of the set", || names(router) == [b.url()]).await;
+    assert!(leaving.in_flight() > 0, "still streaming after it left");
+    a.release();
+    eventually("its streams finished", || leaving.in_flight() == 0).await;
+    assert_eq!(a.cancelled(), 0, "no stream on it was cut");
     let before = a.request_count();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(a.request_count(), before, "no request after it left");
