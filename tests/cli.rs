@@ -139,12 +139,15 @@ fn vllm_sim_serves_and_exits_zero_on_sigterm() {
 
 /// Start the router binary on a free port with `args`, its stdout collected line by
 /// line; returns once it logs that it listens.
-async fn spawn_logging(args: &[&str]) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
+async fn spawn_logging(
+    args: &[&str],
+    rust_log: &str,
+) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = router()
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", rust_log)
         .env_remove("NO_COLOR")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -196,13 +199,17 @@ async fn stop(mut child: std::process::Child, lines: std::sync::mpsc::Receiver<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirected_log_has_no_escape_codes_and_json_is_one_object_per_line() {
     let replica = support::MockReplica::start("r0", &["m"]).await;
-    let (child, _, lines) = spawn_logging(&["--replicas", &replica.url()]).await;
+    let (child, _, lines) = spawn_logging(&["--replicas", &replica.url()], "info").await;
     let text = stop(child, lines).await;
     assert!(text.len() >= 2, "{text:?}");
     assert!(text.iter().all(|l| !l.contains('\x1b')), "escape codes in a redirected log: {text:?}");
 
-    let (child, port, lines) =
-        spawn_logging(&["--replicas", &replica.url(), "--log-format", "json", "--access-log"]).await;
+    // At `warn` (the server's start line kept), the access log still writes.
+    let (child, port, lines) = spawn_logging(
+        &["--replicas", &replica.url(), "--log-format", "json", "--access-log"],
+        "warn,llm_router::server=info",
+    )
+    .await;
     let body = serde_json::json!({"model": "m", "prompt": "hi", "stream": true});
     let url = format!("http://127.0.0.1:{port}/v1/completions");
     let (status, _, answer) =
@@ -220,6 +227,12 @@ async fn a_redirected_log_has_no_escape_codes_and_json_is_one_object_per_line() 
     assert!(objects.iter().any(|o| o["message"] == "router listening"), "{json:?}");
     let access: Vec<&serde_json::Value> = objects.iter().filter(|o| o["target"] == "access").collect();
     assert_eq!(access.len(), 2, "one line per request: {json:?}");
+    assert!(
+        objects
+            .iter()
+            .all(|o| o["target"] == "access" || o["target"] == "llm_router::server" || o["level"] != "INFO"),
+        "RUST_LOG still applies to everything else: {json:?}"
+    );
     let served = access.iter().find(|o| o["request_id"] == "req-abc").expect("the request's id");
     assert_eq!(served["status"], 200);
     assert_eq!(served["replica"], replica.url().as_str());

@@ -29,9 +29,14 @@ pub fn use_colour() -> bool {
 }
 
 /// Install the process's log subscriber. The level filter comes from `RUST_LOG`
-/// (default `info`).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+/// (default `info`); with the access log on, its lines are written whatever the level
+/// unless `RUST_LOG` names the `access` target itself.
+pub fn init(format: LogFormat, access_log: bool) {
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
+    let mut filter = EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
+    if access_log && !directives.contains("access") {
+        filter = filter.add_directive("access=info".parse().expect("a valid directive"));
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stdout);
     match format {
         LogFormat::Text => builder.with_ansi(use_colour()).init(),
