@@ -4,6 +4,12 @@
 //! router. The difference is the router's cost per request; the engine's time, which
 //! dominates in production, is deliberately zero here.
 //!
+//! Two more routers in the same process show what the optional observability costs:
+//! `router_access_log` (`--access-log`, JSON lines formatted and written to a sink, as
+//! the process's log subscriber is installed here at `info`) and `router_tracing`
+//! (`--otlp-endpoint`, spans exported to an in-process collector that drops them; each
+//! request carries a sampled `traceparent`).
+//!
 //! Run: `cargo bench --bench proxy_overhead`. Figures are reported in README.
 
 use std::net::SocketAddr;
@@ -54,15 +60,37 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
+/// An OTLP/HTTP collector that accepts spans and drops them.
+async fn collector() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = Router::new().route("/v1/traces", post(|| async { "" }));
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
 fn overhead(c: &mut Criterion) {
+    tracing_subscriber::fmt().json().with_max_level(tracing::Level::INFO).with_writer(std::io::sink).init();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let (direct, routed) = rt.block_on(async {
+    let targets = rt.block_on(async {
         let up = upstream().await;
-        let config = RouterConfig::new(vec![ReplicaUrl::parse(&format!("http://{up}")).unwrap()]);
-        let router = llm_router::server::start(config).await.unwrap();
-        let routed = router.addr;
-        std::mem::forget(router); // serve for the whole bench
-        (up, routed)
+        let spans = collector().await;
+        let mut targets = vec![(up, "direct")];
+        for who in ["router", "router_access_log", "router_tracing"] {
+            let mut config = RouterConfig::new(vec![ReplicaUrl::parse(&format!("http://{up}")).unwrap()]);
+            config.access_log = who == "router_access_log";
+            if who == "router_tracing" {
+                config.trace = Some(llm_router::trace::TraceConfig {
+                    endpoint: format!("http://{spans}"),
+                    service_name: "bench".into(),
+                    sample_ratio: 1.0,
+                });
+            }
+            let router = llm_router::server::start(config).await.unwrap();
+            targets.push((router.addr, who));
+            std::mem::forget(router); // serve for the whole bench
+        }
+        targets
     });
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
@@ -72,12 +100,13 @@ fn overhead(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(5));
     for (stream, label) in [(false, "non_stream"), (true, "stream_32_events")] {
         let body = format!(r#"{{"model":"m","prompt":"hi","max_tokens":32,"stream":{stream}}}"#);
-        for (target, who) in [(direct, "direct"), (routed, "router")] {
+        for &(target, who) in &targets {
             let uri: http::Uri = format!("http://{target}/v1/completions").parse().unwrap();
             group.bench_function(format!("{label}/{who}"), |b| {
                 b.to_async(&rt).iter(|| {
                     let request = http::Request::post(uri.clone())
                         .header("content-type", "application/json")
+                        .header("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
                         .body(Full::new(Bytes::from(body.clone())))
                         .unwrap();
                     let client = client.clone();
