@@ -44,9 +44,6 @@ pub async fn start(
         tasks.push(file::follow(path.clone(), discovery.interval, membership("file")).await?);
     }
     if !discovery.dns.is_empty() {
-        if prefill.is_none() && discovery.dns.iter().any(|t| t.role == Role::Prefill) {
-            return Err("--discover-dns-prefill needs P/D mode".into());
-        }
         let resolver = dns::resolver(discovery.dns_server)?;
         tasks.push(dns::follow(discovery.dns.clone(), resolver, discovery.interval, membership("dns")).await);
     }
@@ -114,11 +111,6 @@ impl Membership {
             Role::Main => Some(&self.main),
             Role::Prefill => self.prefill.as_ref(),
         }
-    }
-
-    /// The replicas this source holds in the stages now.
-    pub fn owned(&self) -> impl Iterator<Item = &Member> {
-        self.owned.iter()
     }
 
     /// Make the stages hold exactly `seen` of what this source added: join the new

@@ -19,16 +19,16 @@ use crate::response_end::{self, Ending};
 
 /// What one line of the access log says.
 #[derive(Debug, Clone)]
-pub struct AccessRecord {
-    pub id: String,
-    pub method: http::Method,
-    pub path: String,
-    pub status: u16,
-    pub replica: String,
+struct AccessRecord {
+    id: String,
+    method: http::Method,
+    path: String,
+    status: u16,
+    replica: String,
     /// Why the policy chose the replica.
-    pub reason: &'static str,
-    pub started: Instant,
-    pub headers_after: f64,
+    reason: &'static str,
+    started: Instant,
+    headers_after: f64,
 }
 
 /// The access log layer: time the request, then log it when its body ends.

@@ -8,7 +8,7 @@
 
 mod access;
 
-pub use access::{AccessRecord, layer as access_layer};
+pub use access::layer as access_layer;
 
 use std::io::IsTerminal;
 
