@@ -152,6 +152,11 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub kv_events_silence: Duration,
 
+    /// kv-aware: largest KV event message accepted from a publisher, in bytes; a larger
+    /// frame or message closes that publisher's connection (counted, then reconnected).
+    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    pub kv_events_max_message_bytes: u64,
+
     /// kv-aware: engine blocks remembered per replica (least recently used forgotten).
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(1..=1 << 28))]
     pub kv_index_blocks: u64,
@@ -650,6 +655,10 @@ impl Cli {
             topic: self.kv_events_topic.clone(),
             silence: self.kv_events_silence,
             max_blocks: self.kv_index_blocks as usize,
+            limits: crate::cache_index::zmtp::Limits {
+                max_message_bytes: self.kv_events_max_message_bytes as usize,
+                ..Default::default()
+            },
         });
         let mut seen = std::collections::HashSet::new();
         replicas.retain(|r| seen.insert(r.name().to_owned()));

@@ -99,6 +99,45 @@ pub fn sse_framing(data: &[u8]) {
     assert_eq!(out, stream, "framing loses or invents no byte");
 }
 
+/// The KV event feed's receiving side: `data` after its first byte is what a publisher
+/// sent after the handshake, arriving in pieces of the size the first byte chooses.
+/// Messages are taken from the buffer as the connection takes them, and each one's last
+/// frame is decoded as an event batch. Nothing may panic; no message may exceed the
+/// bounds; nothing decoded may claim more than its payload carried.
+pub fn kv_feed(data: &[u8]) {
+    use crate::cache_index::kv_events::{KvEvent, MAX_BLOCK_SIZE, decode_batch};
+    use crate::cache_index::zmtp::{Limits, Parsed, take_message};
+    let Some((&step, stream)) = data.split_first() else { return };
+    let limits = Limits { max_message_bytes: 4096, max_frames: 4 };
+    let mut read = bytes::BytesMut::new();
+    for piece in stream.chunks(usize::from(step).max(1)) {
+        read.extend_from_slice(piece);
+        loop {
+            match take_message(&mut read, &limits) {
+                Ok(Parsed::Message(frames)) => {
+                    assert!(frames.len() <= limits.max_frames);
+                    assert!(frames.iter().map(|f| f.len()).sum::<usize>() <= limits.max_message_bytes);
+                    let Some(payload) = frames.last() else { continue };
+                    let Ok(batch) = decode_batch(payload) else { continue };
+                    for event in &batch.events {
+                        if let KvEvent::BlockStored { block_hashes, token_ids, block_size, .. } = event {
+                            assert!((1..=MAX_BLOCK_SIZE).contains(block_size));
+                            assert_eq!(token_ids.len(), block_hashes.len() * block_size);
+                            assert!(token_ids.len() <= payload.len());
+                        }
+                    }
+                }
+                Ok(Parsed::Command) => {}
+                Ok(Parsed::Need(n)) => {
+                    assert!(n <= limits.max_message_bytes + 9, "never asks for more than a bound allows");
+                    break;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +148,6 @@ mod tests {
         request_parsing(b"x-session-id: abc\nx-user-id: u\n\n{\"model\": \"m\", \"user\": 7}");
         request_parsing(b"not json at all");
         sse_framing(b"\x03data: {}\n\ndata: [DONE]\n\n: tail");
+        kv_feed(b"\x05\x01\x00\x01\x08\x00\x00\x00\x00\x00\x00\x00\x01\x00\x04\x92\x01\x90\xc0");
     }
 }

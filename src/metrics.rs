@@ -57,10 +57,16 @@ pub struct Metrics {
     pub kv_event_gaps: IntCounterVec,
     /// A replica's KV index forgotten, by reason: `cleared` (AllBlocksCleared),
     /// `restart` (sequence started again), `gap` (missed events not replayed),
-    /// `silence` (requests routed, no events), `disconnect`, `oversize`.
+    /// `malformed` (an undecodable batch), `block_size` (the engine's block size
+    /// changed), `silence` (requests routed, no events), `disconnect`, `oversize`.
     pub kv_index_resets: IntCounterVec,
     /// 1 while the router is subscribed to the replica's KV events.
     pub kv_events_connected: IntGaugeVec,
+    /// KV event connections ended by the publisher's fault or loss, by replica and kind:
+    /// `oversize` (a frame or message over the bound), `protocol` (not ZMTP as it
+    /// should be), `closed` (the connection dropped), `restart` (the feed task itself
+    /// failed and was started again).
+    pub kv_feed_errors: IntCounterVec,
     /// Prompt tokens of routed requests, and the part the chosen replica was believed
     /// to hold (`kv-aware`): their ratio is the router's expected prefix cache hit rate.
     pub routed_prompt_tokens: IntCounterVec,
@@ -197,6 +203,11 @@ impl Metrics {
                 "router_kv_events_connected",
                 "1 while subscribed to the replica's KV events",
                 &["replica"],
+            ),
+            kv_feed_errors: counter(
+                "router_kv_feed_errors_total",
+                "KV event connections ended, by replica and kind (oversize, protocol, closed, restart)",
+                &["replica", "kind"],
             ),
             routed_prompt_tokens: counter(
                 "router_routed_prompt_tokens_total",

@@ -26,3 +26,8 @@ fn request_parsing_survives_every_recorded_input() {
 fn sse_framing_survives_every_recorded_input() {
     assert!(replay("sse_framing", llm_router::fuzzing::sse_framing) > 0);
 }
+
+#[test]
+fn kv_feed_survives_every_recorded_input() {
+    assert!(replay("kv_feed", llm_router::fuzzing::kv_feed) > 0);
+}

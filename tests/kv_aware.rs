@@ -157,6 +157,7 @@ async fn publisher_router(
         topic: String::new(),
         silence,
         max_blocks: 1 << 16,
+        limits: Default::default(),
     });
     router(cfg).await
 }

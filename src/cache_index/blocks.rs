@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Block hashes are xxh3 values already: used as they are, not hashed again.
 #[derive(Default)]
@@ -41,6 +41,9 @@ pub struct ReplicaBlocks {
     /// When a request was first routed here after the last KV event batch arrived
     /// (index clock, milliseconds + 1; 0 when none): events that do not follow are stale.
     routed_since_events: AtomicU64,
+    /// Tokens per block of this replica's KV events (0 until its first stored block;
+    /// unused by `prefix-aware`, whose blocks are bytes).
+    block_size: AtomicUsize,
 }
 
 impl ReplicaBlocks {
@@ -49,7 +52,17 @@ impl ReplicaBlocks {
             capacity: capacity.max(1),
             blocks: Mutex::new(Map::default()),
             routed_since_events: AtomicU64::new(0),
+            block_size: AtomicUsize::new(0),
         }
+    }
+
+    /// Tokens per block of this replica's engine, as its events say (0: not known yet).
+    pub fn block_size(&self) -> usize {
+        self.block_size.load(Ordering::Relaxed)
+    }
+
+    pub fn set_block_size(&self, tokens: usize) {
+        self.block_size.store(tokens, Ordering::Relaxed);
     }
 
     /// A request was routed here at `now` (for the KV events' staleness check).

@@ -1,5 +1,4 @@
-//! vLLM's KV cache events, decoded from the wire, and what they mean for one replica's
-//! memory.
+//! vLLM's KV cache events, decoded from the wire.
 //!
 //! vLLM (`--kv-events-config '{"enable_kv_cache_events": true, "publisher": "zmq", ...}'`)
 //! publishes on a ZMQ PUB socket multipart messages `[topic, sequence, payload]`: the
@@ -15,25 +14,25 @@
 //!   data_parallel_rank}`, each event a map with its tag in `type` and its fields by name.
 //!
 //! Fields after the ones we read (`lora_id`, `medium`, `lora_name`, `extra_keys`,
-//! `group_idx`, ...) are ignored, and trailing fields msgspec leaves out as defaults may
+//! `group_idx`, ...) are skipped, and trailing fields msgspec leaves out as defaults may
 //! be missing. Block hashes (`ExternalBlockHash`) are integers or bytes; they name
 //! blocks within one engine only and are never compared with anything we compute.
 //!
-//! The index is keyed by the token ids the events carry: a stored block's key is xxh3 of
-//! its `block_size` token ids seeded with its parent's key (0 for a block without a
-//! parent), the chaining vLLM applies to its own hashes, so the same prompt tokens give
-//! the same keys in the router (see [`token_block_keys`]). Each replica keeps a map from
-//! its engine's hashes to our keys, to resolve parents and removals.
+//! The payload comes from a peer we do not control, so it is read as a stream of
+//! msgpack items straight into the few vectors routing keeps (token ids as `u32`, hashes
+//! as `u64`), never as a tree of values: no count a peer announces reserves more than
+//! the bytes left in the payload could fill, skipped values are walked without
+//! recursion, and every number is checked (`block_size` must lie in
+//! 1..=[`MAX_BLOCK_SIZE`], and the token ids must fill exactly the blocks announced).
 
-use std::collections::HashMap;
-
-use rmpv::Value;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
-
-use super::ReplicaBlocks;
 
 /// One engine's name for a block: an integer, or bytes folded to 64 bits.
 pub type EngineHash = u64;
+
+/// Largest `block_size` believed: vLLM's GPU blocks are 16 to 128 tokens (some
+/// attention backends 256 or 512), its CPU blocks 128.
+pub const MAX_BLOCK_SIZE: usize = 1024;
 
 /// A KV cache event, with the fields routing uses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,131 +62,369 @@ pub struct EventBatch {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("payload is not msgpack: {0}")]
-    NotMsgpack(String),
+    NotMsgpack(&'static str),
     #[error("malformed event batch: {0}")]
     Malformed(&'static str),
 }
 
 /// Decode an `EventBatch` payload, in either encoding. Events of an unknown type are
-/// skipped (a newer vLLM may add some); a known event with missing or mistyped fields
-/// fails the whole batch, which the subscriber counts as a gap.
+/// skipped (a newer vLLM may add some); a known event with missing, mistyped or
+/// out-of-range fields fails the whole batch.
 pub fn decode_batch(payload: &[u8]) -> Result<EventBatch, WireError> {
-    let value =
-        rmpv::decode::read_value(&mut &payload[..]).map_err(|e| WireError::NotMsgpack(e.to_string()))?;
-    let (ts, events, rank) = match &value {
-        Value::Array(items) => (items.first(), items.get(1), items.get(2)),
-        Value::Map(_) => (field(&value, "ts"), field(&value, "events"), field(&value, "data_parallel_rank")),
+    let mut c = Cursor { bytes: payload };
+    let (mut ts, mut events, mut rank) = (None, None, None);
+    match c.item()? {
+        Item::Array(n) => {
+            for i in 0..n {
+                match i {
+                    0 => ts = c.number()?,
+                    1 => events = Some(decode_events(&mut c)?),
+                    2 => rank = c.optional_int()?,
+                    _ => c.skip_value()?,
+                }
+            }
+        }
+        Item::Map(n) => {
+            for _ in 0..n {
+                match c.str()? {
+                    b"ts" => ts = c.number()?,
+                    b"events" => events = Some(decode_events(&mut c)?),
+                    b"data_parallel_rank" => rank = c.optional_int()?,
+                    _ => c.skip_value()?,
+                }
+            }
+        }
         _ => return Err(WireError::Malformed("a batch is an array or a map")),
-    };
-    let ts = ts.and_then(Value::as_f64).ok_or(WireError::Malformed("batch without a numeric ts"))?;
-    let Some(Value::Array(events)) = events else {
+    }
+    let ts = ts.ok_or(WireError::Malformed("batch without a numeric ts"))?;
+    let events = events.ok_or(WireError::Malformed("batch without an events array"))?;
+    Ok(EventBatch { ts, events, data_parallel_rank: rank })
+}
+
+fn decode_events(c: &mut Cursor) -> Result<Vec<KvEvent>, WireError> {
+    let Item::Array(n) = c.item()? else {
         return Err(WireError::Malformed("batch without an events array"));
     };
-    let data_parallel_rank = rank.and_then(Value::as_i64);
-    let mut decoded = Vec::with_capacity(events.len());
-    for event in events {
-        if let Some(event) = decode_event(event)? {
-            decoded.push(event);
+    let mut events = Vec::with_capacity(c.fit(n));
+    for _ in 0..n {
+        if let Some(event) = decode_event(c)? {
+            events.push(event);
         }
     }
-    Ok(EventBatch { ts, events: decoded, data_parallel_rank })
+    Ok(events)
 }
 
-fn field<'a>(map: &'a Value, name: &str) -> Option<&'a Value> {
-    match map {
-        Value::Map(entries) => entries.iter().find(|(k, _)| k.as_str() == Some(name)).map(|(_, v)| v),
-        _ => None,
-    }
-}
+/// Field names in the array encoding's order, after the tag.
+const STORED: &[&[u8]] = &[b"block_hashes", b"parent_block_hash", b"token_ids", b"block_size"];
+const REMOVED: &[&[u8]] = &[b"block_hashes"];
 
-/// An event's fields by name, whichever encoding it came in.
-struct Fields<'a> {
-    value: &'a Value,
-    /// For the array encoding: the field names in order after the tag.
-    order: &'static [&'static str],
-}
-
-impl<'a> Fields<'a> {
-    fn get(&self, name: &str) -> Option<&'a Value> {
-        match self.value {
-            Value::Array(items) => {
-                let position = self.order.iter().position(|n| *n == name)?;
-                items.get(position + 1).filter(|v| !matches!(v, Value::Nil))
-            }
-            map => field(map, name).filter(|v| !matches!(v, Value::Nil)),
-        }
-    }
-}
-
-const STORED: &[&str] = &["block_hashes", "parent_block_hash", "token_ids", "block_size"];
-const REMOVED: &[&str] = &["block_hashes"];
-
-fn decode_event(event: &Value) -> Result<Option<KvEvent>, WireError> {
-    let tag = match event {
-        Value::Array(items) => items.first().and_then(Value::as_str),
-        map @ Value::Map(_) => field(map, "type").and_then(Value::as_str),
-        _ => None,
-    }
-    .ok_or(WireError::Malformed("an event without a type tag"))?;
-    Ok(Some(match tag {
-        "BlockStored" => {
-            let f = Fields { value: event, order: STORED };
-            let block_hashes = hashes(f.get("block_hashes"))?;
-            let parent = f.get("parent_block_hash").map(engine_hash).transpose()?;
-            let token_ids = match f.get("token_ids") {
-                Some(Value::Array(ids)) => ids
-                    .iter()
-                    .map(|id| id.as_u64().and_then(|id| u32::try_from(id).ok()))
-                    .collect::<Option<Vec<u32>>>()
-                    .ok_or(WireError::Malformed("token_ids are not token ids"))?,
-                _ => return Err(WireError::Malformed("BlockStored without token_ids")),
+fn decode_event(c: &mut Cursor) -> Result<Option<KvEvent>, WireError> {
+    let mut fields = Fields::default();
+    let tag = match c.item()? {
+        Item::Array(0) => return Err(WireError::Malformed("an event without a type tag")),
+        Item::Array(n) => {
+            let tag = c.str()?;
+            let order: &[&[u8]] = match tag {
+                b"BlockStored" => STORED,
+                b"BlockRemoved" => REMOVED,
+                _ => &[],
             };
-            let block_size = f
-                .get("block_size")
-                .and_then(Value::as_u64)
-                .filter(|&n| n > 0)
-                .ok_or(WireError::Malformed("BlockStored without a block_size"))?
-                as usize;
-            if token_ids.len() != block_hashes.len() * block_size {
-                return Err(WireError::Malformed("BlockStored token_ids do not fill its blocks"));
+            for i in 1..n {
+                match order.get(i - 1) {
+                    Some(name) => fields.read(name, c)?,
+                    None => c.skip_value()?,
+                }
             }
-            KvEvent::BlockStored { block_hashes, parent, token_ids, block_size }
+            tag
         }
-        "BlockRemoved" => {
-            let f = Fields { value: event, order: REMOVED };
-            KvEvent::BlockRemoved { block_hashes: hashes(f.get("block_hashes"))? }
+        Item::Map(n) => {
+            let mut tag = None;
+            for _ in 0..n {
+                let name = c.str()?;
+                if name == b"type" {
+                    tag = Some(c.str()?);
+                } else if STORED.contains(&name) {
+                    fields.read(name, c)?;
+                } else {
+                    c.skip_value()?;
+                }
+            }
+            tag.ok_or(WireError::Malformed("an event without a type tag"))?
         }
-        "AllBlocksCleared" => KvEvent::AllBlocksCleared,
-        _ => return Ok(None),
-    }))
+        _ => return Err(WireError::Malformed("an event is an array or a map")),
+    };
+    fields.into_event(tag)
 }
 
-fn hashes(value: Option<&Value>) -> Result<Vec<EngineHash>, WireError> {
-    match value {
-        Some(Value::Array(items)) => items.iter().map(engine_hash).collect(),
-        _ => Err(WireError::Malformed("an event without block_hashes")),
+/// The fields of one event as they are read, in whichever order they come. A field of
+/// the wrong type is remembered, not raised, until the tag says whether it matters.
+#[derive(Default)]
+struct Fields {
+    block_hashes: Option<Vec<EngineHash>>,
+    parent: Option<EngineHash>,
+    token_ids: Option<Vec<u32>>,
+    block_size: Option<u64>,
+    error: Option<WireError>,
+}
+
+impl Fields {
+    fn read(&mut self, name: &[u8], c: &mut Cursor) -> Result<(), WireError> {
+        let start = *c;
+        let read = match name {
+            b"block_hashes" => c.hashes().map(|h| self.block_hashes = h),
+            b"parent_block_hash" => c.optional_hash().map(|h| self.parent = h),
+            b"token_ids" => c.token_ids().map(|t| self.token_ids = t),
+            b"block_size" => c.optional_uint().map(|n| self.block_size = n),
+            _ => c.skip_value(),
+        };
+        match read {
+            Err(error @ WireError::Malformed(_)) => {
+                // Step over the whole value from its start, so the next field is read
+                // from the right place.
+                *c = start;
+                c.skip_value()?;
+                self.error.get_or_insert(error);
+                Ok(())
+            }
+            other => other,
+        }
+    }
+
+    fn into_event(self, tag: &[u8]) -> Result<Option<KvEvent>, WireError> {
+        let known = matches!(tag, b"BlockStored" | b"BlockRemoved" | b"AllBlocksCleared");
+        if let (true, Some(error)) = (known, self.error) {
+            return Err(error);
+        }
+        Ok(Some(match tag {
+            b"BlockStored" => {
+                let block_hashes =
+                    self.block_hashes.ok_or(WireError::Malformed("an event without block_hashes"))?;
+                let token_ids =
+                    self.token_ids.ok_or(WireError::Malformed("BlockStored without token_ids"))?;
+                let block_size =
+                    self.block_size.ok_or(WireError::Malformed("BlockStored without a block_size"))?;
+                let block_size = usize::try_from(block_size)
+                    .ok()
+                    .filter(|n| (1..=MAX_BLOCK_SIZE).contains(n))
+                    .ok_or(WireError::Malformed("BlockStored with a block_size out of range"))?;
+                if block_hashes.len().checked_mul(block_size) != Some(token_ids.len()) {
+                    return Err(WireError::Malformed("BlockStored token_ids do not fill its blocks"));
+                }
+                KvEvent::BlockStored { block_hashes, parent: self.parent, token_ids, block_size }
+            }
+            b"BlockRemoved" => KvEvent::BlockRemoved {
+                block_hashes: self
+                    .block_hashes
+                    .ok_or(WireError::Malformed("an event without block_hashes"))?,
+            },
+            b"AllBlocksCleared" => KvEvent::AllBlocksCleared,
+            _ => return Ok(None),
+        }))
     }
 }
 
-fn engine_hash(value: &Value) -> Result<EngineHash, WireError> {
-    match value {
-        Value::Integer(n) => n
-            .as_u64()
-            .or_else(|| n.as_i64().map(|i| i as u64))
-            .ok_or(WireError::Malformed("a block hash out of range")),
-        // vLLM's bytes hashes (sha256 and the like): any 64 bits of them name the block.
-        Value::Binary(bytes) => Ok(xxh3_64_with_seed(bytes, 0)),
-        _ => Err(WireError::Malformed("a block hash is an integer or bytes")),
+/// One msgpack item's head: scalars whole, strings and bytes as slices of the payload,
+/// arrays and maps as their announced length (their elements follow).
+#[derive(Debug, Clone, Copy)]
+enum Item<'a> {
+    Nil,
+    Bool,
+    Uint(u64),
+    /// A negative integer.
+    Int(i64),
+    Float(f64),
+    Str(&'a [u8]),
+    Bin(&'a [u8]),
+    Array(usize),
+    Map(usize),
+    Ext,
+}
+
+/// A reader of msgpack items over the payload. Lengths are checked against the bytes
+/// left before anything is sliced or reserved.
+#[derive(Clone, Copy)]
+struct Cursor<'a> {
+    bytes: &'a [u8],
+}
+
+const TRUNCATED: WireError = WireError::NotMsgpack("the payload ends inside an item");
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.bytes.len() < n {
+            return Err(TRUNCATED);
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn uint_be(&mut self, n: usize) -> Result<u64, WireError> {
+        Ok(self.take(n)?.iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b)))
+    }
+
+    fn length(&mut self, n: usize) -> Result<usize, WireError> {
+        usize::try_from(self.uint_be(n)?).map_err(|_| TRUNCATED)
+    }
+
+    /// A capacity for `n` announced elements: no more than the bytes left could hold
+    /// (every element takes at least one).
+    fn fit(&self, n: usize) -> usize {
+        n.min(self.bytes.len())
+    }
+
+    fn item(&mut self) -> Result<Item<'a>, WireError> {
+        let marker = self.take(1)?[0];
+        Ok(match marker {
+            0x00..=0x7f => Item::Uint(u64::from(marker)),
+            0x80..=0x8f => Item::Map(usize::from(marker & 0x0f)),
+            0x90..=0x9f => Item::Array(usize::from(marker & 0x0f)),
+            0xa0..=0xbf => Item::Str(self.take(usize::from(marker & 0x1f))?),
+            0xc0 => Item::Nil,
+            0xc2 | 0xc3 => Item::Bool,
+            0xc4..=0xc6 => {
+                let n = self.length(1 << (marker - 0xc4))?;
+                Item::Bin(self.take(n)?)
+            }
+            0xc7..=0xc9 => {
+                let n = self.length(1 << (marker - 0xc7))?;
+                self.take(n.checked_add(1).ok_or(TRUNCATED)?)?;
+                Item::Ext
+            }
+            0xca => Item::Float(f64::from(f32::from_bits(self.uint_be(4)? as u32))),
+            0xcb => Item::Float(f64::from_bits(self.uint_be(8)?)),
+            0xcc..=0xcf => Item::Uint(self.uint_be(1 << (marker - 0xcc))?),
+            0xd0..=0xd3 => {
+                let width = 1usize << (marker - 0xd0);
+                let raw = self.uint_be(width)?;
+                // Sign-extend from `width` bytes.
+                let shift = 64 - 8 * width as u32;
+                let value = ((raw << shift) as i64) >> shift;
+                if value >= 0 { Item::Uint(value as u64) } else { Item::Int(value) }
+            }
+            0xd4..=0xd8 => {
+                self.take((1 << (marker - 0xd4)) + 1)?;
+                Item::Ext
+            }
+            0xd9..=0xdb => {
+                let n = self.length(1 << (marker - 0xd9))?;
+                Item::Str(self.take(n)?)
+            }
+            0xdc | 0xdd => Item::Array(self.length(2 << (marker - 0xdc))?),
+            0xde | 0xdf => Item::Map(self.length(2 << (marker - 0xde))?),
+            0xe0..=0xff => Item::Int(i64::from(marker as i8)),
+            0xc1 => return Err(WireError::NotMsgpack("the reserved marker 0xc1")),
+        })
+    }
+
+    /// Skip one whole value, however nested, without recursion: a count of the items
+    /// still owed, which can never exceed the bytes left.
+    fn skip_value(&mut self) -> Result<(), WireError> {
+        let mut owed: usize = 1;
+        while owed > 0 {
+            owed -= 1;
+            let children = match self.item()? {
+                Item::Array(n) => n,
+                Item::Map(n) => n.checked_mul(2).ok_or(TRUNCATED)?,
+                _ => 0,
+            };
+            owed = owed.checked_add(children).filter(|&o| o <= self.bytes.len()).ok_or(TRUNCATED)?;
+        }
+        Ok(())
+    }
+
+    fn str(&mut self) -> Result<&'a [u8], WireError> {
+        match self.item()? {
+            Item::Str(s) => Ok(s),
+            _ => Err(WireError::Malformed("expected a string")),
+        }
+    }
+
+    fn number(&mut self) -> Result<Option<f64>, WireError> {
+        Ok(match self.item()? {
+            Item::Float(f) => Some(f),
+            Item::Uint(n) => Some(n as f64),
+            Item::Int(n) => Some(n as f64),
+            Item::Nil => None,
+            _ => return Err(WireError::Malformed("batch without a numeric ts")),
+        })
+    }
+
+    fn optional_int(&mut self) -> Result<Option<i64>, WireError> {
+        match self.item()? {
+            Item::Nil => Ok(None),
+            Item::Uint(n) => Ok(i64::try_from(n).ok()),
+            Item::Int(n) => Ok(Some(n)),
+            Item::Array(_) | Item::Map(_) => Err(WireError::Malformed("expected an integer")),
+            _ => Ok(None),
+        }
+    }
+
+    fn optional_uint(&mut self) -> Result<Option<u64>, WireError> {
+        match self.item()? {
+            Item::Nil => Ok(None),
+            Item::Uint(n) => Ok(Some(n)),
+            _ => Err(WireError::Malformed("BlockStored with a block_size out of range")),
+        }
+    }
+
+    fn hash(item: Item) -> Result<EngineHash, WireError> {
+        match item {
+            Item::Uint(n) => Ok(n),
+            Item::Int(n) => Ok(n as u64),
+            // vLLM's bytes hashes (sha256 and the like): any 64 bits of them name the block.
+            Item::Bin(bytes) => Ok(xxh3_64_with_seed(bytes, 0)),
+            _ => Err(WireError::Malformed("a block hash is an integer or bytes")),
+        }
+    }
+
+    fn optional_hash(&mut self) -> Result<Option<EngineHash>, WireError> {
+        match self.item()? {
+            Item::Nil => Ok(None),
+            item => Self::hash(item).map(Some),
+        }
+    }
+
+    fn hashes(&mut self) -> Result<Option<Vec<EngineHash>>, WireError> {
+        let n = match self.item()? {
+            Item::Nil => return Ok(None),
+            Item::Array(n) => n,
+            _ => return Err(WireError::Malformed("an event without block_hashes")),
+        };
+        let mut hashes = Vec::with_capacity(self.fit(n));
+        for _ in 0..n {
+            hashes.push(Self::hash(self.item()?)?);
+        }
+        Ok(Some(hashes))
+    }
+
+    fn token_ids(&mut self) -> Result<Option<Vec<u32>>, WireError> {
+        let n = match self.item()? {
+            Item::Nil => return Ok(None),
+            Item::Array(n) => n,
+            _ => return Err(WireError::Malformed("BlockStored without token_ids")),
+        };
+        let mut ids = Vec::with_capacity(self.fit(n));
+        for _ in 0..n {
+            match self.item()? {
+                Item::Uint(id) => ids.push(
+                    u32::try_from(id).map_err(|_| WireError::Malformed("token_ids are not token ids"))?,
+                ),
+                _ => return Err(WireError::Malformed("token_ids are not token ids")),
+            }
+        }
+        Ok(Some(ids))
     }
 }
 
 /// Our keys for consecutive blocks of `block_size` tokens, the first chained to `parent`
 /// (0 for a prompt's start). Only whole blocks get keys, as the engine caches only those.
 pub fn token_block_keys(tokens: &[u32], block_size: usize, parent: u64) -> Vec<u64> {
+    let block_size = block_size.clamp(1, MAX_BLOCK_SIZE);
     let mut seed = parent;
     let mut bytes = Vec::with_capacity(block_size * 4);
     tokens
-        .chunks_exact(block_size.max(1))
+        .chunks_exact(block_size)
         .map(|block| {
             bytes.clear();
             bytes.extend(block.iter().flat_map(|t| t.to_le_bytes()));
@@ -195,80 +432,6 @@ pub fn token_block_keys(tokens: &[u32], block_size: usize, parent: u64) -> Vec<u
             seed
         })
         .collect()
-}
-
-/// What one replica's events say it holds: our keys in its [`ReplicaBlocks`], and the
-/// engine's hashes mapped to them for parents and removals.
-pub struct KvReplica {
-    blocks: std::sync::Arc<ReplicaBlocks>,
-    keys: HashMap<EngineHash, u64>,
-    /// More engine hashes than this and the map is dropped whole (events were lost, or
-    /// the engine never removes): the replica is then routed by load until it refills.
-    max_keys: usize,
-}
-
-/// What applying an event changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Applied {
-    pub stored: usize,
-    pub removed: usize,
-    /// A stored block whose parent we never saw (an event was missed): not indexed.
-    pub orphans: usize,
-}
-
-impl KvReplica {
-    pub fn new(blocks: std::sync::Arc<ReplicaBlocks>, max_keys: usize) -> Self {
-        KvReplica { blocks, keys: HashMap::new(), max_keys }
-    }
-
-    pub fn apply(&mut self, event: &KvEvent, now: u64) -> Applied {
-        let mut applied = Applied::default();
-        match event {
-            KvEvent::BlockStored { block_hashes, parent, token_ids, block_size } => {
-                let parent_key = match parent {
-                    None => Some(0),
-                    Some(p) => self.keys.get(p).copied(),
-                };
-                let Some(parent_key) = parent_key else {
-                    applied.orphans = block_hashes.len();
-                    return applied;
-                };
-                let ours = token_block_keys(token_ids, *block_size, parent_key);
-                for (engine, key) in block_hashes.iter().zip(&ours) {
-                    self.keys.insert(*engine, *key);
-                }
-                self.blocks.remember(&ours, now);
-                applied.stored = ours.len();
-                if self.keys.len() > self.max_keys {
-                    self.clear();
-                }
-            }
-            KvEvent::BlockRemoved { block_hashes } => {
-                let ours: Vec<u64> = block_hashes.iter().filter_map(|h| self.keys.remove(h)).collect();
-                self.blocks.forget(&ours);
-                applied.removed = ours.len();
-            }
-            KvEvent::AllBlocksCleared => {
-                applied.removed = self.keys.len();
-                self.clear();
-            }
-        }
-        applied
-    }
-
-    /// Forget everything (cleared, restarted, or too far behind to trust).
-    pub fn clear(&mut self) {
-        self.keys.clear();
-        self.blocks.clear();
-    }
-
-    pub fn len(&self) -> usize {
-        self.keys.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -296,6 +459,10 @@ mod tests {
             V::Nil,
             V::Nil,
         ])
+    }
+
+    fn batch(events: Vec<V>) -> Vec<u8> {
+        encode(&V::Array(vec![V::F64(1.0), V::Array(events)]))
     }
 
     #[test]
@@ -344,15 +511,19 @@ mod tests {
     #[test]
     fn decodes_the_map_encoding_with_bytes_hashes() {
         let stored = V::Map(vec![
-            (V::from("type"), V::from("BlockStored")),
+            (V::from("medium"), V::from("GPU")),
             (V::from("block_hashes"), V::Array(vec![V::Binary(vec![7; 32])])),
             (V::from("parent_block_hash"), V::Nil),
             (V::from("token_ids"), ints(&[1, 2])),
+            (V::from("type"), V::from("BlockStored")),
             (V::from("block_size"), V::from(2)),
-            (V::from("medium"), V::from("GPU")),
+            (V::from("extra_keys"), V::Array(vec![V::Map(vec![(V::from(1), V::Array(vec![V::Nil]))])])),
             (V::from("group_idx"), V::from(0)),
         ]);
-        let unknown = V::Map(vec![(V::from("type"), V::from("SomethingNew"))]);
+        let unknown = V::Map(vec![
+            (V::from("type"), V::from("SomethingNew")),
+            (V::from("token_ids"), V::from("not ids: fine for an unknown type")),
+        ]);
         let batch = V::Map(vec![
             (V::from("ts"), V::F64(3.0)),
             (V::from("events"), V::Array(vec![stored, unknown])),
@@ -370,60 +541,60 @@ mod tests {
         assert!(decode_batch(&encode(&V::from(3))).is_err());
         assert!(decode_batch(&encode(&V::Array(vec![V::F64(1.0)]))).is_err());
         // token_ids that do not fill the blocks
-        let bad = V::Array(vec![V::F64(1.0), V::Array(vec![stored_array(&[1, 2], None, &[1, 2, 3], 2)])]);
-        assert!(decode_batch(&encode(&bad)).is_err());
+        assert!(decode_batch(&batch(vec![stored_array(&[1, 2], None, &[1, 2, 3], 2)])).is_err());
+        // a token id beyond u32, a negative one
+        assert!(decode_batch(&batch(vec![stored_array(&[1], None, &[1 << 40], 1)])).is_err());
+        let negative = V::Array(vec![
+            V::from("BlockStored"),
+            ints(&[1]),
+            V::Nil,
+            V::Array(vec![V::from(-1)]),
+            V::from(1),
+        ]);
+        assert!(decode_batch(&batch(vec![negative])).is_err());
     }
 
     #[test]
-    fn stored_blocks_chain_by_tokens_and_removals_resolve() {
-        let blocks = std::sync::Arc::new(ReplicaBlocks::new(1000));
-        let mut replica = KvReplica::new(blocks.clone(), 1000);
-        let prompt: Vec<u32> = (0..8).collect();
-        // The engine stores the prompt in two events, the second a child of the first.
-        let first = KvEvent::BlockStored {
-            block_hashes: vec![100, 101],
-            parent: None,
-            token_ids: prompt[..4].to_vec(),
-            block_size: 2,
-        };
-        let second = KvEvent::BlockStored {
-            block_hashes: vec![102, 103],
-            parent: Some(101),
-            token_ids: prompt[4..].to_vec(),
-            block_size: 2,
-        };
-        assert_eq!(replica.apply(&first, 0).stored, 2);
-        assert_eq!(replica.apply(&second, 0).stored, 2);
-        // The router computes the same keys from the prompt's tokens alone.
-        let keys = token_block_keys(&prompt, 2, 0);
-        assert_eq!(blocks.matched(&keys, 0, 1000), 4);
-        // Removing the third block cuts the match there.
-        assert_eq!(replica.apply(&KvEvent::BlockRemoved { block_hashes: vec![102, 999] }, 0).removed, 1);
-        assert_eq!(blocks.matched(&keys, 0, 1000), 2);
-        // A child of a block we never saw is not indexed.
-        let orphan = KvEvent::BlockStored {
-            block_hashes: vec![200],
-            parent: Some(555),
-            token_ids: vec![1, 1],
-            block_size: 2,
-        };
-        assert_eq!(replica.apply(&orphan, 0).orphans, 1);
-        replica.apply(&KvEvent::AllBlocksCleared, 0);
-        assert!(replica.is_empty());
-        assert_eq!(blocks.matched(&keys, 0, 1000), 0);
+    fn absurd_block_sizes_are_refused_without_overflow() {
+        // 2^60 tokens per block over 4 blocks wraps to 0 in unchecked arithmetic: the
+        // check must not accept an empty token list for it.
+        for size in [0u64, 1 << 60, u64::MAX, MAX_BLOCK_SIZE as u64 + 1] {
+            let event = stored_array(&[1, 2, 3, 4], None, &[], size);
+            assert_eq!(
+                decode_batch(&batch(vec![event])),
+                Err(WireError::Malformed("BlockStored with a block_size out of range")),
+                "{size}"
+            );
+        }
+        let ok = stored_array(&[1], None, &vec![3; MAX_BLOCK_SIZE], MAX_BLOCK_SIZE as u64);
+        assert!(decode_batch(&batch(vec![ok])).is_ok());
     }
 
     #[test]
-    fn an_oversized_map_is_dropped_whole() {
-        let blocks = std::sync::Arc::new(ReplicaBlocks::new(1000));
-        let mut replica = KvReplica::new(blocks.clone(), 3);
-        let e = KvEvent::BlockStored {
-            block_hashes: vec![1, 2, 3, 4],
-            parent: None,
-            token_ids: vec![0; 4],
-            block_size: 1,
-        };
-        replica.apply(&e, 0);
-        assert!(replica.is_empty() && blocks.is_empty());
+    fn announced_lengths_never_reserve_beyond_the_payload() {
+        // An array announcing 2^32 - 1 elements with none following; a string announcing
+        // 4 GB; a bin announcing 4 GB; a deep nest of arrays to skip.
+        for payload in [
+            vec![0xdd, 0xff, 0xff, 0xff, 0xff],
+            vec![0x92, 0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0xdd, 0xff, 0xff, 0xff, 0xff],
+            vec![0x81, 0xdb, 0xff, 0xff, 0xff, 0xff],
+            vec![0x92, 0x01, 0x91, 0x92, 0xa5, b'X', b'X', b'X', b'X', b'X', 0xc6, 0xff, 0xff, 0xff, 0xff],
+        ] {
+            assert!(decode_batch(&payload).is_err(), "{payload:?}");
+        }
+        let mut nest = vec![0x92, 0x01, 0x91, 0x92, 0xa3, b'N', b'e', b'w'];
+        nest.extend(std::iter::repeat_n(0x91, 100_000));
+        nest.push(0xc0);
+        let decoded = decode_batch(&nest).unwrap();
+        assert!(decoded.events.is_empty(), "an unknown event's deep nest is skipped, iteratively");
+    }
+
+    #[test]
+    fn keys_chain_and_ignore_the_tail() {
+        let keys = token_block_keys(&[1, 2, 3, 4, 5], 2, 0);
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0], token_block_keys(&[1, 2], 2, 0)[0]);
+        assert_ne!(keys[1], token_block_keys(&[3, 4], 2, 0)[0], "chained to the first block");
+        assert_eq!(token_block_keys(&[1, 2], 0, 0).len(), 2, "a zero size is one token per block");
     }
 }

@@ -21,16 +21,26 @@
 //!
 //! A replica that joined late is caught up from the replay endpoint's buffer when there
 //! is one. The set of tasks follows the registry's replicas ([`KvFeeds::follow`]).
+//!
+//! The publisher is not trusted. The transport ([`super::zmtp`]) bounds every frame and
+//! message (`--kv-events-max-message-bytes`) and closes a connection that breaks a bound
+//! (counted in `router_kv_feed_errors_total`, then reconnected with back-off); the
+//! decoder ([`super::kv_events`]) checks every count and number, and a batch it cannot
+//! read is counted as `dropped` and forgets the replica's memory (its events are lost);
+//! a replay is bounded in time. Each replica's feed runs under a supervisor that
+//! restarts it, with back-off, if it ever ends: one bad publisher costs at most the
+//! cache-aware routing of its own replica.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::task::JoinHandle;
-use zeromq::{Socket, SocketRecv, SocketSend, ZmqMessage};
 
-use super::kv_events::{Applied, KvEvent, KvReplica, decode_batch};
+use super::kv_events::{KvEvent, decode_batch};
+use super::kv_replica::{Applied, KvReplica};
+use super::zmtp::{Connection, Limits, SocketType, ZmtpError};
 use super::{CacheIndex, ReplicaBlocks};
 use crate::metrics::Metrics;
 
@@ -50,6 +60,8 @@ pub struct FeedConfig {
     pub silence: Duration,
     /// Engine block hashes remembered per replica before the map is dropped whole.
     pub max_blocks: usize,
+    /// Bounds on what a publisher may send.
+    pub limits: Limits,
 }
 
 impl FeedConfig {
@@ -107,18 +119,15 @@ impl KvFeeds {
                 tracing::warn!(replica = %name, "no KV events endpoint: this replica is routed by load only");
                 continue;
             };
-            let feed = Feed {
+            let feed = FeedSpec {
                 replica: name.clone(),
                 endpoint,
                 replay: self.config.replay_endpoint(name),
-                topic: self.config.topic.clone(),
-                silence: self.config.silence,
-                memory: self.index.memory(name),
-                state: KvReplica::new(self.index.memory(name), self.config.max_blocks),
+                config: self.config.clone(),
                 index: self.index.clone(),
                 metrics: self.metrics.clone(),
             };
-            running.insert(name.clone(), tokio::spawn(feed.run()));
+            running.insert(name.clone(), tokio::spawn(supervise(feed)));
         }
     }
 
@@ -137,9 +146,75 @@ impl Drop for KvFeeds {
 }
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for one replayed message, and for a whole replay.
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(2);
+const REPLAY_DEADLINE: Duration = Duration::from_secs(10);
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A feed that ran this long before it ended starts again without delay.
+const STEADY: Duration = Duration::from_secs(60);
 const END_OF_REPLAY: [u8; 8] = [0xff; 8];
+
+/// What a replica's feed is made from, kept to make it again.
+struct FeedSpec {
+    replica: String,
+    endpoint: String,
+    replay: Option<String>,
+    config: FeedConfig,
+    index: Arc<CacheIndex>,
+    metrics: Arc<Metrics>,
+}
+
+impl FeedSpec {
+    fn feed(&self) -> Feed {
+        let memory = self.index.memory(&self.replica);
+        Feed {
+            replica: self.replica.clone(),
+            endpoint: self.endpoint.clone(),
+            replay: self.replay.clone(),
+            topic: self.config.topic.clone(),
+            silence: self.config.silence,
+            limits: self.config.limits,
+            state: KvReplica::new(memory.clone(), self.config.max_blocks),
+            memory,
+            index: self.index.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// Run the replica's feed, and run it again whenever it ends (it only ends by a bug: a
+/// panic), with back-off, forgetting what the failed run had indexed.
+async fn supervise(spec: FeedSpec) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let started = Instant::now();
+        let mut run = AbortOnDrop(tokio::spawn(spec.feed().run()));
+        let ended = (&mut run.0).await;
+        spec.index.memory(&spec.replica).clear();
+        spec.metrics.kv_feed_errors.with_label_values(&[&spec.replica, "restart"]).inc();
+        match ended {
+            Err(error) if error.is_panic() => {
+                tracing::error!(replica = %spec.replica, "KV events feed failed; restarting it");
+            }
+            _ => tracing::warn!(replica = %spec.replica, "KV events feed ended; restarting it"),
+        }
+        if started.elapsed() > STEADY {
+            backoff = MIN_BACKOFF;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// A task aborted when its handle is dropped (the supervisor's own abort reaches it).
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 struct Feed {
     replica: String,
@@ -147,6 +222,7 @@ struct Feed {
     replay: Option<String>,
     topic: String,
     silence: Duration,
+    limits: Limits,
     memory: Arc<ReplicaBlocks>,
     state: KvReplica,
     index: Arc<CacheIndex>,
@@ -156,63 +232,66 @@ struct Feed {
 impl Feed {
     async fn run(mut self) {
         let connected = self.metrics.kv_events_connected.with_label_values(&[&self.replica]);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = MIN_BACKOFF;
         loop {
-            let Some(mut socket) = self.subscribe().await else {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                continue;
+            let mut connection = match self.subscribe().await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::debug!(replica = %self.replica, %error, "KV events connect failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    continue;
+                }
             };
-            backoff = Duration::from_millis(100);
             connected.set(1);
             tracing::info!(replica = %self.replica, endpoint = %self.endpoint, "subscribed to KV events");
-            self.receive(&mut socket).await;
+            let error = self.receive(&mut connection).await;
             connected.set(0);
+            self.count_error(&error);
             self.reset("disconnect");
-            tracing::warn!(replica = %self.replica, "KV events connection lost; routing this replica by load");
+            tracing::warn!(replica = %self.replica, %error, "KV events connection lost; routing this replica by load");
+            // A peer that breaks the protocol is not reconnected to at once.
+            if !matches!(error, ZmtpError::Closed | ZmtpError::Io(_)) {
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            } else {
+                backoff = MIN_BACKOFF;
+            }
             tokio::time::sleep(backoff).await;
         }
     }
 
-    async fn subscribe(&self) -> Option<zeromq::SubSocket> {
-        let mut socket = zeromq::SubSocket::new();
-        match tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(&self.endpoint)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                tracing::debug!(replica = %self.replica, %error, "KV events connect failed");
-                return None;
-            }
-            Err(_) => return None,
-        }
-        socket.subscribe(&self.topic).await.ok()?;
-        Some(socket)
+    async fn subscribe(&self) -> Result<Connection, ZmtpError> {
+        let mut connection =
+            Connection::connect(&self.endpoint, SocketType::Sub, self.limits, CONNECT_TIMEOUT).await?;
+        connection.subscribe(self.topic.as_bytes()).await?;
+        Ok(connection)
     }
 
-    /// Apply batches until the connection fails.
-    async fn receive(&mut self, socket: &mut zeromq::SubSocket) {
+    fn count_error(&self, error: &ZmtpError) {
+        self.metrics.kv_feed_errors.with_label_values(&[&self.replica, error.kind()]).inc();
+    }
+
+    /// Apply batches until the connection fails; the failure.
+    async fn receive(&mut self, connection: &mut Connection) -> ZmtpError {
         let mut last: Option<u64> = None;
         loop {
-            let message = match tokio::time::timeout(self.silence, socket.recv()).await {
+            let frames = match tokio::time::timeout(self.silence, connection.recv()).await {
                 Err(_) => {
                     if self.memory.silent_since_routed(self.index.now(), self.silence.as_millis() as u64) {
                         self.reset("silence");
                     }
                     continue;
                 }
-                Ok(Err(error)) => {
-                    tracing::debug!(replica = %self.replica, %error, "KV events receive failed");
-                    return;
-                }
-                Ok(Ok(message)) => message,
+                Ok(Err(error)) => return error,
+                Ok(Ok(frames)) => frames,
             };
-            let frames = message.into_vec();
             let Some((sequence, payload)) = sequenced(&frames) else {
                 self.count_batch("dropped");
                 continue;
             };
             match last {
                 Some(previous) if sequence <= previous => self.reset("restart"),
-                Some(previous) if sequence > previous + 1 => {
+                Some(previous) if sequence > previous.saturating_add(1) => {
                     self.metrics.kv_event_gaps.with_label_values(&[&self.replica]).inc();
                     if !self.replay(previous + 1, sequence).await {
                         self.reset("gap");
@@ -230,33 +309,31 @@ impl Feed {
     }
 
     /// Fetch and apply batches `from..until` from the replay endpoint; true when all of
-    /// them came.
+    /// them came (within [`REPLAY_DEADLINE`]).
     async fn replay(&mut self, from: u64, until: u64) -> bool {
         let Some(endpoint) = self.replay.clone() else { return false };
-        let mut dealer = zeromq::DealerSocket::new();
-        if !matches!(tokio::time::timeout(REPLAY_TIMEOUT, dealer.connect(&endpoint)).await, Ok(Ok(()))) {
-            return false;
-        }
-        let request = vec![Bytes::new(), Bytes::copy_from_slice(&from.to_be_bytes())];
-        if dealer.send(ZmqMessage::try_from(request).expect("two frames")).await.is_err() {
-            return false;
-        }
-        let mut next = from;
-        while let Ok(Ok(reply)) = tokio::time::timeout(REPLAY_TIMEOUT, dealer.recv()).await {
-            let mut frames = reply.into_vec();
-            if frames.first().is_some_and(|f| f.is_empty()) {
-                frames.remove(0);
+        let replayed = tokio::time::timeout(REPLAY_DEADLINE, async {
+            let mut dealer =
+                Connection::connect(&endpoint, SocketType::Dealer, self.limits, REPLAY_TIMEOUT).await.ok()?;
+            dealer.send(&[b"", &from.to_be_bytes()]).await.ok()?;
+            let mut next = from;
+            while let Ok(Ok(mut frames)) = tokio::time::timeout(REPLAY_TIMEOUT, dealer.recv()).await {
+                if frames.first().is_some_and(|f| f.is_empty()) {
+                    frames.remove(0);
+                }
+                if frames.iter().rev().nth(1).is_some_and(|seq| seq[..] == END_OF_REPLAY) {
+                    break;
+                }
+                let Some((sequence, payload)) = sequenced(&frames) else { continue };
+                if sequence == next && sequence < until {
+                    self.apply(payload, "replayed");
+                    next += 1;
+                }
             }
-            if frames.iter().rev().nth(1).is_some_and(|seq| seq[..] == END_OF_REPLAY) {
-                break;
-            }
-            let Some((sequence, payload)) = sequenced(&frames) else { continue };
-            if sequence == next && sequence < until {
-                self.apply(payload, "replayed");
-                next += 1;
-            }
-        }
-        next >= until
+            Some(next >= until)
+        })
+        .await;
+        matches!(replayed, Ok(Some(true)))
     }
 
     fn apply(&mut self, payload: &Bytes, outcome: &str) {
@@ -266,7 +343,7 @@ impl Feed {
             Err(error) => {
                 tracing::debug!(replica = %self.replica, %error, "undecodable KV event batch");
                 self.count_batch("dropped");
-                self.reset("gap");
+                self.reset("malformed");
                 return;
             }
         };
@@ -274,19 +351,20 @@ impl Feed {
         let now = self.index.now();
         let mut total = Applied::default();
         for event in &batch.events {
-            match event {
-                KvEvent::AllBlocksCleared => self.reset("cleared"),
-                KvEvent::BlockStored { block_size, .. } => {
-                    self.index.set_block_size(*block_size);
-                    let applied = self.state.apply(event, now);
-                    if applied.stored > 0 && self.state.is_empty() {
-                        self.count_reset("oversize");
-                    }
-                    total.stored += applied.stored;
-                    total.orphans += applied.orphans;
-                }
-                KvEvent::BlockRemoved { .. } => total.removed += self.state.apply(event, now).removed,
+            if matches!(event, KvEvent::AllBlocksCleared) {
+                self.reset("cleared");
+                continue;
             }
+            let applied = self.state.apply(event, now);
+            if applied.resized {
+                self.count_reset("block_size");
+            }
+            if applied.oversize {
+                self.count_reset("oversize");
+            }
+            total.stored += applied.stored;
+            total.removed += applied.removed;
+            total.orphans += applied.orphans;
         }
         let blocks = |kind: &str, n: usize| {
             if n > 0 {
@@ -334,6 +412,7 @@ mod tests {
             topic: String::new(),
             silence: Duration::from_secs(30),
             max_blocks: 10,
+            limits: Limits::default(),
         };
         assert_eq!(config.endpoint("http://a:8000").unwrap(), "tcp://10.0.0.9:7000");
         assert_eq!(config.endpoint("http://b.svc:8000").unwrap(), "tcp://b.svc:5557");

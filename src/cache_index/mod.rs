@@ -23,16 +23,18 @@
 mod blocks;
 pub mod kv_events;
 mod kv_feed;
+mod kv_replica;
 mod prompt;
+pub mod zmtp;
 
 pub use kv_feed::{FeedConfig, KvFeeds};
+pub use kv_replica::{Applied, KvReplica};
 
 pub(crate) use blocks::Prehashed;
 pub use blocks::ReplicaBlocks;
 pub use prompt::PromptBlocks;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -59,18 +61,11 @@ pub struct CacheIndex {
     limits: IndexLimits,
     epoch: Instant,
     replicas: Mutex<HashMap<Arc<str>, Arc<ReplicaBlocks>>>,
-    /// Tokens per block of the engines' KV events (learnt from them; vLLM's default 16).
-    block_size: AtomicUsize,
 }
 
 impl CacheIndex {
     pub fn new(limits: IndexLimits) -> Self {
-        CacheIndex {
-            limits,
-            epoch: Instant::now(),
-            replicas: Mutex::new(HashMap::new()),
-            block_size: AtomicUsize::new(16),
-        }
+        CacheIndex { limits, epoch: Instant::now(), replicas: Mutex::new(HashMap::new()) }
     }
 
     /// One replica's memory by name, made empty if it has none yet.
@@ -80,16 +75,6 @@ impl CacheIndex {
             .entry(name.into())
             .or_insert_with(|| Arc::new(ReplicaBlocks::new(self.limits.blocks_per_replica)))
             .clone()
-    }
-
-    pub fn block_size(&self) -> usize {
-        self.block_size.load(Ordering::Relaxed)
-    }
-
-    pub fn set_block_size(&self, tokens: usize) {
-        if tokens > 0 {
-            self.block_size.store(tokens, Ordering::Relaxed);
-        }
     }
 
     /// The memories of exactly these replicas, in this order: existing ones are kept,

@@ -11,11 +11,16 @@
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// The chained hashes of a prompt's whole blocks.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PromptBlocks {
     pub hashes: Vec<u64>,
     /// The prompt's length in tokens, when the policy tokenised it (else 0).
     pub tokens: usize,
+    /// `kv-aware`: tokens per block of `hashes` (0 for byte blocks)...
+    pub block_tokens: usize,
+    /// ... and the prompt's keys at the other block sizes the fleet's engines use
+    /// (none when they all agree, as they should).
+    pub other_sizes: Vec<(usize, Vec<u64>)>,
 }
 
 impl PromptBlocks {
@@ -29,7 +34,16 @@ impl PromptBlocks {
                 seed
             })
             .collect();
-        PromptBlocks { hashes, tokens: 0 }
+        PromptBlocks { hashes, ..PromptBlocks::default() }
+    }
+
+    /// The keys of the prompt's blocks of `block_tokens` tokens (`hashes` when the size
+    /// is unknown, 0); empty if the prompt was not keyed at that size.
+    pub fn keys(&self, block_tokens: usize) -> &[u64] {
+        if block_tokens == 0 || block_tokens == self.block_tokens {
+            return &self.hashes;
+        }
+        self.other_sizes.iter().find(|(size, _)| *size == block_tokens).map_or(&[], |(_, keys)| keys)
     }
 
     pub fn len(&self) -> usize {

@@ -44,6 +44,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::session_homes::SessionHomes;
 use super::{Candidate, Decision, LeastLoaded, Policy, PrefixOptions, Reason, rotated};
 use crate::cache_index::kv_events::token_block_keys;
+
+/// Tokens per block assumed for a prompt while no replica has reported its own (vLLM's
+/// GPU default).
+const DEFAULT_BLOCK_SIZE: usize = 16;
 use crate::cache_index::{CacheIndex, PromptBlocks, ReplicaBlocks};
 use crate::metrics::Metrics;
 use crate::prompt_tokens::PromptTokenizer;
@@ -203,10 +207,23 @@ impl Policy for KvAware {
         self.without_prompt.choose(key, replicas)
     }
 
+    /// The prompt keyed at every block size the replicas' engines report (one, in a
+    /// fleet configured alike), the most common first.
     fn prompt_blocks(&self, _model: Option<&str>, prompt: &[u8]) -> Option<PromptBlocks> {
         let tokens = self.tokenizer.tokens(prompt)?;
-        let hashes = token_block_keys(&tokens, self.index.block_size(), 0);
-        Some(PromptBlocks { hashes, tokens: tokens.len() })
+        let mut sizes: Vec<(usize, usize)> = Vec::new();
+        for size in self.memories.iter().map(|m| m.block_size()).filter(|&s| s > 0) {
+            match sizes.iter_mut().find(|(s, _)| *s == size) {
+                Some((_, count)) => *count += 1,
+                None => sizes.push((size, 1)),
+            }
+        }
+        sizes.sort_by_key(|&(size, count)| (std::cmp::Reverse(count), size));
+        let mut keyed = sizes.iter().map(|&(size, _)| (size, token_block_keys(&tokens, size, 0)));
+        let (block_tokens, hashes) = keyed
+            .next()
+            .unwrap_or_else(|| (DEFAULT_BLOCK_SIZE, token_block_keys(&tokens, DEFAULT_BLOCK_SIZE, 0)));
+        Some(PromptBlocks { hashes, tokens: tokens.len(), block_tokens, other_sizes: keyed.collect() })
     }
 
     fn choose_for_prompt(
@@ -215,11 +232,11 @@ impl Policy for KvAware {
         prompt: &PromptBlocks,
         replicas: &[Candidate],
     ) -> Option<Decision> {
-        let (now, ttl, block) = (self.index.now(), self.index.ttl_ms(), self.index.block_size());
+        let (now, ttl, block) = (self.index.now(), self.index.ttl_ms(), prompt.block_tokens);
         let matched: Vec<usize> = replicas
             .iter()
             .zip(&self.memories)
-            .map(|(c, memory)| if c.eligible { memory.matched(&prompt.hashes, now, ttl) * block } else { 0 })
+            .map(|(c, memory)| if c.eligible { matched_tokens(memory, prompt, now, ttl) } else { 0 })
             .collect();
         if let Some(replica) =
             key.and_then(|k| self.sessions.home_for(k, &self.names, replicas, &self.balance))
@@ -247,10 +264,10 @@ impl Policy for KvAware {
     /// Remember the prompt on the replica (and the session's home), and count the
     /// tokens it has to prefill there as its load.
     fn routed(&self, key: Option<&RoutingKey>, prompt: &PromptBlocks, decision: Decision) -> usize {
-        let (now, ttl, block) = (self.index.now(), self.index.ttl_ms(), self.index.block_size());
+        let (now, ttl) = (self.index.now(), self.index.ttl_ms());
         let memory = &self.memories[decision.replica];
-        let cached = (memory.matched(&prompt.hashes, now, ttl) * block).min(prompt.tokens);
-        memory.remember(&prompt.hashes, now);
+        let cached = matched_tokens(memory, prompt, now, ttl).min(prompt.tokens);
+        memory.remember(prompt.keys(memory.block_size()), now);
         memory.note_routed(now);
         if let Some(key) = key {
             self.sessions.set(key, &self.names[decision.replica]);
@@ -261,6 +278,15 @@ impl Policy for KvAware {
         }
         prompt.tokens - cached
     }
+}
+
+/// Prompt tokens `memory` holds from the start, keyed at its engine's block size.
+fn matched_tokens(memory: &ReplicaBlocks, prompt: &PromptBlocks, now: u64, ttl: u64) -> usize {
+    let size = match memory.block_size() {
+        0 => prompt.block_tokens,
+        size => size,
+    };
+    memory.matched(prompt.keys(size), now, ttl) * size
 }
 
 #[cfg(test)]

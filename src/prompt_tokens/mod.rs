@@ -58,6 +58,12 @@ impl TokenizerSpec {
     }
 }
 
+/// Longest prompt (raw JSON bytes) tokenised for routing. Tokenising holds a few times
+/// the prompt's size (a chat template's rendering, the tokenizer's encoding), and no
+/// engine accepts a prompt this long (about a million tokens): a longer one is routed
+/// by load and left for the engine to refuse.
+pub const MAX_PROMPT_BYTES: usize = 4 << 20;
+
 /// A loaded tokenizer.
 #[derive(Debug)]
 pub enum PromptTokenizer {
@@ -69,6 +75,9 @@ impl PromptTokenizer {
     /// The token ids of a prompt given as the raw JSON of a request's `messages` or
     /// `prompt`; `None` when it is none of the shapes those take.
     pub fn tokens(&self, raw: &[u8]) -> Option<Vec<u32>> {
+        if raw.len() > MAX_PROMPT_BYTES {
+            return None;
+        }
         match self {
             PromptTokenizer::Builtin(t) => t.tokens(raw),
             PromptTokenizer::HuggingFace(t) => t.tokens(raw),

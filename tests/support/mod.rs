@@ -9,6 +9,8 @@
 
 #![allow(dead_code)]
 
+pub mod zmq_publisher;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
