@@ -222,11 +222,15 @@ impl Dispatcher {
         in_flight: InFlight,
         route: &Route<'_>,
     ) -> Response {
-        let (parts, body) = response.into_parts();
+        let (mut parts, body) = response.into_parts();
         let sse = parts
             .headers
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        if sse {
+            // A failed stream ends with an error event the replica did not count.
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+        }
         let options = BodyOptions {
             endpoint: route.endpoint,
             started: route.started,

@@ -138,6 +138,57 @@ pub fn kv_feed(data: &[u8]) {
     }
 }
 
+/// The relay's reading of a replica's response head: any bytes parse to a head or an
+/// error, never a panic; a head's framing is decided strictly, and after normalisation
+/// the client sees a `Content-Length` exactly when the body has that one length.
+pub fn response_head(data: &[u8]) {
+    use crate::relay::message::{Framing, framing, normalise_length, parse_head};
+    let Ok(Some((mut head, used))) = parse_head(data) else { return };
+    assert!(used <= data.len());
+    for method in [http::Method::POST, http::Method::GET] {
+        let Ok(f) = framing(&method, &head) else { continue };
+        let mut headers = head.headers.clone();
+        normalise_length(&mut headers, &method, f);
+        let lengths: Vec<_> = headers.get_all(http::header::CONTENT_LENGTH).iter().collect();
+        match f {
+            Framing::Length(n) => assert_eq!(lengths, [&http::HeaderValue::from(n)]),
+            _ => assert!(lengths.is_empty(), "no length on a body that has none: {f:?}"),
+        }
+    }
+    normalise_length(&mut head.headers, &http::Method::HEAD, Framing::Empty);
+}
+
+/// The chunked decoder: `data` after its first byte is a body, fed in pieces of the size
+/// the first byte chooses. Whatever the split, the payload, the end and the bytes left
+/// after the end are those of decoding it whole; the payload is never longer than the
+/// input.
+pub fn chunked_body(data: &[u8]) {
+    use crate::relay::chunked::Chunked;
+    let Some((&step, body)) = data.split_first() else { return };
+    let decode = |pieces: &mut dyn Iterator<Item = &[u8]>| -> Option<(Vec<u8>, bool, Vec<u8>)> {
+        let mut decoder = Chunked::default();
+        let (mut payload, mut left) = (Vec::new(), Vec::new());
+        for piece in pieces {
+            if decoder.is_done() {
+                left.extend_from_slice(piece);
+                continue;
+            }
+            let mut buffer = bytes::BytesMut::from(piece);
+            payload.extend_from_slice(&decoder.decode(&mut buffer).ok()?);
+            assert!(buffer.is_empty() || decoder.is_done(), "input is kept only after the end");
+            left.extend_from_slice(&buffer);
+        }
+        Some((payload, decoder.is_done(), left))
+    };
+    let whole = decode(&mut std::iter::once(body));
+    let split = decode(&mut body.chunks(usize::from(step).max(1)));
+    if let (Some(whole), Some(split)) = (&whole, &split) {
+        assert_eq!(whole, split, "the split changed what was decoded");
+        assert!(whole.0.len() <= body.len());
+    }
+    assert_eq!(whole.is_some(), split.is_some(), "an error is an error however the bytes arrive");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +199,8 @@ mod tests {
         request_parsing(b"x-session-id: abc\nx-user-id: u\n\n{\"model\": \"m\", \"user\": 7}");
         request_parsing(b"not json at all");
         sse_framing(b"\x03data: {}\n\ndata: [DONE]\n\n: tail");
+        response_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n");
+        chunked_body(b"\x02\x33\r\nabc\r\n0\r\n\r\n\r\n");
         kv_feed(b"\x05\x01\x00\x01\x08\x00\x00\x00\x00\x00\x00\x00\x01\x00\x04\x92\x01\x90\xc0");
     }
 }

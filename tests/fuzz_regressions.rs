@@ -31,3 +31,13 @@ fn sse_framing_survives_every_recorded_input() {
 fn kv_feed_survives_every_recorded_input() {
     assert!(replay("kv_feed", llm_router::fuzzing::kv_feed) > 0);
 }
+
+#[test]
+fn response_head_survives_every_recorded_input() {
+    assert!(replay("response_head", llm_router::fuzzing::response_head) > 0);
+}
+
+#[test]
+fn chunked_body_survives_every_recorded_input() {
+    assert!(replay("chunked_body", llm_router::fuzzing::chunked_body) > 0);
+}

@@ -106,13 +106,17 @@ impl RelayBody {
     }
 
     /// The body ended: the connection goes back to the pool if it may be reused and
-    /// nothing unexpected follows the body.
+    /// nothing unexpected follows the body (bytes after a body's end belong to no
+    /// response: the body is whole, the connection is closed).
     fn finish(&mut self) {
         self.decode = Decode::Done;
         let stream = self.stream.take();
-        if let (Some(stream), Some((pool, replica))) = (stream, self.reuse.take())
-            && self.read.is_empty()
-        {
+        if !self.read.is_empty() {
+            tracing::debug!(bytes = self.read.len(), "bytes after the response body: connection closed");
+            self.read.clear();
+            return;
+        }
+        if let (Some(stream), Some((pool, replica))) = (stream, self.reuse.take()) {
             pool.put(&replica, stream);
         }
     }

@@ -63,15 +63,17 @@ impl Default for Chunked {
 const MAX_DIGITS: u8 = 16;
 
 impl Chunked {
-    /// Consume `buffer` (all of it) and return the payload it holds. The payload is
-    /// gathered in place: framing at the front is dropped without copying, later chunks
-    /// are moved down over the framing before them, so a read holding one chunk costs
-    /// no copy and no allocation, and one holding many costs a move within the buffer.
+    /// Consume `buffer` and return the payload it holds. The payload is gathered in
+    /// place: framing at the front is dropped without copying, later chunks are moved
+    /// down over the framing before them, so a read holding one chunk costs no copy and
+    /// no allocation, and one holding many costs a move within the buffer. Everything is
+    /// consumed up to the end of the coding; bytes after it stay in `buffer` (they are
+    /// not this body's: the caller must not reuse the connection).
     pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Bytes, ChunkedError> {
         // Payload bytes gathered at the front, and the next byte to read. While nothing is
         // gathered, framing is dropped from the front of the buffer, so `read` stays 0.
         let (mut gathered, mut read) = (0, 0);
-        while read < buffer.len() {
+        while read < buffer.len() && self.state != State::Done {
             if let State::Data { left } = self.state {
                 let take = (buffer.len() - read).min(usize::try_from(left).unwrap_or(usize::MAX));
                 if gathered != read {
@@ -92,7 +94,7 @@ impl Chunked {
             self.state = self.step(byte)?;
         }
         let payload = buffer.split_to(gathered).freeze();
-        buffer.clear();
+        buffer.advance(read - gathered);
         Ok(payload)
     }
 
@@ -146,8 +148,9 @@ impl Chunked {
                 b'\n' => State::Trailer { empty: true },
                 _ => return Err(ChunkedError("expected LF in trailer")),
             },
-            State::Done => return Err(ChunkedError("bytes after the last chunk")),
-            State::Data { .. } => unreachable!("data is consumed in bulk"),
+            State::Done | State::Data { .. } => {
+                unreachable!("data is consumed in bulk, nothing after the end")
+            }
         })
     }
 
@@ -201,8 +204,28 @@ mod tests {
     }
 
     #[test]
+    fn bytes_after_the_end_are_left_and_the_body_kept() {
+        let cases: [(&[u8], &[u8], &[u8]); 2] =
+            [(b"3\r\nabc\r\n0\r\n\r\n\r\n", b"abc", b"\r\n"), (b"0\r\n\r\nmore", b"", b"more")];
+        for (encoded, payload, stray) in cases {
+            let mut decoder = Chunked::default();
+            let mut input = BytesMut::from(encoded);
+            assert_eq!(&decoder.decode(&mut input).unwrap()[..], payload);
+            assert!(decoder.is_done());
+            assert_eq!(&input[..], stray, "the stray bytes are left for the caller to see");
+        }
+        // Split so that the first piece ends inside the gathered data.
+        let mut decoder = Chunked::default();
+        let mut first = BytesMut::from(&b"3\r\nab"[..]);
+        assert_eq!(&decoder.decode(&mut first).unwrap()[..], b"ab");
+        let mut rest = BytesMut::from(&b"c\r\n0\r\n\r\nXY"[..]);
+        assert_eq!(&decoder.decode(&mut rest).unwrap()[..], b"c");
+        assert_eq!(&rest[..], b"XY");
+    }
+
+    #[test]
     fn malformed_framing_is_an_error() {
-        for bad in [&b"zz\r\n"[..], b"\r\n", b"3\r\nabcX", b"11111111111111111\r\n", b"0\r\n\r\nmore"] {
+        for bad in [&b"zz\r\n"[..], b"\r\n", b"3\r\nabcX", b"11111111111111111\r\n"] {
             let mut decoder = Chunked::default();
             assert!(decoder.decode(&mut BytesMut::from(bad)).is_err(), "{bad:?}");
         }

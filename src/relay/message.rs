@@ -69,8 +69,12 @@ pub fn parse_head(buffer: &[u8]) -> Result<Option<(Head, usize)>, HeadError> {
             httparse::Status::Partial => return Ok(None),
         };
         let code = response.code.expect("complete head has a status");
+        if !(100..=599).contains(&code) || code == 101 {
+            // 101 would switch protocols on a connection we never asked to upgrade.
+            return Err(HeadError::Header(format!("status {code}")));
+        }
         let status = StatusCode::from_u16(code).map_err(|e| HeadError::Header(e.to_string()))?;
-        if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
+        if status.is_informational() {
             offset += used;
             continue;
         }
@@ -97,6 +101,11 @@ pub enum Framing {
     UntilClose,
 }
 
+/// The framing of a response to `method` (RFC 9112 §6.3), strictly: the only transfer
+/// coding accepted is `chunked` alone (no replica we serve sends another, and one we
+/// cannot decode for the client is refused rather than passed on mislabelled); it wins
+/// over any `Content-Length`; a length is digits only (`+5`, `5 5`, `0x5` are refused),
+/// and several lengths must agree.
 pub fn framing(method: &Method, head: &Head) -> Result<Framing, HeadError> {
     if *method == Method::HEAD
         || head.status == StatusCode::NO_CONTENT
@@ -104,26 +113,62 @@ pub fn framing(method: &Method, head: &Head) -> Result<Framing, HeadError> {
     {
         return Ok(Framing::Empty);
     }
-    if let Some(coding) = head.headers.get_all(header::TRANSFER_ENCODING).iter().next_back() {
-        let last = coding.to_str().ok().and_then(|v| v.rsplit(',').next()).map(str::trim);
-        return Ok(match last {
-            Some(c) if c.eq_ignore_ascii_case("chunked") => Framing::Chunked,
-            _ => Framing::UntilClose,
-        });
+    let mut codings = head
+        .headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+        .peekable();
+    if codings.peek().is_some() {
+        let only_chunked = codings.next().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+        if !only_chunked || codings.next().is_some() {
+            return Err(HeadError::Header("unsupported transfer coding".into()));
+        }
+        return Ok(Framing::Chunked);
     }
-    let mut lengths = head.headers.get_all(header::CONTENT_LENGTH).iter();
-    match lengths.next() {
-        None => Ok(Framing::UntilClose),
-        Some(value) => {
-            let length = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or_else(|| HeadError::Header("bad content-length".into()))?;
-            if lengths.any(|other| other != value) {
+    let mut length = None;
+    for value in head.headers.get_all(header::CONTENT_LENGTH) {
+        for item in value.as_bytes().split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            let n = digits(item).ok_or_else(|| HeadError::Header("bad content-length".into()))?;
+            if length.is_some_and(|l| l != n) {
                 return Err(HeadError::Header("conflicting content-length".into()));
             }
-            Ok(if length == 0 { Framing::Empty } else { Framing::Length(length) })
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        None => Framing::UntilClose,
+        Some(0) => Framing::Empty,
+        Some(n) => Framing::Length(n),
+    })
+}
+
+/// A decimal length of digits only, without overflow.
+fn digits(text: &[u8]) -> Option<u64> {
+    if text.is_empty() || !text.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    text.iter().try_fold(0u64, |n, &d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// The response's `Content-Length` as the client must see it: the body's one length
+/// when it has one, none when the body is chunked or runs to the close (the router's
+/// server then frames it), as it was for a response to HEAD.
+pub fn normalise_length(headers: &mut HeaderMap, method: &Method, framing: Framing) {
+    if *method == Method::HEAD {
+        return;
+    }
+    match framing {
+        Framing::Length(n) => {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        Framing::Empty => {
+            headers.remove(header::CONTENT_LENGTH);
+        }
+        Framing::Chunked | Framing::UntilClose => {
+            headers.remove(header::CONTENT_LENGTH);
         }
     }
 }
@@ -176,6 +221,22 @@ transfer-encoding: chunked\r\n\r\n5\r\nhello";
     }
 
     #[test]
+    fn transfer_encoding_wins_and_the_length_is_dropped() {
+        let (mut h, _) =
+            parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        let f = framing(&Method::POST, &h).unwrap();
+        assert_eq!(f, Framing::Chunked);
+        normalise_length(&mut h.headers, &Method::POST, f);
+        assert!(h.headers.get(header::CONTENT_LENGTH).is_none());
+        let (mut h, _) = parse_head(b"HTTP/1.1 200 OK\r\ncontent-length: 007\r\n\r\n").unwrap().unwrap();
+        let f = framing(&Method::POST, &h).unwrap();
+        normalise_length(&mut h.headers, &Method::POST, f);
+        assert_eq!(h.headers[header::CONTENT_LENGTH], "7");
+    }
+
+    #[test]
     fn framing_follows_rfc_9112() {
         let head = |text: &[u8]| parse_head(text).unwrap().unwrap().0;
         let h = head(b"HTTP/1.1 200 OK\r\ncontent-length: 12\r\n\r\n");
@@ -193,8 +254,19 @@ transfer-encoding: chunked\r\n\r\n5\r\nhello";
         assert!(!reusable(&h, Framing::Length(3)));
         let h = head(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 4\r\n\r\n");
         assert!(framing(&Method::POST, &h).is_err());
-        let h = head(b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n");
-        assert!(framing(&Method::POST, &h).is_err());
+        for bad in ["x", "+5", "-5", "5 5", "0x5", "", "5, 6", "99999999999999999999999"] {
+            let text = format!("HTTP/1.1 200 OK\r\ncontent-length: {bad}\r\n\r\n");
+            let h = head(text.as_bytes());
+            assert!(framing(&Method::POST, &h).is_err(), "content-length `{bad}`");
+        }
+        let h = head(b"HTTP/1.1 200 OK\r\ncontent-length: 7, 7\r\ncontent-length: 7\r\n\r\n");
+        assert_eq!(framing(&Method::POST, &h).unwrap(), Framing::Length(7));
+        for bad in ["gzip", "gzip, chunked", "chunked, gzip", "chunked, chunked"] {
+            let text = format!("HTTP/1.1 200 OK\r\ntransfer-encoding: {bad}\r\n\r\n");
+            assert!(framing(&Method::POST, &head(text.as_bytes())).is_err(), "transfer-encoding `{bad}`");
+        }
+        assert!(parse_head(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n").is_err());
+        assert!(parse_head(b"HTTP/1.1 700 Odd\r\n\r\n").is_err());
         assert!(parse_head(b"NOT HTTP\r\n\r\n").is_err());
         let mut endless = b"HTTP/1.1 200 OK\r\nx-long: ".to_vec();
         endless.resize(MAX_HEAD_BYTES + 1, b'a');

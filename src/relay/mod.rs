@@ -16,8 +16,8 @@
 //! is safe because the replica never began it.
 
 mod body;
-mod chunked;
-mod message;
+pub(crate) mod chunked;
+pub(crate) mod message;
 mod pool;
 
 use std::io::IoSlice;
@@ -138,6 +138,7 @@ impl Relay {
         *response.version_mut() = head.version;
         *response.headers_mut() = head.headers;
         strip_hop_by_hop(response.headers_mut());
+        message::normalise_length(response.headers_mut(), &outbound.method, framing);
         Ok(response)
     }
 }

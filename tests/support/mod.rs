@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod raw_replica;
 pub mod zmq_publisher;
 
 use std::net::SocketAddr;

@@ -1,0 +1,185 @@
+//! Hostile replicas at the byte level: responses whose framing lies or breaks (RFC 9112
+//! §6.3), heads that never end, bodies cut short. Each case asserts what the client
+//! gets: the whole body, or a clear error (an OpenAI-style 502, an SSE error event, or a
+//! broken connection for a body already under way), never a shortened 200.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llm_router::config::RouterConfig;
+use llm_router::replicas::ReplicaUrl;
+use llm_router::server::RunningRouter;
+use serde_json::{Value, json};
+use support::raw_replica::{Act, RawReplica, SSE_HEAD, chunk};
+use support::*;
+
+fn raw_config(replicas: &[&RawReplica]) -> RouterConfig {
+    let urls = replicas.iter().map(|r| ReplicaUrl::parse(&r.url()).unwrap()).collect();
+    let mut config = RouterConfig::new(urls);
+    config.health.interval = Duration::from_millis(100);
+    config.health.timeout = Duration::from_millis(500);
+    config.thresholds.unhealthy = 1;
+    config.thresholds.healthy = 1;
+    config.connect_timeout = Duration::from_millis(500);
+    config.drain_timeout = Duration::from_secs(2);
+    config
+}
+
+fn script(acts: Vec<Act>) -> support::raw_replica::Script {
+    Arc::new(move |_| acts.clone())
+}
+
+async fn send(router: &RunningRouter, stream: bool) -> reqwest::Result<reqwest::Response> {
+    client()
+        .post(format!("{}/v1/completions", base(router)))
+        .header("content-type", "application/json")
+        .body(json!({"model": "m", "prompt": "hi", "max_tokens": 4, "stream": stream}).to_string())
+        .send()
+        .await
+}
+
+async fn completion(router: &RunningRouter, stream: bool) -> reqwest::Response {
+    send(router, stream).await.unwrap()
+}
+
+/// The client learns that the response failed: the connection breaks before the head
+/// is whole, or the body fails. A complete 200 would be a silent loss.
+async fn assert_cut(router: &RunningRouter) {
+    match send(router, false).await {
+        Err(_) => {}
+        Ok(response) => {
+            assert_eq!(response.status(), 200);
+            assert!(response.bytes().await.is_err(), "the client sees the body fail, not end");
+        }
+    }
+}
+
+async fn healthy(router: &RunningRouter, replica: &RawReplica) -> f64 {
+    let text = client().get(format!("{}/metrics", base(router))).send().await.unwrap().text().await.unwrap();
+    metric(&text, &format!("router_replica_healthy{{replica=\"{}\"}}", replica.url()))
+}
+
+#[tokio::test]
+async fn transfer_encoding_wins_over_a_conflicting_content_length() {
+    let mut bytes =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n"
+            .to_vec();
+    bytes.extend(chunk(b"hello world"));
+    bytes.extend_from_slice(b"0\r\n\r\n");
+    let replica = RawReplica::start(script(vec![Act::Write(bytes)])).await;
+    let router = support::router(raw_config(&[&replica])).await;
+    let response = completion(&router, false).await;
+    assert_eq!(response.status(), 200);
+    let length = response.headers().get("content-length").map(|v| v.to_str().unwrap().to_owned());
+    assert!(length.is_none() || length.as_deref() == Some("11"), "content-length {length:?}");
+    assert_eq!(response.bytes().await.unwrap(), "hello world", "the whole body, not the first 5 bytes");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_length_that_is_not_only_digits_is_refused_with_a_clear_error() {
+    for length in ["+5", "5 5", "-1", "0x5", "5, 6"] {
+        let bytes = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {length}\r\n\r\nhello"
+        );
+        let replica = RawReplica::start(script(vec![Act::Write(bytes.into_bytes())])).await;
+        let router = support::router(raw_config(&[&replica])).await;
+        let response = completion(&router, false).await;
+        assert_eq!(response.status(), 502, "content-length `{length}`");
+        let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["type"], "BadGatewayError", "{body}");
+        assert_eq!(body["error"]["code"], 502);
+        router.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_stray_crlf_after_the_last_chunk_keeps_the_body_and_the_replica() {
+    let mut bytes =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    bytes.extend(chunk(br#"{"choices":[]}"#));
+    bytes.extend_from_slice(b"0\r\n\r\n\r\n");
+    let replica = RawReplica::start(script(vec![Act::Write(bytes)])).await;
+    let router = support::router(raw_config(&[&replica])).await;
+    for _ in 0..2 {
+        let response = completion(&router, false).await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.bytes().await.unwrap(), r#"{"choices":[]}"#);
+    }
+    assert_eq!(healthy(&router, &replica).await, 1.0, "a complete body does not eject the replica");
+    let text = client().get(format!("{}/metrics", base(&router))).send().await.unwrap().text().await.unwrap();
+    let mid_body = format!("router_upstream_errors_total{{kind=\"mid_body\",replica=\"{}\"}}", replica.url());
+    assert_eq!(metric(&text, &mid_body), 0.0);
+    // The connection with stray bytes on it was not reused for the second request.
+    assert_eq!(replica.inference_count(), 2);
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_body_cut_short_is_an_error_never_a_short_200() {
+    // Content-Length 100, 50 bytes, then the close.
+    let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n".to_vec();
+    let replica =
+        RawReplica::start(script(vec![Act::Write(head), Act::Write(vec![b'x'; 50]), Act::Close])).await;
+    let router = support::router(raw_config(&[&replica])).await;
+    assert_cut(&router).await;
+    router.shutdown().await;
+
+    // A chunked JSON body cut before its last chunk.
+    let mut bytes =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    bytes.extend(chunk(br#"{"choices":"#));
+    let replica = RawReplica::start(script(vec![Act::Write(bytes), Act::Close])).await;
+    let router = support::router(raw_config(&[&replica])).await;
+    assert_cut(&router).await;
+    router.shutdown().await;
+
+    // An SSE stream cut mid-way: the events so far, an error event, [DONE].
+    let mut bytes = SSE_HEAD.to_vec();
+    bytes.extend(chunk(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n"));
+    let replica = RawReplica::start(script(vec![Act::Write(bytes), Act::Close])).await;
+    let router = support::router(raw_config(&[&replica])).await;
+    let text = completion(&router, true).await.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert_eq!(events.len(), 3, "{text}");
+    assert!(events[0].contains("\"a\""));
+    let error: Value = serde_json::from_str(events[1].strip_prefix("data: ").unwrap()).unwrap();
+    assert_eq!(error["error"]["code"], 502);
+    assert_eq!(events[2], "data: [DONE]");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn broken_heads_and_absurd_chunk_sizes_are_clear_errors() {
+    // A head that never ends (past the 64 kB bound), a status line that is not HTTP, a
+    // switch of protocols nobody asked for, a coding we cannot decode.
+    let mut endless = b"HTTP/1.1 200 OK\r\nx-filler: ".to_vec();
+    endless.extend(vec![b'a'; 100 * 1024]);
+    for bytes in [
+        endless,
+        b"HELLO\r\n\r\n".to_vec(),
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: h2c\r\n\r\n".to_vec(),
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nxyz".to_vec(),
+    ] {
+        let replica = RawReplica::start(script(vec![Act::Write(bytes), Act::Hang])).await;
+        let router = support::router(raw_config(&[&replica])).await;
+        let response = completion(&router, false).await;
+        assert_eq!(response.status(), 502);
+        let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(body["error"]["type"], "BadGatewayError");
+        router.shutdown().await;
+    }
+    // A chunk announcing 2^64 - 1 bytes: streamed as it comes, never reserved; the
+    // replica then closes, and the client's body fails.
+    let mut bytes =
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+    bytes.extend_from_slice(b"ffffffffffffffff\r\nabc");
+    let replica = RawReplica::start(script(vec![Act::Write(bytes), Act::Close])).await;
+    let router = support::router(raw_config(&[&replica])).await;
+    assert_cut(&router).await;
+    // The router still answers.
+    assert_eq!(client().get(format!("{}/metrics", base(&router))).send().await.unwrap().status(), 200);
+    router.shutdown().await;
+}
