@@ -281,6 +281,12 @@ pub struct Cli {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,
 
+    /// Longest a client may accept no bytes of a response it is being sent (a full
+    /// socket): then its connection is closed, its upstream request cancelled and its
+    /// slot freed (HAProxy's `timeout client`).
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    pub client_idle_timeout: Duration,
+
     /// Time a client has to send its whole request body; slower uploads get 408.
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub body_read_timeout: Duration,
@@ -482,6 +488,14 @@ fn parse_kv_endpoint(text: &str) -> Result<(String, String), String> {
     Ok((replica.name().to_owned(), endpoint.to_owned()))
 }
 
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!("`{text}` must be more than zero")),
+        Err(e) => Err(format!("`{text}`: {e}")),
+    }
+}
+
 fn parse_header_name(text: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(text.as_bytes()).map_err(|_| format!("`{text}` is not a header name"))
 }
@@ -523,6 +537,8 @@ pub struct RouterConfig {
     pub admin_listen: Option<SocketAddr>,
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
+    /// `--client-idle-timeout`.
+    pub client_idle_timeout: Duration,
     /// Simulated replicas to start before routing (`--sim`).
     pub sim: Option<crate::sim::SimConfig>,
     pub sim_replicas: usize,
@@ -729,6 +745,7 @@ impl Cli {
             admin_listen: self.admin_listen,
             header_read_timeout: self.header_read_timeout,
             body_read_timeout: self.body_read_timeout,
+            client_idle_timeout: self.client_idle_timeout,
             sim,
             sim_replicas: self.sim_pd.map_or(self.sim.unwrap_or(0), |(_, d)| d) as usize,
             pd,

@@ -163,26 +163,37 @@ pub(crate) fn json(status: StatusCode, body: String) -> Response {
 }
 
 impl Ingress {
+    /// Read the body, take a concurrency slot, route and forward. The slot is taken
+    /// only once the body is here: a slow upload holds a connection, never a slot.
     async fn proxy(&self, endpoint: Endpoint, request: Request) -> Response {
         let started = Instant::now();
         let label = endpoint.label();
         let mut waiting = Waiting { metrics: &self.metrics, endpoint: label, armed: true };
+        let (parts, body) = request.into_parts();
+        let read = tokio::time::timeout(
+            self.body_read_timeout,
+            read_body(body, &parts.headers, self.max_body_bytes),
+        )
+        .await
+        .unwrap_or(Err(RouterError::BodyTimeout(self.body_read_timeout)));
+        let body = match read {
+            Ok(body) => body,
+            Err(error) => {
+                waiting.armed = false;
+                return self.refuse(label, error);
+            }
+        };
         let permit = match &self.limiter {
             Some(limiter) => match limiter.admit().await {
                 Ok(permit) => Some(permit),
                 Err(error) => {
                     waiting.armed = false;
-                    let response = error.into_response();
-                    self.metrics
-                        .requests
-                        .with_label_values(&[label, "none", response.status().as_str()])
-                        .inc();
-                    return response;
+                    return self.refuse(label, error);
                 }
             },
             None => None,
         };
-        let served = match self.route_and_forward(endpoint, request, started).await {
+        let served = match self.route_and_forward(endpoint, parts, body, started).await {
             Ok(served) => {
                 let status = served.response.status();
                 self.metrics.requests.with_label_values(&[label, &served.replica, status.as_str()]).inc();
@@ -194,12 +205,7 @@ impl Ingress {
                 }
                 response
             }
-            Err(error) => {
-                tracing::debug!(endpoint = label, %error, "request refused");
-                let response = error.into_response();
-                self.metrics.requests.with_label_values(&[label, "none", response.status().as_str()]).inc();
-                response
-            }
+            Err(error) => self.refuse(label, error),
         };
         waiting.armed = false;
         match permit {
@@ -208,19 +214,21 @@ impl Ingress {
         }
     }
 
+    /// The router's own answer to a request it will not forward, counted.
+    fn refuse(&self, label: &'static str, error: RouterError) -> Response {
+        tracing::debug!(endpoint = label, %error, "request refused");
+        let response = error.into_response();
+        self.metrics.requests.with_label_values(&[label, "none", response.status().as_str()]).inc();
+        response
+    }
+
     async fn route_and_forward(
         &self,
         endpoint: Endpoint,
-        request: Request,
+        mut parts: http::request::Parts,
+        body: Bytes,
         started: Instant,
     ) -> Result<crate::dispatch::Served, RouterError> {
-        let (mut parts, body) = request.into_parts();
-        let body = tokio::time::timeout(
-            self.body_read_timeout,
-            read_body(body, &parts.headers, self.max_body_bytes),
-        )
-        .await
-        .map_err(|_| RouterError::BodyTimeout(self.body_read_timeout))??;
         if !self.forward_authorization {
             parts.headers.remove(header::AUTHORIZATION);
         }

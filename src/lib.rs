@@ -21,6 +21,7 @@
 pub mod admin;
 pub mod admission;
 pub mod cache_index;
+pub mod client_io;
 pub mod config;
 pub mod discovery;
 pub mod dispatch;

@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
+use crate::client_io::StallLimited;
 use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::ingress::{self, Ingress};
@@ -154,8 +155,8 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     });
     let app = ingress::routes(ingress, admin_here);
     let (stop, stopped) = oneshot::channel();
-    let server =
-        tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout, config.header_read_timeout));
+    let limits = ClientLimits { header_read: config.header_read_timeout, idle: config.client_idle_timeout };
+    let server = tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout, limits));
     let mut admin_addr = None;
     let mut admin_stop = None;
     if let (Some(listen), Some(routes)) = (config.admin_listen, admin_apart) {
@@ -167,13 +168,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         ));
         let (stop, stopped) = oneshot::channel();
         admin_stop = Some(stop);
-        tasks.push(tokio::spawn(accept_loop(
-            listener,
-            routes,
-            stopped,
-            Duration::ZERO,
-            config.header_read_timeout,
-        )));
+        tasks.push(tokio::spawn(accept_loop(listener, routes, stopped, Duration::ZERO, limits)));
         tracing::info!(addr = %admin_addr.expect("bound"), "admin API listening");
     }
     for sim in &sims {
@@ -247,18 +242,28 @@ fn sim_url(sim: &crate::sim::RunningSim) -> crate::replicas::ReplicaUrl {
     crate::replicas::ReplicaUrl::parse(&sim.url()).expect("a bound loopback address is a valid URL")
 }
 
+/// Time limits on what a client connection may hold the router for.
+#[derive(Debug, Clone, Copy)]
+struct ClientLimits {
+    /// To send a request's headers.
+    header_read: Duration,
+    /// To accept any byte of a response it is being sent ([`StallLimited`]).
+    idle: Duration,
+}
+
 async fn accept_loop(
     listener: TcpListener,
     app: axum::Router,
     mut stopped: oneshot::Receiver<()>,
     drain_timeout: Duration,
-    header_read_timeout: Duration,
+    limits: ClientLimits,
 ) {
     let graceful = GracefulShutdown::new();
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
     // Slow clients: headers must arrive in time, and may not exceed hyper's 400 kB
-    // buffer (hyper answers 431 beyond it).
-    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(header_read_timeout);
+    // buffer (hyper answers 431 beyond it); a client that stops reading loses its
+    // connection after the idle limit.
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -274,6 +279,7 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
+        let stream = StallLimited::new(stream, limits.idle);
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -43,6 +43,8 @@ pub enum Act {
     Close,
     /// Answer nothing more and wait for the router to close the connection.
     Hang,
+    /// Write these bytes again and again until the router closes the connection.
+    Flood(Vec<u8>),
 }
 
 pub type Script = Arc<dyn Fn(&RawRequest) -> Vec<Act> + Send + Sync>;
@@ -51,7 +53,7 @@ pub type Script = Arc<dyn Fn(&RawRequest) -> Vec<Act> + Send + Sync>;
 pub struct Counters {
     pub connections: AtomicUsize,
     pub requests: AtomicUsize,
-    /// Connections the router closed while the fake was hanging.
+    /// Connections the router closed while the fake was hanging or flooding.
     pub closed_while_hanging: AtomicUsize,
 }
 
@@ -167,6 +169,12 @@ async fn serve(
                 }
                 Act::Sleep(d) => tokio::time::sleep(d).await,
                 Act::Close => return,
+                Act::Flood(bytes) => loop {
+                    if stream.write_all(&bytes).await.is_err() {
+                        counters.closed_while_hanging.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                },
                 Act::Hang => {
                     let mut sink = [0u8; 4096];
                     loop {

@@ -1,0 +1,113 @@
+//! Hostile clients: one that stops reading a stream, one that uploads its body slowly.
+//! Neither may hold a concurrency slot, an upstream request or the engine's work past
+//! its time limit; other clients are served meanwhile.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use llm_router::config::RouterConfig;
+use llm_router::replicas::ReplicaUrl;
+use llm_router::server::RunningRouter;
+use serde_json::json;
+use support::raw_replica::{Act, RawReplica, SSE_HEAD, chunk, json_response};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn raw_config(replica: &RawReplica) -> RouterConfig {
+    let mut config = RouterConfig::new(vec![ReplicaUrl::parse(&replica.url()).unwrap()]);
+    config.health.interval = Duration::from_millis(100);
+    config.thresholds.unhealthy = 1;
+    config.thresholds.healthy = 1;
+    config.drain_timeout = Duration::from_secs(1);
+    config
+}
+
+/// Streams flood SSE events until the router hangs up; anything else is answered at once.
+fn flood_or_answer() -> support::raw_replica::Script {
+    Arc::new(|request| {
+        if request.json()["stream"] == true {
+            let event = chunk(
+                format!("data: {{\"choices\":[{{\"text\":\"{}\"}}]}}\n\n", "x".repeat(16_000)).as_bytes(),
+            );
+            vec![Act::Write(SSE_HEAD.to_vec()), Act::Flood(event)]
+        } else {
+            vec![Act::Write(json_response(200, r#"{"choices":[{"text":"ok"}]}"#))]
+        }
+    })
+}
+
+/// A client socket with a small receive buffer that sends a request and never reads.
+async fn non_reader(router: &RunningRouter, body: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(router.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: r\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    stream
+}
+
+async fn in_flight(router: &RunningRouter, replica: &RawReplica) -> f64 {
+    let text = client().get(format!("{}/metrics", base(router))).send().await.unwrap().text().await.unwrap();
+    metric(&text, &format!("router_in_flight_requests{{replica=\"{}\"}}", replica.url()))
+}
+
+#[tokio::test]
+async fn clients_that_stop_reading_lose_their_streams_and_free_their_slots() {
+    let replica = RawReplica::start(flood_or_answer()).await;
+    let mut config = raw_config(&replica);
+    config.limit = Some((2, 8, Duration::from_millis(500)));
+    config.client_idle_timeout = Duration::from_secs(1);
+    let router = router(config).await;
+    let stream = json!({"model": "m", "prompt": "p", "max_tokens": 100000, "stream": true}).to_string();
+    let _stalled = [non_reader(&router, &stream).await, non_reader(&router, &stream).await];
+    eventually("both streams reach the replica", || replica.inference_count() == 2).await;
+
+    // Both slots are taken while the sockets fill.
+    let body = json!({"model": "m", "prompt": "p", "max_tokens": 1});
+    let (status, _, _) = post(&client(), &format!("{}/v1/completions", base(&router)), &body, &[]).await;
+    assert_eq!(status, 503, "the fleet's slots are held by the two streams for now");
+
+    // Within the client idle limit (plus the time to fill the buffers), the router cuts
+    // both clients, cancels both upstream requests and frees both slots.
+    for _ in 0..300 {
+        if replica.closed_while_hanging() == 2 && in_flight(&router, &replica).await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(replica.closed_while_hanging(), 2, "both upstream requests cancelled");
+    assert_eq!(in_flight(&router, &replica).await, 0.0);
+    let (status, _, _) = post(&client(), &format!("{}/v1/completions", base(&router)), &body, &[]).await;
+    assert_eq!(status, 200, "a slot is free again");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_slow_upload_does_not_hold_a_slot() {
+    let replica = RawReplica::start(flood_or_answer()).await;
+    let mut config = raw_config(&replica);
+    config.limit = Some((1, 8, Duration::from_millis(300)));
+    config.body_read_timeout = Duration::from_secs(1);
+    let router = router(config).await;
+    // Announces 100 kB, sends 10 bytes, then nothing.
+    let mut slow = TcpStream::connect(router.addr).await.unwrap();
+    slow.write_all(b"POST /v1/completions HTTP/1.1\r\nhost: r\r\ncontent-type: application/json\r\ncontent-length: 100000\r\n\r\n{\"model\":").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let body = json!({"model": "m", "prompt": "p", "max_tokens": 1});
+    let (status, _, _) = post(&client(), &format!("{}/v1/completions", base(&router)), &body, &[]).await;
+    assert_eq!(status, 200, "the slow upload holds no slot");
+    // The slow client gets 408 when its time to send the body is up.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the router answers and closes");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("RequestTimeoutError"), "{answer}");
+    router.shutdown().await;
+}
