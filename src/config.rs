@@ -221,6 +221,22 @@ pub struct Cli {
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub stream_idle_timeout: Duration,
 
+    /// Longest wait from a response's headers to its first body byte (vLLM sends a
+    /// stream's headers before the request is scheduled): then the stream ends with an
+    /// error event, and the replica, busy rather than broken, is not ejected.
+    #[arg(long, default_value = "600s", value_parser = parse_positive_duration)]
+    pub first_byte_timeout: Duration,
+
+    /// Most replicas of a stage out of rotation for errors at once (ejected after a
+    /// failed stream, or with an open circuit breaker), in percent, rounded down.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub max_ejection_percent: u8,
+
+    /// When fewer than this percentage of the replicas serving a model are in rotation,
+    /// route to every one not known to be down (panic routing); 0 turns it off.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub panic_threshold: u8,
+
     /// Retries earned per request (retry budget): 0.2 allows one retry per five requests.
     #[arg(long, default_value_t = 0.2)]
     pub retry_ratio: f64,
@@ -526,6 +542,7 @@ pub struct RouterConfig {
     pub worker_threads: Option<usize>,
     pub timeouts: crate::dispatch::Timeouts,
     pub breaker: crate::replicas::BreakerSettings,
+    pub outliers: crate::replicas::OutlierSettings,
     pub retries: crate::retry_budget::RetrySettings,
     /// (max concurrent, max queued, queue timeout), when limited.
     pub limit: Option<(usize, usize, Duration)>,
@@ -723,6 +740,7 @@ impl Cli {
             timeouts: crate::dispatch::Timeouts {
                 response_headers: self.response_timeout,
                 stream_idle: self.stream_idle_timeout,
+                first_byte: self.first_byte_timeout,
             },
             breaker: crate::replicas::BreakerSettings {
                 failures: self.breaker_failures,
@@ -730,6 +748,10 @@ impl Cli {
                 error_rate: self.breaker_error_rate.0,
                 window: self.breaker_window,
                 min_requests: self.breaker_min_requests,
+            },
+            outliers: crate::replicas::OutlierSettings {
+                max_ejection_percent: self.max_ejection_percent,
+                panic_threshold: self.panic_threshold,
             },
             retries: crate::retry_budget::RetrySettings {
                 ratio: self.retry_ratio.max(0.0),

@@ -40,8 +40,12 @@ pub struct Timeouts {
     /// From sending the request to the response headers (a non-streaming response's
     /// headers come when generation ends, so this bounds a whole non-streaming request).
     pub response_headers: std::time::Duration,
-    /// Longest silence within a response body.
+    /// Longest silence within a response body, once its first byte came.
     pub stream_idle: std::time::Duration,
+    /// Longest wait from the response headers to the body's first byte (vLLM sends a
+    /// stream's headers before it schedules the request: a queued request is waiting,
+    /// not dead, and is never ejected for it).
+    pub first_byte: std::time::Duration,
 }
 
 /// What routing needs to know about one request.
@@ -100,6 +104,9 @@ impl Dispatcher {
         // One snapshot for every attempt: the policy's indices name its replicas.
         let fleet = self.registry.fleet();
         let candidates = fleet.candidates(route.model, &[])?;
+        if candidates.panic {
+            self.metrics.panic_routing.with_label_values(&[route.endpoint]).inc();
+        }
         let prompt = route.prompt.and_then(|p| fleet.policy.prompt_blocks(route.model, p));
         let choose = |candidates: &[Candidate]| match &prompt {
             Some(prompt) => fleet.policy.choose_for_prompt(route.key, prompt, candidates),
@@ -159,8 +166,8 @@ impl Dispatcher {
         }
     }
 
-    fn breaker_failure(&self, replica: &Replica) {
-        if replica.record_attempt(false) {
+    fn breaker_failure(&self, replica: &Arc<Replica>) {
+        if self.registry.record_failure(replica) {
             tracing::warn!(replica = replica.name(), "circuit breaker open after repeated failures");
         }
     }
@@ -194,7 +201,7 @@ impl Dispatcher {
                 Attempt::ServerError { response, in_flight, reason: reason.as_str() }
             }
             Ok(response) => {
-                replica.record_attempt(true);
+                replica.record_success();
                 Attempt::Done(Served {
                     response: self.metered(response, in_flight, route),
                     replica: name,
@@ -237,9 +244,10 @@ impl Dispatcher {
             stream: route.stream,
             sse,
             idle_timeout: Some(self.timeouts.stream_idle),
+            first_byte_timeout: Some(self.timeouts.first_byte),
             phase: route.phase.clone(),
         };
-        let body = MeteredBody::new(body, in_flight, self.metrics.clone(), options);
+        let body = MeteredBody::new(body, in_flight, self.registry.clone(), self.metrics.clone(), options);
         Response::from_parts(parts, Body::new(body))
     }
 }

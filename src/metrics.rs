@@ -22,6 +22,14 @@ pub struct Metrics {
     pub replica_healthy: IntGaugeVec,
     /// 1 while the replica's circuit breaker is open (not half-open).
     pub circuit_open: IntGaugeVec,
+    /// 1 while the replica is ejected after a failed stream.
+    pub replica_ejected: IntGaugeVec,
+    /// Ejections by replica and result: `ejected`, `breaker_opened`, `refused` (the
+    /// ejection ceiling was reached).
+    pub ejections: IntCounterVec,
+    /// Requests routed in panic (too few replicas in rotation: all not down
+    /// eligible), by endpoint.
+    pub panic_routing: IntCounterVec,
     /// Routing decisions by policy, replica and reason.
     pub decisions: IntCounterVec,
     /// Second attempts on another replica, by endpoint.
@@ -29,7 +37,8 @@ pub struct Metrics {
     /// Retries the retry budget refused, by endpoint.
     pub retries_denied: IntCounterVec,
     /// Upstream failures by replica and kind (`connect`, `before_headers`,
-    /// `header_timeout`, `status_5xx`, `mid_body`, `idle_timeout`).
+    /// `header_timeout`, `status_5xx`, `mid_body`, `idle_timeout`,
+    /// `first_byte_timeout`).
     pub upstream_errors: IntCounterVec,
     /// Clients gone before the response ended, by endpoint and stage (`waiting` for
     /// headers, `streaming` the body).
@@ -77,8 +86,15 @@ pub struct Metrics {
 pub const ENDPOINTS: [&str; 4] = ["chat_completions", "completions", "other", "prefill"];
 
 /// The `kind` label values of `router_upstream_errors_total`.
-pub const UPSTREAM_ERROR_KINDS: [&str; 6] =
-    ["connect", "before_headers", "header_timeout", "status_5xx", "mid_body", "idle_timeout"];
+pub const UPSTREAM_ERROR_KINDS: [&str; 7] = [
+    "connect",
+    "before_headers",
+    "header_timeout",
+    "status_5xx",
+    "mid_body",
+    "idle_timeout",
+    "first_byte_timeout",
+];
 
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
@@ -128,6 +144,21 @@ impl Metrics {
                 "router_replica_circuit_open",
                 "1 while the replica's circuit breaker is open after repeated failures",
                 &["replica"],
+            ),
+            replica_ejected: gauge(
+                "router_replica_ejected",
+                "1 while the replica is ejected after a failed stream",
+                &["replica"],
+            ),
+            ejections: counter(
+                "router_ejections_total",
+                "Replicas taken out for errors, by result (ejected, breaker_opened, refused at the ceiling)",
+                &["replica", "result"],
+            ),
+            panic_routing: counter(
+                "router_panic_routing_total",
+                "Requests routed with too few replicas in rotation, to every replica not down",
+                &["endpoint"],
             ),
             decisions: counter(
                 "router_routing_decisions_total",
@@ -225,6 +256,7 @@ impl Metrics {
         // alerts work before the first failure.
         for endpoint in ENDPOINTS {
             metrics.retries.with_label_values(&[endpoint]);
+            metrics.panic_routing.with_label_values(&[endpoint]);
             metrics.retries_denied.with_label_values(&[endpoint]);
             for stage in ["waiting", "streaming"] {
                 metrics.client_disconnects.with_label_values(&[endpoint, stage]);
@@ -238,6 +270,9 @@ impl Metrics {
         for kind in UPSTREAM_ERROR_KINDS {
             self.upstream_errors.with_label_values(&[replica, kind]);
         }
+        for result in ["ejected", "breaker_opened", "refused"] {
+            self.ejections.with_label_values(&[replica, result]);
+        }
     }
 
     /// Drop a removed replica's gauges (its counters stay: they are history).
@@ -246,6 +281,7 @@ impl Metrics {
             &self.in_flight,
             &self.replica_healthy,
             &self.circuit_open,
+            &self.replica_ejected,
             &self.cache_index_blocks,
             &self.kv_events_connected,
         ] {

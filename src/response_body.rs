@@ -8,11 +8,14 @@
 //! upstream body, which closes the upstream connection: that is how a client disconnect
 //! reaches the replica and vLLM aborts the request.
 //!
-//! When the upstream fails mid-stream (the connection breaks, or no byte arrives for
-//! the idle timeout), an SSE client gets what was already produced, then an error event
-//! in vLLM's shape and `data: [DONE]`, so it neither hangs nor mistakes a cut stream for
-//! a finished one. The replica is taken out of rotation until its health checks pass
-//! again. A non-SSE body can only be cut, which the client sees as an error.
+//! When the upstream fails mid-stream (the connection breaks, its framing breaks, or no
+//! byte arrives for the idle timeout), an SSE client gets what was already produced,
+//! then an error event in vLLM's shape and `data: [DONE]`, so it neither hangs nor
+//! mistakes a cut stream for a finished one. The replica is ejected until its health
+//! checks pass again, within the ejection ceiling ([`Registry::eject`]). A body whose
+//! first byte does not come within the first-byte limit ends the same way, without an
+//! ejection: an engine that queues a request is busy, not broken. A non-SSE body can
+//! only be cut, which the client sees as an error.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -27,12 +30,14 @@ use tokio::time::Sleep;
 use crate::dispatch::PhaseTimers;
 use crate::metrics::Metrics;
 use crate::relay::RelayBody;
-use crate::replicas::InFlight;
+use crate::replicas::{InFlight, Registry};
 
 pub struct MeteredBody {
     /// None once the upstream has been given up on (dropping it closes the connection).
     inner: Option<RelayBody>,
     in_flight: InFlight,
+    /// The replica's registry, to eject it if its stream fails.
+    registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     endpoint: &'static str,
     started: Instant,
@@ -41,6 +46,7 @@ pub struct MeteredBody {
     /// The response is an SSE stream: failures end it with an error event.
     sse: bool,
     idle_timeout: Option<Duration>,
+    first_byte_timeout: Option<Duration>,
     idle: Option<Pin<Box<Sleep>>>,
     /// When the last frame arrived. The idle timer is not touched per frame: when it
     /// fires early it is re-armed from here, so a busy stream costs a clock read per
@@ -61,21 +67,31 @@ pub struct BodyOptions {
     pub stream: bool,
     pub sse: bool,
     pub idle_timeout: Option<Duration>,
+    pub first_byte_timeout: Option<Duration>,
     pub phase: Option<PhaseTimers>,
 }
 
 impl MeteredBody {
-    pub fn new(inner: RelayBody, in_flight: InFlight, metrics: Arc<Metrics>, options: BodyOptions) -> Self {
+    pub fn new(
+        inner: RelayBody,
+        in_flight: InFlight,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        options: BodyOptions,
+    ) -> Self {
+        let first_limit = options.first_byte_timeout.or(options.idle_timeout);
         MeteredBody {
             inner: Some(inner),
             in_flight,
+            registry,
             metrics,
             endpoint: options.endpoint,
             started: options.started,
             stream: options.stream,
             sse: options.sse,
-            idle: options.idle_timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+            idle: first_limit.map(|t| Box::pin(tokio::time::sleep(t))),
             idle_timeout: options.idle_timeout,
+            first_byte_timeout: options.first_byte_timeout,
             last_frame: Instant::now(),
             tail: VecDeque::new(),
             seen_data: false,
@@ -85,15 +101,15 @@ impl MeteredBody {
         }
     }
 
-    /// Give up on the upstream: count it, take the replica out of rotation, close the
-    /// connection, and queue the error event for an SSE client.
+    /// Give up on the upstream: count it, eject the replica (if the failure is its
+    /// fault), close the connection, and queue the error event for an SSE client.
     fn fail(&mut self, kind: &'static str, message: String) {
         self.failed = true;
         self.inner = None;
         let replica = self.in_flight.replica();
         self.metrics.upstream_errors.with_label_values(&[replica.name(), kind]).inc();
-        if replica.take_out_of_rotation() {
-            tracing::warn!(replica = replica.name(), kind, "replica failed mid-stream: out of rotation");
+        if kind != "first_byte_timeout" {
+            self.registry.eject(replica, kind);
         }
         if self.sse {
             let error = serde_json::json!({"error": {"message": message, "type": "BadGatewayError",
@@ -105,6 +121,10 @@ impl MeteredBody {
 
     fn observe_first_data(&mut self) {
         self.seen_data = true;
+        // From here on silence is judged by the idle limit, not the first-byte one.
+        if let (Some(timer), Some(limit)) = (self.idle.as_mut(), self.idle_timeout) {
+            timer.as_mut().reset((Instant::now() + limit).into());
+        }
         if self.stream {
             let elapsed = self.started.elapsed().as_secs_f64();
             self.metrics.first_event.with_label_values(&[self.endpoint]).observe(elapsed);
@@ -142,22 +162,20 @@ impl Body for MeteredBody {
             }
             Poll::Ready(Some(Err(error))) => {
                 tracing::debug!(replica = this.in_flight.replica().name(), %error, "upstream body failed mid-stream");
-                if !this.sse {
-                    this.failed = true;
-                    let replica = this.in_flight.replica();
-                    this.metrics.upstream_errors.with_label_values(&[replica.name(), "mid_body"]).inc();
-                    replica.take_out_of_rotation();
-                    return Poll::Ready(Some(Err(error.into())));
+                this.fail("mid_body", "the replica failed mid-stream".to_owned());
+                match this.tail.pop_front() {
+                    Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                    // Not SSE: cut the body with an error, never end it cleanly short.
+                    None => Poll::Ready(Some(Err(error.into()))),
                 }
-                this.fail("mid_body", format!("the replica failed mid-stream: {error}"));
-                Poll::Ready(this.tail.pop_front().map(|b| Ok(Frame::data(b))))
             }
             Poll::Ready(None) => {
                 this.ended = true;
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let (Some(idle), Some(timeout)) = (this.idle.as_mut(), this.idle_timeout) else {
+                let limit = if this.seen_data { this.idle_timeout } else { this.first_byte_timeout };
+                let (Some(idle), Some(timeout)) = (this.idle.as_mut(), limit.or(this.idle_timeout)) else {
                     return Poll::Pending;
                 };
                 loop {
@@ -171,7 +189,8 @@ impl Body for MeteredBody {
                     // Frames came since the timer was armed: wait out the rest from the last one.
                     idle.as_mut().reset(deadline.into());
                 }
-                this.fail("idle_timeout", format!("the replica sent nothing for {timeout:?}"));
+                let kind = if this.seen_data { "idle_timeout" } else { "first_byte_timeout" };
+                this.fail(kind, format!("the replica sent nothing for {timeout:?}"));
                 match this.tail.pop_front() {
                     Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
                     // Not SSE: cut the body with an error, never end it cleanly short.

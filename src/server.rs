@@ -211,6 +211,7 @@ async fn stage(
     let registry_config = RegistryConfig {
         thresholds: config.thresholds,
         breaker: config.breaker,
+        outliers: config.outliers,
         policy,
         hash: config.hash,
         prefix: config.prefix,

@@ -68,7 +68,9 @@ async fn replica_dying_mid_stream_gives_tokens_then_an_error_event() {
         metric(&text, &format!(r#"router_upstream_errors_total{{kind="mid_body",replica="{r0}"}}"#)),
         1.0
     );
-    assert!(!router.registry.get(0).is_healthy(), "the replica is out of rotation");
+    // Its only replica: the ejection ceiling (50% of one, rounded down) keeps it.
+    assert!(!router.registry.get(0).is_ejected(), "a lone replica is never ejected");
+    assert_eq!(metric(&text, &format!(r#"router_ejections_total{{replica="{r0}",result="refused"}}"#)), 1.0);
     router.shutdown().await;
 }
 
@@ -238,7 +240,7 @@ async fn killing_one_of_four_replicas_under_256_streams_loses_nothing() {
     assert_eq!(complete + errored, 256, "every request completes or ends with a clear error: {outcomes:?}");
     assert!(errored > 0, "streams on the killed replica end with an error event: {outcomes:?}");
     assert!(complete > 150, "{outcomes:?}");
-    assert!(!router.registry.get(2).is_healthy(), "the killed replica is out of rotation");
+    assert!(!router.registry.get(2).in_rotation(), "the killed replica is out of rotation");
     let text = router.metrics.render();
     let killed = sims[2].url();
     assert_eq!(

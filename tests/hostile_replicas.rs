@@ -179,7 +179,128 @@ async fn broken_heads_and_absurd_chunk_sizes_are_clear_errors() {
     let replica = RawReplica::start(script(vec![Act::Write(bytes), Act::Close])).await;
     let router = support::router(raw_config(&[&replica])).await;
     assert_cut(&router).await;
-    // The router still answers.
-    assert_eq!(client().get(format!("{}/metrics", base(&router))).send().await.unwrap().status(), 200);
+    // The router still answers, and its lone replica stays in rotation.
+    assert_eq!(client().get(format!("{}/health", base(&router))).send().await.unwrap().status(), 200);
+    router.shutdown().await;
+}
+
+/// A stream that breaks after its first event.
+fn breaking_stream() -> support::raw_replica::Script {
+    let mut bytes = SSE_HEAD.to_vec();
+    bytes.extend(chunk(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n"));
+    script(vec![Act::Write(bytes), Act::Close])
+}
+
+async fn scrape(router: &RunningRouter) -> String {
+    client().get(format!("{}/metrics", base(router))).send().await.unwrap().text().await.unwrap()
+}
+
+fn counted(text: &str, family: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn failing_streams_never_eject_more_than_the_ceiling() {
+    let replicas = [
+        RawReplica::start(breaking_stream()).await,
+        RawReplica::start(breaking_stream()).await,
+        RawReplica::start(breaking_stream()).await,
+        RawReplica::start(breaking_stream()).await,
+    ];
+    let all: Vec<&RawReplica> = replicas.iter().collect();
+    let mut config = raw_config(&all);
+    config.health.interval = Duration::from_secs(3600); // only the first check
+    config.policy = llm_router::policy::PolicyKind::RoundRobin;
+    let router = support::router(config).await;
+    // Every stream breaks: an overloaded fleet looks like this. Each client gets its
+    // event, an error event and [DONE], never a 503.
+    for _ in 0..12 {
+        let text = completion(&router, true).await.text().await.unwrap();
+        assert!(
+            text.contains("\"a\"") && text.contains("\"code\":502") && text.ends_with("data: [DONE]\n\n"),
+            "{text}"
+        );
+    }
+    let text = scrape(&router).await;
+    assert_eq!(counted(&text, "router_replica_ejected{", ""), 2.0, "50% of 4 at most");
+    assert_eq!(counted(&text, "router_ejections_total{", "result=\"ejected\""), 2.0);
+    assert!(counted(&text, "router_ejections_total{", "result=\"refused\"") >= 1.0);
+    assert_eq!(client().get(format!("{}/health", base(&router))).send().await.unwrap().status(), 200);
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn with_too_few_in_rotation_requests_go_to_every_replica_not_down() {
+    let ok = || {
+        script(vec![Act::Write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}".to_vec(),
+        )])
+    };
+    let replicas =
+        [RawReplica::start(ok()).await, RawReplica::start(ok()).await, RawReplica::start(ok()).await];
+    let all: Vec<&RawReplica> = replicas.iter().collect();
+    let mut config = raw_config(&all);
+    config.health.timeout = Duration::from_millis(200);
+    config.policy = llm_router::policy::PolicyKind::RoundRobin;
+    let router = support::router(config).await;
+    // Two replicas too busy to answer their health checks in time, the third explicitly
+    // failing its own: none in rotation.
+    replicas[0].set_health(support::raw_replica::Health::Silent);
+    replicas[1].set_health(support::raw_replica::Health::Silent);
+    replicas[2].set_health(support::raw_replica::Health::Failing);
+    eventually("all three out of rotation", || router.registry.healthy_count() == 0).await;
+    // Without panic routing this would be 503 for everyone; the two busy ones serve,
+    // the one that says it is broken does not.
+    let before: Vec<usize> = replicas.iter().map(RawReplica::inference_count).collect();
+    for _ in 0..6 {
+        assert_eq!(completion(&router, false).await.status(), 200);
+    }
+    let served: Vec<usize> = replicas.iter().zip(&before).map(|(r, b)| r.inference_count() - b).collect();
+    assert_eq!(served[2], 0, "{served:?}");
+    assert_eq!(served[0] + served[1], 6, "{served:?}");
+    let text = scrape(&router).await;
+    assert_eq!(counted(&text, "router_panic_routing_total{", "endpoint=\"completions\""), 6.0);
+    // Panic routing off: a clear 503.
+    router.shutdown().await;
+    let mut config = raw_config(&all);
+    config.health.timeout = Duration::from_millis(200);
+    config.outliers.panic_threshold = 0;
+    let router = support::router(config).await;
+    assert_eq!(completion(&router, false).await.status(), 503);
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_queued_request_waits_for_its_first_byte_and_never_ejects_its_replica() {
+    // The first event comes 600 ms after the headers: longer than the idle limit, well
+    // within the first-byte one.
+    let mut late = SSE_HEAD.to_vec();
+    late.extend(chunk(b"data: {\"choices\":[{\"text\":\"late\"}]}\n\n"));
+    late.extend(chunk(b"data: [DONE]\n\n"));
+    late.extend_from_slice(b"0\r\n\r\n");
+    let replica = RawReplica::start(script(vec![
+        Act::Write(SSE_HEAD.to_vec()),
+        Act::Sleep(Duration::from_millis(600)),
+        Act::Write(late[SSE_HEAD.len()..].to_vec()),
+    ]))
+    .await;
+    let mut config = raw_config(&[&replica]);
+    config.timeouts.stream_idle = Duration::from_millis(200);
+    config.timeouts.first_byte = Duration::from_secs(2);
+    let router = support::router(config).await;
+    let text = completion(&router, true).await.text().await.unwrap();
+    assert!(text.contains("\"late\"") && !text.contains("error"), "{text}");
+
+    // Nothing at all within the first-byte limit: an error event, the replica kept.
+    replica.set_script(script(vec![Act::Write(SSE_HEAD.to_vec()), Act::Hang]));
+    let text = completion(&router, true).await.text().await.unwrap();
+    assert!(text.contains("\"code\":502") && text.ends_with("data: [DONE]\n\n"), "{text}");
+    let metrics = scrape(&router).await;
+    assert_eq!(counted(&metrics, "router_upstream_errors_total{", "kind=\"first_byte_timeout\""), 1.0);
+    assert_eq!(counted(&metrics, "router_ejections_total{", ""), 0.0, "busy is not broken");
+    eventually("the upstream request is cancelled", || replica.closed_while_hanging() == 1).await;
     router.shutdown().await;
 }

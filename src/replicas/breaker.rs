@@ -34,6 +34,16 @@ struct Window {
     failures: u32,
 }
 
+/// What a failure did to the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Nothing visible: still closed, or still open.
+    Stays,
+    Opened,
+    /// It would have opened, but the ejection ceiling is reached.
+    Refused,
+}
+
 /// `--breaker-failures`, `--breaker-cooldown`, `--breaker-error-rate`,
 /// `--breaker-window`, `--breaker-min-requests`.
 #[derive(Debug, Clone, Copy)]
@@ -93,19 +103,24 @@ impl Breaker {
         }
     }
 
-    /// Returns true when this failure opened the breaker.
-    pub(super) fn failure(&self) -> bool {
+    /// Count a failure. When it calls for opening the breaker, `may_open` says whether
+    /// the ejection ceiling leaves room; without it the breaker stays closed (or
+    /// half-open) and the next failure asks again.
+    pub(super) fn failure(&self, may_open: impl FnOnce() -> bool) -> Verdict {
         let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let rate_exceeded = self.count(true);
         let half_open = self.open_until.load(Ordering::Relaxed) != 0;
         if failures >= self.settings.failures || rate_exceeded || half_open {
+            if !may_open() {
+                return Verdict::Refused;
+            }
             let now = self.now_ms();
             let until = now + self.settings.cooldown.as_millis() as u64;
             let was = self.open_until.swap(until, Ordering::Relaxed);
             self.open_gauge.set(1);
-            return was == 0 || was <= now;
+            return if was == 0 || was <= now { Verdict::Opened } else { Verdict::Stays };
         }
-        false
+        Verdict::Stays
     }
 
     /// Count an attempt in the error-rate window; true when the window's error rate
@@ -145,7 +160,7 @@ mod tests {
         let mut opened = false;
         for i in 0..11 {
             opened |= if i % 2 == 0 {
-                b.failure()
+                b.failure(|| true) == Verdict::Opened
             } else {
                 b.success();
                 false
@@ -159,19 +174,29 @@ mod tests {
     fn few_attempts_or_a_low_rate_keep_it_closed() {
         let b = breaker(BreakerSettings { failures: 100, min_requests: 10, ..BreakerSettings::default() });
         for _ in 0..4 {
-            assert!(!b.failure(), "under min_requests");
+            assert_eq!(b.failure(|| true), Verdict::Stays, "under min_requests");
         }
         for _ in 0..20 {
             b.success();
         }
-        assert!(!b.failure() && !b.is_open(), "5 of 25 is 20%");
+        assert!(b.failure(|| true) == Verdict::Stays && !b.is_open(), "5 of 25 is 20%");
         let off = breaker(BreakerSettings {
             failures: 100,
             error_rate: None,
             min_requests: 1,
             ..BreakerSettings::default()
         });
-        assert!((0..50).all(|_| !off.failure()));
+        assert!((0..50).all(|_| off.failure(|| true) == Verdict::Stays));
+    }
+
+    #[test]
+    fn without_room_it_stays_closed_and_asks_again() {
+        let b = breaker(BreakerSettings { failures: 2, error_rate: None, ..BreakerSettings::default() });
+        assert_eq!(b.failure(|| false), Verdict::Stays);
+        assert_eq!(b.failure(|| false), Verdict::Refused);
+        assert!(!b.is_open());
+        assert_eq!(b.failure(|| true), Verdict::Opened, "room again: the next failure opens it");
+        assert!(b.is_open());
     }
 
     #[test]
@@ -184,12 +209,12 @@ mod tests {
         };
         let b = breaker(settings);
         for _ in 0..3 {
-            b.failure();
+            b.failure(|| true);
         }
         std::thread::sleep(Duration::from_millis(40));
         b.success();
         b.success();
         b.success();
-        assert!(!b.failure(), "1 of 4 in the new window");
+        assert_eq!(b.failure(|| true), Verdict::Stays, "1 of 4 in the new window");
     }
 }

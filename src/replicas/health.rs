@@ -60,13 +60,19 @@ impl HealthChecker {
         }
     }
 
-    /// Probe one replica now (the admin API probes a replica it adds).
+    /// Probe one replica now (the admin API probes a replica it adds). A check that
+    /// is refused or answered with an error marks the replica down; one that times out
+    /// does not (an overloaded engine answers late, a dead one not at all).
     pub async fn probe(&self, replica: &Replica) {
-        let ok = matches!(self.get(replica, "/health").await, Some((s, _)) if s.is_success());
+        let (ok, down) = match self.get(replica, "/health").await {
+            Ok((status, _)) => (status.is_success(), !status.is_success()),
+            Err(Probe::TimedOut) => (false, false),
+            Err(Probe::Failed) => (false, true),
+        };
         if ok && let Some(models) = self.fetch_models(replica).await {
             replica.set_models(models);
         }
-        match self.registry.record(replica, ok) {
+        match self.registry.record_probe(replica, ok, down) {
             Some(true) => tracing::info!(replica = replica.name(), "replica healthy"),
             Some(false) => tracing::warn!(replica = replica.name(), "replica unhealthy"),
             None => {}
@@ -74,7 +80,7 @@ impl HealthChecker {
     }
 
     async fn fetch_models(&self, replica: &Replica) -> Option<Vec<ModelCard>> {
-        let (status, body) = self.get(replica, "/v1/models").await?;
+        let (status, body) = self.get(replica, "/v1/models").await.ok()?;
         if !status.is_success() {
             return None;
         }
@@ -82,7 +88,7 @@ impl HealthChecker {
     }
 
     /// GET `path` on the replica, the whole exchange bounded by the probe timeout.
-    async fn get(&self, replica: &Replica, path: &'static str) -> Option<(StatusCode, Bytes)> {
+    async fn get(&self, replica: &Replica, path: &'static str) -> Result<(StatusCode, Bytes), Probe> {
         let uri = replica.url.join(&http::uri::PathAndQuery::from_static(path));
         let request = Request::builder()
             .method(Method::GET)
@@ -90,13 +96,23 @@ impl HealthChecker {
             .body(Full::new(Bytes::new()))
             .expect("static request is valid");
         let exchange = async {
-            let response = self.client.request(request).await.ok()?;
+            let response = self.client.request(request).await.map_err(|_| Probe::Failed)?;
             let status = response.status();
-            let body = Limited::new(response.into_body(), MAX_MODELS_BODY).collect().await.ok()?;
-            Some((status, body.to_bytes()))
+            let body = Limited::new(response.into_body(), MAX_MODELS_BODY)
+                .collect()
+                .await
+                .map_err(|_| Probe::Failed)?;
+            Ok((status, body.to_bytes()))
         };
-        tokio::time::timeout(self.config.timeout, exchange).await.ok().flatten()
+        tokio::time::timeout(self.config.timeout, exchange).await.unwrap_or(Err(Probe::TimedOut))
     }
+}
+
+/// Why a check got no answer.
+enum Probe {
+    TimedOut,
+    /// Refused, reset, or not HTTP.
+    Failed,
 }
 
 /// The cards of an OpenAI model list (`{"object": "list", "data": [{"id": ...}, ...]}`).

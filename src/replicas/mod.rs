@@ -9,6 +9,7 @@
 
 mod breaker;
 mod health;
+mod outliers;
 mod registry;
 mod stage;
 mod url;
@@ -16,7 +17,8 @@ mod url;
 use breaker::Breaker;
 pub use breaker::BreakerSettings;
 pub use health::{HealthChecker, HealthConfig};
-pub use registry::{Fleet, MembershipError, Registry, RegistryConfig, TOKENIZER_CACHE_TOKENS};
+pub use outliers::OutlierSettings;
+pub use registry::{Candidates, Fleet, MembershipError, Registry, RegistryConfig, TOKENIZER_CACHE_TOKENS};
 pub use stage::Stage;
 pub use url::ReplicaUrl;
 
@@ -41,7 +43,14 @@ pub struct Replica {
     in_flight: AtomicUsize,
     /// Prompt tokens of the requests in flight (when the policy counts them).
     in_flight_tokens: AtomicUsize,
+    /// The health checks' verdict.
     healthy: AtomicBool,
+    /// Out of rotation for a failed stream, until health checks pass again
+    /// ([`outliers`]).
+    ejected: AtomicBool,
+    /// Never checked yet, or its last health check was refused or answered an error:
+    /// not routed to even in panic.
+    down: AtomicBool,
     /// Draining: no new requests; those in flight finish.
     draining: AtomicBool,
     streak: Mutex<Streak>,
@@ -50,6 +59,7 @@ pub struct Replica {
     models: ArcSwapOption<Vec<ModelCard>>,
     in_flight_gauge: IntGauge,
     healthy_gauge: IntGauge,
+    ejected_gauge: IntGauge,
     breaker: Breaker,
 }
 
@@ -58,6 +68,7 @@ impl std::fmt::Debug for Replica {
         f.debug_struct("Replica")
             .field("url", &self.url.name())
             .field("healthy", &self.is_healthy())
+            .field("ejected", &self.is_ejected())
             .field("draining", &self.is_draining())
             .field("in_flight", &self.in_flight())
             .finish()
@@ -80,11 +91,14 @@ impl Replica {
         Replica {
             in_flight_gauge: metrics.in_flight.with_label_values(&label),
             healthy_gauge: metrics.replica_healthy.with_label_values(&label),
+            ejected_gauge: metrics.replica_ejected.with_label_values(&label),
             breaker: Breaker::new(breaker, metrics.circuit_open.with_label_values(&label)),
             url,
             in_flight: AtomicUsize::new(0),
             in_flight_tokens: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
+            ejected: AtomicBool::new(false),
+            down: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             streak: Mutex::new(Streak::default()),
             models: ArcSwapOption::empty(),
@@ -101,6 +115,26 @@ impl Replica {
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Relaxed)
+    }
+
+    /// Gets new requests in normal times: healthy, not ejected, its breaker letting
+    /// requests through, not draining.
+    pub fn in_rotation(&self) -> bool {
+        self.is_healthy() && !self.is_ejected() && self.breaker_allows() && !self.is_draining()
+    }
+
+    /// Out of rotation on the data path's evidence (counted against the ejection
+    /// ceiling).
+    fn out_for_errors(&self) -> bool {
+        self.is_ejected() || self.breaker_open()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -120,14 +154,10 @@ impl Replica {
         self.breaker.is_open()
     }
 
-    /// Feed the breaker one attempt's outcome; true when a failure opened it.
-    pub fn record_attempt(&self, ok: bool) -> bool {
-        if ok {
-            self.breaker.success();
-            false
-        } else {
-            self.breaker.failure()
-        }
+    /// An attempt succeeded: the breaker's failures start again from zero (a failure
+    /// goes through [`Registry::record_failure`], which applies the ejection ceiling).
+    pub fn record_success(&self) {
+        self.breaker.success();
     }
 
     pub fn models(&self) -> Option<Arc<Vec<ModelCard>>> {
@@ -145,17 +175,23 @@ impl Replica {
         }
     }
 
-    /// Take the replica out of rotation now (it died under a request); the health
-    /// checker brings it back after the healthy threshold of consecutive successes.
-    /// Returns whether it was in rotation.
-    pub fn take_out_of_rotation(&self) -> bool {
+    /// Eject: out of rotation until the health checker has seen the healthy threshold
+    /// of consecutive successes from now (only [`Registry::eject`] calls this, within
+    /// the ceiling).
+    fn eject(&self) {
         let mut streak = self.streak.lock().expect("streak lock poisoned");
-        streak.probed = true;
         streak.successes = 0;
-        streak.failures = streak.failures.max(1);
-        let was = self.is_healthy();
-        self.set_healthy(false);
-        was
+        self.ejected.store(true, Ordering::Relaxed);
+        self.ejected_gauge.set(1);
+    }
+
+    fn restore(&self) {
+        self.ejected.store(false, Ordering::Relaxed);
+        self.ejected_gauge.set(0);
+    }
+
+    fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
     }
 
     fn set_healthy(&self, healthy: bool) {

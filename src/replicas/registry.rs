@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use super::{BreakerSettings, ModelCard, Replica, ReplicaUrl, Thresholds};
+use super::breaker::Verdict;
+use super::{BreakerSettings, ModelCard, OutlierSettings, Replica, ReplicaUrl, Thresholds, outliers};
 use crate::cache_index::{CacheIndex, IndexLimits, KvFeeds};
 use crate::error::RouterError;
 use crate::metrics::Metrics;
@@ -27,6 +28,7 @@ use crate::prompt_tokens::PromptTokenizer;
 pub struct RegistryConfig {
     pub thresholds: Thresholds,
     pub breaker: BreakerSettings,
+    pub outliers: OutlierSettings,
     pub policy: PolicyKind,
     pub hash: HashOptions,
     pub prefix: PrefixOptions,
@@ -45,6 +47,7 @@ impl Default for RegistryConfig {
         RegistryConfig {
             thresholds: Thresholds { unhealthy: 3, healthy: 2 },
             breaker: BreakerSettings::default(),
+            outliers: OutlierSettings::default(),
             policy: PolicyKind::PowerOfTwo,
             hash: HashOptions::default(),
             prefix: PrefixOptions::default(),
@@ -59,6 +62,24 @@ impl Default for RegistryConfig {
 pub struct Fleet {
     pub replicas: Vec<Arc<Replica>>,
     pub policy: Box<dyn Policy>,
+    outliers: OutlierSettings,
+}
+
+/// The policy's view of the replicas for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidates {
+    pub list: Vec<Candidate>,
+    /// Too few replicas in rotation: every one not known to be down is eligible
+    /// ([`outliers`]).
+    pub panic: bool,
+}
+
+impl std::ops::Deref for Candidates {
+    type Target = [Candidate];
+
+    fn deref(&self) -> &[Candidate] {
+        &self.list
+    }
 }
 
 impl Fleet {
@@ -66,33 +87,42 @@ impl Fleet {
         &self.replicas[index]
     }
 
-    /// The policy's view of the replicas for one request: eligible means healthy, not
-    /// draining, its breaker closed or half-open, serving `model` (when the request
-    /// names one) and not in `tried` (indices into this fleet).
+    /// The policy's view of the replicas for one request: eligible means in rotation
+    /// (healthy, not ejected, its breaker closed or half-open, not draining), serving
+    /// `model` (when the request names one) and not in `tried` (indices into this
+    /// fleet). When fewer than the panic threshold of the replicas serving the model
+    /// are in rotation, every one of them that is not down and not draining is eligible.
     ///
-    /// Errors when no replica is eligible before any was tried: none healthy, all
-    /// draining or their breakers open (503), or none serving the model (404, as vLLM
-    /// answers an unknown model).
-    pub fn candidates(&self, model: Option<&str>, tried: &[usize]) -> Result<Vec<Candidate>, RouterError> {
-        let mut any_healthy = false;
-        let mut any_serving = false;
+    /// Errors when no replica is eligible before any was tried: none usable (503), or
+    /// none healthy serving the model (404, as vLLM answers an unknown model).
+    pub fn candidates(&self, model: Option<&str>, tried: &[usize]) -> Result<Candidates, RouterError> {
+        let serves = |r: &Replica| model.is_none_or(|m| r.serves(m));
+        let (mut any_healthy, mut any_serving, mut members, mut in_rotation) = (false, false, 0, 0);
+        for r in &self.replicas {
+            any_healthy |= r.is_healthy();
+            if serves(r) {
+                any_serving |= r.is_healthy();
+                if !r.is_draining() {
+                    members += 1;
+                    in_rotation += usize::from(r.in_rotation());
+                }
+            }
+        }
+        let panic = outliers::panicking(in_rotation, members, self.outliers.panic_threshold);
         let mut any_eligible = false;
-        let candidates = self
+        let list = self
             .replicas
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let healthy = r.is_healthy();
-                let serving = healthy && model.is_none_or(|m| r.serves(m));
-                let eligible = serving && !r.is_draining() && r.breaker_allows() && !tried.contains(&i);
-                any_healthy |= healthy;
-                any_serving |= serving;
+                let usable = if panic { !r.is_down() && !r.is_draining() } else { r.in_rotation() };
+                let eligible = usable && serves(r) && !tried.contains(&i);
                 any_eligible |= eligible;
                 Candidate { eligible, in_flight: r.in_flight(), in_flight_tokens: r.in_flight_tokens() }
             })
             .collect();
         if any_eligible || !tried.is_empty() {
-            return Ok(candidates);
+            return Ok(Candidates { list, panic });
         }
         match model {
             // Healthy replicas exist but none lists the model: vLLM's unknown-model 404.
@@ -122,6 +152,9 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// Serialises changes to the set (admin API only; never taken by a request).
     changes: Mutex<()>,
+    /// Serialises ejections and breaker openings, so two at once cannot both pass the
+    /// ceiling (taken only when a request failed).
+    ejections: Mutex<()>,
 }
 
 impl Registry {
@@ -141,13 +174,21 @@ impl Registry {
             metrics: Some(metrics.clone()),
         };
         let fleet = ArcSwap::from_pointee(Self::lay_out(replicas, &config, &state));
-        Registry { fleet, config, state, feeds: Default::default(), metrics, changes: Mutex::new(()) }
+        Registry {
+            fleet,
+            config,
+            state,
+            feeds: Default::default(),
+            metrics,
+            changes: Mutex::new(()),
+            ejections: Mutex::new(()),
+        }
     }
 
     fn lay_out(replicas: Vec<Arc<Replica>>, config: &RegistryConfig, state: &PolicyState) -> Fleet {
         let names: Vec<String> = replicas.iter().map(|r| r.name().to_owned()).collect();
         let options = PolicyOptions { hash: config.hash, prefix: config.prefix, kv: config.kv };
-        Fleet { policy: config.policy.build(&names, &options, state), replicas }
+        Fleet { policy: config.policy.build(&names, &options, state), replicas, outliers: config.outliers }
     }
 
     /// Publish a new set, with its policy, and move the KV event subscriptions to it.
@@ -242,9 +283,65 @@ impl Registry {
         self.fleet.load().replicas.iter().filter(|r| r.is_healthy()).count()
     }
 
+    /// Eject a replica whose stream failed, if the ceiling allows; whether it was.
+    /// It returns when the health checks have passed the healthy threshold of times
+    /// since.
+    pub fn eject(&self, replica: &Arc<Replica>, kind: &str) -> bool {
+        let _one_at_a_time = self.ejections.lock().expect("ejection lock");
+        if replica.is_ejected() {
+            return false;
+        }
+        let fleet = self.fleet.load();
+        if !fleet.replicas.iter().any(|r| Arc::ptr_eq(r, replica)) {
+            return false; // it left the set
+        }
+        let ejected = outliers::room_for_one_more(&fleet.replicas, self.config.outliers.max_ejection_percent);
+        let result = if ejected { "ejected" } else { "refused" };
+        self.metrics.ejections.with_label_values(&[replica.name(), result]).inc();
+        if ejected {
+            replica.eject();
+            tracing::warn!(replica = replica.name(), kind, "replica failed mid-stream: ejected");
+        } else {
+            tracing::warn!(
+                replica = replica.name(),
+                kind,
+                "replica failed mid-stream: not ejected (ejection ceiling)"
+            );
+        }
+        ejected
+    }
+
+    /// Feed the breaker a failed attempt; whether it opened. Opening counts against the
+    /// ejection ceiling like an ejection.
+    pub fn record_failure(&self, replica: &Arc<Replica>) -> bool {
+        let _one_at_a_time = self.ejections.lock().expect("ejection lock");
+        let fleet = self.fleet.load();
+        let room = || outliers::room_for_one_more(&fleet.replicas, self.config.outliers.max_ejection_percent);
+        match replica.breaker.failure(room) {
+            Verdict::Opened => {
+                self.metrics.ejections.with_label_values(&[replica.name(), "breaker_opened"]).inc();
+                true
+            }
+            Verdict::Refused => {
+                self.metrics.ejections.with_label_values(&[replica.name(), "refused"]).inc();
+                false
+            }
+            Verdict::Stays => false,
+        }
+    }
+
+    /// Record a health check's outcome: `ok`, and whether the replica is known to be
+    /// down (it refused the connection or answered an error; a check that timed out is
+    /// not proof). Returns the new health if it changed.
+    pub fn record_probe(&self, replica: &Replica, ok: bool, down: bool) -> Option<bool> {
+        replica.set_down(down);
+        self.record(replica, ok)
+    }
+
     /// Record a probe (or a passive signal from the proxy). Returns the new health if it
     /// changed. The very first probe of a replica decides its health at once, so a
-    /// router starting against a healthy fleet serves immediately.
+    /// router starting against a healthy fleet serves immediately. An ejected replica
+    /// returns once the healthy threshold of consecutive successes is reached.
     pub fn record(&self, replica: &Replica, ok: bool) -> Option<bool> {
         let mut streak = replica.streak.lock().expect("streak lock poisoned");
         let first = !streak.probed;
@@ -266,6 +363,10 @@ impl Registry {
         };
         if first || now != was {
             replica.set_healthy(now);
+        }
+        if ok && replica.is_ejected() && streak.successes >= self.config.thresholds.healthy {
+            replica.restore();
+            tracing::info!(replica = replica.name(), "ejected replica back in rotation");
         }
         (now != was).then_some(now)
     }
@@ -359,13 +460,15 @@ mod tests {
             error_rate: None,
             ..BreakerSettings::default()
         };
-        let config = RegistryConfig { breaker: settings, ..Default::default() };
+        // One replica: only a ceiling of 100% lets its breaker open.
+        let outliers = OutlierSettings { max_ejection_percent: 100, panic_threshold: 0 };
+        let config = RegistryConfig { breaker: settings, outliers, ..Default::default() };
         let reg = Registry::new(vec![url(0)], config, Arc::new(Metrics::new()));
         let r = reg.get(0);
         reg.record(&r, true);
-        assert!(!r.record_attempt(false) && !r.record_attempt(false));
+        assert!(!reg.record_failure(&r) && !reg.record_failure(&r));
         assert!(r.breaker_allows());
-        assert!(r.record_attempt(false), "the third failure opens it");
+        assert!(reg.record_failure(&r), "the third failure opens it");
         assert!(!r.breaker_allows());
         assert!(matches!(reg.fleet().candidates(None, &[]), Err(RouterError::NoHealthyReplica)));
         assert!(
@@ -374,12 +477,50 @@ mod tests {
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(r.breaker_allows(), "half-open after the cool-down");
-        assert!(r.record_attempt(false), "a half-open failure opens it again");
+        assert!(reg.record_failure(&r), "a half-open failure opens it again");
         assert!(!r.breaker_allows());
         std::thread::sleep(std::time::Duration::from_millis(50));
-        r.record_attempt(true);
+        r.record_success();
         assert!(r.breaker_allows());
-        assert!(!r.record_attempt(false), "closed again: failures count from zero");
+        assert!(!reg.record_failure(&r), "closed again: failures count from zero");
+    }
+
+    #[test]
+    fn ejections_stop_at_the_ceiling_and_panic_routes_to_all_not_down() {
+        let reg = registry(4, PolicyKind::RoundRobin);
+        for r in reg.replicas() {
+            reg.record_probe(&r, true, false);
+        }
+        let eligible = |reg: &Registry| {
+            let c = reg.fleet().candidates(None, &[]).unwrap();
+            (c.iter().map(|c| c.eligible).collect::<Vec<_>>(), c.panic)
+        };
+        // 50% of 4: two may go, the third is refused.
+        assert!(reg.eject(&reg.get(0), "mid_body"));
+        assert!(!reg.eject(&reg.get(0), "mid_body"), "already out");
+        assert!(reg.eject(&reg.get(1), "mid_body"));
+        assert!(!reg.eject(&reg.get(2), "mid_body"), "the ceiling");
+        assert_eq!(eligible(&reg), (vec![false, false, true, true], false));
+        // An open breaker counts against the same ceiling.
+        let r3 = reg.get(3);
+        for _ in 0..10 {
+            assert!(!reg.record_failure(&r3));
+        }
+        assert!(r3.breaker_allows());
+        // Health checks take a third one out: 1 of 4 in rotation is below 50%, so the
+        // router routes to every replica not down, the ejected ones included.
+        reg.record_probe(&reg.get(2), false, false);
+        reg.record_probe(&reg.get(2), false, false);
+        assert_eq!(eligible(&reg), (vec![true, true, true, true], true));
+        // A replica that refuses connections is not routed to, even in panic.
+        reg.record_probe(&reg.get(2), false, true);
+        assert_eq!(eligible(&reg), (vec![true, true, false, true], true));
+        // Ejected replicas return after the healthy threshold (3 here) of passed checks.
+        for _ in 0..3 {
+            reg.record_probe(&reg.get(0), true, false);
+        }
+        assert!(!reg.get(0).is_ejected());
+        assert_eq!(eligible(&reg), (vec![true, false, false, true], false));
     }
 
     #[test]

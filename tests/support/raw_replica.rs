@@ -49,6 +49,16 @@ pub enum Act {
 
 pub type Script = Arc<dyn Fn(&RawRequest) -> Vec<Act> + Send + Sync>;
 
+/// How the fake answers `GET /health`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// 503, as an engine that knows it is broken.
+    Failing,
+    /// No answer at all, as an engine too busy to answer in time.
+    Silent,
+}
+
 #[derive(Default)]
 pub struct Counters {
     pub connections: AtomicUsize,
@@ -62,6 +72,7 @@ pub struct RawReplica {
     pub counters: Arc<Counters>,
     pub seen: Arc<Mutex<Vec<RawRequest>>>,
     script: Arc<Mutex<Script>>,
+    health: Arc<Mutex<Health>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -98,22 +109,34 @@ impl RawReplica {
         let counters = Arc::new(Counters::default());
         let seen = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(script));
+        let health = Arc::new(Mutex::new(Health::Ok));
         let task = {
-            let (counters, seen, script) = (counters.clone(), seen.clone(), script.clone());
+            let (counters, seen, script, health) =
+                (counters.clone(), seen.clone(), script.clone(), health.clone());
             tokio::spawn(async move {
                 loop {
                     let Ok((stream, _)) = listener.accept().await else { return };
                     counters.connections.fetch_add(1, Ordering::SeqCst);
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve(stream, counters.clone(), seen.clone(), script.clone()));
+                    tokio::spawn(serve(
+                        stream,
+                        counters.clone(),
+                        seen.clone(),
+                        script.clone(),
+                        health.clone(),
+                    ));
                 }
             })
         };
-        RawReplica { addr, counters, seen, script, task }
+        RawReplica { addr, counters, seen, script, health, task }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    pub fn set_health(&self, health: Health) {
+        *self.health.lock().unwrap() = health;
     }
 
     pub fn set_script(&self, script: Script) {
@@ -143,13 +166,18 @@ async fn serve(
     counters: Arc<Counters>,
     seen: Arc<Mutex<Vec<RawRequest>>>,
     script: Arc<Mutex<Script>>,
+    health: Arc<Mutex<Health>>,
 ) {
     let mut buffer = Vec::new();
     loop {
         let Some(request) = read_request(&mut stream, &mut buffer).await else { return };
         counters.requests.fetch_add(1, Ordering::SeqCst);
         let acts = match (request.method.as_str(), request.path.as_str()) {
-            ("GET", "/health") => vec![Act::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec())],
+            ("GET", "/health") => match *health.lock().unwrap() {
+                Health::Ok => vec![Act::Write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec())],
+                Health::Failing => vec![Act::Write(json_response(503, "{}"))],
+                Health::Silent => vec![Act::Hang],
+            },
             ("GET", "/v1/models") => vec![Act::Write(json_response(
                 200,
                 r#"{"object":"list","data":[{"id":"m","object":"model","max_model_len":4096}]}"#,
