@@ -33,7 +33,7 @@ use http::{StatusCode, header};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::admission::ApiKeys;
+use crate::admission::{ApiKey, ApiKeys};
 use crate::error::{error_body, error_response};
 use crate::ingress::json as json_response;
 use crate::replicas::{MembershipError, Replica, ReplicaUrl, Stage};
@@ -79,7 +79,7 @@ struct Target {
 
 impl Admin {
     pub fn new(token: String, stages: Vec<Stage>) -> Self {
-        Admin { token: ApiKeys::new(vec![token]), stages }
+        Admin { token: ApiKeys::new(vec![ApiKey::plain("admin".into(), &token)]), stages }
     }
 
     pub fn routes(self: Arc<Self>) -> Router {

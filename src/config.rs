@@ -283,15 +283,45 @@ pub struct Cli {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub queue_timeout: Duration,
 
-    /// Client API key (repeat for several). When set, requests need
-    /// `Authorization: Bearer <key>` (401 otherwise); /health and /metrics stay open.
-    #[arg(long = "api-key", value_name = "KEY")]
+    /// Client API key (repeat for several, or set ROUTER_API_KEYS to a comma-separated
+    /// list so keys do not show in `ps`). When keys are set, requests need
+    /// `Authorization: Bearer <key>` (401 otherwise); /health stays open.
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "ROUTER_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
     pub api_keys: Vec<String>,
+
+    /// A TOML file of named client API keys (`[[keys]] name = "..." key = "..."`, or
+    /// `key_sha256 = "<hex>"` instead of the key), read at start, added to --api-key's.
+    #[arg(long, value_name = "PATH")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+
+    /// Where `/metrics` is served: `serving` (the serving port; behind the API keys when
+    /// keys are set) or `admin` (only on --admin-listen, without a key).
+    #[arg(long, value_enum, default_value_t = MetricsOn::Serving)]
+    pub metrics_on: MetricsOn,
 
     /// Forward the client's Authorization header to replicas (default: dropped, as it
     /// carries the router's key, not the replicas').
     #[arg(long)]
     pub forward_authorization: bool,
+
+    /// Forward this path too (repeatable; a trailing `*` matches any rest), besides chat,
+    /// completions and vLLM's other OpenAI endpoints (embeddings, responses, audio,
+    /// score, rerank, classify, tokenize, detokenize). Anything else under /v1/ gets 404:
+    /// vLLM's administrative calls (LoRA loading...) are not for the router's clients.
+    #[arg(long = "forward-path", value_name = "PATH", value_parser = parse_forward_path)]
+    pub forward_paths: Vec<String>,
+
+    /// Pass a client's `kv_transfer_params` on to the engines (by default they are
+    /// removed: they tell an engine to pull KV blocks from a host and port the client
+    /// names; only the router's P/D stages set them).
+    #[arg(long)]
+    pub trust_client_kv_params: bool,
 
     /// Time a client has to send its request headers; slower connections are closed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
@@ -403,6 +433,13 @@ pub struct Cli {
     pub pd_discovered: bool,
 }
 
+/// `--metrics-on`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MetricsOn {
+    Serving,
+    Admin,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BalanceFactor(pub Option<f64>);
 
@@ -504,6 +541,14 @@ fn parse_kv_endpoint(text: &str) -> Result<(String, String), String> {
     Ok((replica.name().to_owned(), endpoint.to_owned()))
 }
 
+fn parse_forward_path(text: &str) -> Result<String, String> {
+    let path = text.strip_suffix('*').unwrap_or(text);
+    if !path.starts_with("/v1/") || path.contains("..") || path.contains('*') {
+        return Err(format!("`{text}` is not a /v1/ path (a trailing * matches any rest)"));
+    }
+    Ok(text.to_owned())
+}
+
 fn parse_positive_duration(text: &str) -> Result<Duration, String> {
     match humantime::parse_duration(text) {
         Ok(d) if !d.is_zero() => Ok(d),
@@ -546,8 +591,12 @@ pub struct RouterConfig {
     pub retries: crate::retry_budget::RetrySettings,
     /// (max concurrent, max queued, queue timeout), when limited.
     pub limit: Option<(usize, usize, Duration)>,
-    pub api_keys: Vec<String>,
+    pub api_keys: Vec<crate::admission::ApiKey>,
+    pub metrics_on: MetricsOn,
     pub forward_authorization: bool,
+    pub trust_client_kv_params: bool,
+    /// `/v1/` paths forwarded besides chat and completions.
+    pub forward_paths: Vec<String>,
     /// The admin API's bearer token; None disables the API.
     pub admin_token: Option<String>,
     /// A separate address for the admin API.
@@ -693,6 +742,9 @@ impl Cli {
                 ..Default::default()
             },
         });
+        if self.metrics_on == MetricsOn::Admin && self.admin_listen.is_none() {
+            return Err("--metrics-on admin needs --admin-listen (and --admin-token)".into());
+        }
         let mut seen = std::collections::HashSet::new();
         replicas.retain(|r| seen.insert(r.name().to_owned()));
         Ok(RouterConfig {
@@ -761,8 +813,21 @@ impl Cli {
             limit: self
                 .max_concurrent_requests
                 .map(|n| (n as usize, self.max_queued_requests, self.queue_timeout)),
-            api_keys: self.api_keys,
+            api_keys: {
+                let mut keys = crate::admission::ApiKeys::from_flags(&self.api_keys);
+                if let Some(path) = &self.api_keys_file {
+                    keys.extend(crate::admission::load_api_keys_file(path)?);
+                }
+                keys
+            },
+            metrics_on: self.metrics_on,
             forward_authorization: self.forward_authorization,
+            trust_client_kv_params: self.trust_client_kv_params,
+            forward_paths: crate::ingress::FORWARDED_BY_DEFAULT
+                .iter()
+                .map(|p| p.to_string())
+                .chain(self.forward_paths)
+                .collect(),
             admin_token: self.admin_token.filter(|t| !t.is_empty()),
             admin_listen: self.admin_listen,
             header_read_timeout: self.header_read_timeout,

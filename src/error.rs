@@ -7,6 +7,10 @@
 //! through unchanged. The body mirrors vLLM's `ErrorResponse`
 //! (`{"error": {"message", "type", "param", "code"}}` with `code` the HTTP status), so
 //! a client sees the same shape whether the router or the engine refused the request.
+//!
+//! What a client reads names no replica address and no operating system error: those
+//! are for the router's log ([`RouterError::detail`]) and metrics, not for whoever
+//! sent the request.
 
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
@@ -27,9 +31,11 @@ pub enum RouterError {
     ModelNotFound(String),
     #[error("no healthy replica is available")]
     NoHealthyReplica,
-    #[error("upstream replica {replica} failed: {reason}")]
+    #[error("the model replica failed before responding")]
     Upstream { replica: String, reason: String },
-    #[error("upstream replica {replica} sent no response within {after:?}")]
+    #[error("prefill failed: the prefill replica failed before responding")]
+    Prefill { replica: String, reason: String },
+    #[error("the model replica sent no response within {after:?}")]
     UpstreamTimeout { replica: String, after: std::time::Duration },
     #[error("route {0} not found")]
     RouteNotFound(String),
@@ -51,7 +57,7 @@ impl RouterError {
             RouterError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             RouterError::NoHealthyReplica => StatusCode::SERVICE_UNAVAILABLE,
-            RouterError::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            RouterError::Upstream { .. } | RouterError::Prefill { .. } => StatusCode::BAD_GATEWAY,
             RouterError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::Unauthorized => StatusCode::UNAUTHORIZED,
@@ -68,7 +74,7 @@ impl RouterError {
             RouterError::BodyTimeout(_) => "RequestTimeoutError",
             RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => "NotFoundError",
             RouterError::NoHealthyReplica => "ServiceUnavailableError",
-            RouterError::Upstream { .. } => "BadGatewayError",
+            RouterError::Upstream { .. } | RouterError::Prefill { .. } => "BadGatewayError",
             RouterError::UpstreamTimeout { .. } => "GatewayTimeoutError",
             RouterError::MethodNotAllowed { .. } => "MethodNotAllowedError",
             RouterError::Unauthorized => "AuthenticationError",
@@ -81,6 +87,17 @@ impl RouterError {
         match self {
             RouterError::BadRequest(e) => e.field(),
             RouterError::ModelNotFound(_) => Some("model"),
+            _ => None,
+        }
+    }
+
+    /// What the log says beyond what the client reads: the replica and the failure.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            RouterError::Upstream { replica, reason } | RouterError::Prefill { replica, reason } => {
+                Some(format!("{replica}: {reason}"))
+            }
+            RouterError::UpstreamTimeout { replica, .. } => Some(replica.clone()),
             _ => None,
         }
     }
@@ -134,10 +151,16 @@ mod tests {
     }
 
     #[test]
-    fn upstream_failure_is_bad_gateway() {
-        let err = RouterError::Upstream { replica: "127.0.0.1:1".into(), reason: "refused".into() };
+    fn upstream_failure_is_bad_gateway_and_names_nothing_internal() {
+        let err = RouterError::Upstream {
+            replica: "http://10.0.0.7:8000".into(),
+            reason: "connection failed: Connection refused (os error 111)".into(),
+        };
         assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
         let v: serde_json::Value = serde_json::from_str(&err.body()).unwrap();
         assert_eq!(v["error"]["code"], 502);
+        let body = err.body();
+        assert!(!body.contains("10.0.0.7") && !body.contains("os error"), "{body}");
+        assert!(err.detail().unwrap().contains("10.0.0.7"), "the log has it");
     }
 }

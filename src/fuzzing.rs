@@ -6,8 +6,8 @@
 //! invariants the router relies on.
 
 use http::{HeaderMap, HeaderName, HeaderValue};
-use serde_json::{Value, json};
 
+use crate::pd::members::Members;
 use crate::pd::requests;
 use crate::request_facts;
 use crate::routing_key::KeyHeaders;
@@ -57,19 +57,36 @@ fn body(data: &[u8]) -> Option<request_facts::BodyFacts> {
         (Err(_), Err(_)) => {}
     }
     let facts = inference.ok()?;
-    // The P/D path parses the whole body; what it cannot parse gets a 400 there.
-    let Ok(value) = serde_json::from_slice::<Value>(data) else { return Some(facts) };
-    assert!(value.is_object(), "a body the router accepted is not a JSON object");
-    let prefill = requests::prefill_request(&value);
-    assert_eq!(prefill["stream"], json!(false));
-    assert_eq!(prefill["max_tokens"], json!(1));
-    let _ = requests::read_prefill_response(&value);
-    let kv = json!({"do_remote_prefill": true, "remote_engine_id": "e", "remote_block_ids": [1]});
+    // The P/D path reads the body's top-level members; what it cannot read gets a 400.
+    // Every rewrite is a JSON object again with the members it sets, and every other
+    // member of the client's body exactly as it was (byte for byte).
+    let Ok(members) = Members::parse(data) else { return Some(facts) };
+    let reread = |bytes: &[u8]| -> Vec<(String, String)> {
+        let m = Members::parse(bytes).expect("a rewrite is a JSON object");
+        let keys: Vec<String> = m.keys().map(str::to_owned).collect();
+        keys.into_iter().map(|k| (k.clone(), m.get(&k).expect("listed").get().to_owned())).collect()
+    };
+    let get = |members: &[(String, String)], key: &str| {
+        members.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.clone())
+    };
+    let prefill = reread(&requests::prefill_request(&members));
+    assert_eq!(get(&prefill, "stream").as_deref(), Some("false"));
+    assert_eq!(get(&prefill, "max_tokens").as_deref(), Some("1"));
+    assert!(get(&prefill, "stream_options").is_none());
+    let _ = requests::read_prefill_response(data);
+    let kv = serde_json::value::RawValue::from_string(r#"{"do_remote_prefill":true}"#.into()).expect("JSON");
+    let ids = serde_json::value::RawValue::from_string("[1,2,3]".into()).expect("JSON");
     for chat in [false, true] {
         for tokenize_once in [false, true] {
             let decode =
-                requests::decode_request(&value, chat, &kv, Some(&[1, 2, 3]), tokenize_once, Some(4096));
-            assert_eq!(decode.body["kv_transfer_params"], kv);
+                requests::decode_request(&members, chat, &kv, Some((&ids, 3)), tokenize_once, Some(4096));
+            let body = reread(&decode.body);
+            assert_eq!(get(&body, "kv_transfer_params").as_deref(), Some(kv.get()));
+            if !decode.convert_to_chat {
+                for key in members.keys().filter(|k| !matches!(*k, "kv_transfer_params" | "prompt")) {
+                    assert_eq!(get(&body, key).as_deref(), members.get(key).map(|v| v.get()), "{key}");
+                }
+            }
         }
     }
     Some(facts)

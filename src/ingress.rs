@@ -2,9 +2,12 @@
 //!
 //! Inference requests (`/v1/chat/completions`, `/v1/completions`) are read once, checked
 //! for the fields routing needs (see [`crate::request_facts`]) and handed to the
-//! [`Dispatcher`]. Other `/v1/*` calls and `/tokenize`, `/detokenize` are routed the same
-//! way but their bodies are not judged: the replica does that. `GET /v1/models`,
-//! `/health` and `/metrics` are answered by the router itself.
+//! [`Dispatcher`]. The other OpenAI endpoints vLLM serves ([`FORWARDED_BY_DEFAULT`],
+//! plus `/tokenize`, `/detokenize`, and whatever `--forward-path` adds) are routed the
+//! same way but their bodies are not judged: the replica does that. Nothing else under
+//! `/v1/` reaches an engine: vLLM also serves administrative calls there (loading LoRA
+//! adapters at run time, for one) that a client of the router must not make.
+//! `GET /v1/models`, `/health` and `/metrics` are answered by the router itself.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,19 +17,41 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use http_body_util::BodyExt;
 
 use crate::admission::{self, ApiKeys, Limiter, Slotted};
 use crate::dispatch::{Dispatcher, Route, ServedBy};
 use crate::error::RouterError;
 use crate::metrics::{ENDPOINTS, Metrics};
+use crate::pd::members::Members;
 use crate::pd::{PdRequest, PrefillDecode};
 use crate::proxy::Outbound;
-use crate::request_facts::{self, BodyFacts};
+use crate::request_facts::{self, BodyFacts, FactsError};
 use crate::routing_key::KeyHeaders;
+
+/// The `/v1/` paths forwarded besides chat and completions: vLLM's other OpenAI
+/// endpoints. A trailing `*` matches any rest of the path.
+pub const FORWARDED_BY_DEFAULT: [&str; 8] = [
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/responses/*",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/score",
+    "/v1/rerank",
+    "/v1/classify",
+];
+
+/// Whether `path` is one `rules` forward (exact, or a prefix ending in `*`).
+pub fn forwarded(rules: &[String], path: &str) -> bool {
+    rules.iter().any(|rule| match rule.strip_suffix('*') {
+        Some(prefix) => path.starts_with(prefix),
+        None => path == rule,
+    })
+}
 
 /// Everything a request handler needs, shared by all of them.
 pub struct Ingress {
@@ -42,8 +67,14 @@ pub struct Ingress {
     /// `--max-concurrent-requests` and its queue; None means unlimited.
     pub limiter: Option<Limiter>,
     pub api_keys: ApiKeys,
+    /// `/metrics` on the serving port (else on the admin listener only).
+    pub metrics_on_serving: bool,
     /// Forward the client's `Authorization` header to replicas.
     pub forward_authorization: bool,
+    /// Pass a client's `kv_transfer_params` on to the engines (`--trust-client-kv-params`).
+    pub trust_client_kv_params: bool,
+    /// The `/v1/` paths forwarded besides chat and completions.
+    pub forward_paths: Vec<String>,
     /// `--access-log`.
     pub access_log: bool,
     /// `--otlp-endpoint`: a span per request.
@@ -77,13 +108,13 @@ pub fn routes(ingress: Arc<Ingress>, admin: Option<Router>) -> Router {
         .route("/v1/chat/completions", post(chat_completions).fallback(method_not_allowed))
         .route("/v1/completions", post(completions).fallback(method_not_allowed))
         .route("/v1/models", get(models).fallback(method_not_allowed))
-        .route("/v1/{*rest}", any(other))
+        .route("/v1/{*rest}", any(other_v1))
         .route("/tokenize", post(other).fallback(method_not_allowed))
         .route("/detokenize", post(other).fallback(method_not_allowed))
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
         .fallback(not_found)
-        .with_state(ingress);
+        .with_state(ingress.clone());
+    let router = if ingress.metrics_on_serving { router.merge(metrics_routes(ingress)) } else { router };
     let router = admin.map_or(router.clone(), |admin| router.merge(admin));
     // The access log sits inside admission, so it sees the request id admission gives.
     let router = if access_log {
@@ -99,6 +130,11 @@ pub fn routes(ingress: Arc<Ingress>, admin: Option<Router>) -> Router {
     router.layer(axum::middleware::from_fn_with_state(keys, admission::admit))
 }
 
+/// `GET /metrics`, for the serving port or the admin listener.
+pub fn metrics_routes(ingress: Arc<Ingress>) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(ingress)
+}
+
 async fn chat_completions(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
     ingress.proxy(Endpoint::ChatCompletions, request).await
 }
@@ -108,6 +144,13 @@ async fn completions(State(ingress): State<Arc<Ingress>>, request: Request) -> R
 }
 
 async fn other(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
+    ingress.proxy(Endpoint::Other, request).await
+}
+
+async fn other_v1(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
+    if !forwarded(&ingress.forward_paths, request.uri().path()) {
+        return not_found(request).await;
+    }
     ingress.proxy(Endpoint::Other, request).await
 }
 
@@ -216,7 +259,7 @@ impl Ingress {
 
     /// The router's own answer to a request it will not forward, counted.
     fn refuse(&self, label: &'static str, error: RouterError) -> Response {
-        tracing::debug!(endpoint = label, %error, "request refused");
+        tracing::debug!(endpoint = label, %error, detail = error.detail(), "request refused");
         let response = error.into_response();
         self.metrics.requests.with_label_values(&[label, "none", response.status().as_str()]).inc();
         response
@@ -226,18 +269,26 @@ impl Ingress {
         &self,
         endpoint: Endpoint,
         mut parts: http::request::Parts,
-        body: Bytes,
+        mut body: Bytes,
         started: Instant,
     ) -> Result<crate::dispatch::Served, RouterError> {
         if !self.forward_authorization {
             parts.headers.remove(header::AUTHORIZATION);
         }
-        let facts = match endpoint {
+        let mut facts = match endpoint {
             Endpoint::ChatCompletions | Endpoint::Completions => request_facts::parse_inference(&body)?,
             // Not ours to judge: a non-JSON body goes to the replica as it came.
             Endpoint::Other if body.is_empty() => BodyFacts::default(),
             Endpoint::Other => request_facts::parse(&body).unwrap_or_default(),
         };
+        // KV transfer parameters name another engine's memory (host, port, block ids)
+        // for this one to pull: only the router's P/D stages may set them.
+        if facts.kv_transfer_params && endpoint != Endpoint::Other && !self.trust_client_kv_params {
+            let members = Members::parse(&body).map_err(|e| FactsError::NotJson(e.to_string()))?;
+            body = Bytes::from(members.rewrite(|key| key != "kv_transfer_params", &[]));
+            facts = request_facts::parse_inference(&body)?;
+            self.metrics.stripped_fields.with_label_values(&["kv_transfer_params"]).inc();
+        }
         let key = self.keys.key(&parts.headers, facts.session);
         let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
         if let Some(pd) = &self.pd
@@ -288,16 +339,39 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// Read the whole body, refusing more than `limit` bytes (early, if Content-Length says so).
-async fn read_body(body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, RouterError> {
+/// Read the whole body, refusing more than `limit` bytes (early, if Content-Length says
+/// so). It is held once: a body in one frame is kept as it came, a longer one gathered
+/// into a buffer sized by its Content-Length (bounded by `limit`, so a false length
+/// reserves at most that).
+async fn read_body(mut body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, RouterError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(RouterError::BodyTooLarge { limit });
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(RouterError::BodyTooLarge { limit }),
-        Err(e) => Err(RouterError::BodyRead(e.to_string())),
+    let (mut first, mut gathered): (Option<Bytes>, Option<BytesMut>) = (None, None);
+    let mut length = 0usize;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|e| RouterError::BodyRead(e.to_string()))?.into_data() else { continue };
+        length += data.len();
+        if length > limit {
+            return Err(RouterError::BodyTooLarge { limit });
+        }
+        match (&mut first, &mut gathered) {
+            (None, None) => first = Some(data),
+            (Some(_), None) => {
+                let head = first.take().expect("matched");
+                let mut buffer = BytesMut::with_capacity(declared.map_or(length, |n| n as usize).max(length));
+                buffer.extend_from_slice(&head);
+                buffer.extend_from_slice(&data);
+                gathered = Some(buffer);
+            }
+            (_, Some(buffer)) => buffer.extend_from_slice(&data),
+        }
     }
+    Ok(match (first, gathered) {
+        (_, Some(buffer)) => buffer.freeze(),
+        (Some(only), None) => only,
+        (None, None) => Bytes::new(),
+    })
 }

@@ -30,6 +30,11 @@ pub struct Metrics {
     /// Requests routed in panic (too few replicas in rotation: all not down
     /// eligible), by endpoint.
     pub panic_routing: IntCounterVec,
+    /// Idle pooled connections to replicas, as of the last reaping.
+    pub upstream_idle_connections: prometheus::IntGauge,
+    /// Client request fields removed before forwarding, by field
+    /// (`kv_transfer_params`).
+    pub stripped_fields: IntCounterVec,
     /// Routing decisions by policy, replica and reason.
     pub decisions: IntCounterVec,
     /// Second attempts on another replica, by endpoint.
@@ -159,6 +164,20 @@ impl Metrics {
                 "router_panic_routing_total",
                 "Requests routed with too few replicas in rotation, to every replica not down",
                 &["endpoint"],
+            ),
+            upstream_idle_connections: {
+                let g = prometheus::IntGauge::new(
+                    "router_upstream_idle_connections",
+                    "Idle pooled connections to replicas, as of the last reaping",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            stripped_fields: counter(
+                "router_stripped_fields_total",
+                "Client request fields removed before forwarding, by field",
+                &["field"],
             ),
             decisions: counter(
                 "router_routing_decisions_total",

@@ -26,7 +26,9 @@ pub fn http_client(connect_timeout: Duration) -> HttpClient {
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(connect_timeout));
     connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(connector)
+    // Idle long enough to be reused by the next round of checks (default 5 s), short
+    // enough not to keep a departed replica's connection for long.
+    Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(15)).build(connector)
 }
 
 /// A request ready to be sent, and sent again to another replica if the first fails.

@@ -26,6 +26,8 @@ pub struct BodyFacts {
     pub session: Option<String>,
     /// Where the raw JSON of `messages` (or else `prompt`) lies in the body.
     pub prompt: Option<std::ops::Range<usize>>,
+    /// The body carries `kv_transfer_params` (which the ingress strips from clients).
+    pub kv_transfer_params: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -91,6 +93,7 @@ struct RawFields<'a> {
     user_id: Option<&'a RawValue>,
     messages: Option<&'a RawValue>,
     prompt: Option<&'a RawValue>,
+    kv_transfer_params: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +107,7 @@ enum Field {
     UserId,
     Messages,
     Prompt,
+    KvTransferParams,
     #[serde(other)]
     Other,
 }
@@ -131,6 +135,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawFields<'a> {
                         Field::UserId => &mut raw.user_id,
                         Field::Messages => &mut raw.messages,
                         Field::Prompt => &mut raw.prompt,
+                        Field::KvTransferParams => &mut raw.kv_transfer_params,
                         Field::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -180,7 +185,13 @@ impl RawFields<'_> {
                 session = value;
             }
         }
-        Ok(BodyFacts { model, stream, session, prompt: None })
+        Ok(BodyFacts {
+            model,
+            stream,
+            session,
+            prompt: None,
+            kv_transfer_params: self.kv_transfer_params.is_some(),
+        })
     }
 }
 

@@ -136,6 +136,8 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         None => (admin, None),
     };
     let prefill_registry = pd.as_ref().map(|pd| pd.prefill.registry.clone());
+    let registries = std::iter::once(registry.clone()).chain(prefill_registry.clone()).collect();
+    tasks.push(relay.reaper(registries, metrics.upstream_idle_connections.clone()));
     let tracing = match &config.trace {
         Some(trace) => Some(crate::trace::Tracing::start(trace).map_err(std::io::Error::other)?),
         None => None,
@@ -149,10 +151,19 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         metrics: metrics.clone(),
         limiter: config.limit.map(|(n, queued, timeout)| crate::admission::Limiter::new(n, queued, timeout)),
         api_keys: crate::admission::ApiKeys::new(config.api_keys.clone()),
+        metrics_on_serving: config.metrics_on == crate::config::MetricsOn::Serving,
         forward_authorization: config.forward_authorization,
+        trust_client_kv_params: config.trust_client_kv_params,
+        forward_paths: config.forward_paths.clone(),
         access_log: config.access_log,
         tracing: tracing.clone(),
     });
+    let admin_apart = match (admin_apart, config.metrics_on) {
+        (Some(admin), crate::config::MetricsOn::Admin) => {
+            Some(admin.merge(ingress::metrics_routes(ingress.clone())))
+        }
+        (admin, _) => admin,
+    };
     let app = ingress::routes(ingress, admin_here);
     let (stop, stopped) = oneshot::channel();
     let limits = ClientLimits { header_read: config.header_read_timeout, idle: config.client_idle_timeout };

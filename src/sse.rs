@@ -43,6 +43,11 @@ impl SseEvents {
         }
     }
 
+    /// Bytes held that belong to no complete event yet (what a caller bounds).
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
     /// Whatever is left after the stream ended (an event without its terminator).
     pub fn take_rest(&mut self) -> Option<Bytes> {
         self.scanned = 0;

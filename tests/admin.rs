@@ -3,6 +3,7 @@
 //! streams are in flight, with those streams finishing and new requests going only
 //! where they should.
 
+use llm_router::admission::ApiKeys;
 use std::time::Duration;
 
 use llm_router::config::RouterConfig;
@@ -75,7 +76,7 @@ async fn off_without_a_token_and_guarded_with_one() {
         admin(&format!("http://{}", off.addr), "GET", "/admin/replicas", Some(TOKEN), None).await;
     assert_eq!(status, 404, "no admin API without --admin-token");
 
-    let on = router(&fleet, |c| c.api_keys = vec!["client-key".into()]).await;
+    let on = router(&fleet, |c| c.api_keys = ApiKeys::from_flags(&["client-key".into()])).await;
     let base = format!("http://{}", on.addr);
     for token in [None, Some("wrong"), Some("client-key")] {
         let (status, body) = admin(&base, "GET", "/admin/replicas", token, None).await;

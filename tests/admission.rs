@@ -2,6 +2,7 @@
 //! concurrency limit and its bounded queue, and the header read timeout for slow
 //! clients. Against simulated replicas on 127.0.0.1.
 
+use llm_router::admission::ApiKeys;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
@@ -46,8 +47,9 @@ fn header<'a>(entry: &'a Value, name: &str) -> Option<&'a str> {
 }
 
 #[tokio::test]
-async fn api_keys_guard_everything_but_health_and_metrics() {
-    let (sims, router) = setup(20.0, |c| c.api_keys = vec!["key-one".into(), "key-two".into()]).await;
+async fn api_keys_guard_everything_but_health() {
+    let (sims, router) =
+        setup(20.0, |c| c.api_keys = ApiKeys::from_flags(&["key-one".into(), "key-two".into()])).await;
     for auth in [None, Some("Bearer wrong"), Some("key-one"), Some("Bearer key-on")] {
         let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
         let r = send(&router, &headers).await;
@@ -62,13 +64,12 @@ async fn api_keys_guard_everything_but_health_and_metrics() {
     }
     let models = reqwest::get(format!("http://{}/v1/models", router.addr)).await.unwrap();
     assert_eq!(models.status(), 401);
-    for open in ["/health", "/metrics"] {
-        assert_eq!(
-            reqwest::get(format!("http://{}{open}", router.addr)).await.unwrap().status(),
-            200,
-            "{open}"
-        );
-    }
+    assert_eq!(reqwest::get(format!("http://{}/health", router.addr)).await.unwrap().status(), 200);
+    // Metrics name every replica and the traffic: behind the keys too.
+    let metrics = format!("http://{}/metrics", router.addr);
+    assert_eq!(reqwest::get(&metrics).await.unwrap().status(), 401);
+    let scrape = reqwest::Client::new().get(&metrics).header("authorization", "Bearer key-two").send().await;
+    assert_eq!(scrape.unwrap().status(), 200);
     // The router's key is not forwarded to the replica.
     for entry in replica_log(&sims[0]).await {
         assert_eq!(header(&entry, "authorization"), None);
@@ -85,16 +86,47 @@ async fn authorization_is_forwarded_only_when_asked() {
 }
 
 #[tokio::test]
+async fn metrics_can_move_to_the_admin_listener() {
+    let (_sims, router) = setup(20.0, |c| {
+        c.api_keys = ApiKeys::from_flags(&["key-one".into()]);
+        c.admin_token = Some("admin-secret".into());
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+        c.metrics_on = llm_router::config::MetricsOn::Admin;
+    })
+    .await;
+    let admin = router.admin_addr.unwrap();
+    let on_admin = reqwest::get(format!("http://{admin}/metrics")).await.unwrap();
+    assert_eq!(on_admin.status(), 200, "open on the admin listener");
+    assert!(on_admin.text().await.unwrap().contains("router_replica_healthy"));
+    let serving = reqwest::Client::new()
+        .get(format!("http://{}/metrics", router.addr))
+        .header("authorization", "Bearer key-one")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(serving.status(), 404, "and gone from the serving port");
+    router.shutdown().await;
+}
+
+#[tokio::test]
 async fn every_response_carries_a_request_id() {
     let (sims, router) = setup(20.0, |_| {}).await;
     let r = send(&router, &[]).await;
     let generated = r.headers()["x-request-id"].to_str().unwrap().to_owned();
     assert!(generated.len() > 8);
     let r = send(&router, &[("x-request-id", "client-chosen-7")]).await;
-    assert_eq!(r.headers()["x-request-id"], "client-chosen-7");
+    assert_eq!(r.headers()["x-request-id"], "client-chosen-7", "the client's id comes back");
+    let long = "x".repeat(200);
+    let r = send(&router, &[("x-request-id", &long)]).await;
+    let replaced = r.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(replaced.starts_with("req-"), "a 200-character id is not kept: {replaced}");
     let log = replica_log(&sims[0]).await;
     assert_eq!(header(&log[0], "x-request-id"), Some(generated.as_str()));
-    assert_eq!(header(&log[1], "x-request-id"), Some("client-chosen-7"));
+    // The engine never sees an id the client chose: two clients sending the same one
+    // cannot collide in the engine (or in a P/D KV transfer matched by it).
+    let to_engine = header(&log[1], "x-request-id").unwrap();
+    assert!(to_engine.starts_with("req-") && to_engine != "client-chosen-7", "{to_engine}");
+    assert_eq!(header(&log[2], "x-request-id"), Some(replaced.as_str()));
     // The router's own errors too.
     let r = reqwest::Client::new()
         .post(format!("http://{}/v1/completions", router.addr))

@@ -233,7 +233,8 @@ async fn a_redirected_log_has_no_escape_codes_and_json_is_one_object_per_line() 
             .all(|o| o["target"] == "access" || o["target"] == "llm_router::server" || o["level"] != "INFO"),
         "RUST_LOG still applies to everything else: {json:?}"
     );
-    let served = access.iter().find(|o| o["request_id"] == "req-abc").expect("the request's id");
+    let served = access.iter().find(|o| o["client_request_id"] == "req-abc").expect("the client's id");
+    assert!(served["request_id"].as_str().unwrap().starts_with("req-"), "and the router's own");
     assert_eq!(served["status"], 200);
     assert_eq!(served["replica"], replica.url().as_str());
     assert_eq!(served["path"], "/v1/completions");

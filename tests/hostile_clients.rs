@@ -111,3 +111,74 @@ async fn a_slow_upload_does_not_hold_a_slot() {
     assert!(answer.contains("RequestTimeoutError"), "{answer}");
     router.shutdown().await;
 }
+
+async fn post_raw(router: &RunningRouter, path: &str, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let response = client()
+        .post(format!("{}{path}", base(router)))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, serde_json::from_slice(&response.bytes().await.unwrap()).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn clients_cannot_reach_engine_administration_or_steer_kv_transfers() {
+    let replica = RawReplica::start(flood_or_answer()).await;
+    let router = router(raw_config(&replica)).await;
+    // vLLM's runtime LoRA loading and other administrative calls are not forwarded.
+    for path in
+        ["/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/../reset_prefix_cache", "/v1/anything"]
+    {
+        let (status, body) = post_raw(&router, path, &json!({"lora_name": "x", "lora_path": "/etc"})).await;
+        assert_eq!(status, 404, "{path}");
+        assert_eq!(body["error"]["type"], "NotFoundError", "{path}");
+    }
+    // The OpenAI endpoints vLLM serves are.
+    let (status, _) = post_raw(&router, "/v1/embeddings", &json!({"model": "m", "input": "x"})).await;
+    assert_eq!(status, 200);
+    assert!(replica.requests().iter().all(|r| r.path != "/v1/load_lora_adapter"));
+
+    // A client's kv_transfer_params (a host and port for the engine to pull KV blocks
+    // from) never reach the engine.
+    let body = json!({"model": "m", "prompt": "p", "max_tokens": 1,
+        "kv_transfer_params": {"do_remote_prefill": true, "remote_host": "10.9.9.9", "remote_port": 5600}});
+    assert_eq!(post_raw(&router, "/v1/completions", &body).await.0, 200);
+    let sent = replica.requests().last().unwrap().json();
+    assert!(sent.get("kv_transfer_params").is_none(), "{sent}");
+    assert_eq!(sent["prompt"], "p", "the rest as sent");
+    router.shutdown().await;
+
+    // Unless the operator trusts clients with them, and with an explicit extra path.
+    let mut config = raw_config(&replica);
+    config.trust_client_kv_params = true;
+    config.forward_paths.push("/v1/load_lora_adapter".into());
+    let router = support::router(config).await;
+    assert_eq!(post_raw(&router, "/v1/completions", &body).await.0, 200);
+    assert_eq!(replica.requests().last().unwrap().json()["kv_transfer_params"]["remote_port"], 5600);
+    assert_eq!(post_raw(&router, "/v1/load_lora_adapter", &json!({})).await.0, 200);
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn error_bodies_name_no_replica_and_no_os_error() {
+    // A replica that breaks the protocol, and one that is not there at all.
+    let broken = RawReplica::start(Arc::new(|_| vec![Act::Write(b"NOT HTTP\r\n\r\n".to_vec())])).await;
+    for replicas in [vec![broken.url()], vec!["http://127.0.0.1:1".to_owned()]] {
+        let mut config = RouterConfig::new(replicas.iter().map(|u| ReplicaUrl::parse(u).unwrap()).collect());
+        config.outliers.panic_threshold = 100;
+        let router = router(config).await;
+        let (status, body) =
+            post_raw(&router, "/v1/completions", &json!({"model": "m", "prompt": "p"})).await;
+        let text = body.to_string();
+        assert!(status == 502 || status == 503, "{status} {text}");
+        assert_eq!(body["error"]["code"], status);
+        assert!(
+            !text.contains("127.0.0.1") && !text.contains("os error") && !text.contains("refused"),
+            "{text}"
+        );
+        router.shutdown().await;
+    }
+}

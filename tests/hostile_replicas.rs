@@ -304,3 +304,42 @@ async fn a_queued_request_waits_for_its_first_byte_and_never_ejects_its_replica(
     eventually("the upstream request is cancelled", || replica.closed_while_hanging() == 1).await;
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn idle_connections_the_replica_closed_or_to_a_replica_that_left_are_reaped() {
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}".to_vec();
+    // `closing` answers and then closes, as vLLM closes idle keep-alive connections
+    // after a few seconds; `keeping` keeps its connections open.
+    let closing = RawReplica::start(script(vec![Act::Write(answer.clone()), Act::Close])).await;
+    let keeping = RawReplica::start(script(vec![Act::Write(answer)])).await;
+    let mut config = raw_config(&[&closing, &keeping]);
+    config.policy = llm_router::policy::PolicyKind::RoundRobin;
+    let router = support::router(config).await;
+    for _ in 0..4 {
+        assert_eq!(completion(&router, false).await.status(), 200);
+    }
+    let idle = "router_upstream_idle_connections ";
+    // Within a reaping interval or two, only `keeping`'s connection is left: the socket
+    // `closing` closed is not left in CLOSE_WAIT.
+    let mut left = f64::NAN;
+    for _ in 0..150 {
+        left = metric(&scrape(&router).await, idle);
+        if left == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 1.0, "one idle connection left, to the replica that keeps it");
+    assert_eq!(keeping.inference_connections(), (1, 0));
+    // The replica leaves the set: its idle connection is closed.
+    router.registry.remove(&keeping.url()).unwrap();
+    eventually("keeping's idle connection closed", || keeping.inference_connections() == (1, 1)).await;
+    for _ in 0..150 {
+        if metric(&scrape(&router).await, idle) == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(&scrape(&router).await, idle), 0.0);
+    router.shutdown().await;
+}

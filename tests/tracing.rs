@@ -180,7 +180,11 @@ async fn with_export_the_routers_span_joins_the_clients_trace_and_the_replica_co
     assert!(mocks.iter().any(|m| m.url() == replica), "{replica}");
     assert!(attribute(traced, "llm_router.reason").is_some_and(|r| !r.is_empty()));
     assert_eq!(attribute(traced, "http.response.status_code").as_deref(), Some("200"));
-    assert_eq!(attribute(traced, "llm_router.request_id").as_deref(), Some("req-traced"));
+    assert_eq!(attribute(traced, "llm_router.client_request_id").as_deref(), Some("req-traced"));
+    assert!(
+        attribute(traced, "llm_router.request_id")
+            .is_some_and(|id| id.starts_with("req-") && id != "req-traced")
+    );
     assert_eq!(attribute(traced, "llm_router.outcome").as_deref(), Some("complete"));
     assert!(traced.end_time_unix_nano > traced.start_time_unix_nano);
 

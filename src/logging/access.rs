@@ -1,7 +1,8 @@
 //! The access log (`--access-log`): one line per request, written when its response
 //! ends (the last byte sent, or the client gone), at `info` under the target `access`.
 //!
-//! A line names the request (id, method, path), who answered it (the replica, or
+//! A line names the request (the router's id, the client's own id if it sent one,
+//! method, path), who answered it (the replica, or
 //! `none` when the router answered itself) and why the policy chose it, its status, how long until the response
 //! headers and until the end, the body bytes sent, and how it ended: `complete`, or
 //! `client_closed` when the client left before the end. Off by default: without the
@@ -13,7 +14,7 @@ use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::admission::REQUEST_ID;
+use crate::admission::{ClientRequestId, REQUEST_ID};
 use crate::dispatch::ServedBy;
 use crate::response_end::{self, Ending};
 
@@ -21,6 +22,7 @@ use crate::response_end::{self, Ending};
 #[derive(Debug, Clone)]
 struct AccessRecord {
     id: String,
+    client_id: String,
     method: http::Method,
     path: String,
     status: u16,
@@ -35,6 +37,12 @@ struct AccessRecord {
 pub async fn layer(request: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+    let client_id = request
+        .extensions()
+        .get::<ClientRequestId>()
+        .and_then(|c| c.0.to_str().ok())
+        .unwrap_or("-")
+        .to_owned();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
@@ -43,6 +51,7 @@ pub async fn layer(request: Request, next: Next) -> Response {
     let reason = served.map_or("none", |s| s.reason);
     let record = AccessRecord {
         id,
+        client_id,
         method,
         path,
         status: response.status().as_u16(),
@@ -62,6 +71,7 @@ impl AccessRecord {
         tracing::info!(
             target: "access",
             request_id = %r.id,
+            client_request_id = %r.client_id,
             method = %r.method,
             path = %r.path,
             status = r.status,

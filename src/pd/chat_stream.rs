@@ -1,12 +1,11 @@
-//! Answer a chat client from a `/v1/completions` decode (tokenize-once): completion
-//! chunks become `chat.completion.chunk` events, a completion body becomes a
-//! `chat.completion`.
+//! The streamed body of a `/v1/completions` decode (tokenize-once), re-framed as chat
+//! chunks for a chat client ([`super::chat_convert`]).
 //!
 //! This is the one place the router re-encodes a stream, and only on this path: events
 //! are found by scanning for the blank line that ends each SSE event, and only then
-//! parsed. A role chunk (`delta.role: "assistant"`) goes first, as vLLM's chat endpoint
-//! sends it; `text` becomes `delta.content`; finish and stop reasons, usage chunks,
-//! errors and `[DONE]` are carried over.
+//! read. `[DONE]`, comments, errors and anything else that is not a completion chunk
+//! pass through as they came. An event may not grow past [`MAX_EVENT_BYTES`] before its
+//! end arrives: a replica that never ends one cannot make the router hold its stream.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -15,76 +14,14 @@ use std::task::{Context, Poll};
 use axum::body::Body;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame};
-use serde_json::{Value, json};
 
+use super::chat_convert::convert_chunk;
 use crate::sse::{SseEvents, data_payload};
 
-fn chat_id(id: &Value) -> Value {
-    match id.as_str() {
-        Some(id) => json!(format!("chatcmpl-{}", id.strip_prefix("cmpl-").unwrap_or(id))),
-        None => id.clone(),
-    }
-}
+/// Largest SSE event converted: a completion chunk carrying the prompt's token ids
+/// (`return_token_ids`) for a 128k-token context is about 1 MB.
+pub const MAX_EVENT_BYTES: usize = 8 << 20;
 
-/// One completion chunk as chat chunks (the role chunk first, when `first`).
-fn convert_chunk(chunk: &Value, first: bool) -> Vec<Value> {
-    if chunk.get("error").is_some() || chunk.get("choices").is_none() {
-        return vec![chunk.clone()];
-    }
-    let head = |choices: Value| {
-        let mut c = json!({"id": chat_id(&chunk["id"]), "object": "chat.completion.chunk",
-            "created": chunk["created"], "model": chunk["model"], "choices": choices});
-        if let Some(usage) = chunk.get("usage") {
-            c["usage"] = usage.clone();
-        }
-        c
-    };
-    let mut out = Vec::new();
-    let choices = chunk["choices"].as_array().cloned().unwrap_or_default();
-    if first && !choices.is_empty() {
-        let mut role = head(json!([{"index": 0, "delta": {"role": "assistant", "content": ""},
-            "logprobs": null, "finish_reason": null}]));
-        role.as_object_mut().expect("object").remove("usage");
-        out.push(role);
-    }
-    let converted: Vec<Value> = choices
-        .iter()
-        .map(|c| {
-            let mut choice = json!({"index": c["index"], "delta": {"content": c["text"]}, "logprobs": null,
-                "finish_reason": c["finish_reason"]});
-            if let Some(stop) = c.get("stop_reason").filter(|s| !s.is_null() || !c["finish_reason"].is_null())
-            {
-                choice["stop_reason"] = stop.clone();
-            }
-            choice
-        })
-        .collect();
-    out.push(head(Value::Array(converted)));
-    out
-}
-
-/// A finished completion as a chat completion.
-pub fn convert_body(completion: &Value) -> Value {
-    if completion.get("error").is_some() {
-        return completion.clone();
-    }
-    let choices: Vec<Value> = completion["choices"]
-        .as_array()
-        .map(|cs| {
-            cs.iter()
-                .map(|c| json!({"index": c["index"],
-                    "message": {"role": "assistant", "content": c["text"], "refusal": null, "annotations": null,
-                                "audio": null, "function_call": null, "tool_calls": [], "reasoning_content": null},
-                    "logprobs": null, "finish_reason": c["finish_reason"], "stop_reason": c["stop_reason"]}))
-                .collect()
-        })
-        .unwrap_or_default();
-    json!({"id": chat_id(&completion["id"]), "object": "chat.completion", "created": completion["created"],
-        "model": completion["model"], "choices": choices, "service_tier": null, "system_fingerprint": null,
-        "usage": completion["usage"], "prompt_logprobs": null, "kv_transfer_params": null})
-}
-
-/// The streamed body of a completion, re-framed as chat chunks.
 pub struct ChatStream {
     inner: Body,
     events: SseEvents,
@@ -105,18 +42,13 @@ impl ChatStream {
     }
 
     fn convert_event(&mut self, event: Bytes) {
-        let parsed = data_payload(&event)
-            .filter(|p| *p != b"[DONE]")
-            .and_then(|p| serde_json::from_slice::<Value>(p).ok());
-        match parsed {
-            Some(chunk) => {
-                for chat in convert_chunk(&chunk, self.first) {
-                    self.ready.push_back(Bytes::from(format!("data: {chat}\n\n")));
-                }
+        let mut out = Vec::new();
+        match data_payload(&event) {
+            Some(payload) if payload != b"[DONE]" && convert_chunk(payload, self.first, &mut out) => {
+                self.ready.push_back(Bytes::from(out));
                 self.first = false;
             }
-            // [DONE], comments and anything we do not understand pass through as they are.
-            None => self.ready.push_back(event),
+            _ => self.ready.push_back(event),
         }
     }
 }
@@ -144,6 +76,12 @@ impl HttpBody for ChatStream {
                     if let Ok(data) = frame.into_data() {
                         this.events.push(&data);
                         this.take_events();
+                        if this.events.buffered() > MAX_EVENT_BYTES {
+                            this.ended = true;
+                            let message =
+                                format!("an event from the replica exceeded {MAX_EVENT_BYTES} bytes");
+                            return Poll::Ready(Some(Err(axum::Error::new(message))));
+                        }
                     }
                 }
                 Poll::Ready(None) => {
@@ -161,6 +99,13 @@ impl HttpBody for ChatStream {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use serde_json::{Value, json};
+
+    fn body_of(chunks: Vec<Vec<u8>>) -> Body {
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            chunks.into_iter().map(|c| Ok(Bytes::from(c))).collect();
+        Body::from_stream(tokio_stream::iter(chunks))
+    }
 
     #[tokio::test]
     async fn completion_stream_becomes_chat_stream() {
@@ -171,9 +116,7 @@ mod tests {
             "data: [DONE]\n\n"
         );
         // Split awkwardly: events straddle frames.
-        let chunks: Vec<Result<Bytes, std::io::Error>> =
-            events.as_bytes().chunks(37).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
-        let body = Body::from_stream(tokio_stream::iter(chunks));
+        let body = body_of(events.as_bytes().chunks(37).map(<[u8]>::to_vec).collect());
         let out = ChatStream::new(body).collect().await.unwrap().to_bytes();
         let text = String::from_utf8(out.to_vec()).unwrap();
         let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
@@ -190,15 +133,10 @@ mod tests {
         assert_eq!(events[4], "data: [DONE]");
     }
 
-    #[test]
-    fn completion_body_becomes_chat_completion() {
-        let c = json!({"id": "cmpl-9", "object": "text_completion", "created": 1, "model": "m",
-            "choices": [{"index": 0, "text": "hello", "finish_reason": "stop", "stop_reason": null}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}});
-        let chat = convert_body(&c);
-        assert_eq!(chat["object"], "chat.completion");
-        assert_eq!(chat["choices"][0]["message"]["content"], "hello");
-        assert_eq!(chat["choices"][0]["message"]["role"], "assistant");
-        assert_eq!(chat["usage"]["total_tokens"], 2);
+    #[tokio::test]
+    async fn an_event_that_never_ends_is_cut_at_the_bound() {
+        let endless = (0..(MAX_EVENT_BYTES / (1 << 20) + 2)).map(|_| vec![b'x'; 1 << 20]).collect();
+        let result = ChatStream::new(body_of(endless)).collect().await;
+        assert!(result.is_err(), "the stream fails instead of buffering without end");
     }
 }

@@ -19,8 +19,15 @@
 //! A client that disconnects drops this future or the response body, which cancels
 //! whichever upstream request is in flight. Each stage is sent at most twice and only
 //! one response ever reaches the client.
+//!
+//! Memory stays a small multiple of the body: the body is never parsed into a tree,
+//! each stage's request is the client's bytes with a few top-level members rewritten
+//! ([`members`]), the prefill response (at most [`MAX_PREFILL_RESPONSE`]) is read for
+//! two fields as slices, and the prefill request is dropped before decode is built.
 
+pub mod chat_convert;
 pub mod chat_stream;
+pub mod members;
 pub mod requests;
 
 use std::collections::HashSet;
@@ -33,19 +40,20 @@ use bytes::Bytes;
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, header};
 use http_body_util::{BodyExt, Limited};
-use serde_json::Value;
 
 use crate::dispatch::{Dispatcher, PhaseTimers, Route, Served};
 use crate::error::RouterError;
 use crate::metrics::Metrics;
 use crate::proxy::Outbound;
 use crate::routing_key::RoutingKey;
+use members::Members;
 
 /// The `endpoint` label of prefill-stage traffic in the router's metrics.
 pub const PREFILL_ENDPOINT: &str = "prefill";
 
-/// Prefill responses larger than this are refused (a 128k-token prompt's ids are ~1 MB).
-const MAX_PREFILL_RESPONSE: usize = 64 << 20;
+/// Prefill responses (and decode bodies converted to chat) larger than this are refused
+/// (a 128k-token prompt's ids are ~1 MB).
+pub const MAX_PREFILL_RESPONSE: usize = 64 << 20;
 
 pub struct PrefillDecode {
     pub prefill: Dispatcher,
@@ -79,7 +87,7 @@ impl PrefillDecode {
     /// admission gave the request, as vLLM's reference proxy sends it: older
     /// NixlConnector versions match the KV transfer by it.
     pub async fn handle(&self, decode: &Dispatcher, request: PdRequest<'_>) -> Result<Served, RouterError> {
-        let body: Value = serde_json::from_slice(request.body)
+        let body = Members::parse(request.body)
             .map_err(|e| RouterError::BadRequest(crate::request_facts::FactsError::NotJson(e.to_string())))?;
 
         // 1. Prefill.
@@ -92,57 +100,60 @@ impl PrefillDecode {
             started: request.started,
             phase: None,
         };
-        let prefill_body = Bytes::from(requests::prefill_request(&body).to_string());
-        let outbound =
-            Outbound::new(Method::POST, request.path.clone(), request.headers.clone(), prefill_body);
+        let outbound = Outbound::new(
+            Method::POST,
+            request.path.clone(),
+            request.headers.clone(),
+            Bytes::from(requests::prefill_request(&body)),
+        );
         let served = self.prefill.dispatch(&prefill_route, &outbound).await.map_err(|e| match e {
-            RouterError::Upstream { replica, reason } => {
-                RouterError::Upstream { replica, reason: format!("prefill failed: {reason}") }
-            }
+            RouterError::Upstream { replica, reason } => RouterError::Prefill { replica, reason },
             other => other,
         })?;
+        drop(outbound);
         let prefill_replica = served.replica.clone();
         let status = served.response.status();
         if status.is_client_error() {
             return Ok(served); // the client's request is invalid: say so, as prefill did
         }
-        let prefill_json = read_json(served.response).await;
+        let prefill_bytes = read_bounded(served.response).await;
         let prefilled = Instant::now();
         self.metrics
             .pd_phase
             .with_label_values(&["prefill"])
             .observe((prefilled - request.started).as_secs_f64());
-        let prefill_json = match (status.is_success(), prefill_json) {
-            (true, Some(v)) => v,
-            (_, _) => {
-                return Err(RouterError::Upstream {
-                    replica: prefill_replica,
-                    reason: format!("prefill failed: status {status} without a usable response"),
-                });
-            }
-        };
+        let result =
+            match (status.is_success(), prefill_bytes.as_deref().and_then(requests::read_prefill_response)) {
+                (true, Some(result)) => result,
+                _ => {
+                    return Err(RouterError::Prefill {
+                        replica: prefill_replica,
+                        reason: format!("status {status} without a usable response"),
+                    });
+                }
+            };
 
         // 2. Handoff.
-        let result = requests::read_prefill_response(&prefill_json);
-        let (path, decode_body, token_ids, convert) = match &result.kv_transfer_params {
+        let (path, decode_body, token_ids, convert) = match result.kv_transfer_params {
             Some(kv) => {
                 let max_model_len = request.model.and_then(|m| decode.registry.max_model_len(m));
                 let d = requests::decode_request(
                     &body,
                     request.chat,
                     kv,
-                    result.prompt_token_ids.as_deref(),
+                    result.prompt_token_ids,
                     self.tokenize_once,
                     max_model_len,
                 );
-                (d.path, d.body, d.token_ids, d.convert_to_chat)
+                (d.path, Bytes::from(d.body), d.token_ids, d.convert_to_chat)
             }
             None => {
                 self.fallback(&prefill_replica);
                 let path = if request.chat { "/v1/chat/completions" } else { "/v1/completions" };
-                (path, body, false, false)
+                (path, request.body.clone(), false, false)
             }
         };
+        drop(prefill_bytes);
         let mode = match (token_ids, self.tokenize_once) {
             (true, _) => "on",
             (false, false) => "off",
@@ -169,13 +180,10 @@ impl PrefillDecode {
                 since: decode_start,
             }),
         };
-        let outbound = Outbound::new(
-            Method::POST,
-            PathAndQuery::from_static(path),
-            request.headers,
-            Bytes::from(decode_body.to_string()),
-        );
+        let outbound =
+            Outbound::new(Method::POST, PathAndQuery::from_static(path), request.headers, decode_body);
         let served = decode.dispatch(&decode_route, &outbound).await?;
+        drop(outbound);
         self.metrics.pd_decisions.with_label_values(&[&prefill_replica, &served.replica]).inc();
         if !convert || !served.response.status().is_success() {
             return Ok(Served { prefill: Some(prefill_replica), ..served });
@@ -186,13 +194,13 @@ impl PrefillDecode {
         let body = if request.stream {
             Body::new(chat_stream::ChatStream::new(body))
         } else {
-            let completion = read_json(Response::from_parts(parts.clone(), body)).await.ok_or_else(|| {
-                RouterError::Upstream {
-                    replica: replica.clone(),
-                    reason: "decode returned an unreadable body".into(),
-                }
-            })?;
-            Body::from(chat_stream::convert_body(&completion).to_string())
+            let unreadable = || RouterError::Upstream {
+                replica: replica.clone(),
+                reason: "decode returned an unreadable body".into(),
+            };
+            let completion =
+                read_bounded(Response::from_parts(parts.clone(), body)).await.ok_or_else(unreadable)?;
+            Body::from(chat_convert::convert_body(&completion).ok_or_else(unreadable)?)
         };
         Ok(Served {
             response: Response::from_parts(parts, body),
@@ -214,7 +222,7 @@ impl PrefillDecode {
     }
 }
 
-async fn read_json(response: Response) -> Option<Value> {
-    let bytes = Limited::new(response.into_body(), MAX_PREFILL_RESPONSE).collect().await.ok()?.to_bytes();
-    serde_json::from_slice(&bytes).ok()
+/// A response body read whole, up to [`MAX_PREFILL_RESPONSE`].
+async fn read_bounded(response: Response) -> Option<Bytes> {
+    Some(Limited::new(response.into_body(), MAX_PREFILL_RESPONSE).collect().await.ok()?.to_bytes())
 }

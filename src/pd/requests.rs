@@ -1,5 +1,8 @@
 //! The request rewrites of prefill/decode disaggregation, as pure functions over the
 //! client's JSON body (vLLM's NixlConnector protocol, as in vLLM's reference proxy).
+//! Bodies stay bytes: only the top-level members a rewrite changes are written anew
+//! ([`super::members`]), and the prompt's ids go from the prefill response to the
+//! decode request as the slice they arrived as.
 //!
 //! Prefill: the client's request with `stream: false`, `max_tokens: 1` (and
 //! `max_completion_tokens: 1` when present), no `stream_options`, `kv_transfer_params`
@@ -15,7 +18,11 @@
 //! chat endpoint parses tool calls and reasoning from the generated text, which a
 //! completion of token ids would return as raw text.
 
-use serde_json::{Map, Value, json};
+use serde::Deserialize;
+use serde::de::{IgnoredAny, SeqAccess, Visitor};
+use serde_json::value::RawValue;
+
+use super::members::Members;
 
 /// Chat fields whose handling lives in vLLM's chat endpoint (output parsing or chat
 /// logprob formatting): their presence sends decode to `/v1/chat/completions`.
@@ -44,52 +51,116 @@ const PROMPT_SHAPING_FIELDS: [&str; 8] = [
     "max_completion_tokens",
 ];
 
-pub fn prefill_request(body: &Value) -> Value {
-    let mut p = body.clone();
-    let obj = p.as_object_mut().expect("inference bodies are objects");
-    obj.insert("stream".into(), json!(false));
-    obj.remove("stream_options");
-    obj.insert("max_tokens".into(), json!(1));
-    if obj.contains_key("max_completion_tokens") {
-        obj.insert("max_completion_tokens".into(), json!(1));
+/// What prefill is asked to do with the KV cache it computes.
+const PREFILL_KV_PARAMS: &[u8] = br#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
+
+pub fn prefill_request(body: &Members) -> Vec<u8> {
+    let mut set: Vec<(&str, &[u8])> = vec![
+        ("stream", b"false"),
+        ("max_tokens", b"1"),
+        ("min_tokens", b"0"),
+        ("return_token_ids", b"true"),
+        ("kv_transfer_params", PREFILL_KV_PARAMS),
+    ];
+    if body.get("max_completion_tokens").is_some() {
+        set.push(("max_completion_tokens", b"1"));
     }
-    obj.insert("min_tokens".into(), json!(0));
-    obj.insert("return_token_ids".into(), json!(true));
-    obj.insert(
-        "kv_transfer_params".into(),
-        json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
-               "remote_block_ids": null, "remote_host": null, "remote_port": null}),
-    );
-    p
+    body.rewrite(|key| key != "stream_options", &set)
 }
 
-/// What the prefill stage returned that decode needs.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PrefillResult {
-    pub kv_transfer_params: Option<Value>,
-    pub prompt_token_ids: Option<Vec<u64>>,
+/// What the prefill stage returned that decode needs, as slices of its response.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefillResult<'a> {
+    pub kv_transfer_params: Option<&'a RawValue>,
+    /// The prompt's token ids (a JSON array of non-negative integers) and how many.
+    pub prompt_token_ids: Option<(&'a RawValue, usize)>,
 }
 
-pub fn read_prefill_response(response: &Value) -> PrefillResult {
-    let kv = response.get("kv_transfer_params").filter(|v| v.is_object()).cloned();
+/// Read a prefill response without building it: the two fields decode needs are kept
+/// as slices, everything else is skipped. `None` when it is not a JSON object.
+pub fn read_prefill_response(response: &[u8]) -> Option<PrefillResult<'_>> {
+    #[derive(Deserialize)]
+    struct Response<'a> {
+        #[serde(borrow, default)]
+        kv_transfer_params: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        prompt_token_ids: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        choices: Option<FirstChoice<'a>>,
+    }
+    let parsed: Response = serde_json::from_slice(super::members::object(response)?).ok()?;
     // Completions carry the ids on the choice, chat completions at the top level.
-    let ids = response
-        .get("prompt_token_ids")
-        .or_else(|| response.pointer("/choices/0/prompt_token_ids"))
-        .and_then(Value::as_array)
-        .and_then(|ids| ids.iter().map(Value::as_u64).collect::<Option<Vec<_>>>());
-    PrefillResult { kv_transfer_params: kv, prompt_token_ids: ids }
+    let ids = parsed.prompt_token_ids.or(parsed.choices.and_then(|c| c.0));
+    Some(PrefillResult {
+        kv_transfer_params: parsed.kv_transfer_params.filter(|kv| kv.get().starts_with('{')),
+        prompt_token_ids: ids.and_then(|ids| Some((ids, count_token_ids(ids)?))),
+    })
 }
 
-pub fn needs_chat_endpoint(body: &Value) -> bool {
-    CHAT_ONLY_FIELDS.iter().any(|f| body.get(f).is_some_and(|v| !v.is_null() && v != &json!(false)))
+/// The `prompt_token_ids` of a response's first choice; the other choices are skipped.
+struct FirstChoice<'a>(Option<&'a RawValue>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for FirstChoice<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Choice<'a> {
+            #[serde(borrow, default)]
+            prompt_token_ids: Option<&'a RawValue>,
+        }
+        struct ChoicesVisitor;
+        impl<'de> Visitor<'de> for ChoicesVisitor {
+            type Value = FirstChoice<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let first: Option<Choice> = seq.next_element()?;
+                while seq.next_element::<IgnoredAny>()?.is_some() {}
+                Ok(FirstChoice(first.and_then(|c| c.prompt_token_ids)))
+            }
+        }
+        deserializer.deserialize_seq(ChoicesVisitor)
+    }
+}
+
+/// How many token ids a JSON array holds, if it holds only non-negative integers.
+fn count_token_ids(ids: &RawValue) -> Option<usize> {
+    struct Count(usize);
+    impl<'de> Deserialize<'de> for Count {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct CountVisitor;
+            impl<'de> Visitor<'de> for CountVisitor {
+                type Value = Count;
+
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a list of token ids")
+                }
+
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                    let mut n = 0;
+                    while seq.next_element::<u64>()?.is_some() {
+                        n += 1;
+                    }
+                    Ok(Count(n))
+                }
+            }
+            deserializer.deserialize_seq(CountVisitor)
+        }
+    }
+    serde_json::from_str::<Count>(ids.get()).ok().map(|c| c.0)
+}
+
+pub fn needs_chat_endpoint(body: &Members) -> bool {
+    CHAT_ONLY_FIELDS.iter().any(|f| body.is_set(f))
 }
 
 /// Where decode goes and with what body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecodeRequest {
     pub path: &'static str,
-    pub body: Value,
+    pub body: Vec<u8>,
     /// The prompt travels as token ids (tokenize-once).
     pub token_ids: bool,
     /// A chat client answered from `/v1/completions`: its response must be converted.
@@ -100,58 +171,66 @@ pub struct DecodeRequest {
 /// prompt ids. `max_model_len` sets the default `max_tokens` of a converted chat request
 /// (chat defaults to the rest of the context, completions to 16).
 pub fn decode_request(
-    body: &Value,
+    body: &Members,
     chat: bool,
-    kv: &Value,
-    prompt_ids: Option<&[u64]>,
+    kv: &RawValue,
+    prompt_ids: Option<(&RawValue, usize)>,
     tokenize_once: bool,
     max_model_len: Option<u64>,
 ) -> DecodeRequest {
-    let mut d = body.clone();
-    let obj = d.as_object_mut().expect("inference bodies are objects");
-    obj.insert("kv_transfer_params".into(), kv.clone());
+    let kv = kv.get().as_bytes();
     let ids = prompt_ids.filter(|_| tokenize_once && !(chat && needs_chat_endpoint(body)));
-    let Some(ids) = ids else {
+    let Some((ids, count)) = ids else {
         let path = if chat { "/v1/chat/completions" } else { "/v1/completions" };
-        return DecodeRequest { path, body: d, token_ids: false, convert_to_chat: false };
+        let body = body.rewrite(|_| true, &[("kv_transfer_params", kv)]);
+        return DecodeRequest { path, body, token_ids: false, convert_to_chat: false };
     };
-    if chat {
-        let max = body
-            .get("max_completion_tokens")
-            .or_else(|| body.get("max_tokens"))
-            .filter(|v| !v.is_null())
-            .cloned()
-            .or_else(|| max_model_len.map(|len| json!(len.saturating_sub(ids.len() as u64).max(1))));
-        let mut completion: Map<String, Value> = obj
-            .iter()
-            .filter(|(k, _)| !PROMPT_SHAPING_FIELDS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        match max {
-            Some(max) => completion.insert("max_tokens".into(), max),
-            None => completion.remove("max_tokens"),
-        };
-        completion.insert("prompt".into(), json!(ids));
-        return DecodeRequest {
-            path: "/v1/completions",
-            body: Value::Object(completion),
-            token_ids: true,
-            convert_to_chat: true,
-        };
+    let prompt = ids.get().as_bytes();
+    if !chat {
+        let body = body.rewrite(|_| true, &[("kv_transfer_params", kv), ("prompt", prompt)]);
+        return DecodeRequest { path: "/v1/completions", body, token_ids: true, convert_to_chat: false };
     }
-    obj.insert("prompt".into(), json!(ids));
-    DecodeRequest { path: "/v1/completions", body: d, token_ids: true, convert_to_chat: false }
+    let set_to = |key: &str| body.get(key).filter(|v| v.get() != "null").map(|v| v.get().as_bytes().to_vec());
+    let max = set_to("max_completion_tokens").or_else(|| set_to("max_tokens")).or_else(|| {
+        max_model_len.map(|len| len.saturating_sub(count as u64).max(1).to_string().into_bytes())
+    });
+    let mut set: Vec<(&str, &[u8])> = vec![("kv_transfer_params", kv), ("prompt", prompt)];
+    if let Some(max) = &max {
+        set.push(("max_tokens", max));
+    }
+    let keep = |key: &str| !PROMPT_SHAPING_FIELDS.contains(&key) && key != "max_tokens";
+    DecodeRequest {
+        path: "/v1/completions",
+        body: body.rewrite(keep, &set),
+        token_ids: true,
+        convert_to_chat: true,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
+
+    fn members(v: &Value) -> Vec<u8> {
+        v.to_string().into_bytes()
+    }
+
+    fn parse(bytes: &[u8]) -> Value {
+        serde_json::from_slice(bytes).unwrap()
+    }
+
+    fn raw(text: &str) -> Box<RawValue> {
+        RawValue::from_string(text.to_owned()).unwrap()
+    }
 
     #[test]
     fn prefill_follows_the_protocol() {
-        let body = json!({"model": "m", "messages": [], "stream": true, "stream_options": {"include_usage": true},
-                          "max_completion_tokens": 300, "min_tokens": 10});
-        let p = prefill_request(&body);
+        let body = members(
+            &json!({"model": "m", "messages": [], "stream": true, "stream_options": {"include_usage": true},
+                          "max_completion_tokens": 300, "min_tokens": 10}),
+        );
+        let p = parse(&prefill_request(&Members::parse(&body).unwrap()));
         assert_eq!(p["stream"], false);
         assert_eq!(p["max_tokens"], 1);
         assert_eq!(p["max_completion_tokens"], 1);
@@ -160,53 +239,76 @@ mod tests {
         assert_eq!(p["return_token_ids"], true);
         assert_eq!(p["kv_transfer_params"]["do_remote_decode"], true);
         assert!(p["kv_transfer_params"]["remote_block_ids"].is_null());
-        let plain = prefill_request(&json!({"model": "m", "prompt": "x"}));
-        assert!(plain.get("max_completion_tokens").is_none());
+        let plain = members(&json!({"model": "m", "prompt": "x"}));
+        assert!(
+            parse(&prefill_request(&Members::parse(&plain).unwrap())).get("max_completion_tokens").is_none()
+        );
     }
 
     #[test]
     fn reads_ids_from_either_shape() {
-        let chat = json!({"prompt_token_ids": [1, 2], "kv_transfer_params": {"do_remote_prefill": true}});
-        assert_eq!(read_prefill_response(&chat).prompt_token_ids, Some(vec![1, 2]));
-        let completion = json!({"choices": [{"prompt_token_ids": [3]}], "kv_transfer_params": null});
-        let r = read_prefill_response(&completion);
-        assert_eq!(r.prompt_token_ids, Some(vec![3]));
-        assert_eq!(r.kv_transfer_params, None);
+        let chat = br#"{"prompt_token_ids": [1, 2], "kv_transfer_params": {"do_remote_prefill": true}}"#;
+        let r = read_prefill_response(chat).unwrap();
+        assert_eq!(r.prompt_token_ids.map(|(ids, n)| (ids.get(), n)), Some(("[1, 2]", 2)));
+        assert!(r.kv_transfer_params.is_some());
+        let completion =
+            br#"{"choices": [{"prompt_token_ids": [3]}, {"x": [[[]]]}], "kv_transfer_params": null}"#;
+        let r = read_prefill_response(completion).unwrap();
+        assert_eq!(r.prompt_token_ids.map(|(_, n)| n), Some(1));
+        assert!(r.kv_transfer_params.is_none());
+        // Ids that are not ids are not used; a response that is not an object is none.
+        let bad = br#"{"prompt_token_ids": [1, -2, "x"], "kv_transfer_params": "string"}"#;
+        let r = read_prefill_response(bad).unwrap();
+        assert!(r.prompt_token_ids.is_none() && r.kv_transfer_params.is_none());
+        assert!(read_prefill_response(b"[]").is_none());
     }
 
     #[test]
     fn chat_decode_becomes_a_completion_of_ids() {
-        let kv = json!({"do_remote_prefill": true});
-        let body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true,
-                          "stream_options": {"include_usage": true}, "temperature": 0.5, "add_generation_prompt": true});
-        let d = decode_request(&body, true, &kv, Some(&[5, 6, 7]), true, Some(100));
+        let kv = raw(r#"{"do_remote_prefill":true}"#);
+        let ids = raw("[5,6,7]");
+        let body = members(
+            &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true,
+                          "stream_options": {"include_usage": true}, "temperature": 0.5, "add_generation_prompt": true}),
+        );
+        let d = decode_request(&Members::parse(&body).unwrap(), true, &kv, Some((&ids, 3)), true, Some(100));
         assert_eq!(d.path, "/v1/completions");
         assert!(d.token_ids && d.convert_to_chat);
-        assert_eq!(d.body["prompt"], json!([5, 6, 7]));
-        assert_eq!(d.body["max_tokens"], 97, "chat's default: the rest of the context");
-        assert!(d.body.get("messages").is_none() && d.body.get("add_generation_prompt").is_none());
-        assert_eq!(d.body["stream_options"]["include_usage"], true);
-        assert_eq!(d.body["temperature"], 0.5);
-        assert_eq!(d.body["kv_transfer_params"], kv);
-        let with_max = json!({"model": "m", "messages": [], "max_completion_tokens": 7});
-        assert_eq!(decode_request(&with_max, true, &kv, Some(&[1]), true, Some(100)).body["max_tokens"], 7);
+        let b = parse(&d.body);
+        assert_eq!(b["prompt"], json!([5, 6, 7]));
+        assert_eq!(b["max_tokens"], 97, "chat's default: the rest of the context");
+        assert!(b.get("messages").is_none() && b.get("add_generation_prompt").is_none());
+        assert_eq!(b["stream_options"]["include_usage"], true);
+        assert_eq!(b["temperature"], 0.5);
+        assert_eq!(b["kv_transfer_params"], json!({"do_remote_prefill": true}));
+        let with_max =
+            members(&json!({"model": "m", "messages": [], "max_completion_tokens": 7, "max_tokens": 9}));
+        let d =
+            decode_request(&Members::parse(&with_max).unwrap(), true, &kv, Some((&ids, 3)), true, Some(100));
+        assert_eq!(parse(&d.body)["max_tokens"], 7);
     }
 
     #[test]
     fn tools_off_switch_and_missing_ids_keep_text() {
-        let kv = json!({});
-        let tools = json!({"model": "m", "messages": [], "tools": [{"type": "function"}]});
-        let d = decode_request(&tools, true, &kv, Some(&[1]), true, None);
+        let kv = raw("{}");
+        let ids = raw("[1]");
+        let tools = members(&json!({"model": "m", "messages": [], "tools": [{"type": "function"}]}));
+        let d = decode_request(&Members::parse(&tools).unwrap(), true, &kv, Some((&ids, 1)), true, None);
         assert_eq!((d.path, d.token_ids, d.convert_to_chat), ("/v1/chat/completions", false, false));
-        let chat = json!({"model": "m", "messages": []});
-        assert!(!decode_request(&chat, true, &kv, Some(&[1]), false, None).token_ids);
+        let chat = members(&json!({"model": "m", "messages": []}));
+        let chat = Members::parse(&chat).unwrap();
+        assert!(!decode_request(&chat, true, &kv, Some((&ids, 1)), false, None).token_ids);
         assert!(!decode_request(&chat, true, &kv, None, true, None).token_ids);
-        let completion = json!({"model": "m", "prompt": "text", "max_tokens": 5});
-        let d = decode_request(&completion, false, &kv, Some(&[9]), true, None);
+        let completion = members(&json!({"model": "m", "prompt": "text", "max_tokens": 5}));
+        let nine = raw("[9]");
+        let d =
+            decode_request(&Members::parse(&completion).unwrap(), false, &kv, Some((&nine, 1)), true, None);
+        let b = parse(&d.body);
         assert_eq!(
-            (d.path, d.body["prompt"].clone(), d.body["max_tokens"].clone()),
+            (d.path, b["prompt"].clone(), b["max_tokens"].clone()),
             ("/v1/completions", json!([9]), json!(5))
         );
-        assert!(!needs_chat_endpoint(&json!({"logprobs": false, "tools": null})));
+        let off = members(&json!({"logprobs": false, "tools": null}));
+        assert!(!needs_chat_endpoint(&Members::parse(&off).unwrap()));
     }
 }

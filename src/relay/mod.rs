@@ -20,6 +20,7 @@ pub(crate) mod chunked;
 pub(crate) mod message;
 mod pool;
 
+use std::collections::HashSet;
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +29,7 @@ use bytes::{Buf, BytesMut};
 use http::Response;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 pub use body::RelayBody;
 use message::HeadError;
@@ -42,6 +44,9 @@ const MAX_IDLE_PER_REPLICA: usize = 1024;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// TCP keep-alive probes on replica connections start after this much silence.
 const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// How often idle connections are reaped: the longest a connection the replica closed,
+/// or one to a replica that left, stays open on our side.
+pub const REAP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The proxy's connections to the replicas.
 #[derive(Clone)]
@@ -61,6 +66,24 @@ enum Failure {
 impl Relay {
     pub fn new(connect_timeout: Duration) -> Self {
         Relay { pool: Arc::new(Pool::new(MAX_IDLE_PER_REPLICA, IDLE_TIMEOUT)), connect_timeout }
+    }
+
+    /// Reap idle connections every [`REAP_INTERVAL`] until the task is dropped, keeping
+    /// only those to replicas some registry still holds; the count kept goes to `idle`.
+    pub fn reaper(
+        &self,
+        registries: Vec<Arc<crate::replicas::Registry>>,
+        idle: prometheus::IntGauge,
+    ) -> JoinHandle<()> {
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(REAP_INTERVAL).await;
+                let members: HashSet<String> =
+                    registries.iter().flat_map(|r| r.replicas()).map(|r| r.name().to_owned()).collect();
+                idle.set(pool.reap(|replica| members.contains(replica)) as i64);
+            }
+        })
     }
 
     /// Send `outbound` to `replica`; the response body streams from the replica as read.

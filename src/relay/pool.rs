@@ -8,7 +8,9 @@
 //! whoever takes it next starts on a clean request boundary. An idle connection the
 //! replica has closed (vLLM's server closes idle ones after a few seconds) is noticed
 //! when it is taken: its socket is readable, which an idle HTTP/1.1 connection never
-//! is otherwise, so it is dropped and the next one tried.
+//! is otherwise, so it is dropped and the next one tried. Between requests,
+//! [`Pool::reap`] closes those the replica closed (else their sockets sit in
+//! CLOSE_WAIT), those idle past the timeout, and those to replicas that left the set.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -63,6 +65,24 @@ impl Pool {
             list.remove(0);
         }
         list.push(Idle { stream, since: Instant::now() });
+    }
+
+    /// Close the idle connections that are too old, that their replica closed, or
+    /// whose replica `member` no longer names; how many stay.
+    pub fn reap(&self, member: impl Fn(&str) -> bool) -> usize {
+        let mut threads = self.idle.lock().expect("pool lock");
+        let mut kept = 0;
+        for map in threads.values_mut() {
+            map.retain(|replica, list| {
+                if !member(replica) {
+                    return false;
+                }
+                list.retain(|idle| idle.since.elapsed() < self.idle_timeout && still_open(&idle.stream));
+                kept += list.len();
+                !list.is_empty()
+            });
+        }
+        kept
     }
 
     /// Idle connections held for `replica`, on all threads.
@@ -123,6 +143,29 @@ mod tests {
         taken.write_all(b"x").await.unwrap();
         assert!(pool.take("r").is_none());
         assert!(pool.take("other").is_none());
+    }
+
+    #[tokio::test]
+    async fn the_reaper_closes_what_the_replica_closed_and_what_left() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let pool = Pool::new(8, Duration::from_secs(60));
+        let (a, _server_a) = pair(&listener).await;
+        let (b, server_b) = pair(&listener).await;
+        let (c, _server_c) = pair(&listener).await;
+        pool.put("r", a);
+        pool.put("r", b);
+        pool.put("gone", c);
+        drop(server_b);
+        let mut kept = usize::MAX;
+        for _ in 0..100 {
+            kept = pool.reap(|replica| replica == "r");
+            if kept == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(kept, 1, "the closed one and the one to a replica that left are gone");
+        assert_eq!((pool.idle_count("r"), pool.idle_count("gone")), (1, 0));
     }
 
     #[tokio::test]

@@ -15,7 +15,7 @@ use opentelemetry::trace::{
 use opentelemetry::{Context, KeyValue};
 
 use super::{TraceParent, Tracing};
-use crate::admission::REQUEST_ID;
+use crate::admission::{ClientRequestId, REQUEST_ID};
 use crate::dispatch::ServedBy;
 use crate::response_end;
 
@@ -54,6 +54,9 @@ pub async fn layer(State(tracing): State<Arc<Tracing>>, mut request: Request, ne
     ];
     if let Some(id) = request.headers().get(&REQUEST_ID).and_then(|v| v.to_str().ok()) {
         attributes.push(KeyValue::new("llm_router.request_id", id.to_owned()));
+    }
+    if let Some(id) = request.extensions().get::<ClientRequestId>().and_then(|c| c.0.to_str().ok()) {
+        attributes.push(KeyValue::new("llm_router.client_request_id", id.to_owned()));
     }
     let mut span = tracing
         .tracer

@@ -65,6 +65,12 @@ pub struct Counters {
     pub requests: AtomicUsize,
     /// Connections the router closed while the fake was hanging or flooding.
     pub closed_while_hanging: AtomicUsize,
+    /// Connections that ended, by either side.
+    pub ended: AtomicUsize,
+    /// Connections that carried an inference request (not only health checks), and of
+    /// those, the ones that ended.
+    pub inference_connections: AtomicUsize,
+    pub inference_ended: AtomicUsize,
 }
 
 pub struct RawReplica {
@@ -118,13 +124,15 @@ impl RawReplica {
                     let Ok((stream, _)) = listener.accept().await else { return };
                     counters.connections.fetch_add(1, Ordering::SeqCst);
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(serve(
-                        stream,
-                        counters.clone(),
-                        seen.clone(),
-                        script.clone(),
-                        health.clone(),
-                    ));
+                    let counters = counters.clone();
+                    let (seen, script, health) = (seen.clone(), script.clone(), health.clone());
+                    tokio::spawn(async move {
+                        let inference = serve(stream, counters.clone(), seen, script, health).await;
+                        counters.ended.fetch_add(1, Ordering::SeqCst);
+                        if inference {
+                            counters.inference_ended.fetch_add(1, Ordering::SeqCst);
+                        }
+                    });
                 }
             })
         };
@@ -156,6 +164,19 @@ impl RawReplica {
         self.counters.connections.load(Ordering::SeqCst)
     }
 
+    /// Connections that ended, by either side.
+    pub fn ended(&self) -> usize {
+        self.counters.ended.load(Ordering::SeqCst)
+    }
+
+    /// Connections that carried an inference request, and how many of them ended.
+    pub fn inference_connections(&self) -> (usize, usize) {
+        (
+            self.counters.inference_connections.load(Ordering::SeqCst),
+            self.counters.inference_ended.load(Ordering::SeqCst),
+        )
+    }
+
     pub fn closed_while_hanging(&self) -> usize {
         self.counters.closed_while_hanging.load(Ordering::SeqCst)
     }
@@ -167,10 +188,11 @@ async fn serve(
     seen: Arc<Mutex<Vec<RawRequest>>>,
     script: Arc<Mutex<Script>>,
     health: Arc<Mutex<Health>>,
-) {
+) -> bool {
     let mut buffer = Vec::new();
+    let mut inference = false;
     loop {
-        let Some(request) = read_request(&mut stream, &mut buffer).await else { return };
+        let Some(request) = read_request(&mut stream, &mut buffer).await else { return inference };
         counters.requests.fetch_add(1, Ordering::SeqCst);
         let acts = match (request.method.as_str(), request.path.as_str()) {
             ("GET", "/health") => match *health.lock().unwrap() {
@@ -183,6 +205,10 @@ async fn serve(
                 r#"{"object":"list","data":[{"id":"m","object":"model","max_model_len":4096}]}"#,
             ))],
             _ => {
+                if !inference {
+                    inference = true;
+                    counters.inference_connections.fetch_add(1, Ordering::SeqCst);
+                }
                 seen.lock().unwrap().push(request.clone());
                 let script = script.lock().unwrap().clone();
                 script(&request)
@@ -192,15 +218,15 @@ async fn serve(
             match act {
                 Act::Write(bytes) => {
                     if stream.write_all(&bytes).await.is_err() {
-                        return;
+                        return inference;
                     }
                 }
                 Act::Sleep(d) => tokio::time::sleep(d).await,
-                Act::Close => return,
+                Act::Close => return inference,
                 Act::Flood(bytes) => loop {
                     if stream.write_all(&bytes).await.is_err() {
                         counters.closed_while_hanging.fetch_add(1, Ordering::SeqCst);
-                        return;
+                        return inference;
                     }
                 },
                 Act::Hang => {
@@ -209,7 +235,7 @@ async fn serve(
                         match stream.read(&mut sink).await {
                             Ok(0) | Err(_) => {
                                 counters.closed_while_hanging.fetch_add(1, Ordering::SeqCst);
-                                return;
+                                return inference;
                             }
                             Ok(_) => {}
                         }

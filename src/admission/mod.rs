@@ -1,11 +1,16 @@
 //! Admission: what a request must pass before it is routed. Client API keys, request
 //! ids, and the concurrency limit with its bounded queue.
 //!
-//! - API keys (`--api-key`, several allowed): `Authorization: Bearer KEY`, compared in
-//!   constant time; anything else gets 401 in the OpenAI error shape. `/health` and
-//!   `/metrics` stay open for probes and scrapers.
-//! - Request ids: the client's `x-request-id`, or a new one, is forwarded to the replica
-//!   and returned on every response, the router's own errors included.
+//! - API keys ([`api_keys`]: `--api-key`, `ROUTER_API_KEYS`, `--api-keys-file`):
+//!   `Authorization: Bearer KEY`, compared in constant time; anything else gets 401 in
+//!   the OpenAI error shape. `/health` stays open for probes; `/metrics` needs a key
+//!   too, unless it is served on the admin listener (`--metrics-on admin`).
+//! - Request ids: every request gets an id the router makes, and that is the
+//!   `x-request-id` the replicas see (engines key requests by it, and P/D matches a KV
+//!   transfer by it: a client must not be able to choose it, or collide with another).
+//!   A client's own `x-request-id` (up to 128 visible characters) is kept for the logs
+//!   and trace and returned on the response; without one, the router's is returned.
+//!   Every response carries one, the router's own errors included.
 //! - Concurrency (`--max-concurrent-requests`): at most that many requests are proxied
 //!   at once; up to `--max-queued-requests` more wait, each for at most
 //!   `--queue-timeout`. A full queue answers 429 at once, a wait that times out 503 with
@@ -27,63 +32,47 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, header};
 use http_body::{Frame, SizeHint};
-use subtle::ConstantTimeEq;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::RouterError;
 
+mod api_keys;
+pub use api_keys::{ApiKey, ApiKeys, load_file as load_api_keys_file};
+
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The API keys clients must present, if any.
-#[derive(Clone, Default)]
-pub struct ApiKeys {
-    keys: Arc<Vec<Vec<u8>>>,
-}
+/// The `x-request-id` a client sent, in the request's extensions (for the access log
+/// and the trace); replicas get the router's id instead.
+#[derive(Debug, Clone)]
+pub struct ClientRequestId(pub HeaderValue);
 
-impl ApiKeys {
-    pub fn new(keys: Vec<String>) -> Self {
-        ApiKeys { keys: Arc::new(keys.into_iter().map(String::into_bytes).collect()) }
-    }
-
-    pub fn is_enabled(&self) -> bool {
-        !self.keys.is_empty()
-    }
-
-    /// Whether `authorization` (the header's value) carries one of the keys. Every key is
-    /// compared, in constant time, whatever matches.
-    pub fn accepts(&self, authorization: Option<&HeaderValue>) -> bool {
-        let presented = authorization.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or_default();
-        let mut ok = subtle::Choice::from(0);
-        for key in self.keys.iter() {
-            ok |= key.as_slice().ct_eq(presented);
-        }
-        bool::from(ok)
-    }
-}
+/// Longest client request id kept; a longer one is ignored.
+const MAX_CLIENT_ID: usize = 128;
 
 /// The admission layer of every request: give it an id (the client's, or a new one),
 /// refuse it without a valid API key when keys are configured, and put the id on the
 /// response, whoever answered.
 pub async fn admit(State(keys): State<ApiKeys>, mut request: Request, next: Next) -> Response {
-    let id = match request.headers().get(&REQUEST_ID) {
-        Some(id) if !id.is_empty() => id.clone(),
-        _ => {
-            let id = format!("req-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-            let id = HeaderValue::from_str(&id).expect("hex is a valid header value");
-            request.headers_mut().insert(REQUEST_ID, id.clone());
-            id
-        }
-    };
-    // Probes, scrapers and the admin API (which has its own token) need no API key.
+    let client_id = request
+        .headers_mut()
+        .remove(&REQUEST_ID)
+        .filter(|id| !id.is_empty() && id.len() <= MAX_CLIENT_ID && id.to_str().is_ok());
+    let id = format!("req-{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let id = HeaderValue::from_str(&id).expect("hex is a valid header value");
+    request.headers_mut().insert(REQUEST_ID, id.clone());
+    if let Some(client_id) = &client_id {
+        request.extensions_mut().insert(ClientRequestId(client_id.clone()));
+    }
+    // Probes and the admin API (which has its own token) need no API key.
     let path = request.uri().path();
-    let open = matches!(path, "/health" | "/metrics") || path.starts_with("/admin/");
+    let open = path == "/health" || path.starts_with("/admin/");
     let mut response =
         if !keys.is_enabled() || open || keys.accepts(request.headers().get(header::AUTHORIZATION)) {
             next.run(request).await
         } else {
             RouterError::Unauthorized.into_response()
         };
-    response.headers_mut().insert(REQUEST_ID, id);
+    response.headers_mut().insert(REQUEST_ID, client_id.unwrap_or(id));
     response
 }
 
@@ -159,19 +148,6 @@ impl http_body::Body for Slotted {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn keys_need_bearer_and_an_exact_match() {
-        let keys = ApiKeys::new(vec!["k1".into(), "secret-2".into()]);
-        let h = |v: &str| HeaderValue::from_str(v).unwrap();
-        assert!(keys.accepts(Some(&h("Bearer k1"))));
-        assert!(keys.accepts(Some(&h("Bearer secret-2"))));
-        assert!(!keys.accepts(Some(&h("Bearer k"))));
-        assert!(!keys.accepts(Some(&h("Bearer k12"))));
-        assert!(!keys.accepts(Some(&h("k1"))));
-        assert!(!keys.accepts(None));
-        assert!(!ApiKeys::default().is_enabled());
-    }
 
     #[tokio::test]
     async fn queue_is_bounded_and_times_out() {
