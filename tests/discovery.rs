@@ -153,14 +153,26 @@ async fn a_watched_file_adds_and_removes_replicas_and_ignores_a_bad_edit() {
     write_atomically(&path, &format!("# the fleet\n{}\n", a.url()));
     let router = support::router(discovering(|c| c.discovery.file = Some(path.clone()))).await;
 
-    // A bad edit keeps the last good set.
+    // A bad edit keeps the last good set; so do a file caught empty (between a
+    // truncate and a write) and one caught half-written (its last line unfinished).
     write_atomically(&path, &format!("{}\nthis is not a url\n", b.url()));
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(names(&router), [a.url()], "a bad file changes nothing");
+    std::fs::write(&path, "").unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(names(&router), [a.url()], "an empty file is not an empty fleet");
+    let cut = format!("{}\n{}", a.url(), b.url());
+    std::fs::write(&path, &cut[..cut.len() - 2]).unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(names(&router), [a.url()], "a half-written line is not a replica");
+    // `none` empties the fleet on purpose.
+    write_atomically(&path, "none\n");
+    eventually("an empty fleet when the file says so", || names(&router).is_empty()).await;
+    write_atomically(&path, &format!("{}\n", a.url()));
 
     let p = path.clone();
     join_then_leave(&router, &a, &b, move |urls| {
-        write_atomically(&p, &urls.join("\n"));
+        write_atomically(&p, &format!("{}\n", urls.join("\n")));
         async {}
     })
     .await;

@@ -14,6 +14,13 @@
 //! the same for an edit in place, a rename over it and a Kubernetes ConfigMap's symlink
 //! swap. A file that cannot be read or has a bad line is logged and ignored: the last
 //! good set stays in rotation.
+//!
+//! A file caught half-written must not be taken for a smaller fleet, so two more rules:
+//! every line ends with a newline (a last line without one is still being written: the
+//! file is read again at the next interval), and a file with no replica at all means
+//! "no replicas" only when it says `none` on a line of its own (an empty file is what a
+//! writer leaves between truncating and writing). The safe way to update the file is to
+//! write a new one beside it and rename it over the old one, which readers see whole.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -26,10 +33,18 @@ use crate::replicas::ReplicaUrl;
 
 /// Parse a replicas file. Errors name the first bad line.
 pub fn parse(text: &str) -> Result<BTreeSet<Member>, String> {
+    if !text.is_empty() && !text.ends_with('\n') {
+        return Err("the last line has no newline: the file is incomplete (write it whole, then rename it into place)".into());
+    }
     let mut members = BTreeSet::new();
+    let mut none = false;
     for (number, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
         if line.is_empty() {
+            continue;
+        }
+        if line == "none" {
+            none = true;
             continue;
         }
         let mut words = line.split_whitespace();
@@ -46,7 +61,11 @@ pub fn parse(text: &str) -> Result<BTreeSet<Member>, String> {
         let url = ReplicaUrl::parse(url).map_err(|e| format!("line {}: {e}", number + 1))?;
         members.insert(Member::new(role, &url));
     }
-    Ok(members)
+    match (members.is_empty(), none) {
+        (true, false) => Err("no replicas: write `none` on a line of its own to mean an empty fleet".into()),
+        (false, true) => Err("`none` and replicas in one file".into()),
+        _ => Ok(members),
+    }
 }
 
 /// Read the file now (once; an error if it is missing or bad, so the router does not
@@ -119,14 +138,27 @@ mod tests {
             got,
             [(Role::Main, "http://a:1"), (Role::Main, "http://b:2"), (Role::Prefill, "http://c:3")]
         );
-        assert!(parse("").unwrap().is_empty());
+        assert!(parse("none\n").unwrap().is_empty(), "an empty fleet said explicitly");
+        assert!(parse("# all gone\nnone # for now\n").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_half_written_or_empty_file_is_not_a_smaller_fleet() {
+        assert!(parse("").unwrap_err().contains("none"), "empty: a writer between truncate and write");
+        assert!(parse("# only comments\n\n").unwrap_err().contains("none"));
+        assert!(
+            parse("http://a:1\nhttp://b:2").unwrap_err().contains("incomplete"),
+            "cut before the newline"
+        );
+        assert!(parse("http://a:1\nhttp://b:80").unwrap_err().contains("incomplete"));
+        assert!(parse("none\nhttp://a:1\n").unwrap_err().contains("`none` and replicas"));
     }
 
     #[test]
     fn bad_lines_are_named() {
-        assert!(parse("http://a:1\nmiddle http://b:2").unwrap_err().starts_with("line 2: role `middle`"));
-        assert!(parse("ftp://a:1").unwrap_err().starts_with("line 1:"));
-        assert!(parse("decode http://a:1 extra").unwrap_err().contains("expected `[ROLE] URL`"));
-        assert!(parse("http://a:1/v1").unwrap_err().contains("no path"));
+        assert!(parse("http://a:1\nmiddle http://b:2\n").unwrap_err().starts_with("line 2: role `middle`"));
+        assert!(parse("ftp://a:1\n").unwrap_err().starts_with("line 1:"));
+        assert!(parse("decode http://a:1 extra\n").unwrap_err().contains("expected `[ROLE] URL`"));
+        assert!(parse("http://a:1/v1\n").unwrap_err().contains("no path"));
     }
 }
