@@ -1,19 +1,30 @@
 #!/usr/bin/env python3
-"""Soak test: the router under sustained load for N minutes while clients hang up at
-random and replicas are killed and restarted, on 127.0.0.1 only, bounded in time.
+"""Soak test: the router under mixed load for an hour while replicas are killed, a KV
+events publisher misbehaves and slow clients hold on, with its RSS sampled throughout.
+On 127.0.0.1 only, bounded in time.
 
-  bench-scripts/soak.py [--minutes 10] [--concurrency 512] [--replicas 4]
-                        [--restart-every 30] [--cancel-fraction 0.1] [--out artifacts/soak.json]
+  bench-scripts/soak.py [--minutes 60] [--replicas 4] [--kill-every 60]
+                        [--out artifacts/soak.json] [--no-build]
 
-- llm-bench drives `--concurrency` streams (ISL 200, OSL 100) for the whole run; a
-  `--cancel-fraction` of requests is dropped by the client mid-way.
-- Every `--restart-every` seconds one simulated replica is killed (SIGKILL: its open
-  streams are cut) and restarted 5 s later on the same port.
-- The router's RSS is sampled every 5 s.
+- Replicas: `--replicas` vllm-sim engines (time scale 4, 8192 KV blocks each), each
+  publishing KV events. The router runs `--policy kv-aware` and subscribes to all of
+  them but the last, whose events come instead from bench-scripts/hostile_kv_publisher.py
+  (huge frames, garbage, absurd block sizes, too many frames, slow drips, silence).
+- Load: llm-bench streaming completions (concurrency 96, 5% hung up mid-way) and
+  streaming chat completions (concurrency 32), both for the whole run, with every
+  request's timings saved; bench-scripts/slow_clients.py adds clients that never read,
+  read slowly, or upload slowly.
+- Faults: every `--kill-every` seconds one engine is killed (SIGKILL: its streams are
+  cut) and restarted 5 s later on the same ports.
+- The router's RSS is sampled every 10 s and reported per minute.
 
-Reported: requests served, failed and cancelled; errors by kind (the client's and the
-router's own counters: retries, upstream errors by kind, client disconnects); RSS at
-the start, the end and the peak; and whether every in-flight gauge returned to zero.
+Reported (artifact JSON): requests completed, failed, cancelled; every failure matched
+against the kills (a request is cut by a fault when it was in flight when an engine
+died: `lost` counts the failures no kill explains); the slow clients' outcomes; the
+router's own counters (KV feed errors by kind, index resets, ejections, panic routing,
+upstream errors, client disconnects, in-flight and idle connections at the end); RSS
+per minute, and its growth after the warm-up (the first 10 minutes, while the bounded
+caches fill).
 """
 
 import argparse
@@ -29,9 +40,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release"
-SIM_PORT = 18300
-ROUTER_PORT = 18290
+SIM_PORT, KV_PORT, HOSTILE_PORT, ROUTER_PORT = 18300, 18400, 18450, 18290
 MODEL = "Qwen/Qwen3-0.6B-FP8"
+WARMUP_MINUTES = 10
 
 
 def rss_kb(pid, field="VmRSS"):
@@ -68,13 +79,39 @@ def metrics(text, name):
     return out
 
 
+def sum_by(series, label):
+    out = {}
+    for labels, value in series.items():
+        key = next((part.split("=", 1)[1].strip('"') for part in labels.strip("{}").split(",")
+                    if part.startswith(label + "=")), "")
+        out[key] = out.get(key, 0) + value
+    return {k: v for k, v in out.items() if v}
+
+
+def attribute(result, started_at, kills, tolerance=2.0):
+    """Split a bench run's failures into those a kill explains and the rest."""
+    detail = result.get("detailed") or result
+    starts, latencies, errors = detail["start_times"], detail["latencies"], detail["errors"]
+    offset = result.get("_offset", 0.0)
+    cut, lost, lost_examples = 0, 0, []
+    for start, latency, error in zip(starts, latencies, errors):
+        if not error or error.startswith("cancelled"):
+            continue
+        begin, end = started_at + offset + start, started_at + offset + start + latency
+        if any(begin - tolerance <= k <= end + tolerance for k in kills):
+            cut += 1
+        else:
+            lost += 1
+            if len(lost_examples) < 10:
+                lost_examples.append({"t": round(begin - started_at, 1), "error": error[:160]})
+    return cut, lost, lost_examples
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10)
-    p.add_argument("--concurrency", type=int, default=512)
+    p.add_argument("--minutes", type=float, default=60)
     p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--restart-every", type=float, default=30)
-    p.add_argument("--cancel-fraction", type=float, default=0.1)
+    p.add_argument("--kill-every", type=float, default=60)
     p.add_argument("--out", default=str(ROOT / "artifacts" / "soak.json"))
     p.add_argument("--no-build", action="store_true")
     args = p.parse_args()
@@ -85,99 +122,132 @@ def main():
     procs = {}
 
     def start_sim(i):
-        port = SIM_PORT + i
         procs[f"sim{i}"] = subprocess.Popen(
-            [BIN / "vllm-sim", "--port", str(port)], stdout=open(logs / f"sim{i}.log", "ab"),
-            stderr=subprocess.STDOUT)
-        return f"http://127.0.0.1:{port}"
+            [BIN / "vllm-sim", "--port", str(SIM_PORT + i), "--kv-events-port", str(KV_PORT + i),
+             "--time-scale", "4", "--num-gpu-blocks", "8192"],
+            stdout=open(logs / f"sim{i}.log", "ab"), stderr=subprocess.STDOUT)
+        return f"http://127.0.0.1:{SIM_PORT + i}"
 
     urls = [start_sim(i) for i in range(args.replicas)]
     for url in urls:
         wait_ready(url + "/v1/models")
-    router = subprocess.Popen(
-        [BIN / "router", "--host", "127.0.0.1", "--port", str(ROUTER_PORT), "--replicas", ",".join(urls),
-         "--health-interval", "1s", "--unhealthy-threshold", "1", "--healthy-threshold", "1"],
-        stdout=open(logs / "router.log", "ab"), stderr=subprocess.STDOUT, env={**os.environ, "RUST_LOG": "warn"})
+    procs["hostile"] = subprocess.Popen(
+        [sys.executable, ROOT / "bench-scripts" / "hostile_kv_publisher.py", "--port", str(HOSTILE_PORT)],
+        stdout=open(logs / "hostile.jsonl", "w"), stderr=subprocess.STDOUT)
+    endpoints = [f"{url}=tcp://127.0.0.1:{KV_PORT + i}" for i, url in enumerate(urls[:-1])]
+    endpoints.append(f"{urls[-1]}=tcp://127.0.0.1:{HOSTILE_PORT}")
+    router_args = [
+        BIN / "router", "--host", "127.0.0.1", "--port", str(ROUTER_PORT), "--replicas", ",".join(urls),
+        "--policy", "kv-aware", "--tokenizer", "builtin", "--kv-index-blocks", "65536",
+        "--health-interval", "1s", "--unhealthy-threshold", "1", "--healthy-threshold", "1",
+        "--client-idle-timeout", "10s", "--body-read-timeout", "10s", "--max-concurrent-requests", "512",
+    ]
+    for endpoint in endpoints:
+        router_args += ["--kv-events-endpoint", endpoint]
+    router = subprocess.Popen(router_args, stdout=open(logs / "router.log", "ab"), stderr=subprocess.STDOUT,
+                              env={**os.environ, "RUST_LOG": "warn"})
     procs["router"] = router
     base = f"http://127.0.0.1:{ROUTER_PORT}"
     wait_ready(base + "/v1/models")
-    result_file = logs / "bench.json"
     duration = int(args.minutes * 60)
-    bench = subprocess.Popen(
-        [BIN / "llm-bench", "run", "--base-url", base, "--model", MODEL, "--isl", "200", "--osl", "100",
-         "--max-concurrency", str(args.concurrency), "--duration", f"{duration}s", "--warmup-requests", "0",
-         "--cancel-fraction", str(args.cancel_fraction), "--cancel-after-max", "3s", "--drain-timeout", "60s",
-         "--request-timeout", "120s", "--no-progress", "--result-file", str(result_file)],
-        stdout=open(logs / "bench.out", "wb"), stderr=subprocess.STDOUT)
-    procs["bench"] = bench
+
+    def bench(name, endpoint, concurrency, cancel):
+        return subprocess.Popen(
+            [BIN / "llm-bench", "run", "--base-url", base, "--model", MODEL, "--endpoint", endpoint,
+             "--isl", "200", "--osl", "100", "--max-concurrency", str(concurrency), "--duration", f"{duration}s",
+             "--warmup-requests", "0", "--cancel-fraction", str(cancel), "--cancel-after-max", "3s",
+             "--drain-timeout", "60s", "--request-timeout", "120s", "--no-progress", "--save-detailed",
+             "--result-file", str(logs / f"{name}.json")],
+            stdout=open(logs / f"{name}.out", "wb"), stderr=subprocess.STDOUT)
+
     started = time.time()
-    samples, restarts = [], []
-    next_restart = started + args.restart_every
+    procs["completions"] = bench("completions", "completions", 96, 0.05)
+    procs["chat"] = bench("chat", "chat", 32, 0.0)
+    procs["slow"] = subprocess.Popen(
+        [sys.executable, ROOT / "bench-scripts" / "slow_clients.py", "--router", base, "--model", MODEL,
+         "--minutes", str(max(args.minutes - 1.5, 0.5))],
+        stdout=subprocess.PIPE, stderr=open(logs / "slow.err", "wb"))
+    samples, kills = [], []
+    next_kill = started + args.kill_every
     rng = random.Random(42)
     try:
-        while bench.poll() is None:
+        while procs["completions"].poll() is None or procs["chat"].poll() is None:
             now = time.time()
             samples.append({"t": round(now - started, 1), "rss_kb": rss_kb(router.pid)})
-            if now >= next_restart and now - started < duration - 10:
+            if now >= next_kill and now - started < duration - 15:
                 i = rng.randrange(args.replicas)
                 procs[f"sim{i}"].send_signal(signal.SIGKILL)
                 procs[f"sim{i}"].wait()
+                kills.append(time.time())
                 time.sleep(5)
                 start_sim(i)
-                restarts.append({"t": round(now - started, 1), "replica": urls[i]})
-                next_restart = now + args.restart_every
-            time.sleep(5)
+                next_kill = now + args.kill_every
+            time.sleep(max(0.0, 10 - (time.time() - now)))
             if time.time() - started > duration + 300:
                 raise RuntimeError("llm-bench did not finish within 5 minutes of the end")
+        slow = json.loads(procs["slow"].communicate(timeout=300)[0] or b"{}")
         time.sleep(2)
         text = get(base + "/metrics")
-        in_flight = metrics(text, "router_in_flight_requests")
-        bench_result = json.loads(result_file.read_text())
+        runs = {}
+        for name in ["completions", "chat"]:
+            result = json.loads((logs / f"{name}.json").read_text())
+            cut, lost, examples = attribute(result, started, kills)
+            runs[name] = {
+                "completed": result["completed"], "failed": result["failed"],
+                "cancelled": result.get("cancelled", 0), "unfinished": result.get("unfinished", 0),
+                "failed_cut_by_kills": cut, "lost": lost + result.get("unfinished", 0),
+                "lost_examples": examples,
+                "request_throughput": round(result["request_throughput"], 2),
+                "errors": result.get("error_counts", {}),
+            }
+        hostile = [json.loads(line) for line in (logs / "hostile.jsonl").read_text().splitlines() if line.startswith("{")]
+        per_minute = []
+        for minute in range(int(args.minutes) + 1):
+            near = [s for s in samples if minute * 60 - 5 <= s["t"] <= minute * 60 + 5]
+            if near:
+                per_minute.append({"minute": minute, "rss_mb": round(near[0]["rss_kb"] / 1024, 1)})
+        after = [m["rss_mb"] for m in per_minute if m["minute"] >= WARMUP_MINUTES]
         report = {
             "minutes": args.minutes,
-            "concurrency": args.concurrency,
             "replicas": args.replicas,
-            "cancel_fraction": args.cancel_fraction,
-            "replica_restarts": len(restarts),
-            "requests": {
-                "completed": bench_result["completed"], "failed": bench_result["failed"],
-                "cancelled": bench_result["cancelled"], "unfinished": bench_result.get("unfinished", 0),
-                "request_throughput": round(bench_result["request_throughput"], 2),
-            },
-            "client_errors": bench_result.get("error_counts", {}),
+            "engine_kills": len(kills),
+            "requests": runs,
+            "lost_total": sum(r["lost"] for r in runs.values()),
+            "slow_clients": slow,
+            "hostile_publisher": {k: sum(1 for h in hostile if h["kind"] == k) for k in sorted({h["kind"] for h in hostile})},
+            "hostile_outcomes": sorted({(h["kind"], h["outcome"]) for h in hostile}),
             "router": {
                 "responses_by_status": sum_by(metrics(text, "router_requests_total"), "status"),
-                "upstream_errors": {k: v for k, v in sum_by(metrics(text, "router_upstream_errors_total"), "kind").items() if v},
+                "upstream_errors": sum_by(metrics(text, "router_upstream_errors_total"), "kind"),
                 "retries": sum(metrics(text, "router_retries_total").values()),
                 "retries_denied": sum(metrics(text, "router_retries_denied_total").values()),
+                "ejections": sum_by(metrics(text, "router_ejections_total"), "result"),
+                "panic_routing": sum(metrics(text, "router_panic_routing_total").values()),
                 "client_disconnects": sum_by(metrics(text, "router_client_disconnects_total"), "stage"),
-                "in_flight_after": sum(in_flight.values()),
+                "kv_feed_errors": sum_by(metrics(text, "router_kv_feed_errors_total"), "kind"),
+                "kv_index_resets": sum_by(metrics(text, "router_kv_index_resets_total"), "reason"),
+                "kv_event_batches": sum_by(metrics(text, "router_kv_event_batches_total"), "outcome"),
+                "in_flight_after": sum(metrics(text, "router_in_flight_requests").values()),
+                "idle_upstream_connections_after": sum(metrics(text, "router_upstream_idle_connections").values()),
             },
             "rss_mb": {
-                "start": round(samples[min(2, len(samples) - 1)]["rss_kb"] / 1024, 1),
-                "end": round(samples[-1]["rss_kb"] / 1024, 1),
+                "per_minute": per_minute,
+                "at_warmup_end": after[0] if after else None,
+                "max_after_warmup": max(after) if after else None,
+                "growth_after_warmup_pct": round(100 * (max(after) / after[0] - 1), 1) if after else None,
                 "peak": round(rss_kb(router.pid, "VmHWM") / 1024, 1),
             },
-            "rss_samples": samples,
-            "restarts": restarts,
+            "rss_samples_10s": samples,
         }
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        summary = {k: v for k, v in report.items() if k not in ("rss_samples", "restarts")}
+        summary = {k: v for k, v in report.items() if k != "rss_samples_10s"}
+        summary["rss_mb"] = {k: v for k, v in report["rss_mb"].items() if k != "per_minute"}
         print(json.dumps(summary, indent=1))
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-
-
-def sum_by(series, label):
-    out = {}
-    for labels, value in series.items():
-        key = next((part.split("=", 1)[1].strip('"') for part in labels.strip("{}").split(",")
-                    if part.startswith(label + "=")), "")
-        out[key] = out.get(key, 0) + value
-    return out
 
 
 if __name__ == "__main__":
