@@ -60,6 +60,29 @@ pub struct MeteredBody {
     phase: Option<PhaseTimers>,
 }
 
+/// Why a body was given up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The connection broke, or the framing did.
+    MidBody,
+    /// Silence after the first byte: the replica's fault.
+    IdleTimeout,
+    /// No first byte: the replica is busy (vLLM queues after sending headers), not
+    /// broken, so it is not ejected.
+    FirstByteTimeout,
+}
+
+impl Failure {
+    /// The `kind` label of `router_upstream_errors_total`.
+    fn kind(self) -> &'static str {
+        match self {
+            Failure::MidBody => "mid_body",
+            Failure::IdleTimeout => "idle_timeout",
+            Failure::FirstByteTimeout => "first_byte_timeout",
+        }
+    }
+}
+
 /// How the metered body should behave.
 pub struct BodyOptions {
     pub endpoint: &'static str,
@@ -103,12 +126,13 @@ impl MeteredBody {
 
     /// Give up on the upstream: count it, eject the replica (if the failure is its
     /// fault), close the connection, and queue the error event for an SSE client.
-    fn fail(&mut self, kind: &'static str, message: String) {
+    fn fail(&mut self, failure: Failure, message: String) {
         self.failed = true;
         self.inner = None;
         let replica = self.in_flight.replica();
+        let kind = failure.kind();
         self.metrics.upstream_errors.with_label_values(&[replica.name(), kind]).inc();
-        if kind != "first_byte_timeout" {
+        if failure != Failure::FirstByteTimeout {
             self.registry.eject(replica, kind);
         }
         if self.sse {
@@ -162,7 +186,7 @@ impl Body for MeteredBody {
             }
             Poll::Ready(Some(Err(error))) => {
                 tracing::debug!(replica = this.in_flight.replica().name(), %error, "upstream body failed mid-stream");
-                this.fail("mid_body", "the replica failed mid-stream".to_owned());
+                this.fail(Failure::MidBody, "the replica failed mid-stream".to_owned());
                 match this.tail.pop_front() {
                     Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
                     // Not SSE: cut the body with an error, never end it cleanly short.
@@ -189,8 +213,8 @@ impl Body for MeteredBody {
                     // Frames came since the timer was armed: wait out the rest from the last one.
                     idle.as_mut().reset(deadline.into());
                 }
-                let kind = if this.seen_data { "idle_timeout" } else { "first_byte_timeout" };
-                this.fail(kind, format!("the replica sent nothing for {timeout:?}"));
+                let failure = if this.seen_data { Failure::IdleTimeout } else { Failure::FirstByteTimeout };
+                this.fail(failure, format!("the replica sent nothing for {timeout:?}"));
                 match this.tail.pop_front() {
                     Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
                     // Not SSE: cut the body with an error, never end it cleanly short.

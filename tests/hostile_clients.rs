@@ -17,12 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 fn raw_config(replica: &RawReplica) -> RouterConfig {
-    let mut config = RouterConfig::new(vec![ReplicaUrl::parse(&replica.url()).unwrap()]);
-    config.health.interval = Duration::from_millis(100);
-    config.thresholds.unhealthy = 1;
-    config.thresholds.healthy = 1;
-    config.drain_timeout = Duration::from_secs(1);
-    config
+    config_for(&[replica.url()])
 }
 
 /// Streams flood SSE events until the router hangs up; anything else is answered at once.

@@ -9,22 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use llm_router::config::RouterConfig;
-use llm_router::replicas::ReplicaUrl;
 use llm_router::server::RunningRouter;
 use serde_json::{Value, json};
 use support::raw_replica::{Act, RawReplica, SSE_HEAD, chunk};
 use support::*;
 
 fn raw_config(replicas: &[&RawReplica]) -> RouterConfig {
-    let urls = replicas.iter().map(|r| ReplicaUrl::parse(&r.url()).unwrap()).collect();
-    let mut config = RouterConfig::new(urls);
-    config.health.interval = Duration::from_millis(100);
-    config.health.timeout = Duration::from_millis(500);
-    config.thresholds.unhealthy = 1;
-    config.thresholds.healthy = 1;
-    config.connect_timeout = Duration::from_millis(500);
-    config.drain_timeout = Duration::from_secs(2);
-    config
+    config_for(&replicas.iter().map(|r| r.url()).collect::<Vec<_>>())
 }
 
 fn script(acts: Vec<Act>) -> support::raw_replica::Script {

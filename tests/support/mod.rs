@@ -316,7 +316,12 @@ pub async fn mocks(n: usize) -> Vec<Arc<MockReplica>> {
 
 /// A router config for these mocks with fast health checks (tests wait for them).
 pub fn config(mocks: &[Arc<MockReplica>]) -> RouterConfig {
-    let urls = mocks.iter().map(|m| ReplicaUrl::parse(&m.url()).unwrap()).collect();
+    config_for(&mocks.iter().map(|m| m.url()).collect::<Vec<_>>())
+}
+
+/// A router config for replicas at these URLs with fast health checks.
+pub fn config_for(urls: &[String]) -> RouterConfig {
+    let urls = urls.iter().map(|u| ReplicaUrl::parse(u).unwrap()).collect();
     let mut config = RouterConfig::new(urls);
     config.health.interval = Duration::from_millis(100);
     config.health.timeout = Duration::from_millis(500);
