@@ -153,6 +153,8 @@ def main():
         try:
             if not handshake(conn):
                 outcome = "no handshake"
+            elif kind == "disconnect":
+                outcome = "closed by the publisher"
             else:
                 conn.settimeout(30)
                 seq = misbehave(conn, kind, rng, seq)
