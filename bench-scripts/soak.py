@@ -89,15 +89,14 @@ def sum_by(series, label):
 
 
 def attribute(result, started_at, kills, tolerance=2.0):
-    """Split a bench run's failures into those a kill explains and the rest."""
-    detail = result.get("detailed") or result
-    starts, latencies, errors = detail["start_times"], detail["latencies"], detail["errors"]
-    offset = result.get("_offset", 0.0)
+    """Split a bench run's failures (llm-bench --save-failures) into those a kill
+    explains (the request was in flight when an engine died) and the rest."""
     cut, lost, lost_examples = 0, 0, []
-    for start, latency, error in zip(starts, latencies, errors):
-        if not error or error.startswith("cancelled"):
+    for failure in result["failures"]:
+        error = failure["error"]
+        if error.startswith("cancelled"):
             continue
-        begin, end = started_at + offset + start, started_at + offset + start + latency
+        begin, end = started_at + failure["start"], started_at + failure["start"] + failure["latency"]
         if any(begin - tolerance <= k <= end + tolerance for k in kills):
             cut += 1
         else:
@@ -156,7 +155,7 @@ def main():
             [BIN / "llm-bench", "run", "--base-url", base, "--model", MODEL, "--endpoint", endpoint,
              "--isl", "200", "--osl", "100", "--max-concurrency", str(concurrency), "--duration", f"{duration}s",
              "--warmup-requests", "0", "--cancel-fraction", str(cancel), "--cancel-after-max", "3s",
-             "--drain-timeout", "60s", "--request-timeout", "120s", "--no-progress", "--save-detailed",
+             "--drain-timeout", "60s", "--request-timeout", "120s", "--no-progress", "--save-failures",
              "--result-file", str(logs / f"{name}.json")],
             stdout=open(logs / f"{name}.out", "wb"), stderr=subprocess.STDOUT)
 

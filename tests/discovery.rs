@@ -217,32 +217,42 @@ impl Dnsmasq {
             return None;
         };
         let hosts = temp_path("hosts");
-        std::fs::write(&hosts, hosts_file(ips)).unwrap();
-        let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = std::process::Command::new(binary)
-            .args([
-                "--keep-in-foreground",
-                "--conf-file=/dev/null",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-            ])
-            .args(["--listen-address=127.0.0.1", "--pid-file=", "--local-ttl=0", "--log-facility=-"])
-            .arg(format!("--port={port}"))
-            .arg(format!("--addn-hosts={}", hosts.display()))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let dns = Dnsmasq { child, hosts, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
-        // Until it has installed its SIGHUP handler a reload would kill it: wait for an answer.
-        let resolver = llm_router::discovery::dns::resolver(Some(dns.addr)).unwrap();
-        for _ in 0..100 {
-            let lookup = tokio::time::timeout(Duration::from_millis(200), resolver.lookup_ip("vllm.test"));
-            if let Ok(Ok(_)) = lookup.await {
-                return Some(dns);
+        // The port is free for UDP when picked, but dnsmasq binds TCP on it too, and
+        // another test may hold that TCP port: then dnsmasq exits, and a new port is tried.
+        for _attempt in 0..5 {
+            // (Written each time: a failed attempt's drop removes it.)
+            std::fs::write(&hosts, hosts_file(ips)).unwrap();
+            let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let child = std::process::Command::new(binary)
+                .args([
+                    "--keep-in-foreground",
+                    "--conf-file=/dev/null",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                ])
+                .args(["--listen-address=127.0.0.1", "--pid-file=", "--local-ttl=0", "--log-facility=-"])
+                .arg(format!("--port={port}"))
+                .arg(format!("--addn-hosts={}", hosts.display()))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut dns =
+                Dnsmasq { child, hosts: hosts.clone(), addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+            // Until it has installed its SIGHUP handler a reload would kill it: wait for an answer.
+            let resolver = llm_router::discovery::dns::resolver(Some(dns.addr)).unwrap();
+            for _ in 0..100 {
+                if dns.child.try_wait().unwrap().is_some() {
+                    break; // it could not bind: another port
+                }
+                let lookup =
+                    tokio::time::timeout(Duration::from_millis(200), resolver.lookup_ip("vllm.test"));
+                if let Ok(Ok(_)) = lookup.await {
+                    return Some(dns);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("dnsmasq did not answer");
     }

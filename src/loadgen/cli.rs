@@ -155,6 +155,10 @@ pub struct RunArgs {
     /// --save-detailed` does.
     #[arg(long)]
     pub save_detailed: bool,
+    /// Also save the failed requests alone (`failures`: start time, latency and error of
+    /// each, in seconds), cheap enough for an hour of soak where --save-detailed is not.
+    #[arg(long)]
+    pub save_failures: bool,
     /// No progress display.
     #[arg(long)]
     pub no_progress: bool,
@@ -344,6 +348,9 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
         result.extend(metrics);
         if args.save_detailed {
             result.extend(report::detailed(&run.recorded));
+        }
+        if args.save_failures {
+            result.insert("failures".into(), report::failures(&run.recorded));
         }
         let text = serde_json::to_string_pretty(&Value::Object(result)).expect("results serialise");
         std::fs::write(path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;

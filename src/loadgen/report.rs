@@ -105,6 +105,18 @@ pub fn detailed(outcomes: &[Outcome]) -> Map<String, Value> {
     out
 }
 
+/// The failed requests alone: `[{start, latency, error}]`, times in seconds from the
+/// run's start.
+pub fn failures(outcomes: &[Outcome]) -> Value {
+    json!(
+        outcomes
+            .iter()
+            .filter_map(|o| Some(json!({"start": o.start.as_secs_f64(), "latency": o.latency.as_secs_f64(),
+                "error": o.error.as_deref()?})))
+            .collect::<Vec<_>>()
+    )
+}
+
 /// Failed requests by error message (its first 120 characters).
 fn error_counts(outcomes: &[Outcome]) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
@@ -199,6 +211,7 @@ mod tests {
     #[test]
     fn metrics_are_computed_as_vllm_bench_serve_does() {
         let failed = Outcome { error: Some("HTTP 503: busy".into()), ..Outcome::default() };
+        assert_eq!(failures(&[Outcome::default(), failed.clone()]).as_array().unwrap().len(), 1);
         let outcomes = vec![
             outcome(0, 100, &[10_000, 10_000, 10_000], 4),
             outcome(50, 200, &[20_000, 20_000, 20_000], 4),
