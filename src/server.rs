@@ -3,9 +3,10 @@
 //!
 //! Start-up probes every replica once before the first connection is accepted, so a
 //! router started against a healthy fleet routes its first request. Each accepted
-//! connection gets TCP_NODELAY (SSE events must not wait for Nagle) and is served by
-//! hyper's HTTP/1 server, which notices a client that closes mid-request and drops the
-//! request's future, cancelling the upstream request with it. Shutdown stops accepting,
+//! connection gets TCP_NODELAY (SSE events must not wait for Nagle) and a limit on how
+//! long its writes may stall ([`StallLimited`]), and is served by hyper's HTTP/1
+//! server, which notices a client that closes mid-request and drops the request's
+//! future, cancelling the upstream request with it. Shutdown stops accepting,
 //! lets in-flight requests finish for up to the drain timeout, then returns.
 
 use std::net::SocketAddr;

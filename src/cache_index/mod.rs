@@ -24,6 +24,7 @@ mod blocks;
 pub mod kv_events;
 mod kv_feed;
 mod kv_replica;
+mod msgpack;
 mod prompt;
 pub mod zmtp;
 
