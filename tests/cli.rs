@@ -143,10 +143,20 @@ async fn spawn_logging(
     args: &[&str],
     rust_log: &str,
 ) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
+    spawn_logging_with(args, rust_log, &[]).await
+}
+
+/// [`spawn_logging`] with these environment variables.
+async fn spawn_logging_with(
+    args: &[&str],
+    rust_log: &str,
+    envs: &[(&str, &str)],
+) -> (std::process::Child, u16, std::sync::mpsc::Receiver<String>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut child = router()
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
         .args(args)
+        .envs(envs.iter().copied())
         .env("RUST_LOG", rust_log)
         .env_remove("NO_COLOR")
         .stdout(Stdio::piped())
@@ -242,4 +252,51 @@ async fn a_redirected_log_has_no_escape_codes_and_json_is_one_object_per_line() 
     assert!(served["bytes"].as_u64().unwrap() > 0 && served["duration_s"].as_f64().unwrap() >= 0.0);
     let refused = access.iter().find(|o| o["path"] == "/v2/nothing").unwrap();
     assert_eq!((refused["status"].as_u64(), refused["replica"].as_str()), (Some(404), Some("none")));
+}
+
+// Multi-threaded: `spawn_logging` blocks its thread while the mock answers probes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_come_from_the_environment_and_a_file_and_logs_name_them() {
+    let replica = support::MockReplica::start("r0", &["m"]).await;
+    let dir = std::env::temp_dir().join(format!("llm-router-cli-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("keys.toml");
+    // sha256("test"): the file holds only the digest of team-b's key.
+    std::fs::write(
+        &file,
+        "[[keys]]\nname = \"team-b\"\nkey_sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n",
+    )
+    .unwrap();
+    let (child, port, lines) = spawn_logging_with(
+        &[
+            "--replicas",
+            &replica.url(),
+            "--api-keys-file",
+            file.to_str().unwrap(),
+            "--log-format",
+            "json",
+            "--access-log",
+        ],
+        "warn,llm_router::server=info",
+        &[("ROUTER_API_KEYS", "env-key-1,env-key-2")],
+    )
+    .await;
+    let url = format!("http://127.0.0.1:{port}/v1/completions");
+    let body = serde_json::json!({"model": "m", "prompt": "hi"});
+    let c = support::client();
+    for (auth, status) in [(None, 401), (Some("Bearer env-key-2"), 200), (Some("Bearer test"), 200)] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", *a)).collect();
+        assert_eq!(support::post(&c, &url, &body, &headers).await.0, status, "{auth:?}");
+    }
+    let json = stop(child, lines).await;
+    let access: Vec<serde_json::Value> = json
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|o| o["target"] == "access")
+        .collect();
+    let keys: Vec<&str> = access.iter().map(|o| o["api_key"].as_str().unwrap()).collect();
+    // (The 401 was answered by admission, outside the access log.)
+    assert_eq!(keys, ["key-2", "team-b"], "the key's name, never the key");
+    assert!(json.iter().all(|l| !l.contains("env-key-2")), "the key itself is never logged");
+    let _ = std::fs::remove_dir_all(&dir);
 }

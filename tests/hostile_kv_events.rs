@@ -51,6 +51,28 @@ async fn until_metric(c: &reqwest::Client, router: &RunningRouter, series: &str,
     panic!("{series} never reached {at_least}:\n{}", scrape(c, router).await);
 }
 
+/// Two mock replicas, `bad`'s events for the first and `good`'s for the second, and a
+/// kv-aware router following them.
+struct Setup {
+    replicas: Vec<std::sync::Arc<MockReplica>>,
+    bad: FakePublisher,
+    good: FakePublisher,
+    router: RunningRouter,
+    c: reqwest::Client,
+    r0: String,
+    r1: String,
+}
+
+impl Setup {
+    async fn start() -> Setup {
+        let replicas = mocks(2).await;
+        let (bad, good) = (FakePublisher::start().await, FakePublisher::start().await);
+        let router = kv_router(&replicas, &[&bad, &good]).await;
+        let (r0, r1) = (replicas[0].url(), replicas[1].url());
+        Setup { replicas, bad, good, router, c: client(), r0, r1 }
+    }
+}
+
 /// Route a completion of these token ids; the replica that served it.
 async fn route(c: &reqwest::Client, router: &RunningRouter, ids: &[u32]) -> String {
     let body = json!({"model": "m", "prompt": ids, "max_tokens": 4});
@@ -85,11 +107,7 @@ async fn good_feed_still_steers(
 
 #[tokio::test]
 async fn a_frame_announcing_two_to_the_62_bytes_costs_only_its_own_connection() {
-    let replicas = mocks(2).await;
-    let (mut bad, mut good) = (FakePublisher::start().await, FakePublisher::start().await);
-    let router = kv_router(&replicas, &[&bad, &good]).await;
-    let c = client();
-    let (r0, r1) = (replicas[0].url(), replicas[1].url());
+    let Setup { replicas: _replicas, mut bad, mut good, router, c, r0, r1 } = Setup::start().await;
     let mut b = bad.subscriber().await;
     let mut g = good.subscriber().await;
     assert_eq!(b.subscription, vec![0x01], "subscribed to everything");
@@ -121,11 +139,7 @@ async fn a_frame_announcing_two_to_the_62_bytes_costs_only_its_own_connection() 
 
 #[tokio::test]
 async fn broken_framing_and_garbage_payloads_are_counted_and_survived() {
-    let replicas = mocks(2).await;
-    let (mut bad, mut good) = (FakePublisher::start().await, FakePublisher::start().await);
-    let router = kv_router(&replicas, &[&bad, &good]).await;
-    let c = client();
-    let (r0, r1) = (replicas[0].url(), replicas[1].url());
+    let Setup { replicas: _replicas, mut bad, mut good, router, c, r0, r1 } = Setup::start().await;
     let mut g = good.subscriber().await;
 
     // Reserved flag bits: not ZMTP.
@@ -158,11 +172,7 @@ async fn broken_framing_and_garbage_payloads_are_counted_and_survived() {
 
 #[tokio::test]
 async fn an_absurd_block_size_is_refused_and_a_changed_one_resets_only_that_replica() {
-    let replicas = mocks(2).await;
-    let (mut bad, mut good) = (FakePublisher::start().await, FakePublisher::start().await);
-    let router = kv_router(&replicas, &[&bad, &good]).await;
-    let c = client();
-    let (r0, r1) = (replicas[0].url(), replicas[1].url());
+    let Setup { replicas: _replicas, mut bad, mut good, router, c, r0, r1 } = Setup::start().await;
     let mut b = bad.subscriber().await;
     let mut g = good.subscriber().await;
 

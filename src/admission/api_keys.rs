@@ -29,9 +29,14 @@ use subtle::ConstantTimeEq;
 /// One key: its name, and the secret or its digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKey {
-    pub name: String,
+    pub name: Arc<str>,
     secret: Secret,
 }
+
+/// The name of the key a request was let in with, in its extensions (for the access
+/// log).
+#[derive(Debug, Clone)]
+pub struct KeyName(pub Arc<str>);
 
 #[derive(Clone, PartialEq, Eq)]
 enum Secret {
@@ -48,7 +53,7 @@ impl std::fmt::Debug for Secret {
 impl ApiKey {
     /// A key given on the command line or in the environment, named by its position.
     pub fn plain(name: String, key: &str) -> Self {
-        ApiKey { name, secret: Secret::Plain(key.as_bytes().to_vec()) }
+        ApiKey { name: name.into(), secret: Secret::Plain(key.as_bytes().to_vec()) }
     }
 }
 
@@ -74,7 +79,7 @@ impl ApiKeys {
 
     /// The name of the key `authorization` (the header's value) carries, if it carries
     /// one. Every key is compared, in constant time, whatever matches.
-    pub fn check(&self, authorization: Option<&HeaderValue>) -> Option<&str> {
+    pub fn check(&self, authorization: Option<&HeaderValue>) -> Option<&Arc<str>> {
         let presented = authorization.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or_default();
         let digest: Option<[u8; 32]> = self
             .keys
@@ -89,7 +94,7 @@ impl ApiKeys {
                 (Secret::Sha256(_), None) => subtle::Choice::from(0),
             };
             if bool::from(matched) && found.is_none() {
-                found = Some(key.name.as_str());
+                found = Some(&key.name);
             }
         }
         found.filter(|_| !presented.is_empty())
@@ -128,10 +133,10 @@ pub fn load_file(path: &Path) -> Result<Vec<ApiKey>, String> {
             ),
             _ => return Err(at(&format!("key `{}`: give exactly one of key and key_sha256", entry.name))),
         };
-        if keys.iter().any(|k: &ApiKey| k.name == entry.name) {
+        if keys.iter().any(|k: &ApiKey| *k.name == *entry.name) {
             return Err(at(&format!("the name `{}` is used twice", entry.name)));
         }
-        keys.push(ApiKey { name: entry.name, secret });
+        keys.push(ApiKey { name: entry.name.into(), secret });
     }
     if keys.is_empty() {
         return Err(at(&"no [[keys]]: a keys file that lets nobody in is a mistake"));
@@ -162,8 +167,8 @@ mod tests {
     #[test]
     fn keys_need_bearer_and_an_exact_match() {
         let keys = ApiKeys::new(ApiKeys::from_flags(&["k1".into(), "secret-2".into()]));
-        assert_eq!(keys.check(Some(&h("Bearer k1"))), Some("key-1"));
-        assert_eq!(keys.check(Some(&h("Bearer secret-2"))), Some("key-2"));
+        assert_eq!(keys.check(Some(&h("Bearer k1"))).map(|n| &**n), Some("key-1"));
+        assert_eq!(keys.check(Some(&h("Bearer secret-2"))).map(|n| &**n), Some("key-2"));
         assert!(!keys.accepts(Some(&h("Bearer k"))));
         assert!(!keys.accepts(Some(&h("Bearer k12"))));
         assert!(!keys.accepts(Some(&h("k1"))));
@@ -191,8 +196,8 @@ key_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08"
         )
         .unwrap();
         let keys = ApiKeys::new(load_file(&path).unwrap());
-        assert_eq!(keys.check(Some(&h("Bearer sk-a"))), Some("team-a"));
-        assert_eq!(keys.check(Some(&h("Bearer test"))), Some("team-b"));
+        assert_eq!(keys.check(Some(&h("Bearer sk-a"))).map(|n| &**n), Some("team-a"));
+        assert_eq!(keys.check(Some(&h("Bearer test"))).map(|n| &**n), Some("team-b"));
         assert_eq!(keys.check(Some(&h("Bearer tess"))), None);
         for (bad, needle) in [
             ("[[keys]]\nname = \"x\"\n", "exactly one of"),

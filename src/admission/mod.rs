@@ -37,7 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::error::RouterError;
 
 mod api_keys;
-pub use api_keys::{ApiKey, ApiKeys, load_file as load_api_keys_file};
+pub use api_keys::{ApiKey, ApiKeys, KeyName, load_file as load_api_keys_file};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -66,12 +66,17 @@ pub async fn admit(State(keys): State<ApiKeys>, mut request: Request, next: Next
     // Probes and the admin API (which has its own token) need no API key.
     let path = request.uri().path();
     let open = path == "/health" || path.starts_with("/admin/");
+    let let_in = !keys.is_enabled() || open || {
+        match keys.check(request.headers().get(header::AUTHORIZATION)).cloned() {
+            Some(name) => {
+                request.extensions_mut().insert(KeyName(name));
+                true
+            }
+            None => false,
+        }
+    };
     let mut response =
-        if !keys.is_enabled() || open || keys.accepts(request.headers().get(header::AUTHORIZATION)) {
-            next.run(request).await
-        } else {
-            RouterError::Unauthorized.into_response()
-        };
+        if let_in { next.run(request).await } else { RouterError::Unauthorized.into_response() };
     response.headers_mut().insert(REQUEST_ID, client_id.unwrap_or(id));
     response
 }

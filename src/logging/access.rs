@@ -1,8 +1,8 @@
 //! The access log (`--access-log`): one line per request, written when its response
 //! ends (the last byte sent, or the client gone), at `info` under the target `access`.
 //!
-//! A line names the request (the router's id, the client's own id if it sent one,
-//! method, path), who answered it (the replica, or
+//! A line names the request (the router's id, the client's own id if it sent one, the
+//! name of its API key, method, path), who answered it (the replica, or
 //! `none` when the router answered itself) and why the policy chose it, its status, how long until the response
 //! headers and until the end, the body bytes sent, and how it ended: `complete`, or
 //! `client_closed` when the client left before the end. Off by default: without the
@@ -14,7 +14,7 @@ use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::admission::{ClientRequestId, REQUEST_ID};
+use crate::admission::{ClientRequestId, KeyName, REQUEST_ID};
 use crate::dispatch::ServedBy;
 use crate::response_end::{self, Ending};
 
@@ -23,6 +23,8 @@ use crate::response_end::{self, Ending};
 struct AccessRecord {
     id: String,
     client_id: String,
+    /// The name of the API key the request came with (`-` without keys).
+    key: std::sync::Arc<str>,
     method: http::Method,
     path: String,
     status: u16,
@@ -43,6 +45,7 @@ pub async fn layer(request: Request, next: Next) -> Response {
         .and_then(|c| c.0.to_str().ok())
         .unwrap_or("-")
         .to_owned();
+    let key = request.extensions().get::<KeyName>().map_or_else(|| "-".into(), |k| k.0.clone());
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;
@@ -52,6 +55,7 @@ pub async fn layer(request: Request, next: Next) -> Response {
     let record = AccessRecord {
         id,
         client_id,
+        key,
         method,
         path,
         status: response.status().as_u16(),
@@ -72,6 +76,7 @@ impl AccessRecord {
             target: "access",
             request_id = %r.id,
             client_request_id = %r.client_id,
+            api_key = %r.key,
             method = %r.method,
             path = %r.path,
             status = r.status,
