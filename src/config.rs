@@ -176,13 +176,14 @@ pub struct Cli {
     pub kv_pure_cost: bool,
 
     /// kv-aware: how the router tokenises text and chat prompts: `builtin` (the
-    /// simulator's o200k_base and chat template, the default with `--sim`) or the path of
-    /// a Hugging Face `tokenizer.json` (its chat template from the `tokenizer_config.json`
-    /// beside it, or `--chat-template`).
+    /// simulator's o200k_base and chat template, the default with `--sim`) or a Hugging
+    /// Face model directory as shipped (or its `tokenizer.json`); the chat template is
+    /// found beside it as transformers finds it (`chat_template.jinja`, then
+    /// `tokenizer_config.json`), unless `--chat-template` names one.
     #[arg(long, value_parser = TokenizerSpec::parse)]
     pub tokenizer: Option<TokenizerSpec>,
 
-    /// kv-aware: a Jinja chat template file, instead of the tokenizer config's.
+    /// kv-aware: a Jinja chat template file, instead of the one shipped with the tokenizer.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<std::path::PathBuf>,
 

@@ -27,8 +27,6 @@ pub enum RouterError {
     BodyRead(String),
     #[error("the request body did not arrive within {0:?}")]
     BodyTimeout(std::time::Duration),
-    #[error("The model `{0}` does not exist.")]
-    ModelNotFound(String),
     #[error("no healthy replica is available")]
     NoHealthyReplica,
     #[error("the model replica failed before responding")]
@@ -55,7 +53,7 @@ impl RouterError {
             RouterError::BadRequest(_) | RouterError::BodyRead(_) => StatusCode::BAD_REQUEST,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RouterError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            RouterError::RouteNotFound(_) => StatusCode::NOT_FOUND,
             RouterError::NoHealthyReplica => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Upstream { .. } | RouterError::Prefill { .. } => StatusCode::BAD_GATEWAY,
             RouterError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -72,7 +70,7 @@ impl RouterError {
             RouterError::BadRequest(_) | RouterError::BodyRead(_) => "BadRequestError",
             RouterError::BodyTooLarge { .. } => "RequestEntityTooLargeError",
             RouterError::BodyTimeout(_) => "RequestTimeoutError",
-            RouterError::ModelNotFound(_) | RouterError::RouteNotFound(_) => "NotFoundError",
+            RouterError::RouteNotFound(_) => "NotFoundError",
             RouterError::NoHealthyReplica => "ServiceUnavailableError",
             RouterError::Upstream { .. } | RouterError::Prefill { .. } => "BadGatewayError",
             RouterError::UpstreamTimeout { .. } => "GatewayTimeoutError",
@@ -86,7 +84,6 @@ impl RouterError {
     fn param(&self) -> Option<&str> {
         match self {
             RouterError::BadRequest(e) => e.field(),
-            RouterError::ModelNotFound(_) => Some("model"),
             _ => None,
         }
     }
@@ -141,13 +138,13 @@ mod tests {
 
     #[test]
     fn body_has_openai_error_shape() {
-        let err = RouterError::ModelNotFound("llama".into());
+        let err = RouterError::BadRequest(FactsError::MissingModel);
         let v: serde_json::Value = serde_json::from_str(&err.body()).unwrap();
-        assert_eq!(v["error"]["message"], "The model `llama` does not exist.");
-        assert_eq!(v["error"]["type"], "NotFoundError");
+        assert_eq!(v["error"]["message"], "`model` is required");
+        assert_eq!(v["error"]["type"], "BadRequestError");
         assert_eq!(v["error"]["param"], "model");
-        assert_eq!(v["error"]["code"], 404);
-        assert_eq!(err.status(), StatusCode::NOT_FOUND);
+        assert_eq!(v["error"]["code"], 400);
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST);
     }
 
     #[test]

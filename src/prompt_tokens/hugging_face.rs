@@ -1,5 +1,7 @@
-//! A Hugging Face tokenizer (`--tokenizer PATH/tokenizer.json`) with its chat template
-//! (`chat_template` of the `tokenizer_config.json` beside it, or `--chat-template FILE`),
+//! A Hugging Face tokenizer (`--tokenizer DIR`, a model directory as shipped, or
+//! `DIR/tokenizer.json`) with its chat template (`--chat-template FILE`, else
+//! `chat_template.jinja`, `chat_templates/default.jinja` or `tokenizer_config.json`'s
+//! `chat_template`, in transformers' order),
 //! rendered with `minijinja` (Python string methods from `minijinja-contrib`'s pycompat)
 //! and encoded with the `tokenizers` crate, as vLLM renders and encodes a chat request
 //! (`add_generation_prompt` true, no special tokens added on encoding: the template
@@ -50,9 +52,42 @@ fn token_text(value: Option<&Value>) -> String {
     }
 }
 
+fn read_template(file: &Path) -> Result<String, String> {
+    std::fs::read_to_string(file).map_err(|e| format!("cannot read chat template {}: {e}", file.display()))
+}
+
+/// The chat template transformers would load with the tokenizer at `tokenizer_json`:
+/// a template file beside it wins over `tokenizer_config.json`. Empty when there is none.
+fn template_beside(tokenizer_json: &Path, config: &Value) -> Result<String, String> {
+    for file in ["chat_template.jinja", "chat_templates/default.jinja"] {
+        let candidate = tokenizer_json.with_file_name(file);
+        if candidate.is_file() {
+            return read_template(&candidate);
+        }
+    }
+    Ok(match config.get("chat_template") {
+        Some(Value::String(t)) => t.clone(),
+        // A list of named templates: the default one.
+        Some(Value::Array(named)) => named
+            .iter()
+            .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+            .or_else(|| named.first())
+            .and_then(|t| t.get("template").and_then(Value::as_str))
+            .unwrap_or("")
+            .to_owned(),
+        _ => String::new(),
+    })
+}
+
 impl HfTokenizer {
+    /// Load `path`: a model or tokenizer directory (its `tokenizer.json`) or the
+    /// `tokenizer.json` itself. The chat template is `chat_template` (a file) if given,
+    /// else found beside the tokenizer as transformers finds it: `chat_template.jinja`,
+    /// else `chat_templates/default.jinja`, else `tokenizer_config.json`'s
+    /// `chat_template` (a string, or a list of named templates: the `default` one).
     pub fn load(path: &Path, chat_template: Option<&Path>, cache_tokens: usize) -> Result<Self, String> {
-        let tokenizer = tokenizers::Tokenizer::from_file(path)
+        let path = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+        let tokenizer = tokenizers::Tokenizer::from_file(&path)
             .map_err(|e| format!("cannot load tokenizer {}: {e}", path.display()))?;
         let config_path = path.with_file_name("tokenizer_config.json");
         let config: Value = match std::fs::read(&config_path) {
@@ -61,25 +96,14 @@ impl HfTokenizer {
             Err(_) => Value::Null,
         };
         let template = match chat_template {
-            Some(file) => std::fs::read_to_string(file)
-                .map_err(|e| format!("cannot read chat template {}: {e}", file.display()))?,
-            None => match config.get("chat_template") {
-                Some(Value::String(t)) => t.clone(),
-                // A list of named templates: the default one.
-                Some(Value::Array(named)) => named
-                    .iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
-                    .or_else(|| named.first())
-                    .and_then(|t| t.get("template").and_then(Value::as_str))
-                    .unwrap_or("")
-                    .to_owned(),
-                _ => String::new(),
-            },
+            Some(file) => read_template(file)?,
+            None => template_beside(&path, &config)?,
         };
         if template.is_empty() {
             return Err(format!(
-                "no chat template: {} has no `chat_template` and --chat-template was not given",
-                config_path.display()
+                "no chat template: none of chat_template.jinja, chat_templates/default.jinja or the \
+                 `chat_template` of tokenizer_config.json is in {}, and --chat-template was not given",
+                path.parent().map_or_else(|| ".".into(), |d| d.display().to_string())
             ));
         }
         let mut env = minijinja::Environment::new();
@@ -263,6 +287,35 @@ mod tests {
         assert_eq!(t.tokens(b"[5, 6]").unwrap(), vec![5, 6]);
         let text = whole.encode_fast("the agent", true).unwrap().get_ids().to_vec();
         assert_eq!(t.tokens(br#""the agent""#).unwrap(), text);
+    }
+
+    #[test]
+    fn a_directory_finds_its_template_where_transformers_does() {
+        let path = trained("hf-layouts");
+        let dir = path.parent().unwrap();
+        let messages = serde_json::json!([{"role": "user", "content": "hi"}]);
+        let rendered = |t: &HfTokenizer| t.render(&messages).unwrap();
+        // tokenizer_config.json's template, through the directory.
+        assert_eq!(
+            rendered(&HfTokenizer::load(dir, None, 16).unwrap()),
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        // Named templates in the config: the default one.
+        let named = serde_json::json!({"chat_template": [
+            {"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "NAMED"}]});
+        std::fs::write(dir.join("tokenizer_config.json"), named.to_string()).unwrap();
+        assert_eq!(rendered(&HfTokenizer::load(&path, None, 16).unwrap()), "NAMED");
+        // chat_templates/default.jinja wins over the config.
+        std::fs::create_dir_all(dir.join("chat_templates")).unwrap();
+        std::fs::write(dir.join("chat_templates/default.jinja"), "DIR").unwrap();
+        assert_eq!(rendered(&HfTokenizer::load(dir, None, 16).unwrap()), "DIR");
+        // chat_template.jinja (what transformers writes today) wins over both.
+        std::fs::write(dir.join("chat_template.jinja"), "FILE {{ messages[0].content }}").unwrap();
+        assert_eq!(rendered(&HfTokenizer::load(dir, None, 16).unwrap()), "FILE hi");
+        // --chat-template wins over everything.
+        let flag = dir.join("flag.jinja");
+        std::fs::write(&flag, "FLAG").unwrap();
+        assert_eq!(rendered(&HfTokenizer::load(dir, Some(&flag), 16).unwrap()), "FLAG");
     }
 
     #[test]

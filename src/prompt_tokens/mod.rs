@@ -5,8 +5,8 @@
 //! the way the engine will: the chat messages rendered with the model's chat template,
 //! then encoded. `--tokenizer builtin` (the default with `--sim`) is the simulator's
 //! o200k_base and template ([`BuiltinTokenizer`]); `--tokenizer PATH` loads a Hugging
-//! Face `tokenizer.json` and the chat template of the `tokenizer_config.json` beside it
-//! ([`HfTokenizer`]).
+//! Face model directory's (or a `tokenizer.json`'s) tokenizer and the chat template
+//! shipped beside it ([`HfTokenizer`]).
 //!
 //! Tokenising a 37k-token agentic prompt from scratch costs milliseconds, and every turn
 //! of a session resends the whole conversation. So the rendered prompt is cut into
@@ -31,7 +31,7 @@ use std::path::PathBuf;
 pub enum TokenizerSpec {
     /// The simulator's o200k_base with its chat template.
     Builtin,
-    /// A Hugging Face `tokenizer.json`.
+    /// A Hugging Face model directory or `tokenizer.json`.
     File(PathBuf),
 }
 

@@ -93,20 +93,20 @@ impl Fleet {
     /// fleet). When fewer than the panic threshold of the replicas serving the model
     /// are in rotation, every one of them that is not down and not draining is eligible.
     ///
-    /// Errors when no replica is eligible before any was tried: none usable (503), or
-    /// none healthy serving the model (404, as vLLM answers an unknown model).
+    /// A model that no healthy replica lists goes to any replica, as a request without a
+    /// model does: the engine answers it, with vLLM's own 404 naming its valid models, or
+    /// by serving it (vLLM resolves LoRA adapters by name at run time, and can skip the
+    /// name check), which a router that answered for it would have refused.
+    ///
+    /// Errors when no replica is usable before any was tried (503).
     pub fn candidates(&self, model: Option<&str>, tried: &[usize]) -> Result<Candidates, RouterError> {
-        let serves = |r: &Replica| model.is_none_or(|m| r.serves(m));
-        let (mut any_healthy, mut any_serving, mut members, mut in_rotation) = (false, false, 0, 0);
-        for r in &self.replicas {
-            any_healthy |= r.is_healthy();
-            if serves(r) {
-                any_serving |= r.is_healthy();
-                if !r.is_draining() {
-                    members += 1;
-                    in_rotation += usize::from(r.in_rotation());
-                }
-            }
+        let lists = |r: &Replica| model.is_none_or(|m| r.serves(m));
+        let known = self.replicas.iter().any(|r| r.is_healthy() && lists(r));
+        let serves = |r: &Replica| !known || lists(r);
+        let (mut members, mut in_rotation) = (0, 0);
+        for r in self.replicas.iter().filter(|r| serves(r) && !r.is_draining()) {
+            members += 1;
+            in_rotation += usize::from(r.in_rotation());
         }
         let panic = outliers::panicking(in_rotation, members, self.outliers.panic_threshold);
         let mut any_eligible = false;
@@ -124,12 +124,8 @@ impl Fleet {
         if any_eligible || !tried.is_empty() {
             return Ok(Candidates { list, panic });
         }
-        match model {
-            // Healthy replicas exist but none lists the model: vLLM's unknown-model 404.
-            Some(m) if any_healthy && !any_serving => Err(RouterError::ModelNotFound(m.to_owned())),
-            // None healthy, or every one serving it is draining or has its breaker open.
-            _ => Err(RouterError::NoHealthyReplica),
-        }
+        // None healthy, or every one serving the model is draining or has its breaker open.
+        Err(RouterError::NoHealthyReplica)
     }
 }
 
@@ -445,7 +441,9 @@ mod tests {
         let c = reg.fleet().candidates(Some("a"), &[]).unwrap();
         assert_eq!(c.iter().map(|c| c.eligible).collect::<Vec<_>>(), [true, false, true]);
         reg.get(2).set_models(vec![card("b")]);
-        assert!(matches!(reg.fleet().candidates(Some("zzz"), &[]), Err(RouterError::ModelNotFound(_))));
+        // A model nobody lists goes anywhere: the engine answers it.
+        let c = reg.fleet().candidates(Some("zzz"), &[]).unwrap();
+        assert_eq!(c.iter().map(|c| c.eligible).collect::<Vec<_>>(), [true, true, true]);
         let c = reg.fleet().candidates(Some("b"), &[1]).unwrap();
         assert_eq!(c.iter().map(|c| c.eligible).collect::<Vec<_>>(), [false, false, true]);
         let ids: Vec<_> = reg.model_cards().into_iter().map(|c| c.id).collect();

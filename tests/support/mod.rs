@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod raw_replica;
+pub mod tap;
 pub mod zmq_publisher;
 
 use std::net::SocketAddr;
