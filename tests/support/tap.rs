@@ -7,10 +7,13 @@ use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The bytes one connection's replica sent.
+type Recording = Arc<Mutex<Vec<u8>>>;
+
 pub struct Tap {
     pub url: String,
     /// Per connection, the bytes the replica sent, in order.
-    recorded: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>>,
+    recorded: Arc<Mutex<Vec<Recording>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -25,13 +28,13 @@ impl Tap {
     pub async fn start(upstream: &str) -> Tap {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let recorded: Arc<Mutex<Vec<Arc<Mutex<Vec<u8>>>>>> = Arc::default();
+        let recorded: Arc<Mutex<Vec<Recording>>> = Arc::default();
         let upstream = upstream.to_owned();
         let connections = recorded.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&upstream).await else { continue };
-                let log: Arc<Mutex<Vec<u8>>> = Arc::default();
+                let log: Recording = Arc::default();
                 connections.lock().unwrap().push(log.clone());
                 tokio::spawn(relay(client, server, log));
             }
@@ -63,7 +66,7 @@ impl Tap {
     }
 }
 
-async fn relay(mut client: TcpStream, mut server: TcpStream, log: Arc<Mutex<Vec<u8>>>) {
+async fn relay(mut client: TcpStream, mut server: TcpStream, log: Recording) {
     let (mut client_read, mut client_write) = client.split();
     let (mut server_read, mut server_write) = server.split();
     let up = tokio::io::copy(&mut client_read, &mut server_write);
