@@ -14,7 +14,10 @@
 # start: engine I serves the model as `tiny` on PORT+I, with prefix caching and ZMQ KV events
 # (publisher on PORT+100+I, replay on PORT+200+I; vLLM binds its publisher only for a
 # wildcard endpoint, `tcp://*:N`, and connects out for any other), 1 GiB of KV
-# cache, its threads bound to core I mod the core count. Extra engine flags come from
+# cache, its threads not pinned to cores (nobind: an engine restarted with its threads bound
+# hung here in the kernel's sched_setaffinity), and vLLM's NixlConnector (kv_both,
+# KV in CPU memory, moved by UCX; side channel on PORT+300+I), so any engine can be a
+# prefill or a decode engine for `router --pd`. Extra engine flags come from
 # REAL_VLLM_FLAGS. It waits for every /health (bounded), then writes
 # target/real-vllm/engines.env (REAL_VLLM_URLS, REAL_VLLM_KV, REAL_VLLM_REPLAY,
 # REAL_VLLM_MODEL, REAL_VLLM_VERSION), which tests/real_vllm.rs reads. Logs are in
@@ -51,20 +54,22 @@ install() {
 engine_cmd() { # I PORT
   local i=$1 port=$2
   local kv=$((port + 100)) replay=$((port + 200))
-  local events
+  local events transfer
+  transfer='{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}'
   events=$(printf '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:%d", "replay_endpoint": "tcp://127.0.0.1:%d", "buffer_steps": 10000}' "$kv" "$replay")
   # shellcheck disable=SC2086
   echo "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
     --served-model-name tiny --host 127.0.0.1 --port "$port" --max-model-len 2048 \
-    --dtype bfloat16 --enable-prefix-caching --kv-events-config "'$events'" ${REAL_VLLM_FLAGS:-}
+    --dtype bfloat16 --enable-prefix-caching --kv-events-config "'$events'" \
+    --kv-transfer-config "'$transfer'" ${REAL_VLLM_FLAGS:-}
 }
 
 launch() { # I PORT
-  local i=$1 port=$2 cores
-  cores=$(nproc)
+  local i=$1 port=$2
   mkdir -p "$state"
   (
-    export VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=$((i % cores)) HF_HUB_OFFLINE=1
+    export VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind HF_HUB_OFFLINE=1
+    export VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_PORT=$((port + 300))
     export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
     eval "exec setsid $(engine_cmd "$i" "$port")" >"$state/engine-$i.log" 2>&1
   ) &

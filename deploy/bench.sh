@@ -2,8 +2,10 @@
 # Run the study's workloads with llm-bench against whatever serves on FRONT_PORT (this
 # router, vllm-router or Ray Serve LLM), or straight at the 8 engines with --direct.
 #
-#   deploy/bench.sh --label NAME [--direct] [--workloads "prefill-heavy decode-heavy agentic"]
+#   deploy/bench.sh --label NAME [--direct] [--pd] [--workloads "prefill-heavy decode-heavy agentic"]
 #                   [--concurrency "64 128 256"] [--dry-run]
+#
+# --pd: the P/D setup (deploy/vllm.sh --pd) serves PD_MODEL, so requests name it.
 #
 # Each point: a warm-up phase (discarded), then the recorded phase; llm-bench's JSON
 # (vllm bench serve's keys) in $RESULTS/<workload>_c<concurrency>_<label>.json. Restart
@@ -21,6 +23,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --label) LABEL=$2; shift ;;
     --direct) DIRECT=1 ;;
+    --pd) MODEL=$PD_MODEL ;;
     --workloads) WORKLOADS=$2; shift ;;
     --concurrency) CONCURRENCY=$2; shift ;;
   esac

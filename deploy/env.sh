@@ -40,6 +40,28 @@ SESSION_HEADER="${SESSION_HEADER:-x-correlation-id}"
 # NixlConnector for P/D, as vLLM's NixlConnector guide configures it.
 KV_TRANSFER_CONFIG='{"kv_connector": "NixlConnector", "kv_role": "kv_both"}'
 
+# The study's P/D setup (serve/vllm_pd4p4d/start.sh): microsoft/Phi-tiny-MoE-instruct, one
+# DP4/EP4 replica prefilling on GPUs 0-3 and one decoding on GPUs 4-7, NixlConnector
+# between them; bf16 KV cache, 90% of GPU memory, no fastokens. Each data-parallel rank
+# runs its own API server (vLLM's external load-balancing mode, `--data-parallel-rank`),
+# so the routers see four prefill and four decode endpoints, as the simulator's
+# phi-tiny-moe-dp4ep4-h100 profile models them.
+PD_MODEL="${PD_MODEL:-microsoft/Phi-tiny-MoE-instruct}"
+PD_ENGINE_ARGS=(
+  --max-model-len 81920
+  --max-num-seqs 128
+  --max-num-batched-tokens 16384
+  --gpu-memory-utilization 0.90
+  --api-server-count 1
+  --enable-prefix-caching
+  --data-parallel-size 4
+  --enable-expert-parallel
+)
+# The same for Ray Serve LLM (one replica per stage, its engine DP4/EP4).
+PD_ENGINE_KWARGS_JSON='{"max_model_len": 81920, "max_num_seqs": 128, "max_num_batched_tokens": 16384, "gpu_memory_utilization": 0.90, "enable_prefix_caching": true, "data_parallel_size": 4, "enable_expert_parallel": true}'
+DP_RPC_BASE_PORT="${DP_RPC_BASE_PORT:-13345}"   # one per DP group (prefill, decode)
+DP_MASTER_BASE_PORT="${DP_MASTER_BASE_PORT:-29500}"
+
 DRY_RUN=0
 for arg in "$@"; do
   [ "$arg" = "--dry-run" ] && DRY_RUN=1

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Start Ray Serve LLM on the node: 8 LLMServer replicas of Qwen3-0.6B (one H100 each)
-behind Ray Serve's HAProxy ingress with direct streaming, or with --pd 4 prefill + 4
-decode replicas (NixlConnector) built with build_pd_openai_app.
+behind Ray Serve's HAProxy ingress with direct streaming, or with --pd the study's P/D
+setup (Phi-tiny-MoE, one DP4/EP4 prefill and one DP4/EP4 decode replica, NixlConnector)
+built with build_pd_openai_app.
 
   deploy/ray_serve_llm.py [--workload random|agentic] [--pd] [--dry-run]
 
@@ -31,11 +32,13 @@ HERE = Path(__file__).resolve().parent
 
 
 def env_settings():
-    """MODEL, FRONT_PORT, ENGINE_KWARGS_JSON, KV_TRANSFER_CONFIG from deploy/env.sh."""
+    """MODEL, FRONT_PORT, ENGINE_KWARGS_JSON, KV_TRANSFER_CONFIG, PD_MODEL and
+    PD_ENGINE_KWARGS_JSON from deploy/env.sh."""
     script = f"source {shlex.quote(str(HERE / 'env.sh'))}; " \
-             "printf '%s\\n' \"$MODEL\" \"$FRONT_PORT\" \"$ENGINE_KWARGS_JSON\" \"$KV_TRANSFER_CONFIG\""
+             "printf '%s\\n' \"$MODEL\" \"$FRONT_PORT\" \"$ENGINE_KWARGS_JSON\" \"$KV_TRANSFER_CONFIG\" " \
+             "\"$PD_MODEL\" \"$PD_ENGINE_KWARGS_JSON\""
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
-    return out[0], int(out[1]), json.loads(out[2]), json.loads(out[3])
+    return out[0], int(out[1]), json.loads(out[2]), json.loads(out[3]), out[4], json.loads(out[5])
 
 
 ENV = {
@@ -68,12 +71,13 @@ def main():
     p.add_argument("--pd", action="store_true")
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args()
-    model, port, engine_kwargs, kv = env_settings()
+    model, port, engine_kwargs, kv, pd_model, pd_engine_kwargs = env_settings()
     router = CONSISTENT_HASH if args.workload == "agentic" or args.pd else None
     if args.pd:
         builder = "build_pd_openai_app"
-        spec = {"prefill_config": llm_config(model, engine_kwargs, 4, router, kv),
-                "decode_config": llm_config(model, engine_kwargs, 4, router, kv)}
+        # The study's P/D: Phi-tiny-MoE, one DP4/EP4 replica per stage.
+        spec = {"prefill_config": llm_config(pd_model, pd_engine_kwargs, 1, router, kv),
+                "decode_config": llm_config(pd_model, pd_engine_kwargs, 1, router, kv)}
     else:
         builder = "build_openai_app"
         spec = {"llm_configs": [llm_config(model, engine_kwargs, 8, router)]}

@@ -12,8 +12,10 @@
 //! parameters, a prompt longer than the context) with their status and body; a client that
 //! goes away aborts the engine's request; consistent hashing keeps a session on one engine,
 //! whose prefix cache then hits; kv-aware with the model's own tokenizer directory predicts
-//! the engines' prefix-cache hits exactly, including through an engine restart; health
-//! checks against the real `/health`.
+//! the engines' prefix-cache hits exactly, including through an engine restart; `--pd`
+//! between two engines running vLLM's NixlConnector on CPU moves each prefill's KV over
+//! NIXL and decodes from token ids; the router's chat rendering equals the engine's;
+//! health checks against the real `/health` (every test waits for them).
 
 mod support;
 
@@ -582,5 +584,53 @@ async fn kv_aware_predicts_the_engines_prefix_cache_hits_exactly() {
     let hit = after.engine_hits - before.engine_hits;
     eprintln!("kv-aware after a restart: predicted {predicted}, the engines hit {hit}");
     assert_eq!(predicted, hit, "after engine {restarted} restarted");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn pd_moves_the_prefill_over_nixl_and_decodes_from_token_ids() {
+    let Some(e) = engines() else { return };
+    let _turn = SERIAL.lock().await;
+    // Engine 0 prefills, engine 1 decodes; both run vLLM's NixlConnector on CPU.
+    let (prefill, decode) = (&e.urls[0], &e.urls[1]);
+    let (p, d) = (format!("prefill={prefill}"), format!("decode={decode}"));
+    let args = ["router", "--host", "127.0.0.1", "--port", "0", "--pd", &p, &d, "--health-interval", "200ms"];
+    let config = llm_router::config::Cli::parse_from(args).into_config().unwrap();
+    let router = router(config).await;
+    until_all_healthy(&router, 2).await;
+    let c = http();
+    let transfers = "vllm:nixl_xfer_time_seconds_count";
+    let failed = "vllm:nixl_num_failed_transfers_total";
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": words(300, 200)}],
+        "max_tokens": 16, "temperature": 0});
+    let completion = json!({"model": MODEL, "prompt": words(301, 200), "max_tokens": 16, "temperature": 0});
+    for (path, base_body) in [("/v1/chat/completions", chat), ("/v1/completions", completion)] {
+        for stream in [false, true] {
+            let mut body = base_body.clone();
+            body["stream"] = json!(stream);
+            if stream {
+                body["stream_options"] = json!({"include_usage": true});
+            }
+            let what = format!("P/D {path} stream={stream}");
+            let moved = settled(&c, decode, transfers, &[]).await;
+            let once =
+                sum(&scrape(&c, &base(&router)).await, "router_pd_tokenize_once_total", &[r#"mode="on""#]);
+            let (status, routed) = send(&c, &format!("{}{path}", base(&router)), &body, &[]).await;
+            assert_eq!(status, 200, "{what}: {routed}");
+            // The decode engine pulled the prefill's KV over NIXL, and was given token ids.
+            assert_eq!(settled(&c, decode, transfers, &[]).await, moved + 1.0, "{what}: one NIXL transfer");
+            assert_eq!(settled(&c, decode, failed, &[]).await, 0.0, "{what}");
+            let text = scrape(&c, &base(&router)).await;
+            assert_eq!(sum(&text, "router_pd_tokenize_once_total", &[r#"mode="on""#]), once + 1.0, "{what}");
+            assert_eq!(sum(&text, "router_pd_fallbacks_total", &[]), 0.0, "{what}");
+            // What the client reads equals one engine doing it all.
+            let (direct_status, direct) = send(&c, &format!("{decode}{path}"), &body, &[]).await;
+            assert_eq!(direct_status, 200, "{what}: {direct}");
+            assert_eq!(reading(&routed, stream), reading(&direct, stream), "{what}");
+            if stream {
+                assert!(routed.ends_with("data: [DONE]\n\n"), "{what}: {routed}");
+            }
+        }
+    }
     router.shutdown().await;
 }
