@@ -206,8 +206,12 @@ impl Default for SimConfig {
 pub enum SimError {
     #[error("{0}")]
     BadRequest(String),
-    #[error("The model `{0}` does not exist.")]
-    ModelNotFound(String),
+    /// A bad value of one request parameter, named in the body's `param` as vLLM does.
+    #[error("{message}")]
+    Parameter { message: String, param: &'static str },
+    /// vLLM 0.32's answer for a model it does not serve: it names the ones it does.
+    #[error("The model `{model}` does not exist. Valid aliases: {served}.")]
+    ModelNotFound { model: String, served: String },
     #[error("route {0} not found")]
     NotFound(String),
     #[error("{0}")]
@@ -217,8 +221,8 @@ pub enum SimError {
 impl SimError {
     pub fn status(&self) -> StatusCode {
         match self {
-            SimError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            SimError::ModelNotFound(_) | SimError::NotFound(_) => StatusCode::NOT_FOUND,
+            SimError::BadRequest(_) | SimError::Parameter { .. } => StatusCode::BAD_REQUEST,
+            SimError::ModelNotFound { .. } | SimError::NotFound(_) => StatusCode::NOT_FOUND,
             SimError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -228,7 +232,8 @@ impl IntoResponse for SimError {
     fn into_response(self) -> Response {
         let (kind, param) = match &self {
             SimError::BadRequest(_) => ("BadRequestError", None),
-            SimError::ModelNotFound(_) => ("NotFoundError", Some("model")),
+            SimError::Parameter { param, .. } => ("BadRequestError", Some(*param)),
+            SimError::ModelNotFound { .. } => ("NotFoundError", Some("model")),
             SimError::NotFound(_) => ("NotFoundError", None),
             SimError::Internal(_) => ("InternalServerError", None),
         };

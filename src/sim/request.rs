@@ -36,6 +36,52 @@ fn bad(message: impl Into<String>) -> SimError {
     SimError::BadRequest(message.into())
 }
 
+/// vLLM's message for a parameter's bad value: `MESSAGE (parameter=NAME, value=VALUE)`.
+fn bad_value(message: String, param: &'static str, value: impl std::fmt::Display) -> SimError {
+    SimError::Parameter { message: format!("{message} (parameter={param}, value={value})"), param }
+}
+
+/// A float as Python prints it (`-1.0`, `0.5`).
+fn py_float(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e16 { format!("{x:.1}") } else { format!("{x}") }
+}
+
+/// `temperature` and `top_p`, checked as vLLM's sampling parameters check them.
+fn check_sampling(body: &Value) -> Result<(), SimError> {
+    let number = |field: &str| -> Result<Option<f64>, SimError> {
+        match body.get(field) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v.as_f64().map(Some).ok_or_else(|| bad(format!("`{field}` must be a number"))),
+        }
+    };
+    if let Some(t) = number("temperature")? {
+        if t < 0.0 {
+            return Err(bad_value(
+                format!("temperature must be non-negative, got {}.", py_float(t)),
+                "temperature",
+                py_float(t),
+            ));
+        }
+        if t > 2.0 {
+            return Err(bad_value(
+                format!("temperature must be in [0, 2], got {}.", py_float(t)),
+                "temperature",
+                py_float(t),
+            ));
+        }
+    }
+    if let Some(p) = number("top_p")?
+        && !(p > 0.0 && p <= 1.0)
+    {
+        return Err(bad_value(
+            format!("top_p must be in (0, 1], got {}.", py_float(p)),
+            "top_p",
+            py_float(p),
+        ));
+    }
+    Ok(())
+}
+
 fn opt_uint(body: &Value, field: &str) -> Result<Option<usize>, SimError> {
     match body.get(field) {
         None | Some(Value::Null) => Ok(None),
@@ -84,7 +130,7 @@ pub fn parse(
         Some(_) => return Err(bad("`model` must be a string")),
     };
     if model != served_model {
-        return Err(SimError::ModelNotFound(model));
+        return Err(SimError::ModelNotFound { model, served: served_model.to_owned() });
     }
     if opt_uint(body, "n")?.unwrap_or(1) != 1 {
         return Err(bad("the simulator supports only n=1"));
@@ -98,24 +144,38 @@ pub fn parse(
     } else {
         Some(opt_uint(body, "max_tokens")?.unwrap_or(16))
     };
+    check_sampling(body)?;
+    // vLLM 0.32: a prompt longer than the context is refused (it stops counting one token
+    // past the limit); a max_tokens beyond the context is refused; otherwise max_tokens
+    // is cut to what the context leaves, and must then be at least 1.
     let prompt_len = prompt_ids.len();
-    if prompt_len >= max_model_len {
-        return Err(bad(format!(
-            "This model's maximum context length is {max_model_len} tokens. However, your request has \
-             {prompt_len} input tokens. Please reduce the length of the input messages."
-        )));
+    if prompt_len > max_model_len {
+        let counted = max_model_len + 1;
+        return Err(bad_value(
+            format!(
+                "This model's maximum context length is {max_model_len} tokens. However, your prompt \
+                 contains at least {counted} input tokens, which exceeds this limit even without any output \
+                 tokens. Please reduce the length of the input prompt."
+            ),
+            "input_tokens",
+            counted,
+        ));
     }
-    let max_tokens = max_tokens.unwrap_or(max_model_len - prompt_len);
+    if let Some(asked) = max_tokens
+        && asked > max_model_len
+    {
+        return Err(bad_value(
+            format!(
+                "max_tokens={asked} cannot be greater than max_model_len={max_model_len}. Please request \
+                 fewer output tokens."
+            ),
+            "max_tokens",
+            asked,
+        ));
+    }
+    let max_tokens = max_tokens.unwrap_or(usize::MAX).min(max_model_len - prompt_len);
     if max_tokens == 0 {
-        return Err(bad("max_tokens must be at least 1, got 0."));
-    }
-    if prompt_len + max_tokens > max_model_len {
-        return Err(bad(format!(
-            "This model's maximum context length is {max_model_len} tokens. However, you requested \
-             {} tokens ({prompt_len} in the messages, {max_tokens} in the completion). Please reduce the \
-             length of the messages or completion.",
-            prompt_len + max_tokens
-        )));
+        return Err(bad_value("max_tokens must be at least 1, got 0.".into(), "max_tokens", 0));
     }
     let min_tokens = opt_uint(body, "min_tokens")?.unwrap_or(0);
     if min_tokens > max_tokens {
@@ -247,10 +307,51 @@ mod tests {
             ),
             (serde_json::json!({"model": "m", "prompt": "x", "min_tokens": 20, "max_tokens": 5}), 400),
             (serde_json::json!({"model": "m", "prompt": " hello".repeat(200)}), 400),
+            (serde_json::json!({"model": "m", "prompt": "x", "temperature": -1}), 400),
+            (serde_json::json!({"model": "m", "prompt": "x", "temperature": 2.5}), 400),
+            (serde_json::json!({"model": "m", "prompt": "x", "top_p": 0}), 400),
+            (serde_json::json!({"model": "m", "prompt": vec![5; 100]}), 400),
         ];
         for (body, status) in cases {
             let err = req(body.clone(), false).unwrap_err();
             assert_eq!(err.status().as_u16(), status, "{body}");
         }
+    }
+
+    #[test]
+    fn messages_and_context_limits_are_vllm_0_32s() {
+        let message = |body: Value| {
+            let err = req(body, false).unwrap_err();
+            let param = match &err {
+                SimError::Parameter { param, .. } => Some(*param),
+                _ => None,
+            };
+            (err.to_string(), param)
+        };
+        assert_eq!(
+            message(serde_json::json!({"model": "m", "prompt": "x", "temperature": -1})),
+            (
+                "temperature must be non-negative, got -1.0. (parameter=temperature, value=-1.0)".into(),
+                Some("temperature")
+            )
+        );
+        assert_eq!(
+            message(serde_json::json!({"model": "m", "prompt": "x", "max_tokens": 200})),
+            ("max_tokens=200 cannot be greater than max_model_len=100. Please request fewer output tokens. \
+              (parameter=max_tokens, value=200)".into(), Some("max_tokens"))
+        );
+        let (text, param) = message(serde_json::json!({"model": "m", "prompt": vec![5; 101]}));
+        assert!(
+            text.contains("at least 101 input tokens")
+                && text.ends_with("(parameter=input_tokens, value=101)"),
+            "{text}"
+        );
+        assert_eq!(param, Some("input_tokens"));
+        // A prompt that fills the context leaves no token to generate.
+        assert_eq!(message(serde_json::json!({"model": "m", "prompt": vec![5; 100]})).1, Some("max_tokens"));
+        // max_tokens beyond what the context leaves is cut, not refused.
+        let r =
+            req(serde_json::json!({"model": "m", "prompt": vec![5; 60], "max_tokens": 80}), false).unwrap();
+        assert_eq!(r.max_tokens, 40);
     }
 }

@@ -9,6 +9,11 @@
 //!
 //! Stop strings follow vLLM: the text ends before the stop string, and a stream holds
 //! back the last few characters that could still begin one.
+//!
+//! The members, their order and their null placeholders are vLLM 0.32.0's, as captured
+//! from the real engine (`tests/golden/vllm-0.32.0/shapes.json`, checked by tests/sim.rs):
+//! `system_fingerprint` names the version, the last chunk before `[DONE]` carries it, and
+//! a stream's final usage has only the three counts.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -41,11 +46,36 @@ impl Meta {
         }
     }
 
+    /// A finished response's usage.
     fn usage(&self, completion_tokens: usize) -> Value {
         let prompt = self.request.prompt_ids.len();
         json!({"prompt_tokens": prompt, "total_tokens": prompt + completion_tokens,
-               "completion_tokens": completion_tokens, "prompt_tokens_details": null})
+               "completion_tokens": completion_tokens, "prompt_tokens_details": null,
+               "completion_tokens_details": null})
     }
+
+    /// The usage a stream's chunks carry with `continuous_usage_stats`.
+    fn running_usage(&self, completion_tokens: usize) -> Value {
+        let prompt = self.request.prompt_ids.len();
+        json!({"prompt_tokens": prompt, "total_tokens": prompt + completion_tokens,
+               "completion_tokens": completion_tokens, "completion_tokens_details": null})
+    }
+
+    /// The usage of a stream's last chunk (`include_usage`).
+    fn final_usage(&self, completion_tokens: usize) -> Value {
+        let prompt = self.request.prompt_ids.len();
+        json!({"prompt_tokens": prompt, "total_tokens": prompt + completion_tokens,
+               "completion_tokens": completion_tokens})
+    }
+}
+
+/// vLLM's `system_fingerprint`: its version and a hash fixed for the life of the server.
+pub fn system_fingerprint() -> &'static str {
+    static FINGERPRINT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FINGERPRINT.get_or_init(|| {
+        let seed = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
+        format!("vllm-0.32.0-{:08x}", xxhash_rust::xxh3::xxh3_64(seed.as_bytes()) as u32)
+    })
 }
 
 fn finish_strings(finish: Option<Finish>, stop: &[String]) -> (Value, Value) {
@@ -98,24 +128,27 @@ pub async fn collect(
     let token_ids = r.return_token_ids.then(|| json!(ids));
     let prompt_ids = r.return_token_ids.then(|| json!(r.prompt_ids));
     let usage = meta.usage(ids.len());
+    let fingerprint = system_fingerprint();
     Ok(if r.chat {
         json!({
             "id": meta.id, "object": meta.object(false), "created": meta.created, "model": r.model,
             "choices": [{"index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": null, "annotations": null,
-                            "audio": null, "function_call": null, "tool_calls": [], "reasoning_content": null},
+                            "audio": null, "function_call": null, "reasoning": null},
                 "logprobs": null, "finish_reason": finish_reason, "stop_reason": stop_reason,
-                "token_ids": token_ids}],
-            "service_tier": null, "system_fingerprint": null, "usage": usage,
-            "prompt_logprobs": null, "prompt_token_ids": prompt_ids, "kv_transfer_params": kv,
+                "token_ids": token_ids, "routed_experts": null}],
+            "service_tier": null, "system_fingerprint": fingerprint, "usage": usage,
+            "prompt_logprobs": null, "prompt_token_ids": prompt_ids, "prompt_text": null,
+            "kv_transfer_params": kv, "ec_transfer_params": null, "metrics": null,
         })
     } else {
         json!({
             "id": meta.id, "object": meta.object(false), "created": meta.created, "model": r.model,
             "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason,
-                "stop_reason": stop_reason, "prompt_logprobs": null,
-                "prompt_token_ids": prompt_ids, "token_ids": token_ids}],
-            "service_tier": null, "system_fingerprint": null, "usage": usage, "kv_transfer_params": kv,
+                "stop_reason": stop_reason, "token_ids": token_ids, "prompt_logprobs": null,
+                "prompt_token_ids": prompt_ids, "routed_experts": null}],
+            "service_tier": null, "system_fingerprint": fingerprint, "usage": usage,
+            "kv_transfer_params": kv, "ec_transfer_params": null, "metrics": null,
         })
     })
 }
@@ -165,9 +198,15 @@ impl SseStream {
             Value::from(meta.request.model.as_str())
         );
         let (prefix, suffix) = if meta.request.chat {
-            (format!(r#"{head}"delta":{{"content":"#), r#"},"logprobs":null,"finish_reason":null}]"#)
+            (
+                format!(r#"{head}"delta":{{"content":"#),
+                r#"},"logprobs":null,"finish_reason":null,"token_ids":null}]"#,
+            )
         } else {
-            (format!(r#"{head}"text":"#), r#","logprobs":null,"finish_reason":null,"stop_reason":null}]"#)
+            (
+                format!(r#"{head}"text":"#),
+                r#","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,"token_ids":null}]"#,
+            )
         };
         let phase = if meta.request.chat { Phase::Role } else { Phase::Tokens };
         SseStream {
@@ -189,7 +228,7 @@ impl SseStream {
 
     fn usage_field(&self) -> String {
         if self.meta.request.continuous_usage {
-            format!(r#","usage":{}"#, self.meta.usage(self.generated))
+            format!(r#","usage":{}"#, self.meta.running_usage(self.generated))
         } else {
             String::new()
         }
@@ -200,12 +239,11 @@ impl SseStream {
         let mut chunk = json!({"id": self.meta.id, "object": self.meta.object(true), "created": self.meta.created,
             "model": r.model, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
             "logprobs": null, "finish_reason": null}]});
-        if r.return_token_ids {
-            chunk["prompt_token_ids"] = json!(r.prompt_ids);
-        }
         if r.continuous_usage {
-            chunk["usage"] = self.meta.usage(0);
+            chunk["usage"] = self.meta.running_usage(0);
         }
+        chunk["prompt_token_ids"] = if r.return_token_ids { json!(r.prompt_ids) } else { Value::Null };
+        chunk["prompt_text"] = Value::Null;
         sse(&chunk)
     }
 
@@ -223,7 +261,7 @@ impl SseStream {
                 let prompt = if self.generated == 1 {
                     format!(r#","prompt_token_ids":{}"#, json!(self.meta.request.prompt_ids))
                 } else {
-                    String::new()
+                    r#","prompt_token_ids":null"#.to_owned()
                 };
                 out.push_str(&format!(
                     r#","logprobs":null,"finish_reason":null,"stop_reason":null{prompt},"token_ids":{ids}}}]"#
@@ -247,17 +285,19 @@ impl SseStream {
             json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason,
                    "stop_reason": stop_reason})
         };
-        // Stream chunks carry only the fields that are set, as vLLM's exclude_unset does.
-        if r.return_token_ids {
-            if !r.chat && self.generated == 1 {
-                choice["prompt_token_ids"] = json!(r.prompt_ids);
-            }
-            choice["token_ids"] = json!([id]);
+        if !r.chat {
+            choice["prompt_token_ids"] =
+                if r.return_token_ids && self.generated == 1 { json!(r.prompt_ids) } else { Value::Null };
         }
+        choice["token_ids"] = if r.return_token_ids { json!([id]) } else { Value::Null };
         let mut chunk = json!({"id": self.meta.id, "object": self.meta.object(true), "created": self.meta.created,
             "model": r.model, "choices": [choice]});
         if r.continuous_usage {
-            chunk["usage"] = self.meta.usage(self.generated);
+            chunk["usage"] = self.meta.running_usage(self.generated);
+        }
+        // The last chunk before [DONE] names the engine's build.
+        if !r.include_usage {
+            chunk["system_fingerprint"] = json!(system_fingerprint());
         }
         sse(&chunk)
     }
@@ -372,7 +412,8 @@ impl Stream for SseStream {
                 Phase::Usage => {
                     this.phase = Phase::Done;
                     let chunk = json!({"id": this.meta.id, "object": this.meta.object(true), "created": this.meta.created,
-                        "model": this.meta.request.model, "choices": [], "usage": this.meta.usage(this.generated)});
+                        "model": this.meta.request.model, "choices": [], "usage": this.meta.final_usage(this.generated),
+                        "system_fingerprint": system_fingerprint()});
                     return Poll::Ready(Some(Ok(sse(&chunk))));
                 }
                 Phase::Done => {

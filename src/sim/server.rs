@@ -281,7 +281,9 @@ async fn detokenize(State(s): State<Arc<SimState>>, request: Request) -> Result<
 
 fn check_model(s: &SimState, body: &Value) -> Result<(), SimError> {
     match body.get("model").and_then(Value::as_str) {
-        Some(m) if m != s.model => Err(SimError::ModelNotFound(m.to_owned())),
+        Some(m) if m != s.model => {
+            Err(SimError::ModelNotFound { model: m.to_owned(), served: s.model.clone() })
+        }
         _ => Ok(()),
     }
 }
