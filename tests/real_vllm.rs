@@ -2,8 +2,9 @@
 //! here): what reaches the client is what the engine sent.
 //!
 //! The engines are started once for the whole suite by `bench-scripts/real_vllm.sh start 2`,
-//! which writes `target/real-vllm/engines.env`; CI does that and sets `REQUIRE_REAL_VLLM=1`,
-//! elsewhere a missing file skips these tests with a message. The tests share the engines
+//! which writes `target/real-vllm/engine.env`; CI does that and sets `REQUIRE_REAL_VLLM=1`,
+//! elsewhere a missing file skips these tests with a message. The P/D test starts two more
+//! engines of its own with vLLM's NixlConnector (set `pd`) and stops them when it ends. The tests share the engines
 //! (their prefix caches and metrics), so they take turns ([`SERIAL`]).
 //!
 //! Checked: chat and completions, streamed and not, with and without usage, byte for byte
@@ -47,7 +48,7 @@ struct Engines {
 fn engines() -> Option<Engines> {
     let path = std::env::var("REAL_VLLM_ENV")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/real-vllm/engines.env"));
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/real-vllm/engine.env"));
     let Ok(text) = std::fs::read_to_string(&path) else {
         if std::env::var("REQUIRE_REAL_VLLM").as_deref() == Ok("1") {
             panic!("{} is missing: run bash bench-scripts/real_vllm.sh start 2", path.display());
@@ -58,15 +59,52 @@ fn engines() -> Option<Engines> {
         );
         return None;
     };
+    Some(parse_engines(&text))
+}
+
+fn parse_engines(text: &str) -> Engines {
     let vars: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
     let list = |name: &str| -> Vec<String> { vars[name].split(',').map(str::to_owned).collect() };
-    Some(Engines {
+    Engines {
         urls: list("REAL_VLLM_URLS"),
         kv: list("REAL_VLLM_KV"),
         replay: list("REAL_VLLM_REPLAY"),
         model_dir: vars["REAL_VLLM_MODEL"].to_owned(),
         script: vars["REAL_VLLM_SCRIPT"].to_owned(),
-    })
+    }
+}
+
+/// Two engines with vLLM's NixlConnector (set `pd`), stopped when dropped.
+struct PdEngines {
+    engines: Engines,
+}
+
+impl PdEngines {
+    async fn start(script: &str) -> PdEngines {
+        let script = script.to_owned();
+        let env_file = tokio::task::spawn_blocking(move || {
+            let status = std::process::Command::new("bash")
+                .args([script.as_str(), "start", "2", "18110"])
+                .env("REAL_VLLM_SET", "pd")
+                .env("REAL_VLLM_NIXL", "1")
+                .status()
+                .unwrap();
+            assert!(status.success(), "starting the NIXL engines");
+            PathBuf::from(script).parent().unwrap().parent().unwrap().join("target/real-vllm/pd.env")
+        })
+        .await
+        .unwrap();
+        PdEngines { engines: parse_engines(&std::fs::read_to_string(env_file).unwrap()) }
+    }
+}
+
+impl Drop for PdEngines {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .args([self.engines.script.as_str(), "stop"])
+            .env("REAL_VLLM_SET", "pd")
+            .status();
+    }
 }
 
 fn http() -> reqwest::Client {
@@ -592,6 +630,8 @@ async fn pd_moves_the_prefill_over_nixl_and_decodes_from_token_ids() {
     let Some(e) = engines() else { return };
     let _turn = SERIAL.lock().await;
     // Engine 0 prefills, engine 1 decodes; both run vLLM's NixlConnector on CPU.
+    let pd = PdEngines::start(&e.script).await;
+    let e = &pd.engines;
     let (prefill, decode) = (&e.urls[0], &e.urls[1]);
     let (p, d) = (format!("prefill={prefill}"), format!("decode={decode}"));
     let args = ["router", "--host", "127.0.0.1", "--port", "0", "--pd", &p, &d, "--health-interval", "200ms"];
