@@ -639,6 +639,20 @@ async fn pd_moves_the_prefill_over_nixl_and_decodes_from_token_ids() {
     let router = router(config).await;
     until_all_healthy(&router, 2).await;
     let c = http();
+    // The first transfer between two engines starts with a NIXL handshake, which vLLM
+    // gives 5 s (a fixed socket timeout in its NixlConnector); two NIXL engines on a
+    // loaded 2-core machine can miss it, and the request then fails with the engine's
+    // 500, which the router passes on. Warm the pair up first (bounded), then measure.
+    let warm = json!({"model": MODEL, "prompt": words(299, 200), "max_tokens": 2, "temperature": 0});
+    let mut warmed = false;
+    for _ in 0..6 {
+        if send(&c, &format!("{}/v1/completions", base(&router)), &warm, &[]).await.0 == 200 {
+            warmed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    assert!(warmed, "no P/D request succeeded in 6 tries: the NIXL handshake between the engines fails");
     let transfers = "vllm:nixl_xfer_time_seconds_count";
     let failed = "vllm:nixl_num_failed_transfers_total";
     let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": words(300, 200)}],
@@ -653,13 +667,14 @@ async fn pd_moves_the_prefill_over_nixl_and_decodes_from_token_ids() {
             }
             let what = format!("P/D {path} stream={stream}");
             let moved = settled(&c, decode, transfers, &[]).await;
+            let failed_before = settled(&c, decode, failed, &[]).await;
             let once =
                 sum(&scrape(&c, &base(&router)).await, "router_pd_tokenize_once_total", &[r#"mode="on""#]);
             let (status, routed) = send(&c, &format!("{}{path}", base(&router)), &body, &[]).await;
             assert_eq!(status, 200, "{what}: {routed}");
             // The decode engine pulled the prefill's KV over NIXL, and was given token ids.
             assert_eq!(settled(&c, decode, transfers, &[]).await, moved + 1.0, "{what}: one NIXL transfer");
-            assert_eq!(settled(&c, decode, failed, &[]).await, 0.0, "{what}");
+            assert_eq!(settled(&c, decode, failed, &[]).await, failed_before, "{what}: a failed transfer");
             let text = scrape(&c, &base(&router)).await;
             assert_eq!(sum(&text, "router_pd_tokenize_once_total", &[r#"mode="on""#]), once + 1.0, "{what}");
             assert_eq!(sum(&text, "router_pd_fallbacks_total", &[]), 0.0, "{what}");
