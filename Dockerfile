@@ -11,6 +11,7 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY benches ./benches
+COPY crates ./crates
 RUN cargo build --release --locked --bin router \
     && strip target/release/router
 

@@ -7,7 +7,7 @@ constants, compares mean TTFT, mean TPOT and request throughput with the study's
 vllm-router rows (bench-scripts/study_points.json), and minimises the sum of squared log
 ratios with Nelder-Mead over the constants named on the command line, each in log space
 within the bounds given. It prints the best constants as `--set` arguments; the profile in
-src/sim/profile.rs is then edited by hand, with the evidence for each constant.
+crates/vllm-sim/src/profile.rs is then edited by hand, with the evidence for each constant.
 
   python3 bench-scripts/calibrate.py --points prefill-heavy,decode-heavy \\
       --fit base=1.7ms:1.2ms:2.5ms --fit prefill_per_token=1.5us:0.5us:5us ...

@@ -22,9 +22,9 @@ use hyper_util::rt::TokioExecutor;
 use llm_router::config::{PdConfig, RouterConfig};
 use llm_router::policy::PolicyKind;
 use llm_router::replicas::ReplicaUrl;
-use llm_router::sim::tokenizer::{self, ChatMessage};
-use llm_router::sim::{self, Role, RunningSim, SimConfig};
 use serde_json::{Value, json};
+use vllm_sim::tokenizer::{self, ChatMessage};
+use vllm_sim::{self as sim, Role, RunningSim, SimConfig};
 
 const SESSIONS: usize = 8;
 const TURNS: usize = 6;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use http::HeaderName;
+pub use llm_common::cli::{one_line_error, parse_args};
 
 use crate::cache_index::{FeedConfig, IndexLimits};
 use crate::discovery::Role;
@@ -607,7 +608,7 @@ pub struct RouterConfig {
     /// `--client-idle-timeout`.
     pub client_idle_timeout: Duration,
     /// Simulated replicas to start before routing (`--sim`).
-    pub sim: Option<crate::sim::SimConfig>,
+    pub sim: Option<vllm_sim::SimConfig>,
     pub sim_replicas: usize,
     /// P/D mode; `replicas` are then the decode replicas.
     pub pd: Option<PdConfig>,
@@ -655,7 +656,7 @@ impl Cli {
         let sim = match (self.sim, self.sim_pd) {
             (None, None) => None,
             _ => {
-                let args = <crate::sim::SimArgs as Parser>::try_parse_from([
+                let args = <vllm_sim::SimArgs as Parser>::try_parse_from([
                     "vllm-sim",
                     "--port",
                     "0",
@@ -852,39 +853,6 @@ fn dedup(mut urls: Vec<ReplicaUrl>) -> Vec<ReplicaUrl> {
     let mut seen = std::collections::HashSet::new();
     urls.retain(|r| seen.insert(r.name().to_owned()));
     urls
-}
-
-/// Parse a binary's command line: `--help` and `--version` print and exit 0, errors
-/// print one line and exit 2.
-pub fn parse_args<T: Parser>() -> Result<T, std::process::ExitCode> {
-    T::try_parse().map_err(|e| {
-        if e.use_stderr() {
-            eprintln!("{}", one_line_error(&e));
-            std::process::ExitCode::from(2)
-        } else {
-            let _ = e.print();
-            std::process::ExitCode::SUCCESS
-        }
-    })
-}
-
-/// Clap's error as one line: its first line, the lines it introduces with a colon
-/// (such as missing arguments), and the accepted values when it lists them.
-pub fn one_line_error(error: &clap::Error) -> String {
-    let rendered = error.render().to_string();
-    let mut lines = rendered.lines().map(str::trim);
-    let mut line = lines.next().unwrap_or("error: invalid arguments").to_owned();
-    if line.ends_with(':') {
-        for detail in lines.by_ref().take_while(|l| !l.is_empty()) {
-            line.push(' ');
-            line.push_str(detail);
-        }
-    }
-    if let Some(values) = lines.find(|l| l.starts_with("[possible values:")) {
-        line.push(' ');
-        line.push_str(values);
-    }
-    line
 }
 
 #[cfg(test)]

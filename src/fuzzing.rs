@@ -11,7 +11,7 @@ use crate::pd::members::Members;
 use crate::pd::requests;
 use crate::request_facts;
 use crate::routing_key::KeyHeaders;
-use crate::sse::{SseEvents, data_payload};
+use llm_common::sse::{SseEvents, data_payload};
 
 /// Request parsing and session-key extraction: the input is a request body, and also,
 /// split at its first blank line, header lines (`name: value`) followed by a body.

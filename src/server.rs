@@ -38,7 +38,7 @@ pub struct RunningRouter {
     pub admin_addr: Option<SocketAddr>,
     admin_stop: Option<oneshot::Sender<()>>,
     /// The simulated replicas started for `--sim`, served as long as the router is.
-    pub sims: Vec<crate::sim::RunningSim>,
+    pub sims: Vec<vllm_sim::RunningSim>,
     pub metrics: Arc<Metrics>,
     /// The replicas requests go to (in P/D mode, the decode replicas).
     pub registry: Arc<Registry>,
@@ -75,18 +75,18 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         let kv_events = config
             .kv_events
             .as_ref()
-            .map(|feed| crate::sim::kv_events::PublisherConfig { port: 0, topic: feed.topic.clone() });
-        let role = |role| crate::sim::SimConfig { role, kv_events: kv_events.clone(), ..sim.clone() };
+            .map(|feed| vllm_sim::kv_events::PublisherConfig { port: 0, topic: feed.topic.clone() });
+        let role = |role| vllm_sim::SimConfig { role, kv_events: kv_events.clone(), ..sim.clone() };
         let (prefill_role, decode_role) = if prefill_sims > 0 {
-            (crate::sim::Role::Prefill, crate::sim::Role::Decode)
+            (vllm_sim::Role::Prefill, vllm_sim::Role::Decode)
         } else {
-            (crate::sim::Role::Both, crate::sim::Role::Both)
+            (vllm_sim::Role::Both, vllm_sim::Role::Both)
         };
-        for sim in crate::sim::start_fleet(prefill_sims, &role(prefill_role)).await? {
+        for sim in vllm_sim::start_fleet(prefill_sims, &role(prefill_role)).await? {
             config.pd.as_mut().expect("prefill sims imply P/D").prefill.push(sim_url(&sim));
             sims.push(sim);
         }
-        for sim in crate::sim::start_fleet(config.sim_replicas, &role(decode_role)).await? {
+        for sim in vllm_sim::start_fleet(config.sim_replicas, &role(decode_role)).await? {
             config.replicas.push(sim_url(&sim));
             sims.push(sim);
         }
@@ -251,7 +251,7 @@ async fn stage(
     (dispatcher, health, checker)
 }
 
-fn sim_url(sim: &crate::sim::RunningSim) -> crate::replicas::ReplicaUrl {
+fn sim_url(sim: &vllm_sim::RunningSim) -> crate::replicas::ReplicaUrl {
     crate::replicas::ReplicaUrl::parse(&sim.url()).expect("a bound loopback address is a valid URL")
 }
 
@@ -307,17 +307,4 @@ async fn accept_loop(
     }
 }
 
-/// A future that resolves on SIGTERM or SIGINT. The handlers are installed when this
-/// is called, not when it is first polled: call it before listening, so a signal that
-/// arrives during start-up is not fatal.
-pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    async move {
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
-        }
-    }
-}
+pub use llm_common::signals::shutdown_signal;

@@ -10,9 +10,9 @@ use llm_router::config::RouterConfig;
 use llm_router::policy::PolicyKind;
 use llm_router::replicas::ReplicaUrl;
 use llm_router::server::RunningRouter;
-use llm_router::sim::{self, RunningSim, SimConfig};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
+use vllm_sim::{self as sim, RunningSim, SimConfig};
 
 const TOKEN: &str = "s3cret-admin";
 const MODEL: &str = "Qwen/Qwen3-0.6B-FP8";
@@ -145,7 +145,7 @@ async fn replicas_join_drain_and_leave_without_losing_a_stream() {
 
     // A slow stream (replicas slowed 10x), then drain its replica while it runs.
     for sim in &fleet {
-        sim.faults().set(llm_router::sim::faults::FaultConfig { slowdown: 10.0, ..Default::default() });
+        sim.faults().set(vllm_sim::faults::FaultConfig { slowdown: 10.0, ..Default::default() });
     }
     let stream = client()
         .post(format!("{base}/v1/completions"))

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use llm_router::config::RouterConfig;
 use llm_router::replicas::ReplicaUrl;
 use llm_router::server::RunningRouter;
-use llm_router::sim::{self, RunningSim, SimConfig};
 use serde_json::{Value, json};
+use vllm_sim::{self as sim, RunningSim, SimConfig};
 
 async fn setup(
     time_scale: f64,

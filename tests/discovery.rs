@@ -376,7 +376,7 @@ fn b_url(port: u16) -> String {
 
 #[tokio::test]
 async fn a_replicas_file_with_roles_runs_prefill_decode_with_nothing_on_the_command_line() {
-    use llm_router::sim::{self, SimConfig};
+    use vllm_sim::{self as sim, SimConfig};
     let sim = |role| SimConfig { role, time_scale: 20.0, ..SimConfig::default() };
     let prefill = sim::start_fleet(1, &sim(sim::Role::Prefill)).await.unwrap();
     let decode = sim::start_fleet(2, &sim(sim::Role::Decode)).await.unwrap();

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use llm_router::config::RouterConfig;
 use llm_router::replicas::ReplicaUrl;
 use llm_router::server::RunningRouter;
-use llm_router::sim::faults::FaultConfig;
-use llm_router::sim::{self, RunningSim, SimConfig};
 use serde_json::{Value, json};
+use vllm_sim::faults::FaultConfig;
+use vllm_sim::{self as sim, RunningSim, SimConfig};
 
 async fn setup(n: usize, configure: impl FnOnce(&mut RouterConfig)) -> (Vec<RunningSim>, RunningRouter) {
     let sims = sim::start_fleet(n, &SimConfig { time_scale: 20.0, ..SimConfig::default() }).await.unwrap();

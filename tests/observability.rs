@@ -17,8 +17,8 @@ use llm_router::config::{Cli, PdConfig, RouterConfig};
 use llm_router::policy::PolicyKind;
 use llm_router::replicas::ReplicaUrl;
 use llm_router::server::RunningRouter;
-use llm_router::sim::{self, Role, RunningSim, SimConfig};
 use serde_json::{Value, json};
+use vllm_sim::{self as sim, Role, RunningSim, SimConfig};
 
 const MODEL: &str = "Qwen/Qwen3-0.6B-FP8";
 

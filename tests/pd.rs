@@ -9,10 +9,10 @@ use llm_router::config::{PdConfig, RouterConfig};
 use llm_router::policy::PolicyKind;
 use llm_router::replicas::ReplicaUrl;
 use llm_router::server::RunningRouter;
-use llm_router::sim::faults::FaultConfig;
-use llm_router::sim::{self, Role, RunningSim, SimConfig};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
+use vllm_sim::faults::FaultConfig;
+use vllm_sim::{self as sim, Role, RunningSim, SimConfig};
 
 const MODEL: &str = "Qwen/Qwen3-0.6B-FP8";
 

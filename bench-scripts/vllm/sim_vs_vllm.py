@@ -3,11 +3,11 @@
 For each probe (chat and completions, streamed or not, with usage; errors; /v1/models;
 /tokenize; /metrics names) it takes the JSON shape of the engine's answer (member names
 and value types, not values) and, with --sim, the simulator's, and prints where they part.
-With --write-golden DIR it writes the engine's shapes there, as tests/sim.rs reads them
-(tests/golden/vllm-<version>/), with the version they were taken from.
+With --write-golden DIR it writes the engine's shapes there, as crates/vllm-sim/tests/sim.rs reads them
+(crates/vllm-sim/tests/golden/vllm-<version>/), with the version they were taken from.
 
     python bench-scripts/vllm/sim_vs_vllm.py --engine http://127.0.0.1:18100 --model tiny \
-        --sim http://127.0.0.1:18500 --sim-model sim [--write-golden tests/golden/vllm-0.32.0]
+        --sim http://127.0.0.1:18500 --sim-model sim [--write-golden crates/vllm-sim/tests/golden/vllm-0.32.0]
 """
 
 import argparse

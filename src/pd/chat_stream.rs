@@ -16,7 +16,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame};
 
 use super::chat_convert::convert_chunk;
-use crate::sse::{SseEvents, data_payload};
+use llm_common::sse::{SseEvents, data_payload};
 
 /// Largest SSE event converted: a completion chunk carrying the prompt's token ids
 /// (`return_token_ids`) for a 128k-token context is about 1 MB.

@@ -24,7 +24,7 @@ use serde_json::Value;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::segments::{SegmentCache, split_json_array};
-use crate::sim::tokenizer;
+use llm_common::tokenizer;
 
 /// Text prompts are cut at the first safe newline after this many bytes.
 pub const TEXT_CHUNK: usize = 1024;
@@ -168,7 +168,7 @@ fn text_chunks(text: &str) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::tokenizer::{ChatMessage, render_chat};
+    use llm_common::tokenizer::{ChatMessage, render_chat};
 
     fn reference(messages: &[(&str, &str)]) -> Vec<u32> {
         let m: Vec<ChatMessage> =

@@ -1,11 +1,11 @@
-//! The `llm-bench` binary: the benchmark's load generator (see `llm_router::loadgen`).
+//! The `llm-bench` binary: the benchmark's load generator (see the `llm_bench` library).
 //!
 //! It runs on one thread: on a small machine shared with the servers it measures, a
 //! client that takes one core at most leaves the rest to them, and one thread handles
 //! hundreds of streams.
 
-use llm_router::config::parse_args;
-use llm_router::loadgen::cli::{self, Cli, Command};
+use llm_bench::cli::{self, Cli, Command};
+use llm_common::cli::parse_args;
 
 fn main() -> std::process::ExitCode {
     let cli: Cli = match parse_args() {

@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use llm_router::sim::{self, Role, RunningSim, SimConfig};
 use serde_json::{Value, json};
 use tokio_stream::StreamExt;
+use vllm_sim::{self as sim, Role, RunningSim, SimConfig};
 
 const MODEL: &str = "Qwen/Qwen3-0.6B-FP8";
 

@@ -108,7 +108,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::sim::tokenizer::encode;
+    use llm_common::tokenizer::encode;
     use serde_json::Value;
 
     fn turn(prompt: TurnPrompt, input_length: usize, output_length: usize) -> TraceTurn {

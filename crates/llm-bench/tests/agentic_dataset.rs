@@ -13,7 +13,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::process::Command;
 
-use llm_router::loadgen::trace::{self, Distribution, TurnPrompt};
+use llm_bench::trace::{self, Distribution, TurnPrompt};
 use serde_json::Value;
 
 const SHA256: &str = "81147c2fcb71288abd4a329c6a074e4839a209404a483161d8da521752a9e045";
@@ -21,6 +21,7 @@ const SHA256: &str = "81147c2fcb71288abd4a329c6a074e4839a209404a483161d8da521752
 fn dataset() -> Option<PathBuf> {
     let path = std::env::var_os("AGENTIC_DATASET").map(PathBuf::from).unwrap_or_else(|| {
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
             .join("target/bench-data/agentic_loop_2200s_seed42/dataset.jsonl")
     });
     if path.exists() {

@@ -130,7 +130,7 @@ struct Seq {
     last_token_at: Option<Instant>,
     ready_at: Option<Instant>,
     /// Generated text, kept only when the request has stop strings.
-    text: Option<super::tokenizer::Detokenizer>,
+    text: Option<llm_common::tokenizer::Detokenizer>,
     text_so_far: String,
 }
 

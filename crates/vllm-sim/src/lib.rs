@@ -26,7 +26,7 @@ pub mod request_log;
 pub mod responses;
 pub mod sampler;
 pub mod server;
-pub mod tokenizer;
+pub use llm_common::tokenizer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -50,7 +50,7 @@ impl RandomWorkload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::tokenizer::encode;
+    use llm_common::tokenizer::encode;
 
     #[test]
     fn prompts_have_exactly_isl_tokens_and_differ() {

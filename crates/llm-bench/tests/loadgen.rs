@@ -7,18 +7,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::HeaderName;
+use llm_bench::client::{Client, Spread, parse_base};
+use llm_bench::progress::Progress;
+use llm_bench::random::RandomWorkload;
+use llm_bench::report;
+use llm_bench::runner::{self, Limit, Pacing, SessionWork, Work};
+use llm_bench::trace::{self, TraceSession};
 use llm_router::config::RouterConfig;
-use llm_router::loadgen::client::{Client, Spread, parse_base};
-use llm_router::loadgen::progress::Progress;
-use llm_router::loadgen::random::RandomWorkload;
-use llm_router::loadgen::report;
-use llm_router::loadgen::runner::{self, Limit, Pacing, SessionWork, Work};
-use llm_router::loadgen::trace::{self, TraceSession};
 use llm_router::policy::PolicyKind;
 use llm_router::replicas::ReplicaUrl;
-use llm_router::sim::faults::FaultConfig;
-use llm_router::sim::{self, RunningSim, SimConfig};
 use serde_json::Value;
+use vllm_sim::faults::FaultConfig;
+use vllm_sim::{self as sim, RunningSim, SimConfig};
 
 const MODEL: &str = "Qwen/Qwen3-0.6B-FP8";
 
@@ -238,11 +238,8 @@ fn the_binary_writes_vllm_bench_serve_keys() {
 async fn clients_that_hang_up_are_counted_apart_and_abort_upstream() {
     let fleet = sim::start_fleet(1, &SimConfig { time_scale: 1.0, ..SimConfig::default() }).await.unwrap();
     let bases = vec![parse_base(&fleet[0].url()).unwrap()];
-    let cancel = llm_router::loadgen::client::Cancellation {
-        fraction: 1.0,
-        max_after: Duration::from_millis(100),
-        seed: 1,
-    };
+    let cancel =
+        llm_bench::client::Cancellation { fraction: 1.0, max_after: Duration::from_millis(100), seed: 1 };
     let client = Arc::new(
         Client::new(
             bases,

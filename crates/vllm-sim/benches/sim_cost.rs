@@ -122,7 +122,7 @@ fn main() {
             "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         });
         println!("{}", serde_json::to_string_pretty(&result).unwrap());
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/artifacts");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../artifacts");
         std::fs::create_dir_all(dir).unwrap();
         std::fs::write(format!("{dir}/sim_cost.json"), serde_json::to_string_pretty(&result).unwrap())
             .unwrap();

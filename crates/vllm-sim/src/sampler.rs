@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::tokenizer;
+use llm_common::tokenizer;
 
 fn vocabulary() -> &'static [u32] {
     static VOCAB: OnceLock<Vec<u32>> = OnceLock::new();

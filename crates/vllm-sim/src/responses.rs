@@ -28,7 +28,7 @@ use tokio_stream::Stream;
 use super::engine::{Event, Finish};
 use super::faults::Faults;
 use super::request::GenRequest;
-use super::tokenizer::Detokenizer;
+use llm_common::tokenizer::Detokenizer;
 
 /// Identity of one response: what every chunk repeats.
 pub struct Meta {

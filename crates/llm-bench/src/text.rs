@@ -1,7 +1,7 @@
 //! Prompt text with an exact o200k token count, drawn from a seeded random generator.
 //!
 //! Text is a run of single-token English words (see
-//! [`crate::sim::tokenizer::single_token_words`]), each one token with its leading space,
+//! [`llm_common::tokenizer::single_token_words`]), each one token with its leading space,
 //! so `n` words are exactly `n` tokens for any o200k tokenizer, and a prompt of a given
 //! length costs no tokenizer call to build. Random words also keep unrelated prompts from
 //! sharing a prefix, so a random workload gets no prefix-cache hits it did not ask for.
@@ -9,7 +9,7 @@
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use crate::sim::tokenizer::{WordToken, single_token_words};
+use llm_common::tokenizer::{WordToken, single_token_words};
 
 /// `tokens` random words: exactly `tokens` o200k tokens.
 pub fn random_words(rng: &mut fastrand::Rng, tokens: usize) -> String {
@@ -48,7 +48,7 @@ fn block_words(hash_id: u64, tokens: usize, mut each: impl FnMut(&WordToken)) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::tokenizer::encode;
+    use llm_common::tokenizer::encode;
 
     #[test]
     fn word_count_is_token_count() {

@@ -11,7 +11,7 @@
 use serde_json::Value;
 
 use super::SimError;
-use super::tokenizer::{self, ChatMessage, VOCAB_SIZE};
+use llm_common::tokenizer::{self, ChatMessage, VOCAB_SIZE};
 
 #[derive(Debug, Clone)]
 pub struct GenRequest {

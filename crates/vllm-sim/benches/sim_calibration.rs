@@ -36,18 +36,18 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use llm_router::loadgen::text::hash_block_ids;
-use llm_router::loadgen::trace::{self, TraceSession, TurnPrompt};
-use llm_router::sim::api_server::ApiServer;
-use llm_router::sim::engine::{Engine, EngineConfig, EngineRequest, Event, Kind};
-use llm_router::sim::faults::Faults;
-use llm_router::sim::metrics::SimMetrics;
-use llm_router::sim::pd::block_transfer_time;
-use llm_router::sim::profile::{Profile, PromptForm};
-use llm_router::sim::tokenizer;
+use llm_bench::text::hash_block_ids;
+use llm_bench::trace::{self, TraceSession, TurnPrompt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use vllm_sim::api_server::ApiServer;
+use vllm_sim::engine::{Engine, EngineConfig, EngineRequest, Event, Kind};
+use vllm_sim::faults::Faults;
+use vllm_sim::metrics::SimMetrics;
+use vllm_sim::pd::block_transfer_time;
+use vllm_sim::profile::{Profile, PromptForm};
+use vllm_sim::tokenizer;
 
 struct Options {
     points: Vec<String>,
@@ -71,7 +71,7 @@ fn options() -> Options {
         pd_profile: Profile::by_name("phi-tiny-moe-dp4ep4-h100").unwrap(),
         dataset: std::env::var("AGENTIC_DATASET").unwrap_or_else(|_| {
             format!(
-                "{}/target/bench-data/agentic_loop_2200s_seed42/dataset.jsonl",
+                "{}/../../target/bench-data/agentic_loop_2200s_seed42/dataset.jsonl",
                 env!("CARGO_MANIFEST_DIR")
             )
         }),
@@ -390,10 +390,13 @@ fn study<'a>(points: &'a Value, workload: &str, c: usize) -> Option<&'a Value> {
 fn main() {
     let o = options();
     let mut fastokens = o.profile.clone();
-    fastokens.api.per_prompt_token /= llm_router::sim::FASTOKENS_SPEEDUP;
+    fastokens.api.per_prompt_token /= vllm_sim::FASTOKENS_SPEEDUP;
     let published: Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/bench-scripts/study_points.json"))
-            .unwrap(),
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../bench-scripts/study_points.json"
+        ))
+        .unwrap(),
     )
     .unwrap();
     let needs_trace = o.points.iter().any(|p| p.starts_with("agentic"));

@@ -33,8 +33,8 @@ use super::profile::PromptForm;
 use super::request::{self, GenRequest};
 use super::request_log::{LoggedRequest, RequestLog};
 use super::responses::{self, Meta, SseStream};
-use super::tokenizer;
 use super::{Role, SimConfig, SimError};
+use llm_common::tokenizer;
 
 pub struct SimState {
     pub config: SimConfig,

@@ -31,7 +31,7 @@ use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::sse::{SseEvents, data_payload};
+use llm_common::sse::{SseEvents, data_payload};
 
 /// How requests are spread over several base URLs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,9 +1,9 @@
 //! The `vllm-sim` binary: one simulated vLLM replica on the given address, until
 //! SIGTERM or SIGINT (exit 0).
 
-use llm_router::config::parse_args;
-use llm_router::sim::{self, SimArgs};
+use llm_common::cli::parse_args;
 use tracing_subscriber::EnvFilter;
+use vllm_sim::{self as sim, SimArgs};
 
 fn main() -> std::process::ExitCode {
     let args: SimArgs = match parse_args() {
@@ -22,7 +22,7 @@ fn main() -> std::process::ExitCode {
         .init();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
     runtime.block_on(async move {
-        let stop = llm_router::server::shutdown_signal();
+        let stop = llm_common::signals::shutdown_signal();
         let sim = match sim::start(config.clone()).await {
             Ok(s) => s,
             Err(e) => {
