@@ -16,12 +16,12 @@ use http::HeaderMap;
 use llm_router::metrics::Metrics;
 use std::sync::Arc;
 
-use llm_router::cache_index::{CacheIndex, IndexLimits};
+use llm_router::ingress::request_facts;
+use llm_router::ingress::routing_key::{KeyHeaders, RoutingKey};
+use llm_router::policy::cache_index::{CacheIndex, IndexLimits};
+use llm_router::policy::prompt_tokens::{BuiltinTokenizer, PromptTokenizer};
 use llm_router::policy::{Candidate, HashOptions, Policy, PolicyKind, PolicyOptions, PolicyState};
-use llm_router::prompt_tokens::{BuiltinTokenizer, PromptTokenizer};
 use llm_router::replicas::{Registry, RegistryConfig, ReplicaUrl};
-use llm_router::request_facts;
-use llm_router::routing_key::{KeyHeaders, RoutingKey};
 
 /// A chat body of about `bytes` bytes: many turns, as an agent sends.
 fn chat_body(bytes: usize) -> Vec<u8> {

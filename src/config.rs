@@ -10,12 +10,12 @@ use clap::Parser;
 use http::HeaderName;
 pub use llm_common::cli::{one_line_error, parse_args};
 
-use crate::cache_index::{FeedConfig, IndexLimits};
-use crate::discovery::Role;
 use crate::discovery::dns::DnsTarget;
+use crate::discovery::{Discovery, Role};
 use crate::logging::LogFormat;
+use crate::policy::cache_index::{FeedConfig, IndexLimits};
+use crate::policy::prompt_tokens::TokenizerSpec;
 use crate::policy::{HashOptions, KvOptions, PolicyKind, PrefixOptions};
-use crate::prompt_tokens::TokenizerSpec;
 use crate::replicas::{HealthConfig, ReplicaUrl, Thresholds};
 
 /// A native LLM router and ingress proxy for vLLM replicas: picks a replica per request
@@ -578,7 +578,7 @@ pub struct RouterConfig {
     /// added when they start).
     pub kv_events: Option<FeedConfig>,
     /// `kv-aware`'s tokenizer, loaded.
-    pub tokenizer: Option<std::sync::Arc<crate::prompt_tokens::PromptTokenizer>>,
+    pub tokenizer: Option<std::sync::Arc<crate::policy::prompt_tokens::PromptTokenizer>>,
     pub session_headers: Vec<HeaderName>,
     pub max_body_bytes: usize,
     pub health: HealthConfig,
@@ -590,7 +590,7 @@ pub struct RouterConfig {
     pub timeouts: crate::dispatch::Timeouts,
     pub breaker: crate::replicas::BreakerSettings,
     pub outliers: crate::replicas::OutlierSettings,
-    pub retries: crate::retry_budget::RetrySettings,
+    pub retries: crate::dispatch::retry_budget::RetrySettings,
     /// (max concurrent, max queued, queue timeout), when limited.
     pub limit: Option<(usize, usize, Duration)>,
     pub api_keys: Vec<crate::admission::ApiKey>,
@@ -618,22 +618,6 @@ pub struct RouterConfig {
     pub discovery: Discovery,
     /// `--otlp-endpoint`: span export; None is off.
     pub trace: Option<crate::trace::TraceConfig>,
-}
-
-/// The discovery sources that are on.
-#[derive(Debug, Clone, Default)]
-pub struct Discovery {
-    pub file: Option<std::path::PathBuf>,
-    pub dns: Vec<crate::discovery::dns::DnsTarget>,
-    pub dns_server: Option<SocketAddr>,
-    pub k8s: Option<crate::discovery::k8s::K8sConfig>,
-    pub interval: Duration,
-}
-
-impl Discovery {
-    pub fn is_on(&self) -> bool {
-        self.file.is_some() || !self.dns.is_empty() || self.k8s.is_some()
-    }
 }
 
 impl RouterConfig {
@@ -739,7 +723,7 @@ impl Cli {
             topic: self.kv_events_topic.clone(),
             silence: self.kv_events_silence,
             max_blocks: self.kv_index_blocks as usize,
-            limits: crate::cache_index::zmtp::Limits {
+            limits: crate::policy::cache_index::zmtp::Limits {
                 max_message_bytes: self.kv_events_max_message_bytes as usize,
                 ..Default::default()
             },
@@ -807,7 +791,7 @@ impl Cli {
                 max_ejection_percent: self.max_ejection_percent,
                 panic_threshold: self.panic_threshold,
             },
-            retries: crate::retry_budget::RetrySettings {
+            retries: crate::dispatch::retry_budget::RetrySettings {
                 ratio: self.retry_ratio.max(0.0),
                 floor_per_sec: self.retry_floor.max(0.0),
                 backoff: self.retry_backoff,

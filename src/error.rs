@@ -15,7 +15,7 @@
 use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 
-use crate::request_facts::FactsError;
+use crate::ingress::request_facts::FactsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouterError {

@@ -7,10 +7,10 @@
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::pd::members::Members;
-use crate::pd::requests;
-use crate::request_facts;
-use crate::routing_key::KeyHeaders;
+use crate::dispatch::pd::members::Members;
+use crate::dispatch::pd::requests;
+use crate::ingress::request_facts;
+use crate::ingress::routing_key::KeyHeaders;
 use llm_common::sse::{SseEvents, data_payload};
 
 /// Request parsing and session-key extraction: the input is a request body, and also,
@@ -122,8 +122,8 @@ pub fn sse_framing(data: &[u8]) {
 /// frame is decoded as an event batch. Nothing may panic; no message may exceed the
 /// bounds; nothing decoded may claim more than its payload carried.
 pub fn kv_feed(data: &[u8]) {
-    use crate::cache_index::kv_events::{KvEvent, MAX_BLOCK_SIZE, decode_batch};
-    use crate::cache_index::zmtp::{Limits, Parsed, take_message};
+    use crate::policy::cache_index::kv_events::{KvEvent, MAX_BLOCK_SIZE, decode_batch};
+    use crate::policy::cache_index::zmtp::{Limits, Parsed, take_message};
     let Some((&step, stream)) = data.split_first() else { return };
     let limits = Limits { max_message_bytes: 4096, max_frames: 4 };
     let mut read = bytes::BytesMut::new();
@@ -159,7 +159,7 @@ pub fn kv_feed(data: &[u8]) {
 /// error, never a panic; a head's framing is decided strictly, and after normalisation
 /// the client sees a `Content-Length` exactly when the body has that one length.
 pub fn response_head(data: &[u8]) {
-    use crate::relay::message::{Framing, framing, normalise_length, parse_head};
+    use crate::upstream::relay::message::{Framing, framing, normalise_length, parse_head};
     let Ok(Some((mut head, used))) = parse_head(data) else { return };
     assert!(used <= data.len());
     for method in [http::Method::POST, http::Method::GET] {
@@ -180,7 +180,7 @@ pub fn response_head(data: &[u8]) {
 /// after the end are those of decoding it whole; the payload is never longer than the
 /// input.
 pub fn chunked_body(data: &[u8]) {
-    use crate::relay::chunked::Chunked;
+    use crate::upstream::relay::chunked::Chunked;
     let Some((&step, body)) = data.split_first() else { return };
     let decode = |pieces: &mut dyn Iterator<Item = &[u8]>| -> Option<(Vec<u8>, bool, Vec<u8>)> {
         let mut decoder = Chunked::default();

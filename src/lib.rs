@@ -20,8 +20,6 @@
 
 pub mod admin;
 pub mod admission;
-pub mod cache_index;
-pub mod client_io;
 pub mod config;
 pub mod discovery;
 pub mod dispatch;
@@ -30,16 +28,9 @@ pub mod fuzzing;
 pub mod ingress;
 pub mod logging;
 pub mod metrics;
-pub mod pd;
 pub mod policy;
-pub mod prompt_tokens;
-pub mod proxy;
-pub mod relay;
 pub mod replicas;
-pub mod request_facts;
-pub mod response_body;
-pub mod response_end;
-pub mod retry_budget;
-pub mod routing_key;
+pub mod response;
 pub mod server;
 pub mod trace;
+pub mod upstream;

@@ -21,15 +21,15 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin::Admin;
-use crate::client_io::StallLimited;
 use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
+use crate::dispatch::pd::PrefillDecode;
+use crate::ingress::client_io::StallLimited;
+use crate::ingress::routing_key::KeyHeaders;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
-use crate::pd::PrefillDecode;
-use crate::proxy;
 use crate::replicas::{HealthChecker, Registry, RegistryConfig, Stage};
-use crate::routing_key::KeyHeaders;
+use crate::upstream::proxy;
 
 /// A router serving on `addr` until [`RunningRouter::shutdown`].
 pub struct RunningRouter {
@@ -106,7 +106,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let addr = listener.local_addr()?;
     let metrics = Arc::new(Metrics::new());
     let client = proxy::http_client(config.connect_timeout);
-    let relay = crate::relay::Relay::new(config.connect_timeout);
+    let relay = crate::upstream::relay::Relay::new(config.connect_timeout);
 
     let (dispatcher, health, checker) =
         stage(&config, config.replicas.clone(), config.policy, &client, &relay, &metrics).await;
@@ -217,7 +217,7 @@ async fn stage(
     replicas: Vec<crate::replicas::ReplicaUrl>,
     policy: crate::policy::PolicyKind,
     client: &proxy::HttpClient,
-    relay: &crate::relay::Relay,
+    relay: &crate::upstream::relay::Relay,
     metrics: &Arc<Metrics>,
 ) -> (Dispatcher, JoinHandle<()>, HealthChecker) {
     let registry_config = RegistryConfig {
@@ -235,7 +235,7 @@ async fn stage(
     if let (crate::policy::PolicyKind::KvAware, Some(feed), Some(index)) =
         (policy, &config.kv_events, registry.cache_index())
     {
-        let feeds = crate::cache_index::KvFeeds::new(feed.clone(), index.clone(), metrics.clone());
+        let feeds = crate::policy::cache_index::KvFeeds::new(feed.clone(), index.clone(), metrics.clone());
         registry.follow_kv_events(Arc::new(feeds));
     }
     let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
@@ -246,7 +246,7 @@ async fn stage(
         relay: relay.clone(),
         metrics: metrics.clone(),
         timeouts: config.timeouts,
-        retries: crate::retry_budget::RetryBudget::new(config.retries),
+        retries: crate::dispatch::retry_budget::RetryBudget::new(config.retries),
     };
     (dispatcher, health, checker)
 }

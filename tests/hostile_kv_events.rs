@@ -8,9 +8,9 @@ mod support;
 
 use std::time::Duration;
 
-use llm_router::cache_index::FeedConfig;
 use llm_router::policy::PolicyKind;
-use llm_router::prompt_tokens::TokenizerSpec;
+use llm_router::policy::cache_index::FeedConfig;
+use llm_router::policy::prompt_tokens::TokenizerSpec;
 use llm_router::server::RunningRouter;
 use serde_json::json;
 use support::zmq_publisher::{FakePublisher, Subscriber, batch_payload, stored};

@@ -21,9 +21,9 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
-use llm_router::cache_index::FeedConfig;
 use llm_router::policy::PolicyKind;
-use llm_router::prompt_tokens::TokenizerSpec;
+use llm_router::policy::cache_index::FeedConfig;
+use llm_router::policy::prompt_tokens::TokenizerSpec;
 use serde_json::{Value, json};
 use support::*;
 

@@ -4,7 +4,7 @@
 //! invariants routing relies on (block sizes in range, token ids filling their blocks,
 //! nothing larger than the payload could carry).
 
-use llm_router::cache_index::kv_events::{KvEvent, MAX_BLOCK_SIZE, decode_batch};
+use llm_router::policy::cache_index::kv_events::{KvEvent, MAX_BLOCK_SIZE, decode_batch};
 use proptest::prelude::*;
 use rmpv::Value as V;
 

@@ -368,7 +368,7 @@ async fn the_routers_chat_rendering_equals_the_engines() {
     let Some(e) = engines() else { return };
     let _turn = SERIAL.lock().await;
     let c = http();
-    let spec = llm_router::prompt_tokens::TokenizerSpec::parse(&e.model_dir).unwrap();
+    let spec = llm_router::policy::prompt_tokens::TokenizerSpec::parse(&e.model_dir).unwrap();
     // The directory as transformers writes it: the template is in chat_template.jinja.
     assert!(std::path::Path::new(&e.model_dir).join("chat_template.jinja").is_file());
     let tokenizer = spec.load(None, 1 << 20).unwrap();

@@ -246,8 +246,11 @@ async fn an_exhausted_retry_budget_passes_the_first_failure_through() {
     let mut cfg = config(&replicas);
     cfg.policy = llm_router::policy::PolicyKind::RoundRobin;
     cfg.breaker.failures = 1000;
-    cfg.retries =
-        llm_router::retry_budget::RetrySettings { ratio: 0.0, floor_per_sec: 0.0, backoff: Duration::ZERO };
+    cfg.retries = llm_router::dispatch::retry_budget::RetrySettings {
+        ratio: 0.0,
+        floor_per_sec: 0.0,
+        backoff: Duration::ZERO,
+    };
     let router = router(cfg).await;
     let c = client();
     let mut statuses = Vec::new();

@@ -16,7 +16,7 @@
 //!   `--queue-timeout`. A full queue answers 429 at once, a wait that times out 503 with
 //!   `Retry-After`. The slot is taken once the request body has been read (a slow
 //!   upload holds its connection, not a slot) and held until the response body ends or
-//!   the client is cut off ([`crate::client_io`]), so a long stream counts for as long
+//!   the client is cut off ([`crate::ingress::client_io`]), so a long stream counts for as long
 //!   as it runs. Memory stays bounded: excess requests are refused, not buffered.
 
 use std::pin::Pin;

@@ -23,8 +23,23 @@ use std::collections::BTreeSet;
 
 use tokio::task::JoinHandle;
 
-use crate::config::Discovery;
 use crate::replicas::{MembershipError, ReplicaUrl, Stage};
+
+/// The discovery sources that are on.
+#[derive(Debug, Clone, Default)]
+pub struct Discovery {
+    pub file: Option<std::path::PathBuf>,
+    pub dns: Vec<dns::DnsTarget>,
+    pub dns_server: Option<std::net::SocketAddr>,
+    pub k8s: Option<k8s::K8sConfig>,
+    pub interval: std::time::Duration,
+}
+
+impl Discovery {
+    pub fn is_on(&self) -> bool {
+        self.file.is_some() || !self.dns.is_empty() || self.k8s.is_some()
+    }
+}
 
 /// How long start-up waits for the Kubernetes API's first list of slices.
 const K8S_FIRST_LIST: std::time::Duration = std::time::Duration::from_secs(10);

@@ -16,7 +16,7 @@ use axum::response::Response;
 
 use crate::admission::{ClientRequestId, KeyName, REQUEST_ID};
 use crate::dispatch::ServedBy;
-use crate::response_end::{self, Ending};
+use crate::response::end::{self as response_end, Ending};
 
 /// What one line of the access log says.
 #[derive(Debug, Clone)]

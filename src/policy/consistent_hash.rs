@@ -23,7 +23,7 @@ use hashring::HashRing;
 use xxhash_rust::xxh3::Xxh3Builder;
 
 use super::{Candidate, Decision, Policy, PowerOfTwo, Reason};
-use crate::routing_key::RoutingKey;
+use crate::ingress::routing_key::RoutingKey;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct HashOptions {

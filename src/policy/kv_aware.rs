@@ -1,7 +1,7 @@
 //! `kv-aware`: send a request to the replica with the least estimated work for it, from
-//! what the engines themselves report holding (vLLM's KV events, [`crate::cache_index`]).
+//! what the engines themselves report holding (vLLM's KV events, [`crate::policy::cache_index`]).
 //!
-//! The request's prompt is tokenised in the router ([`crate::prompt_tokens`]) and cut
+//! The request's prompt is tokenised in the router ([`crate::policy::prompt_tokens`]) and cut
 //! into the engines' blocks, each keyed by its token ids chained to the blocks before
 //! it, as the KV events key them. For each replica, `matched` is how many prompt tokens
 //! its cache holds from the start. The cost of a replica is
@@ -43,15 +43,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::session_homes::SessionHomes;
 use super::{Candidate, Decision, LeastLoaded, Policy, PrefixOptions, Reason, rotated};
-use crate::cache_index::kv_events::token_block_keys;
+use crate::policy::cache_index::kv_events::token_block_keys;
 
 /// Tokens per block assumed for a prompt while no replica has reported its own (vLLM's
 /// GPU default).
 const DEFAULT_BLOCK_SIZE: usize = 16;
-use crate::cache_index::{CacheIndex, PromptBlocks, ReplicaBlocks};
+use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
-use crate::prompt_tokens::PromptTokenizer;
-use crate::routing_key::RoutingKey;
+use crate::policy::cache_index::{CacheIndex, PromptBlocks, ReplicaBlocks};
+use crate::policy::prompt_tokens::PromptTokenizer;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct KvOptions {

@@ -8,11 +8,14 @@
 //! ring".
 //!
 //! Cache-aware policies (`prefix-aware`, `kv-aware`) also see the request's prompt, as
-//! chained block hashes ([`crate::cache_index`]): the dispatcher asks
+//! chained block hashes ([`crate::policy::cache_index`]): the dispatcher asks
 //! [`Policy::prompt_blocks`] once and then [`Policy::choose_for_prompt`]. Their choice is
 //! still a pure function ([`choose_by_prefix`], [`choose_by_cost`]); the memory of what
 //! each replica holds, and of where each session went ([`SessionHomes`]), is the state
 //! they keep across rebuilds ([`PolicyState`]).
+
+pub mod cache_index;
+pub mod prompt_tokens;
 
 mod consistent_hash;
 mod kv_aware;
@@ -34,10 +37,10 @@ pub use session_homes::SessionHomes;
 
 use std::sync::Arc;
 
-use crate::cache_index::{CacheIndex, PromptBlocks};
+use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
-use crate::prompt_tokens::PromptTokenizer;
-use crate::routing_key::RoutingKey;
+use crate::policy::cache_index::{CacheIndex, PromptBlocks};
+use crate::policy::prompt_tokens::PromptTokenizer;
 
 /// What a policy sees of one replica for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,7 +3,7 @@
 //! what `consistent-hash` falls back to for requests without a session key.
 
 use super::{Candidate, Decision, Policy, Reason, eligible_count, nth_eligible};
-use crate::routing_key::RoutingKey;
+use crate::ingress::routing_key::RoutingKey;
 
 #[derive(Debug, Default)]
 pub struct PowerOfTwo;

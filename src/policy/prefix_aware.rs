@@ -2,7 +2,7 @@
 //! cached, unless that replica is overloaded; otherwise to the least loaded replica.
 //!
 //! What each replica holds is the router's own memory of what it sent there
-//! ([`crate::cache_index`]): no engine events, no tokenizer. The choice itself is the
+//! ([`crate::policy::cache_index`]): no engine events, no tokenizer. The choice itself is the
 //! pure function [`choose_by_prefix`]; the policy looks the prompt up in each replica's
 //! memory, asks it, and remembers the prompt on the replica chosen, so that requests
 //! sharing a prefix that arrive together follow the first.
@@ -20,8 +20,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::session_homes::SessionHomes;
 use super::{Candidate, Decision, LeastLoaded, Policy, Reason, overload_bound, rotated};
-use crate::cache_index::{CacheIndex, PromptBlocks, ReplicaBlocks};
-use crate::routing_key::RoutingKey;
+use crate::ingress::routing_key::RoutingKey;
+use crate::policy::cache_index::{CacheIndex, PromptBlocks, ReplicaBlocks};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PrefixOptions {
@@ -160,7 +160,7 @@ impl Policy for PrefixAware {
 mod tests {
     use super::super::test_support::all;
     use super::*;
-    use crate::cache_index::IndexLimits;
+    use crate::policy::cache_index::IndexLimits;
     use std::time::Duration;
 
     const O: PrefixOptions =

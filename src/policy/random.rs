@@ -1,7 +1,7 @@
 //! `random`: a uniformly random eligible replica.
 
 use super::{Candidate, Decision, Policy, Reason, eligible_count, nth_eligible};
-use crate::routing_key::RoutingKey;
+use crate::ingress::routing_key::RoutingKey;
 
 #[derive(Debug, Default)]
 pub struct Random;

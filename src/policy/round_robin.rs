@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::{Candidate, Decision, Policy, Reason, rotated};
-use crate::routing_key::RoutingKey;
+use crate::ingress::routing_key::RoutingKey;
 
 #[derive(Debug, Default)]
 pub struct RoundRobin {

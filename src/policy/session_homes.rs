@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::{Candidate, PrefixOptions};
-use crate::routing_key::RoutingKey;
+use crate::ingress::routing_key::RoutingKey;
 
 pub struct SessionHomes {
     capacity: usize,

@@ -15,7 +15,7 @@ use http::{Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 
 use super::{ModelCard, Registry, Replica};
-use crate::proxy::HttpClient;
+use crate::upstream::proxy::HttpClient;
 
 #[derive(Debug, Clone, Copy)]
 pub struct HealthConfig {

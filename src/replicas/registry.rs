@@ -15,13 +15,13 @@ use arc_swap::ArcSwap;
 
 use super::breaker::Verdict;
 use super::{BreakerSettings, ModelCard, OutlierSettings, Replica, ReplicaUrl, Thresholds, outliers};
-use crate::cache_index::{CacheIndex, IndexLimits, KvFeeds};
 use crate::error::RouterError;
 use crate::metrics::Metrics;
+use crate::policy::cache_index::{CacheIndex, IndexLimits, KvFeeds};
+use crate::policy::prompt_tokens::PromptTokenizer;
 use crate::policy::{
     Candidate, HashOptions, KvOptions, Policy, PolicyKind, PolicyOptions, PolicyState, PrefixOptions,
 };
-use crate::prompt_tokens::PromptTokenizer;
 
 /// How a registry's replicas are judged and routed to.
 #[derive(Debug, Clone)]
@@ -161,7 +161,7 @@ impl Registry {
             index: config.policy.uses_index().then(|| Arc::new(CacheIndex::new(config.index))),
             tokenizer: config.policy.uses_tokens().then(|| {
                 config.tokenizer.clone().unwrap_or_else(|| {
-                    Arc::new(PromptTokenizer::Builtin(crate::prompt_tokens::BuiltinTokenizer::new(
+                    Arc::new(PromptTokenizer::Builtin(crate::policy::prompt_tokens::BuiltinTokenizer::new(
                         TOKENIZER_CACHE_TOKENS,
                     )))
                 })
@@ -396,7 +396,7 @@ impl Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routing_key::RoutingKey;
+    use crate::ingress::routing_key::RoutingKey;
 
     fn url(i: usize) -> ReplicaUrl {
         ReplicaUrl::parse(&format!("http://127.0.0.1:{}", 9000 + i)).unwrap()

@@ -17,7 +17,7 @@ use opentelemetry::{Context, KeyValue};
 use super::{TraceParent, Tracing};
 use crate::admission::{ClientRequestId, REQUEST_ID};
 use crate::dispatch::ServedBy;
-use crate::response_end;
+use crate::response::end as response_end;
 
 const TRACEPARENT: &str = "traceparent";
 const TRACESTATE: &str = "tracestate";

@@ -23,9 +23,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::engine::Event;
 use super::faults::Faults;
 use super::profile::{ApiCosts, PromptForm};
+use crate::events::Event;
 
 /// One step's outputs: each event with the stream it goes to.
 pub type StepOutput = Vec<(mpsc::UnboundedSender<Event>, Event)>;

@@ -15,6 +15,7 @@
 
 pub mod api_server;
 pub mod engine;
+pub mod events;
 pub mod faults;
 pub mod kv_cache;
 pub mod kv_events;

@@ -41,11 +41,12 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Method, header};
 use http_body_util::{BodyExt, Limited};
 
-use crate::dispatch::{Dispatcher, PhaseTimers, Route, Served};
+use crate::dispatch::{Dispatcher, Route, Served};
 use crate::error::RouterError;
+use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
-use crate::proxy::Outbound;
-use crate::routing_key::RoutingKey;
+use crate::response::body::PhaseTimers;
+use crate::upstream::proxy::Outbound;
 use members::Members;
 
 /// The `endpoint` label of prefill-stage traffic in the router's metrics.
@@ -87,8 +88,9 @@ impl PrefillDecode {
     /// admission gave the request, as vLLM's reference proxy sends it: older
     /// NixlConnector versions match the KV transfer by it.
     pub async fn handle(&self, decode: &Dispatcher, request: PdRequest<'_>) -> Result<Served, RouterError> {
-        let body = Members::parse(request.body)
-            .map_err(|e| RouterError::BadRequest(crate::request_facts::FactsError::NotJson(e.to_string())))?;
+        let body = Members::parse(request.body).map_err(|e| {
+            RouterError::BadRequest(crate::ingress::request_facts::FactsError::NotJson(e.to_string()))
+        })?;
 
         // 1. Prefill.
         let prefill_route = Route {

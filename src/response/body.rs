@@ -27,10 +27,18 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
-use crate::dispatch::PhaseTimers;
 use crate::metrics::Metrics;
-use crate::relay::RelayBody;
 use crate::replicas::{InFlight, Registry};
+use crate::upstream::relay::RelayBody;
+
+/// P/D phase histograms observed by the response body: time to its first byte from
+/// `since`, and the request's total time at its end.
+#[derive(Clone)]
+pub struct PhaseTimers {
+    pub first_token: prometheus::Histogram,
+    pub total: prometheus::Histogram,
+    pub since: Instant,
+}
 
 pub struct MeteredBody {
     /// None once the upstream has been given up on (dropping it closes the connection).

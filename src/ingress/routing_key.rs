@@ -2,7 +2,7 @@
 //!
 //! The key comes from the first configured header that is present and non-empty
 //! (`x-session-id` unless `--session-header` says otherwise), else from the body's
-//! session fields (see [`crate::request_facts`]). A request with neither has no key and
+//! session fields (see [`crate::ingress::request_facts`]). A request with neither has no key and
 //! is routed by the keyless policy: hashing the body would send each turn of a chat,
 //! whose body grows every turn, somewhere new.
 

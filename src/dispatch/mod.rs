@@ -10,6 +10,9 @@
 //! through unchanged, never retried. Once response headers are passed on, the request
 //! is never replayed.
 
+pub mod pd;
+pub mod retry_budget;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -17,13 +20,13 @@ use axum::body::Body;
 use axum::response::Response;
 
 use crate::error::RouterError;
+use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
 use crate::policy::{Candidate, Decision, Reason};
-use crate::proxy::{Outbound, UpstreamError};
-use crate::relay::{Relay, RelayBody};
 use crate::replicas::{Fleet, InFlight, Registry, Replica};
-use crate::response_body::{BodyOptions, MeteredBody};
-use crate::routing_key::RoutingKey;
+use crate::response::body::{BodyOptions, MeteredBody, PhaseTimers};
+use crate::upstream::proxy::{Outbound, UpstreamError};
+use crate::upstream::relay::{Relay, RelayBody};
 
 pub struct Dispatcher {
     /// The replicas and the policy that chooses among them.
@@ -31,7 +34,7 @@ pub struct Dispatcher {
     pub relay: Relay,
     pub metrics: Arc<Metrics>,
     pub timeouts: Timeouts,
-    pub retries: crate::retry_budget::RetryBudget,
+    pub retries: crate::dispatch::retry_budget::RetryBudget,
 }
 
 /// Limits on waiting for a replica.
@@ -59,15 +62,6 @@ pub struct Route<'a> {
     pub started: Instant,
     /// Extra timings of a P/D decode stage.
     pub phase: Option<PhaseTimers>,
-}
-
-/// P/D phase histograms observed by the response body: time to its first byte from
-/// `since`, and the request's total time at its end.
-#[derive(Clone)]
-pub struct PhaseTimers {
-    pub first_token: prometheus::Histogram,
-    pub total: prometheus::Histogram,
-    pub since: Instant,
 }
 
 /// A response from a replica, on its way to the client.

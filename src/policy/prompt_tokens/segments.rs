@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::sync::{Arc, Mutex};
 
-use crate::cache_index::Prehashed;
+use crate::policy::cache_index::Prehashed;
 
 /// The byte ranges of the elements of the JSON array `raw` (already validated JSON, as
 /// the ingress parsed the body), or `None` if `raw` is not an array. One pass over the

@@ -3,7 +3,7 @@
 //! hop-by-hop headers, both ways), and why an attempt can produce no response.
 //!
 //! It never decides where a request goes (that is the policy's job, carried out by
-//! [`crate::dispatch`]) and never touches a socket: [`crate::relay`] carries the request
+//! [`crate::dispatch`]) and never touches a socket: [`crate::upstream::relay`] carries the request
 //! to the replica and streams the response back. The pooled hyper client here serves
 //! the health checks.
 

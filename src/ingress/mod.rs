@@ -1,13 +1,17 @@
 //! The ingress: the router's HTTP surface and the first phase of every request.
 //!
 //! Inference requests (`/v1/chat/completions`, `/v1/completions`) are read once, checked
-//! for the fields routing needs (see [`crate::request_facts`]) and handed to the
+//! for the fields routing needs (see [`crate::ingress::request_facts`]) and handed to the
 //! [`Dispatcher`]. The other OpenAI endpoints vLLM serves ([`FORWARDED_BY_DEFAULT`],
 //! plus `/tokenize`, `/detokenize`, and whatever `--forward-path` adds) are routed the
 //! same way but their bodies are not judged: the replica does that. Nothing else under
 //! `/v1/` reaches an engine: vLLM also serves administrative calls there (loading LoRA
 //! adapters at run time, for one) that a client of the router must not make.
 //! `GET /v1/models`, `/health` and `/metrics` are answered by the router itself.
+
+pub mod client_io;
+pub mod request_facts;
+pub mod routing_key;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -23,14 +27,14 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 
 use crate::admission::{self, ApiKeys, Limiter, Slotted};
+use crate::dispatch::pd::members::Members;
+use crate::dispatch::pd::{PdRequest, PrefillDecode};
 use crate::dispatch::{Dispatcher, Route, ServedBy};
 use crate::error::RouterError;
+use crate::ingress::routing_key::KeyHeaders;
 use crate::metrics::{ENDPOINTS, Metrics};
-use crate::pd::members::Members;
-use crate::pd::{PdRequest, PrefillDecode};
-use crate::proxy::Outbound;
-use crate::request_facts::{self, BodyFacts, FactsError};
-use crate::routing_key::KeyHeaders;
+use crate::upstream::proxy::Outbound;
+use request_facts::{BodyFacts, FactsError};
 
 /// The `/v1/` paths forwarded besides chat and completions: vLLM's other OpenAI
 /// endpoints. A trailing `*` matches any rest of the path.

@@ -9,7 +9,7 @@ use bytes::{BufMut, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
-use crate::proxy::{Outbound, connection_options};
+use crate::upstream::proxy::{Outbound, connection_options};
 
 /// The request line and headers of `outbound` for a replica at `authority`.
 pub fn request_head(outbound: &Outbound, authority: &str) -> BytesMut {

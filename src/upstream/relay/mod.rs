@@ -35,8 +35,8 @@ pub use body::RelayBody;
 use message::HeadError;
 use pool::Pool;
 
-use crate::proxy::{Outbound, UpstreamError, strip_hop_by_hop};
 use crate::replicas::Replica;
+use crate::upstream::proxy::{Outbound, UpstreamError, strip_hop_by_hop};
 
 /// Idle connections kept per replica: enough for the concurrency one replica serves.
 const MAX_IDLE_PER_REPLICA: usize = 1024;
