@@ -8,7 +8,7 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    llm_router::logging::init(cli.log_format, cli.access_log);
+    llm_router::logging::init(cli.telemetry.log_format, cli.telemetry.access_log);
     let config = match cli.into_config() {
         Ok(config) => config,
         Err(e) => {

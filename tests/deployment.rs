@@ -92,7 +92,7 @@ fn the_vllm_services_carry_the_labels_discovery_reads() {
             .map(|a| a.as_str().unwrap().to_owned())
             .collect();
     let (key, value) = arg(&args, "--k8s-selector").split_once('=').unwrap();
-    let role_label = Cli::parse_from(["router", "--sim", "1"]).k8s_role_label;
+    let role_label = Cli::parse_from(["router", "--sim", "1"]).discovery.k8s_role_label;
     let services = manifests("vllm-services.yaml");
     let mut roles = Vec::new();
     for service in &services {

@@ -1,0 +1,70 @@
+//! Admission flags: the concurrency limit and its queue, client API keys, and the admin
+//! API's token and address.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::admission::{ApiKey, ApiKeys, load_api_keys_file};
+
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Admission")]
+pub struct AdmissionArgs {
+    /// Most requests proxied at once (unlimited if unset); more wait in a queue.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_requests: Option<u32>,
+
+    /// Most requests waiting for a slot; beyond it requests get 429 at once.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queued_requests: usize,
+
+    /// Longest wait for a slot; then 503 with Retry-After.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Client API key (repeat for several, or set ROUTER_API_KEYS to a comma-separated
+    /// list so keys do not show in `ps`). When keys are set, requests need
+    /// `Authorization: Bearer <key>` (401 otherwise); /health stays open.
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "ROUTER_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_keys: Vec<String>,
+
+    /// A TOML file of named client API keys (`[[keys]] name = "..." key = "..."`, or
+    /// `key_sha256 = "<hex>"` instead of the key), read at start, added to --api-key's.
+    #[arg(long, value_name = "PATH")]
+    pub api_keys_file: Option<std::path::PathBuf>,
+
+    /// Enable the admin API (`/admin/replicas`: list, add, remove, drain replicas at run
+    /// time), guarded by `Authorization: Bearer <token>`. Off when unset.
+    #[arg(long, env = "ROUTER_ADMIN_TOKEN", hide_env_values = true, value_name = "TOKEN")]
+    pub admin_token: Option<String>,
+
+    /// Serve the admin API on this address instead of the serving port (e.g.
+    /// 127.0.0.1:9000).
+    #[arg(long, value_name = "ADDR:PORT", requires = "admin_token")]
+    pub admin_listen: Option<SocketAddr>,
+}
+
+impl AdmissionArgs {
+    /// (max concurrent, max queued, queue timeout), when limited.
+    pub fn limit(&self) -> Option<(usize, usize, Duration)> {
+        self.max_concurrent_requests.map(|n| (n as usize, self.max_queued_requests, self.queue_timeout))
+    }
+
+    /// `--api-key`'s keys, then the keys file's (read now).
+    pub fn api_keys(&self) -> Result<Vec<ApiKey>, String> {
+        let mut keys = ApiKeys::from_flags(&self.api_keys);
+        if let Some(path) = &self.api_keys_file {
+            keys.extend(load_api_keys_file(path)?);
+        }
+        Ok(keys)
+    }
+
+    pub fn admin_token(&self) -> Option<String> {
+        self.admin_token.clone().filter(|t| !t.is_empty())
+    }
+}

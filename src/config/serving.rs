@@ -1,0 +1,86 @@
+//! Serving flags: where the router listens, what it reads from clients and how long it
+//! waits for them, what it forwards, and how it shuts down.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use super::values::parse_positive_duration;
+
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Serving")]
+pub struct ServingArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub host: std::net::IpAddr,
+
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 32 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Time a client has to send its request headers; slower connections are closed.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// Time a client has to send its whole request body; slower uploads get 408.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    pub body_read_timeout: Duration,
+
+    /// Longest a client may accept no bytes of a response it is being sent (a full
+    /// socket): then its connection is closed, its upstream request cancelled and its
+    /// slot freed (HAProxy's `timeout client`).
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    pub client_idle_timeout: Duration,
+
+    /// Forward this path too (repeatable; a trailing `*` matches any rest), besides chat,
+    /// completions and vLLM's other OpenAI endpoints (embeddings, responses, audio,
+    /// score, rerank, classify, tokenize, detokenize). Anything else under /v1/ gets 404:
+    /// vLLM's administrative calls (LoRA loading...) are not for the router's clients.
+    #[arg(long = "forward-path", value_name = "PATH", value_parser = parse_forward_path)]
+    pub forward_paths: Vec<String>,
+
+    /// Forward the client's Authorization header to replicas (default: dropped, as it
+    /// carries the router's key, not the replicas').
+    #[arg(long)]
+    pub forward_authorization: bool,
+
+    /// Pass a client's `kv_transfer_params` on to the engines (by default they are
+    /// removed: they tell an engine to pull KV blocks from a host and port the client
+    /// names; only the router's P/D stages set them).
+    #[arg(long)]
+    pub trust_client_kv_params: bool,
+
+    /// Threads serving requests (default: one per CPU core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub worker_threads: Option<u16>,
+
+    /// On SIGTERM/SIGINT, time in-flight requests get to finish before the router exits.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+impl ServingArgs {
+    pub fn listen(&self) -> SocketAddr {
+        SocketAddr::new(self.host, self.port)
+    }
+
+    /// The `/v1/` paths forwarded: vLLM's OpenAI endpoints, then `--forward-path`'s.
+    pub fn forward_paths(&self) -> Vec<String> {
+        crate::ingress::FORWARDED_BY_DEFAULT
+            .iter()
+            .map(|p| p.to_string())
+            .chain(self.forward_paths.iter().cloned())
+            .collect()
+    }
+}
+
+fn parse_forward_path(text: &str) -> Result<String, String> {
+    let path = text.strip_suffix('*').unwrap_or(text);
+    if !path.starts_with("/v1/") || path.contains("..") || path.contains('*') {
+        return Err(format!("`{text}` is not a /v1/ path (a trailing * matches any rest)"));
+    }
+    Ok(text.to_owned())
+}
