@@ -8,6 +8,7 @@
 //! atomics or an `ArcSwap` load: no locks on the request path.
 
 mod breaker;
+mod fleet;
 mod health;
 mod outliers;
 mod registry;
@@ -16,9 +17,10 @@ mod url;
 
 use breaker::Breaker;
 pub use breaker::BreakerSettings;
+pub use fleet::{Candidates, Fleet};
 pub use health::{HealthChecker, HealthConfig};
 pub use outliers::OutlierSettings;
-pub use registry::{Candidates, Fleet, MembershipError, Registry, RegistryConfig, TOKENIZER_CACHE_TOKENS};
+pub use registry::{MembershipError, Registry, RegistryConfig, TOKENIZER_CACHE_TOKENS};
 pub use stage::Stage;
 pub use url::ReplicaUrl;
 

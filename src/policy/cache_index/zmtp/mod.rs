@@ -17,11 +17,16 @@
 //! timer. We speak ZMTP 3.0 and send subscriptions as 3.0's `0x01 + topic` messages,
 //! which libzmq (3.0 and 3.1 peers) and the `zeromq` crate both accept.
 
+mod frames;
+
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+use frames::*;
+pub(crate) use frames::{Parsed, take_message};
 
 /// Bounds on what a peer may send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,12 +103,6 @@ impl ZmtpError {
     }
 }
 
-const GREETING: usize = 64;
-const FLAG_MORE: u8 = 0x01;
-const FLAG_LONG: u8 = 0x02;
-const FLAG_COMMAND: u8 = 0x04;
-/// Commands (READY, PING, ERROR) are small; anything larger is not a peer we know.
-const MAX_COMMAND: usize = 4096;
 /// Bytes reserved at a time while a long frame arrives, so that a peer announcing a
 /// large frame and sending nothing costs this much, not the announced length.
 const READ_STEP: usize = 64 * 1024;
@@ -252,166 +251,10 @@ impl Connection {
     }
 }
 
-/// A whole message (or command) at the front of the read buffer, taken out of it;
-/// or how many more bytes it needs. Every announced length is checked first.
-pub(crate) fn take_message(read: &mut BytesMut, limits: &Limits) -> Result<Parsed, ZmtpError> {
-    let limit = limits.max_message_bytes;
-    let mut at = 0;
-    let mut frames = 0;
-    let mut total = 0usize;
-    let mut bodies = Vec::new();
-    loop {
-        let Some(header) = frame_header(&read[at..])? else {
-            return Ok(Parsed::Need(1));
-        };
-        if header.command {
-            if frames > 0 {
-                return Err(ZmtpError::Framing("a command inside a message"));
-            }
-            if header.size > MAX_COMMAND as u64 {
-                return Err(ZmtpError::Framing("a command larger than any ZMTP command"));
-            }
-        } else {
-            frames += 1;
-            if frames > limits.max_frames {
-                return Err(ZmtpError::TooManyFrames(limits.max_frames));
-            }
-        }
-        let size = usize::try_from(header.size)
-            .ok()
-            .filter(|&size| total.checked_add(size).is_some_and(|sum| sum <= limit))
-            .ok_or(ZmtpError::TooLarge { announced: header.size, limit })?;
-        total += size;
-        let start = at + header.length;
-        let end = start + size;
-        if read.len() < end {
-            return Ok(Parsed::Need(end - read.len()));
-        }
-        bodies.push(start..end);
-        at = end;
-        if header.command || !header.more {
-            let message = read.split_to(at).freeze();
-            if header.command {
-                return Ok(Parsed::Command);
-            }
-            let frames = bodies.into_iter().map(|range| message.slice(range)).collect();
-            return Ok(Parsed::Message(frames));
-        }
-    }
-}
-
-pub(crate) enum Parsed {
-    Message(Vec<Bytes>),
-    Command,
-    /// At least this many more bytes are needed.
-    Need(usize),
-}
-
-struct Frame {
-    command: bool,
-    body: Bytes,
-}
-
-struct Header {
-    more: bool,
-    command: bool,
-    /// The body's announced size (checked by the caller).
-    size: u64,
-    /// Bytes of the header itself.
-    length: usize,
-}
-
-/// The frame header at the start of `bytes`, if it is all there.
-fn frame_header(bytes: &[u8]) -> Result<Option<Header>, ZmtpError> {
-    let Some(&flags) = bytes.first() else { return Ok(None) };
-    if flags & !(FLAG_MORE | FLAG_LONG | FLAG_COMMAND) != 0 {
-        return Err(ZmtpError::Framing("reserved flag bits set"));
-    }
-    let (more, command) = (flags & FLAG_MORE != 0, flags & FLAG_COMMAND != 0);
-    if more && command {
-        return Err(ZmtpError::Framing("a command with the MORE flag"));
-    }
-    if flags & FLAG_LONG != 0 {
-        let Some(size) = bytes.get(1..9) else { return Ok(None) };
-        let size = u64::from_be_bytes(size.try_into().expect("eight bytes"));
-        Ok(Some(Header { more, command, size, length: 9 }))
-    } else {
-        let Some(&size) = bytes.get(1) else { return Ok(None) };
-        Ok(Some(Header { more, command, size: u64::from(size), length: 2 }))
-    }
-}
-
-fn put_frame(out: &mut BytesMut, flags: u8, body: &[u8]) {
-    if body.len() > 255 {
-        out.put_u8(flags | FLAG_LONG);
-        out.put_u64(body.len() as u64);
-    } else {
-        out.put_u8(flags);
-        out.put_u8(body.len() as u8);
-    }
-    out.put_slice(body);
-}
-
-/// Our greeting: ZMTP 3.0, the NULL mechanism, as a client. The signature's padding
-/// carries an empty identity's length plus one, as libzmq writes it.
-fn greeting() -> [u8; GREETING] {
-    let mut g = [0u8; GREETING];
-    g[0] = 0xff;
-    g[8] = 0x01;
-    g[9] = 0x7f;
-    g[10] = 3;
-    g[11] = 0;
-    g[12..16].copy_from_slice(b"NULL");
-    g
-}
-
-/// The READY command naming our socket type (and, for a DEALER, an empty identity).
-fn ready(socket: SocketType) -> BytesMut {
-    let mut body = BytesMut::new();
-    body.put_u8(5);
-    body.put_slice(b"READY");
-    let mut put_property = |name: &[u8], value: &[u8]| {
-        body.put_u8(name.len() as u8);
-        body.put_slice(name);
-        body.put_u32(value.len() as u32);
-        body.put_slice(value);
-    };
-    put_property(b"Socket-Type", socket.name());
-    if socket == SocketType::Dealer {
-        put_property(b"Identity", b"");
-    }
-    let mut out = BytesMut::new();
-    put_frame(&mut out, FLAG_COMMAND, &body);
-    out
-}
-
-/// A command's name and the bytes after it.
-fn command_name(body: &[u8]) -> Result<(&[u8], &[u8]), ZmtpError> {
-    let (&length, rest) = body.split_first().ok_or(ZmtpError::Handshake("an empty command"))?;
-    let length = length as usize;
-    if rest.len() < length {
-        return Err(ZmtpError::Handshake("a command name longer than its frame"));
-    }
-    Ok(rest.split_at(length))
-}
-
-/// A command property: its name, its value, and the bytes after it.
-type Property<'a> = (&'a [u8], &'a [u8], &'a [u8]);
-
-/// One `name-length name value-length(4) value` property, and the bytes after it.
-fn property(bytes: &[u8]) -> Result<Property<'_>, ZmtpError> {
-    let bad = ZmtpError::Handshake("a property longer than its command");
-    let (&name_length, rest) = bytes.split_first().ok_or(ZmtpError::Handshake("an empty property"))?;
-    let name = rest.get(..name_length as usize).ok_or(ZmtpError::Handshake("a property name cut short"))?;
-    let rest = &rest[name.len()..];
-    let length = rest.get(..4).ok_or(ZmtpError::Handshake("a property length cut short"))?;
-    let length = u32::from_be_bytes(length.try_into().expect("four bytes")) as usize;
-    let value = rest.get(4..).and_then(|r| r.get(..length)).ok_or(bad)?;
-    Ok((name, value, &rest[4 + length..]))
-}
-
 #[cfg(test)]
 mod tests {
+    use bytes::BufMut;
+
     use super::*;
     use tokio::net::TcpListener;
 
