@@ -1,6 +1,8 @@
-//! The response: the stream back to the client. [`body`] meters it (first byte, tokens,
-//! stalls, phase timers) without re-encoding; [`end`] settles what the end of a body
-//! means (complete, cut by the replica, abandoned by the client) for metrics and logs.
+//! The response: the stream back to the client. [`body`] passes the replica's frames on
+//! as they arrive, never re-encoded, holding the request's in-flight guard until the last
+//! byte, timing the first byte and the whole, and telling a finished stream from a broken
+//! or abandoned one; [`end`] reports the end of a body (bytes sent, finished or left) to
+//! the access log and the request's trace span.
 
 pub mod body;
 pub mod end;
