@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Print a sweep's results as the Markdown tables README shows, from its CSVs alone.
+"""Print a sweep's results as the Markdown tables docs/benchmark.md shows, from its CSVs alone.
 
   bench-scripts/results_table.py [artifacts/benchmark]
 

@@ -1,10 +1,10 @@
 //! The command line, and the validated configuration it becomes.
 //!
 //! Each subsystem owns its flags (a clap group with its own help section) and turns them
-//! into its own configuration type: [`serving`], [`fleet`] (replicas, simulated ones, P/D),
-//! [`policy`], [`kv_events`], [`resilience`], [`admission`], [`discovery`],
-//! [`telemetry`]. [`Cli::into_config`] composes them into a [`RouterConfig`]; the rules
-//! that span groups are in [`Cli::check_across_groups`], and nowhere else.
+//! into its own configuration type: `serving`, `fleet` (replicas, simulated ones, P/D),
+//! `policy`, `kv_events`, `resilience`, `admission`, `discovery`,
+//! `telemetry`. [`Cli::into_config`] composes them into a [`RouterConfig`]; the rules
+//! that span groups are in `Cli::check_across_groups`, and nowhere else.
 //!
 //! Every bad value is refused at start with one line that names it; nothing is
 //! discovered to be wrong at the first request.

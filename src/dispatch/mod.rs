@@ -10,7 +10,7 @@
 //! through unchanged, never retried. Once response headers are passed on, the request
 //! is never replayed.
 
-pub mod pd;
+pub(crate) mod pd;
 pub mod retry_budget;
 
 use std::sync::Arc;

@@ -9,7 +9,7 @@
 //! adapters at run time, for one) that a client of the router must not make.
 //! `GET /v1/models`, `/health` and `/metrics` are answered by the router itself.
 
-pub mod client_io;
+pub(crate) mod client_io;
 pub mod request_facts;
 pub mod routing_key;
 

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 pub mod raw_replica;
+pub mod real_vllm;
 pub mod tap;
 pub mod zmq_publisher;
 
