@@ -101,6 +101,22 @@ pub const UPSTREAM_ERROR_KINDS: [&str; 7] = [
     "first_byte_timeout",
 ];
 
+/// The `outcome` label values of `router_kv_event_batches_total`.
+pub const KV_BATCH_OUTCOMES: [&str; 3] = ["applied", "replayed", "dropped"];
+
+/// The `kind` label values of `router_kv_event_blocks_total`.
+pub const KV_BLOCK_KINDS: [&str; 3] = ["stored", "removed", "orphaned"];
+
+/// The `reason` label values of `router_kv_index_resets_total`.
+pub const KV_INDEX_RESET_REASONS: [&str; 8] =
+    ["cleared", "restart", "gap", "malformed", "block_size", "silence", "disconnect", "oversize"];
+
+/// The `kind` label values of `router_kv_feed_errors_total`.
+pub const KV_FEED_ERROR_KINDS: [&str; 5] = ["oversize", "protocol", "closed", "connect", "restart"];
+
+/// The `phase` label values of `router_pd_phase_seconds`.
+pub const PD_PHASES: [&str; 4] = ["prefill", "handoff", "decode_ttft", "total"];
+
 const LATENCY_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
@@ -274,6 +290,8 @@ impl Metrics {
         // Series that exist from the start read 0 rather than missing, so rate() and
         // alerts work before the first failure.
         for endpoint in ENDPOINTS {
+            metrics.duration.with_label_values(&[endpoint]);
+            metrics.first_event.with_label_values(&[endpoint]);
             metrics.retries.with_label_values(&[endpoint]);
             metrics.panic_routing.with_label_values(&[endpoint]);
             metrics.retries_denied.with_label_values(&[endpoint]);
@@ -281,6 +299,7 @@ impl Metrics {
                 metrics.client_disconnects.with_label_values(&[endpoint, stage]);
             }
         }
+        metrics.stripped_fields.with_label_values(&["kv_transfer_params"]);
         metrics
     }
 
@@ -291,6 +310,55 @@ impl Metrics {
         }
         for result in ["ejected", "breaker_opened", "refused"] {
             self.ejections.with_label_values(&[replica, result]);
+        }
+        for endpoint in ENDPOINTS {
+            self.requests.with_label_values(&[endpoint, replica, "200"]);
+        }
+    }
+
+    /// Create the series of a replica routed by `policy` at 0: its decisions for every
+    /// reason, and the token counts of a token-aware policy.
+    pub fn add_routed_replica(&self, policy: &str, replica: &str, counts_tokens: bool) {
+        for reason in crate::policy::Reason::ALL {
+            self.decisions.with_label_values(&[policy, replica, reason.as_str()]);
+        }
+        if counts_tokens {
+            self.routed_prompt_tokens.with_label_values(&[policy]);
+            self.routed_cached_tokens.with_label_values(&[policy]);
+        }
+    }
+
+    /// Create a replica's KV events series at 0, when its feed starts.
+    pub fn add_kv_feed(&self, replica: &str) {
+        self.kv_events_connected.with_label_values(&[replica]);
+        self.kv_event_gaps.with_label_values(&[replica]);
+        for outcome in KV_BATCH_OUTCOMES {
+            self.kv_event_batches.with_label_values(&[replica, outcome]);
+        }
+        for kind in KV_BLOCK_KINDS {
+            self.kv_event_blocks.with_label_values(&[replica, kind]);
+        }
+        for reason in KV_INDEX_RESET_REASONS {
+            self.kv_index_resets.with_label_values(&[replica, reason]);
+        }
+        for kind in KV_FEED_ERROR_KINDS {
+            self.kv_feed_errors.with_label_values(&[replica, kind]);
+        }
+    }
+
+    /// Create the P/D series at 0 for the stages' replicas known at start.
+    pub fn add_pd(&self, prefill: &[&str], decode: &[&str]) {
+        for phase in PD_PHASES {
+            self.pd_phase.with_label_values(&[phase]);
+        }
+        for mode in ["on", "off", "unavailable"] {
+            self.pd_tokenize_once.with_label_values(&[mode]);
+        }
+        for p in prefill {
+            self.pd_fallbacks.with_label_values(&[p, "no_kv_transfer_params"]);
+            for d in decode {
+                self.pd_decisions.with_label_values(&[p, d]);
+            }
         }
     }
 

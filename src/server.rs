@@ -120,6 +120,14 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
                 stage(&config, pd.prefill.clone(), pd.prefill_policy, &client, &relay, &metrics).await;
             tasks.push(health);
             stages.push(Stage { role: "prefill", registry: prefill.registry.clone(), checker });
+            let names = |registry: &Registry| -> Vec<String> {
+                registry.fleet().replicas.iter().map(|r| r.name().to_owned()).collect()
+            };
+            let (p, d) = (names(&prefill.registry), names(&registry));
+            metrics.add_pd(
+                &p.iter().map(String::as_str).collect::<Vec<_>>(),
+                &d.iter().map(String::as_str).collect::<Vec<_>>(),
+            );
             Some(PrefillDecode::new(prefill, pd.tokenize_once, metrics.clone()))
         }
         None => None,

@@ -161,6 +161,88 @@ async fn every_metric_the_dashboard_and_the_rules_name_exists() {
     kv.shutdown().await;
 }
 
+/// Prometheus' guidance: a series an alert or a rate reads exists at 0 from the start,
+/// not from the first event it counts. Routers in every mode, scraped before any request.
+#[tokio::test]
+async fn every_router_metric_the_dashboard_and_the_rules_name_exists_before_traffic() {
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy("grafana/llm-router.json")).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    dashboard_exprs(&dashboard, &mut exprs);
+    let mut named = metric_names(&exprs.join("\n"));
+    named.extend(metric_names(&std::fs::read_to_string(deploy("prometheus/router-rules.yml")).unwrap()));
+    named.retain(|n| n.starts_with("router_"));
+
+    let start = |args: &[&str]| {
+        let mut all = vec!["router", "--host", "127.0.0.1", "--port", "0"];
+        all.extend_from_slice(args);
+        llm_router::server::start(Cli::parse_from(all).into_config().unwrap())
+    };
+    let hash = start(&["--sim", "2", "--policy", "consistent-hash"]).await.unwrap();
+    let pd = start(&["--sim-pd", "1:1"]).await.unwrap();
+    let kv = start(&["--sim", "2", "--policy", "kv-aware"]).await.unwrap();
+    let texts = [hash.metrics.render(), pd.metrics.render(), kv.metrics.render()];
+    let exposed: BTreeSet<String> = texts.iter().flat_map(|t| families(t)).collect();
+    let missing: Vec<&String> = named.iter().filter(|n| !exposed.contains(*n)).collect();
+    assert!(missing.is_empty(), "named by the dashboard or the rules but absent before traffic: {missing:?}");
+
+    // Labelled series at 0 for every label known at start.
+    let series = |text: &str, name: &str, labels: &[(&str, &str)]| {
+        text.lines().any(|l| {
+            l.starts_with(name)
+                && l.as_bytes().get(name.len()) == Some(&b'{')
+                && labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+                && l.ends_with(" 0")
+        })
+    };
+    let replica = hash.registry.fleet().replicas[0].name().to_owned();
+    let r = replica.as_str();
+    for (name, labels) in [
+        ("router_requests_total", vec![("endpoint", "chat_completions"), ("replica", r), ("status", "200")]),
+        (
+            "router_routing_decisions_total",
+            vec![("policy", "consistent-hash"), ("replica", r), ("reason", "affinity")],
+        ),
+        (
+            "router_routing_decisions_total",
+            vec![("policy", "consistent-hash"), ("replica", r), ("reason", "spill")],
+        ),
+        ("router_upstream_errors_total", vec![("replica", r), ("kind", "mid_body")]),
+        ("router_ejections_total", vec![("replica", r), ("result", "ejected")]),
+        ("router_retries_total", vec![("endpoint", "completions")]),
+        ("router_time_to_first_event_seconds_count", vec![("endpoint", "chat_completions")]),
+        ("router_stripped_fields_total", vec![("field", "kv_transfer_params")]),
+    ] {
+        assert!(series(&texts[0], name, &labels), "no {name}{labels:?} at 0 before traffic");
+    }
+    let prefill = pd.prefill_registry.as_ref().unwrap().fleet().replicas[0].name().to_owned();
+    let decode = pd.registry.fleet().replicas[0].name().to_owned();
+    for (name, labels) in [
+        (
+            "router_pd_fallbacks_total",
+            vec![("prefill", prefill.as_str()), ("reason", "no_kv_transfer_params")],
+        ),
+        ("router_pd_decisions_total", vec![("prefill", prefill.as_str()), ("decode", decode.as_str())]),
+        ("router_pd_tokenize_once_total", vec![("mode", "on")]),
+        ("router_pd_phase_seconds_count", vec![("phase", "decode_ttft")]),
+    ] {
+        assert!(series(&texts[1], name, &labels), "no {name}{labels:?} at 0 before traffic");
+    }
+    let held = kv.registry.fleet().replicas[0].name().to_owned();
+    for (name, labels) in [
+        ("router_routed_prompt_tokens_total", vec![("policy", "kv-aware")]),
+        ("router_routed_cached_tokens_total", vec![("policy", "kv-aware")]),
+        ("router_kv_feed_errors_total", vec![("replica", held.as_str()), ("kind", "oversize")]),
+        ("router_kv_index_resets_total", vec![("replica", held.as_str()), ("reason", "gap")]),
+        ("router_kv_event_batches_total", vec![("replica", held.as_str()), ("outcome", "dropped")]),
+    ] {
+        assert!(series(&texts[2], name, &labels), "no {name}{labels:?} at 0 before traffic");
+    }
+    hash.shutdown().await;
+    pd.shutdown().await;
+    kv.shutdown().await;
+}
+
 /// A Prometheus server on a free loopback port, scraping `target` every second with
 /// the shipped rules, its data in a temporary directory.
 struct Prometheus {

@@ -80,6 +80,18 @@ pub enum Reason {
 }
 
 impl Reason {
+    pub const ALL: [Reason; 9] = [
+        Reason::Balanced,
+        Reason::Keyless,
+        Reason::Affinity,
+        Reason::Failover,
+        Reason::Spill,
+        Reason::Retry,
+        Reason::Cached,
+        Reason::Uncached,
+        Reason::Overloaded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Balanced => "balanced",

@@ -81,8 +81,11 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(urls: Vec<ReplicaUrl>, config: RegistryConfig, metrics: Arc<Metrics>) -> Self {
-        let replicas =
+        let replicas: Vec<_> =
             urls.into_iter().map(|url| Arc::new(Replica::new(url, config.breaker, &metrics))).collect();
+        for replica in &replicas {
+            routed_series(&config, &metrics, replica.name());
+        }
         let state = PolicyState {
             index: config.policy.uses_index().then(|| Arc::new(CacheIndex::new(config.index))),
             tokenizer: config.policy.uses_tokens().then(|| {
@@ -170,6 +173,7 @@ impl Registry {
             return Err(MembershipError::Exists(url.name().to_owned()));
         }
         let replica = Arc::new(Replica::new(url, self.config.breaker, &self.metrics));
+        routed_series(&self.config, &self.metrics, replica.name());
         let mut replicas = current.replicas.clone();
         replicas.push(replica.clone());
         self.publish(replicas);
@@ -317,6 +321,13 @@ impl Registry {
         }
         out
     }
+}
+
+/// The replica's routing series at 0, under the policy's name as it counts them.
+fn routed_series(config: &RegistryConfig, metrics: &Metrics, replica: &str) {
+    use clap::ValueEnum;
+    let policy = config.policy.to_possible_value().expect("every policy has a name");
+    metrics.add_routed_replica(policy.get_name(), replica, config.policy.uses_tokens());
 }
 
 #[cfg(test)]

@@ -127,6 +127,7 @@ impl KvFeeds {
                 index: self.index.clone(),
                 metrics: self.metrics.clone(),
             };
+            self.metrics.add_kv_feed(name);
             running.insert(name.clone(), tokio::spawn(supervise(feed)));
         }
     }
