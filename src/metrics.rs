@@ -39,6 +39,10 @@ pub struct Metrics {
     pub decisions: IntCounterVec,
     /// Second attempts on another replica, by endpoint.
     pub retries: IntCounterVec,
+    /// Streams that broke mid-answer, by endpoint and outcome: `continued` (the rest
+    /// came from another replica), `failed` (the continuation failed too), `refused`
+    /// (not continuable: the request's kind, attempts or retry budget spent).
+    pub continuations: IntCounterVec,
     /// Retries the retry budget refused, by endpoint.
     pub retries_denied: IntCounterVec,
     /// Upstream failures by replica and kind (`connect`, `before_headers`,
@@ -205,6 +209,11 @@ impl Metrics {
                 "Requests retried on another replica before any response byte was sent",
                 &["endpoint"],
             ),
+            continuations: counter(
+                "router_continuations_total",
+                "Streams that broke mid-answer, by outcome (continued on another replica, failed, refused)",
+                &["endpoint", "outcome"],
+            ),
             retries_denied: counter(
                 "router_retries_denied_total",
                 "Retries refused because the retry budget was spent",
@@ -295,6 +304,9 @@ impl Metrics {
             metrics.retries.with_label_values(&[endpoint]);
             metrics.panic_routing.with_label_values(&[endpoint]);
             metrics.retries_denied.with_label_values(&[endpoint]);
+            for outcome in ["continued", "failed", "refused"] {
+                metrics.continuations.with_label_values(&[endpoint, outcome]);
+            }
             for stage in ["waiting", "streaming"] {
                 metrics.client_disconnects.with_label_values(&[endpoint, stage]);
             }

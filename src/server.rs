@@ -152,8 +152,9 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         None => None,
     };
     let ingress = Arc::new(Ingress {
-        dispatcher,
+        dispatcher: Arc::new(dispatcher),
         pd,
+        continuation_attempts: config.continuation_attempts,
         keys: KeyHeaders::new(config.session_headers.clone()),
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,

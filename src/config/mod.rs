@@ -31,7 +31,7 @@ pub use discovery::DiscoveryArgs;
 pub use fleet::{FleetArgs, PdConfig, PdSide};
 pub use kv_events::KvEventsArgs;
 pub use policy::{BalanceFactor, PolicyArgs};
-pub use resilience::{ErrorRate, ResilienceArgs};
+pub use resilience::{ErrorRate, ResilienceArgs, Switch};
 pub use serving::ServingArgs;
 pub use telemetry::{MetricsOn, TelemetryArgs};
 
@@ -91,6 +91,9 @@ pub struct RouterConfig {
     pub breaker: crate::replicas::BreakerSettings,
     pub outliers: crate::replicas::OutlierSettings,
     pub retries: crate::dispatch::retry_budget::RetrySettings,
+    /// Continuations a broken stream gets (`--continuation`, `--continuation-attempts`);
+    /// 0 is off.
+    pub continuation_attempts: u32,
     /// (max concurrent, max queued, queue timeout), when limited.
     pub limit: Option<(usize, usize, Duration)>,
     pub api_keys: Vec<crate::admission::ApiKey>,
@@ -210,6 +213,7 @@ impl Cli {
             breaker: resilience.breaker(),
             outliers: resilience.outliers(),
             retries: resilience.retries(),
+            continuation_attempts: resilience.continuation_attempts(),
             limit: admission.limit(),
             api_keys: admission.api_keys()?,
             metrics_on: self.telemetry.metrics_on,

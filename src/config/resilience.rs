@@ -91,6 +91,23 @@ pub struct ResilienceArgs {
     /// Attempts a window needs before its error rate can open the breaker.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub breaker_min_requests: u32,
+
+    /// Mid-stream continuation: when a streamed chat or completion breaks after it has
+    /// started, ask another replica for the rest (the prompt with what was sent, vLLM's
+    /// `continue_final_message` for chat) and splice it into the client's stream.
+    #[arg(long, value_enum, default_value_t = Switch::On)]
+    pub continuation: Switch,
+
+    /// Most continuations of one request.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=16))]
+    pub continuation_attempts: u32,
+}
+
+/// `on` or `off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -127,6 +144,14 @@ impl ResilienceArgs {
         OutlierSettings {
             max_ejection_percent: self.max_ejection_percent,
             panic_threshold: self.panic_threshold,
+        }
+    }
+
+    /// Continuations a broken stream gets; 0 when off.
+    pub fn continuation_attempts(&self) -> u32 {
+        match self.continuation {
+            Switch::On => self.continuation_attempts,
+            Switch::Off => 0,
         }
     }
 

@@ -62,6 +62,11 @@ pub struct Route<'a> {
     pub started: Instant,
     /// Extra timings of a P/D decode stage.
     pub phase: Option<PhaseTimers>,
+    /// A broken stream is reported to the caller (who continues it elsewhere) rather
+    /// than ended with an error event.
+    pub continuable: bool,
+    /// A replica not to choose (the one a continued stream broke on).
+    pub avoid: Option<&'a str>,
 }
 
 /// A response from a replica, on its way to the client.
@@ -97,7 +102,12 @@ impl Dispatcher {
     pub async fn dispatch(&self, route: &Route<'_>, outbound: &Outbound) -> Result<Served, RouterError> {
         // One snapshot for every attempt: the policy's indices name its replicas.
         let fleet = self.registry.fleet();
-        let candidates = fleet.candidates(route.model, &[])?;
+        let avoided: Vec<usize> = route
+            .avoid
+            .and_then(|name| fleet.replicas.iter().position(|r| r.name() == name))
+            .into_iter()
+            .collect();
+        let candidates = fleet.candidates(route.model, &avoided)?;
         if candidates.panic {
             self.metrics.panic_routing.with_label_values(&[route.endpoint]).inc();
         }
@@ -119,7 +129,8 @@ impl Dispatcher {
             failed => failed,
         };
 
-        let candidates = fleet.candidates(route.model, &[first.replica])?;
+        let tried: Vec<usize> = avoided.iter().copied().chain([first.replica]).collect();
+        let candidates = fleet.candidates(route.model, &tried)?;
         let Some(second) = choose(&candidates) else {
             return self.finish(failed, route);
         };
@@ -240,6 +251,7 @@ impl Dispatcher {
             idle_timeout: Some(self.timeouts.stream_idle),
             first_byte_timeout: Some(self.timeouts.first_byte),
             phase: route.phase.clone(),
+            continuable: route.continuable,
         };
         let body = MeteredBody::new(body, in_flight, self.registry.clone(), self.metrics.clone(), options);
         Response::from_parts(parts, Body::new(body))

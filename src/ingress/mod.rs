@@ -33,6 +33,7 @@ use crate::dispatch::{Dispatcher, Route, ServedBy};
 use crate::error::RouterError;
 use crate::ingress::routing_key::KeyHeaders;
 use crate::metrics::{ENDPOINTS, Metrics};
+use crate::response::continued::{Continuation, ContinuedBody};
 use crate::upstream::proxy::Outbound;
 use request_facts::{BodyFacts, FactsError};
 
@@ -60,9 +61,11 @@ pub fn forwarded(rules: &[String], path: &str) -> bool {
 /// Everything a request handler needs, shared by all of them.
 pub struct Ingress {
     /// Routes every request, or in P/D mode the decode stage and non-inference calls.
-    pub dispatcher: Dispatcher,
+    pub dispatcher: Arc<Dispatcher>,
     /// P/D mode: the prefill stage of inference requests.
     pub pd: Option<PrefillDecode>,
+    /// Continuations a broken stream gets (0: off; P/D streams are not continued).
+    pub continuation_attempts: u32,
     pub keys: KeyHeaders,
     pub max_body_bytes: usize,
     /// Longest a client may take to send its request body.
@@ -314,6 +317,7 @@ impl Ingress {
         }
         let prompt = facts.prompt.clone().map(|range| body.slice(range));
         let outbound = Outbound::new(parts.method, path, parts.headers, body);
+        let continuable = self.continuation_attempts > 0 && facts.stream && endpoint != Endpoint::Other;
         let route = Route {
             endpoint: endpoint.label(),
             model: facts.model.as_deref(),
@@ -322,8 +326,27 @@ impl Ingress {
             stream: facts.stream,
             started,
             phase: None,
+            continuable,
+            avoid: None,
         };
-        self.dispatcher.dispatch(&route, &outbound).await
+        let served = self.dispatcher.dispatch(&route, &outbound).await?;
+        if !continuable || served.response.status() != StatusCode::OK {
+            return Ok(served);
+        }
+        let next = Continuation {
+            dispatcher: self.dispatcher.clone(),
+            metrics: self.metrics.clone(),
+            outbound,
+            endpoint: endpoint.label(),
+            chat: endpoint == Endpoint::ChatCompletions,
+            model: facts.model,
+            key,
+            started,
+            attempts: self.continuation_attempts,
+        };
+        let (parts, body) = served.response.into_parts();
+        let body = ContinuedBody::new(body, served.replica.clone(), next);
+        Ok(crate::dispatch::Served { response: Response::from_parts(parts, Body::new(body)), ..served })
     }
 }
 

@@ -53,6 +53,8 @@ pub struct MeteredBody {
     stream: bool,
     /// The response is an SSE stream: failures end it with an error event.
     sse: bool,
+    /// Failures end the body with an error naming them, for the caller to continue.
+    continuable: bool,
     idle_timeout: Option<Duration>,
     first_byte_timeout: Option<Duration>,
     idle: Option<Pin<Box<Sleep>>>,
@@ -100,6 +102,9 @@ pub struct BodyOptions {
     pub idle_timeout: Option<Duration>,
     pub first_byte_timeout: Option<Duration>,
     pub phase: Option<PhaseTimers>,
+    /// A failure after the headers ends the body with an error (for the caller to
+    /// continue the stream elsewhere) instead of an SSE error event.
+    pub continuable: bool,
 }
 
 impl MeteredBody {
@@ -119,7 +124,8 @@ impl MeteredBody {
             endpoint: options.endpoint,
             started: options.started,
             stream: options.stream,
-            sse: options.sse,
+            sse: options.sse && !options.continuable,
+            continuable: options.continuable,
             idle: first_limit.map(|t| Box::pin(tokio::time::sleep(t))),
             idle_timeout: options.idle_timeout,
             first_byte_timeout: options.first_byte_timeout,
@@ -194,9 +200,12 @@ impl Body for MeteredBody {
             }
             Poll::Ready(Some(Err(error))) => {
                 tracing::debug!(replica = this.in_flight.replica().name(), %error, "upstream body failed mid-stream");
-                this.fail(Failure::MidBody, "the replica failed mid-stream".to_owned());
+                let message = "the replica failed mid-stream".to_owned();
+                this.fail(Failure::MidBody, message.clone());
                 match this.tail.pop_front() {
                     Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                    // The caller continues the stream elsewhere, or ends it with this.
+                    None if this.continuable => Poll::Ready(Some(Err(message.into()))),
                     // Not SSE: cut the body with an error, never end it cleanly short.
                     None => Poll::Ready(Some(Err(error.into()))),
                 }
@@ -222,9 +231,11 @@ impl Body for MeteredBody {
                     idle.as_mut().reset(deadline.into());
                 }
                 let failure = if this.seen_data { Failure::IdleTimeout } else { Failure::FirstByteTimeout };
-                this.fail(failure, format!("the replica sent nothing for {timeout:?}"));
+                let message = format!("the replica sent nothing for {timeout:?}");
+                this.fail(failure, message.clone());
                 match this.tail.pop_front() {
                     Some(bytes) => Poll::Ready(Some(Ok(Frame::data(bytes)))),
+                    None if this.continuable => Poll::Ready(Some(Err(message.into()))),
                     // Not SSE: cut the body with an error, never end it cleanly short.
                     None => Poll::Ready(Some(Err(format!("upstream idle for {timeout:?}").into()))),
                 }

@@ -2,7 +2,11 @@
 //! as they arrive, never re-encoded, holding the request's in-flight guard until the last
 //! byte, timing the first byte and the whole, and telling a finished stream from a broken
 //! or abandoned one; [`end`] reports the end of a body (bytes sent, finished or left) to
-//! the access log and the request's trace span.
+//! the access log and the request's trace span. [`continued`] splices the rest of an
+//! answer from another replica into a stream that broke ([`continuation`] is what it
+//! asks and how it rewrites the events).
 
 pub mod body;
+pub mod continuation;
+pub mod continued;
 pub mod end;

@@ -99,6 +99,16 @@ pub fn render_chat(messages: &[ChatMessage<'_>], add_generation_prompt: bool) ->
     out
 }
 
+/// The chat template with the final message left open for the model to go on with
+/// (vLLM's `continue_final_message`): no end marker after it, no generation prompt.
+pub fn render_chat_continuing(messages: &[ChatMessage<'_>]) -> String {
+    let mut out = render_chat(messages, false);
+    if !messages.is_empty() {
+        out.truncate(out.len() - "<|end|>".len());
+    }
+    out
+}
+
 /// Turns a stream of token ids into text deltas that are always whole UTF-8: bytes of
 /// a character split across tokens are held until the character completes.
 #[derive(Default)]
@@ -165,6 +175,12 @@ mod tests {
     #[test]
     fn chat_template_is_documented_shape() {
         let t = render_chat(&[ChatMessage { role: "user", content: "hi" }], true);
+        let open =
+            [ChatMessage { role: "user", content: "hi" }, ChatMessage { role: "assistant", content: "Hel" }];
+        assert_eq!(
+            render_chat_continuing(&open),
+            "<|start|>user<|message|>hi<|end|><|start|>assistant<|message|>Hel"
+        );
         assert_eq!(t, "<|start|>user<|message|>hi<|end|><|start|>assistant<|message|>");
     }
 }

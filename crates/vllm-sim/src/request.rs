@@ -268,7 +268,15 @@ pub fn chat_prompt(body: &Value) -> Result<(Vec<u32>, bool), SimError> {
     }
     let messages: Vec<ChatMessage> = parts.iter().map(|(r, c)| ChatMessage { role: r, content: c }).collect();
     let add_generation_prompt = body.get("add_generation_prompt").and_then(Value::as_bool).unwrap_or(true);
-    Ok((tokenizer::encode(&tokenizer::render_chat(&messages, add_generation_prompt)), true))
+    let continue_final = body.get("continue_final_message").and_then(Value::as_bool).unwrap_or(false);
+    let rendered = match (continue_final, add_generation_prompt) {
+        (true, true) => {
+            return Err(bad("Cannot set both `continue_final_message` and `add_generation_prompt` to True."));
+        }
+        (true, false) => tokenizer::render_chat_continuing(&messages),
+        (false, _) => tokenizer::render_chat(&messages, add_generation_prompt),
+    };
+    Ok((tokenizer::encode(&rendered), true))
 }
 
 #[cfg(test)]

@@ -101,6 +101,8 @@ impl PrefillDecode {
             stream: false,
             started: request.started,
             phase: None,
+            continuable: false,
+            avoid: None,
         };
         let outbound = Outbound::new(
             Method::POST,
@@ -181,6 +183,8 @@ impl PrefillDecode {
                 total: self.metrics.pd_phase.with_label_values(&["total"]),
                 since: decode_start,
             }),
+            continuable: false,
+            avoid: None,
         };
         let outbound =
             Outbound::new(Method::POST, PathAndQuery::from_static(path), request.headers, decode_body);

@@ -1,0 +1,352 @@
+//! Mid-stream continuation, the pure part: what a client has been sent of a streamed
+//! answer ([`Ledger`]), whether a request can be continued faithfully, the request that
+//! continues it on another replica, and the continuation's events rewritten so the
+//! client sees one stream.
+//!
+//! A continuation asks for the rest of the answer: a completion's prompt with the text
+//! already sent appended; a chat's messages with the partial assistant message last and
+//! vLLM's `continue_final_message: true`, `add_generation_prompt: false`. `max_tokens`
+//! (or `max_completion_tokens`) and `min_tokens` shrink by the tokens already sent,
+//! counted as vLLM streams them: one event per generated token. The continuation's
+//! events keep the first stream's `id` and `created`; its chat role event is dropped;
+//! its usage counts the client's prompt once (the continuation's prompt less the tokens
+//! already sent) and every token the client received.
+//!
+//! Refused (the stream ends with an error event, as without continuation): `n` > 1,
+//! `logprobs`, tools or structured output, `echo`, prompts that are not one string, and
+//! a stream whose events this module cannot read.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// What the client has been sent of one streamed answer.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Ledger {
+    /// The first event's `id` and `created`, kept by the continuation's events.
+    pub id: Option<String>,
+    pub created: Option<u64>,
+    /// Text of choice 0 sent so far.
+    pub text: String,
+    /// Generated tokens sent: events that carried a choice (the chat role event aside).
+    pub tokens: u64,
+    /// A finish reason was sent: the answer is whole.
+    pub finished: bool,
+    /// `[DONE]` was sent.
+    pub done: bool,
+    /// Something was sent that a continuation cannot carry on (a tool call, a second
+    /// choice, an event that does not parse).
+    pub unfaithful: bool,
+}
+
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(borrow)]
+    id: Option<std::borrow::Cow<'a, str>>,
+    created: Option<u64>,
+    #[serde(default)]
+    choices: Vec<ChunkChoice<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice<'a> {
+    #[serde(default)]
+    index: u32,
+    #[serde(borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow)]
+    delta: Option<Delta<'a>>,
+    finish_reason: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+    role: Option<serde::de::IgnoredAny>,
+    tool_calls: Option<serde::de::IgnoredAny>,
+}
+
+impl Ledger {
+    /// Take in one SSE event (its bytes without the blank line that ends it).
+    pub fn observe(&mut self, event: &[u8]) {
+        let Some(data) = data(event) else { return };
+        if data == b"[DONE]" {
+            self.done = true;
+            return;
+        }
+        let Ok(chunk) = serde_json::from_slice::<Chunk>(data) else {
+            self.unfaithful = true;
+            return;
+        };
+        if self.id.is_none() {
+            self.id = chunk.id.map(|id| id.into_owned());
+            self.created = chunk.created;
+        }
+        for choice in &chunk.choices {
+            if choice.index != 0 {
+                self.unfaithful = true;
+                continue;
+            }
+            if choice.finish_reason.is_some() {
+                self.finished = true;
+            }
+            match (&choice.text, &choice.delta) {
+                (Some(text), _) => {
+                    self.text.push_str(text);
+                    self.tokens += 1;
+                }
+                (None, Some(delta)) => {
+                    if delta.tool_calls.is_some() {
+                        self.unfaithful = true;
+                    }
+                    let content = delta.content.as_deref().unwrap_or("");
+                    // vLLM's first chat event names the role and carries no token.
+                    if delta.role.is_some() && content.is_empty() && choice.finish_reason.is_none() {
+                        continue;
+                    }
+                    self.text.push_str(content);
+                    self.tokens += 1;
+                }
+                (None, None) => {}
+            }
+        }
+    }
+}
+
+/// The `data:` payload of an SSE event, if it has one.
+fn data(event: &[u8]) -> Option<&[u8]> {
+    event.split(|&b| b == b'\n').find_map(|line| {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let rest = line.strip_prefix(b"data:")?;
+        Some(rest.strip_prefix(b" ").unwrap_or(rest))
+    })
+}
+
+/// Why a stream cannot be continued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotContinuable(pub &'static str);
+
+/// Whether a streamed request can be continued faithfully, judged before it is sent.
+pub fn continuable(request: &Map<String, Value>, chat: bool) -> Result<(), NotContinuable> {
+    let truthy = |key: &str| request.get(key).is_some_and(|v| !v.is_null() && v != &Value::Bool(false));
+    if request.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+        return Err(NotContinuable("n > 1"));
+    }
+    if truthy("logprobs") || truthy("top_logprobs") || truthy("prompt_logprobs") {
+        return Err(NotContinuable("logprobs"));
+    }
+    if truthy("echo") || request.get("best_of").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+        return Err(NotContinuable("echo or best_of"));
+    }
+    let tools = request.get("tools").is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
+        && request.get("tool_choice").and_then(Value::as_str) != Some("none");
+    let structured = ["structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
+        .iter()
+        .any(|k| truthy(k))
+        || request
+            .get("response_format")
+            .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"));
+    if tools || structured {
+        return Err(NotContinuable("tools or structured output"));
+    }
+    match chat {
+        true if !request.get("messages").is_some_and(Value::is_array) => Err(NotContinuable("no messages")),
+        false if !request.get("prompt").is_some_and(Value::is_string) => {
+            Err(NotContinuable("not a text prompt"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The request that asks another replica for the rest of the answer.
+pub fn continuation_request(
+    original: &Map<String, Value>,
+    chat: bool,
+    sent: &Ledger,
+) -> Result<Bytes, NotContinuable> {
+    continuable(original, chat)?;
+    if sent.unfaithful {
+        return Err(NotContinuable("the stream so far cannot be carried on"));
+    }
+    let mut request = original.clone();
+    if chat {
+        let mut messages = request["messages"].as_array().cloned().unwrap_or_default();
+        messages.push(serde_json::json!({"role": "assistant", "content": sent.text}));
+        request.insert("messages".into(), Value::Array(messages));
+        request.insert("continue_final_message".into(), Value::Bool(true));
+        request.insert("add_generation_prompt".into(), Value::Bool(false));
+    } else {
+        let prompt = format!("{}{}", request["prompt"].as_str().unwrap_or(""), sent.text);
+        request.insert("prompt".into(), Value::String(prompt));
+    }
+    for key in ["max_tokens", "max_completion_tokens"] {
+        if let Some(max) = request.get(key).and_then(Value::as_u64) {
+            let left = max.saturating_sub(sent.tokens);
+            if left == 0 {
+                return Err(NotContinuable("no tokens left"));
+            }
+            request.insert(key.into(), left.into());
+        }
+    }
+    if let Some(min) = request.get("min_tokens").and_then(Value::as_u64) {
+        request.insert("min_tokens".into(), min.saturating_sub(sent.tokens).into());
+    }
+    Ok(Bytes::from(serde_json::to_vec(&request).expect("a JSON map serialises")))
+}
+
+/// What a continuation's events are rewritten with: the first stream's `id` and
+/// `created`, and the tokens the client had when the continuation started.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Splice {
+    pub id: Option<String>,
+    pub created: Option<u64>,
+    pub tokens: u64,
+}
+
+impl Splice {
+    /// A continuation starting after what `sent` says the client has.
+    pub fn after(sent: &Ledger) -> Splice {
+        Splice { id: sent.id.clone(), created: sent.created, tokens: sent.tokens }
+    }
+}
+
+/// One event of the continuation's stream as the client must see it, or None to drop it.
+pub fn rewrite_event(event: &[u8], sent: &Splice) -> Option<Bytes> {
+    let Some(data) = data(event) else { return Some(Bytes::copy_from_slice(event)) };
+    if data == b"[DONE]" {
+        return Some(Bytes::from_static(b"data: [DONE]"));
+    }
+    let Ok(Value::Object(mut chunk)) = serde_json::from_slice::<Value>(data) else {
+        return Some(Bytes::copy_from_slice(event));
+    };
+    if let Some(id) = &sent.id {
+        chunk.insert("id".into(), Value::String(id.clone()));
+    }
+    if let Some(created) = sent.created {
+        chunk.insert("created".into(), created.into());
+    }
+    let role_only = chunk.get("choices").and_then(Value::as_array).is_some_and(|choices| {
+        choices.iter().all(|c| {
+            c["delta"].get("role").is_some()
+                && c["delta"]["content"].as_str().unwrap_or("").is_empty()
+                && c["finish_reason"].is_null()
+        }) && !choices.is_empty()
+    });
+    if role_only && chunk.get("usage").is_none_or(Value::is_null) {
+        return None;
+    }
+    if let Some(Value::Object(usage)) = chunk.get_mut("usage") {
+        let number =
+            |usage: &Map<String, Value>, key: &str| usage.get(key).and_then(Value::as_u64).unwrap_or(0);
+        let prompt = number(usage, "prompt_tokens").saturating_sub(sent.tokens);
+        let completion = number(usage, "completion_tokens") + sent.tokens;
+        usage.insert("prompt_tokens".into(), prompt.into());
+        usage.insert("completion_tokens".into(), completion.into());
+        usage.insert("total_tokens".into(), (prompt + completion).into());
+    }
+    let mut out = b"data: ".to_vec();
+    serde_json::to_writer(&mut out, &chunk).expect("a JSON map serialises");
+    Some(Bytes::from(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn map(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn the_ledger_counts_what_was_sent() {
+        let mut ledger = Ledger::default();
+        for event in [
+            r#"data: {"id":"chatcmpl-1","created":7,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#,
+            r#"data: {"id":"chatcmpl-1","created":7,"choices":[{"index":0,"delta":{"content":" the"},"finish_reason":null}]}"#,
+            r#"data: {"id":"chatcmpl-1","created":7,"choices":[{"index":0,"delta":{"content":" of"},"finish_reason":null}]}"#,
+        ] {
+            ledger.observe(event.as_bytes());
+        }
+        assert_eq!((ledger.id.as_deref(), ledger.created), (Some("chatcmpl-1"), Some(7)));
+        assert_eq!((ledger.text.as_str(), ledger.tokens, ledger.finished), (" the of", 2, false));
+        ledger.observe(
+            br#"data: {"id":"c","choices":[{"index":0,"delta":{"content":"!"},"finish_reason":"length"}]}"#,
+        );
+        ledger.observe(b"data: [DONE]");
+        assert!(ledger.finished && ledger.done && ledger.tokens == 3);
+        let mut completion = Ledger::default();
+        completion
+            .observe(br#"data: {"id":"cmpl-2","choices":[{"index":0,"text":" and","finish_reason":null}]}"#);
+        assert_eq!((completion.text.as_str(), completion.tokens), (" and", 1));
+        completion.observe(br#"data: {"choices":[{"index":1,"text":"x"}]}"#);
+        completion.observe(b"data: {not json");
+        assert!(completion.unfaithful);
+    }
+
+    #[test]
+    fn only_faithful_requests_continue() {
+        let chat =
+            map(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}));
+        assert_eq!(continuable(&chat, true), Ok(()));
+        for (key, value) in [
+            ("n", json!(2)),
+            ("logprobs", json!(true)),
+            ("tools", json!([{"type": "function", "function": {"name": "f"}}])),
+            ("response_format", json!({"type": "json_object"})),
+            ("structured_outputs", json!({"regex": "a+"})),
+        ] {
+            let mut request = chat.clone();
+            request.insert(key.into(), value);
+            assert!(continuable(&request, true).is_err(), "{key}");
+        }
+        let mut none = chat.clone();
+        none.insert("tools".into(), json!([{"type": "function", "function": {"name": "f"}}]));
+        none.insert("tool_choice".into(), json!("none"));
+        assert_eq!(continuable(&none, true), Ok(()));
+        assert!(continuable(&map(json!({"prompt": [1, 2, 3]})), false).is_err(), "token ids");
+        assert!(continuable(&map(json!({"prompt": "a", "echo": true})), false).is_err());
+    }
+
+    #[test]
+    fn the_continuation_asks_for_the_rest() {
+        let sent = Ledger { text: " the of".into(), tokens: 2, ..Ledger::default() };
+        let chat =
+            map(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "min_tokens": 1}));
+        let body: Value = serde_json::from_slice(&continuation_request(&chat, true, &sent).unwrap()).unwrap();
+        assert_eq!(body["messages"][1], json!({"role": "assistant", "content": " the of"}));
+        assert_eq!(
+            (body["continue_final_message"].clone(), body["add_generation_prompt"].clone()),
+            (json!(true), json!(false))
+        );
+        assert_eq!((body["max_tokens"].clone(), body["min_tokens"].clone()), (json!(8), json!(0)));
+        let completion = map(json!({"prompt": "Once", "max_completion_tokens": 3}));
+        let body: Value =
+            serde_json::from_slice(&continuation_request(&completion, false, &sent).unwrap()).unwrap();
+        assert_eq!(
+            (body["prompt"].clone(), body["max_completion_tokens"].clone()),
+            (json!("Once the of"), json!(1))
+        );
+        let spent = Ledger { tokens: 3, ..sent.clone() };
+        assert!(continuation_request(&completion, false, &spent).is_err(), "nothing left to ask for");
+        let odd = Ledger { unfaithful: true, ..sent };
+        assert!(continuation_request(&completion, false, &odd).is_err());
+    }
+
+    #[test]
+    fn continuation_events_join_the_first_stream() {
+        let sent = Splice { id: Some("chatcmpl-1".into()), created: Some(7), tokens: 2 };
+        let role = br#"data: {"id":"chatcmpl-9","created":9,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
+        assert_eq!(rewrite_event(role, &sent), None);
+        let token = br#"data: {"id":"chatcmpl-9","created":9,"choices":[{"index":0,"delta":{"content":" and"},"finish_reason":null}]}"#;
+        let out: Value = serde_json::from_slice(&rewrite_event(token, &sent).unwrap()[6..]).unwrap();
+        assert_eq!((out["id"].clone(), out["created"].clone()), (json!("chatcmpl-1"), json!(7)));
+        assert_eq!(out["choices"][0]["delta"]["content"], " and");
+        let usage = br#"data: {"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#;
+        let out: Value = serde_json::from_slice(&rewrite_event(usage, &sent).unwrap()[6..]).unwrap();
+        assert_eq!(out["usage"], json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}));
+        assert_eq!(rewrite_event(b"data: [DONE]", &sent).unwrap(), Bytes::from_static(b"data: [DONE]"));
+    }
+}

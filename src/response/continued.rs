@@ -1,0 +1,310 @@
+//! A streamed answer that survives its replica: when the stream breaks after it has
+//! started (the connection lost, the replica killed, the stream idle too long), the rest
+//! of the request goes to another replica and its events are spliced into the client's
+//! stream ([`super::continuation`] says what is asked and how the events are rewritten).
+//!
+//! While the first replica streams, its bytes pass through as they came, one frame at a
+//! time: only a frame that ends inside an event is held back until the event is whole,
+//! so that a replica failing mid-event leaves no half event at the client. Each whole
+//! event is read (not re-encoded) to keep the [`Ledger`] of what the client has. The
+//! continuation's events are rewritten (its `id`, `created` and usage), which costs a
+//! parse and a serialisation per event on that path only.
+//!
+//! When the request cannot be continued faithfully, the attempts are spent, the retry
+//! budget says no, or the continuation itself fails, the stream ends as it would
+//! without this: an SSE error event and `[DONE]`.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::body::Body;
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use http_body::Frame;
+use serde_json::{Map, Value};
+
+use super::continuation::{Ledger, Splice, continuation_request, rewrite_event};
+use crate::dispatch::{Dispatcher, Route, Served};
+use crate::error::RouterError;
+use crate::ingress::routing_key::RoutingKey;
+use crate::metrics::Metrics;
+use crate::upstream::proxy::Outbound;
+
+/// An SSE event larger than this is not held back: the stream passes through unread
+/// from there on, and is no longer continued.
+const MAX_HELD_EVENT: usize = 1 << 20;
+
+/// What a continuation needs of the request, owned by the client's stream.
+pub struct Continuation {
+    pub dispatcher: Arc<Dispatcher>,
+    pub metrics: Arc<Metrics>,
+    /// The request as the first replica got it.
+    pub outbound: Outbound,
+    pub endpoint: &'static str,
+    pub chat: bool,
+    pub model: Option<String>,
+    pub key: Option<RoutingKey>,
+    pub started: Instant,
+    /// Continuations left for this request.
+    pub attempts: u32,
+}
+
+type Dispatching = Pin<Box<dyn Future<Output = Result<Served, RouterError>> + Send>>;
+
+pub struct ContinuedBody {
+    inner: Body,
+    /// The replica streaming now (a continuation avoids it).
+    replica: String,
+    /// The continuation's events are rewritten with this; the first stream's pass
+    /// through.
+    splice: Option<Splice>,
+    /// The first bytes of an event not yet whole.
+    held: BytesMut,
+    /// An event outgrew [`MAX_HELD_EVENT`]: pass everything through unread.
+    blind: bool,
+    ledger: Ledger,
+    next: Continuation,
+    dispatching: Option<Dispatching>,
+    /// Why the stream being continued broke, for the error event if that fails too.
+    broke: Option<String>,
+    out: VecDeque<Bytes>,
+    ended: bool,
+}
+
+impl ContinuedBody {
+    pub fn new(inner: Body, replica: String, next: Continuation) -> Self {
+        ContinuedBody {
+            inner,
+            replica,
+            splice: None,
+            held: BytesMut::new(),
+            blind: false,
+            ledger: Ledger::default(),
+            next,
+            dispatching: None,
+            broke: None,
+            out: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    fn count(&self, outcome: &str) {
+        self.next.metrics.continuations.with_label_values(&[self.next.endpoint, outcome]).inc();
+    }
+
+    /// Bytes from the replica: whole events go out (as they came, or rewritten), the
+    /// start of an unfinished one is held.
+    fn take(&mut self, data: Bytes) {
+        if self.blind {
+            self.out.push_back(data);
+            return;
+        }
+        let whole = if self.held.is_empty() && data.ends_with(b"\n\n") {
+            data
+        } else {
+            self.held.extend_from_slice(&data);
+            match self.held.windows(2).rposition(|w| w == b"\n\n") {
+                Some(end) => self.held.split_to(end + 2).freeze(),
+                None => {
+                    if self.held.len() > MAX_HELD_EVENT {
+                        self.blind = true;
+                        self.ledger.unfaithful = true;
+                        self.out.push_back(self.held.split().freeze());
+                    }
+                    return;
+                }
+            }
+        };
+        let Some(splice) = &self.splice else {
+            for event in events(&whole) {
+                self.ledger.observe(event);
+            }
+            self.out.push_back(whole);
+            return;
+        };
+        for event in events(&whole) {
+            let rewritten = rewrite_event(event, splice);
+            self.ledger.observe(event);
+            if let Some(bytes) = rewritten {
+                let mut framed = BytesMut::with_capacity(bytes.len() + 2);
+                framed.extend_from_slice(&bytes);
+                framed.extend_from_slice(b"\n\n");
+                self.out.push_back(framed.freeze());
+            }
+        }
+    }
+
+    /// The stream broke: continue it elsewhere, or end it with an error event.
+    fn broken(&mut self, message: String) {
+        self.held.clear();
+        if self.ledger.finished {
+            // The answer is whole; only its end was lost.
+            if !self.ledger.done {
+                self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+            }
+            self.ended = true;
+            return;
+        }
+        match self.continue_elsewhere() {
+            Ok(()) => self.broke = Some(message),
+            Err(why) => {
+                tracing::debug!(replica = %self.replica, why, "stream not continued");
+                self.count("refused");
+                self.give_up(message);
+            }
+        }
+    }
+
+    fn continue_elsewhere(&mut self) -> Result<(), &'static str> {
+        if self.blind || self.next.attempts == 0 {
+            return Err("no continuation attempts left");
+        }
+        let original: Map<String, Value> = serde_json::from_slice(&self.next.outbound.body)
+            .map_err(|_| "the request is not a JSON object")?;
+        let body = continuation_request(&original, self.next.chat, &self.ledger).map_err(|e| e.0)?;
+        if !self.next.dispatcher.retries.try_spend() {
+            self.next.metrics.retries_denied.with_label_values(&[self.next.endpoint]).inc();
+            return Err("the retry budget is spent");
+        }
+        self.next.attempts -= 1;
+        let dispatcher = self.next.dispatcher.clone();
+        let outbound = Outbound {
+            method: self.next.outbound.method.clone(),
+            path: self.next.outbound.path.clone(),
+            headers: self.next.outbound.headers.clone(),
+            body,
+        };
+        let (endpoint, model, key, started) =
+            (self.next.endpoint, self.next.model.clone(), self.next.key.clone(), self.next.started);
+        let avoid = self.replica.clone();
+        tracing::debug!(replica = %avoid, sent = self.ledger.tokens, "continuing a broken stream elsewhere");
+        self.dispatching = Some(Box::pin(async move {
+            let route = Route {
+                endpoint,
+                model: model.as_deref(),
+                key: key.as_ref(),
+                prompt: None,
+                stream: true,
+                started,
+                phase: None,
+                continuable: true,
+                avoid: Some(&avoid),
+            };
+            dispatcher.dispatch(&route, &outbound).await
+        }));
+        Ok(())
+    }
+
+    fn give_up(&mut self, message: String) {
+        let error = serde_json::json!({"error": {"message": message, "type": "BadGatewayError",
+            "param": null, "code": 502}});
+        self.out.push_back(Bytes::from(format!("data: {error}\n\n")));
+        self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
+        self.ended = true;
+    }
+
+    /// The continuation's answer: a stream to splice in, or the end.
+    fn answered(&mut self, result: Result<Served, RouterError>) {
+        let broke = self.broke.take().unwrap_or_default();
+        match result {
+            Ok(served) if served.response.status() == StatusCode::OK && is_sse(&served.response) => {
+                self.count("continued");
+                self.replica = served.replica;
+                self.inner = served.response.into_body();
+                self.splice = Some(Splice::after(&self.ledger));
+            }
+            Ok(served) => {
+                self.count("failed");
+                self.give_up(format!(
+                    "the replica failed mid-stream; its continuation got {}",
+                    served.response.status()
+                ));
+            }
+            Err(error) => {
+                self.count("failed");
+                self.give_up(format!("{broke}; its continuation failed: {error}"));
+            }
+        }
+    }
+}
+
+impl http_body::Body for ContinuedBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(bytes) = this.out.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            if let Some(dispatching) = this.dispatching.as_mut() {
+                let result = std::task::ready!(dispatching.as_mut().poll(cx));
+                this.dispatching = None;
+                this.answered(result);
+                continue;
+            }
+            match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.take(data);
+                    }
+                }
+                Some(Err(error)) => {
+                    tracing::debug!(replica = %this.replica, %error, "stream broke");
+                    this.broken(error.to_string());
+                }
+                None => {
+                    if !this.held.is_empty() {
+                        this.out.push_back(this.held.split().freeze());
+                    }
+                    this.ended = true;
+                }
+            }
+        }
+    }
+}
+
+/// The SSE events in whole-event bytes (each without its blank line).
+fn events(whole: &[u8]) -> EventIter<'_> {
+    EventIter { rest: whole }
+}
+
+struct EventIter<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for EventIter<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        match self.rest.windows(2).position(|w| w == b"\n\n") {
+            Some(end) => {
+                let event = &self.rest[..end];
+                self.rest = &self.rest[end + 2..];
+                Some(event)
+            }
+            None => Some(std::mem::take(&mut self.rest)),
+        }
+    }
+}
+
+fn is_sse(response: &axum::response::Response) -> bool {
+    response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
