@@ -199,3 +199,48 @@ async fn without_continuation_the_killed_replicas_streams_end_with_an_error_even
     }
     router.shutdown().await;
 }
+
+/// One request to the router, read whole.
+async fn read_one(router: &RunningRouter, path: &str, body: Value) -> Read {
+    stream(format!("{}{path}", base(router)), body, Arc::new(AtomicUsize::new(0))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engines_error_event_is_continued_unless_the_request_cannot_be() {
+    let engines = sim::start_fleet(2, &SimConfig { time_scale: 20.0, ..SimConfig::default() }).await.unwrap();
+    engines[0]
+        .faults()
+        .set(vllm_sim::faults::FaultConfig { error_after_tokens: Some(5), ..Default::default() });
+    let urls: Vec<String> = engines.iter().map(RunningSim::url).collect();
+    let mut config = config_for(&urls);
+    config.policy = llm_router::policy::PolicyKind::RoundRobin;
+    let router = router(config).await;
+    eventually("both engines healthy", || router.registry.healthy_count() == 2).await;
+    for i in 0..4 {
+        let mut request = body(i);
+        request["max_tokens"] = json!(40);
+        let read = read_one(&router, path(i), request).await;
+        assert!(read.errors.is_empty(), "request {i}: {:?}", read.errors);
+        assert_eq!((read.tokens, read.finishes.len(), read.done), (40, 1, 1), "request {i}: {read:?}");
+        assert_eq!(read.usage.as_ref().unwrap()["completion_tokens"], 40);
+    }
+    // Token ids cannot be continued from text: the engine's failure reaches the client as
+    // an error event, once, after the tokens it had.
+    let mut errors = 0;
+    for _ in 0..2 {
+        let ids = json!({"model": MODEL, "prompt": [1, 2, 3, 4], "max_tokens": 40, "stream": true, "ignore_eos": true});
+        let read = read_one(&router, "/v1/completions", ids).await;
+        if !read.errors.is_empty() {
+            errors += 1;
+            assert_eq!((read.tokens, read.errors.len(), read.done), (5, 1, 1), "{read:?}");
+            assert!(read.errors[0].contains("the engine failed"), "{:?}", read.errors);
+        }
+    }
+    assert_eq!(errors, 1, "one of two requests went to the failing engine");
+    let metrics = router.metrics.render();
+    let outcome = |o: &str| {
+        metric(&metrics, &format!(r#"router_continuations_total{{endpoint="completions",outcome="{o}"}}"#))
+    };
+    assert!(outcome("continued") >= 1.0 && outcome("refused") == 1.0, "{metrics}");
+    router.shutdown().await;
+}

@@ -37,10 +37,14 @@ pub struct Ledger {
     /// Something was sent that a continuation cannot carry on (a tool call, a second
     /// choice, an event that does not parse).
     pub unfaithful: bool,
+    /// The last event was the engine's error event (vLLM's way of ending a stream that
+    /// failed after its headers), with its message.
+    pub error: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Chunk<'a> {
+    error: Option<Value>,
     #[serde(borrow)]
     id: Option<std::borrow::Cow<'a, str>>,
     created: Option<u64>,
@@ -79,6 +83,11 @@ impl Ledger {
             self.unfaithful = true;
             return;
         };
+        if let Some(error) = chunk.error {
+            let message = error.get("message").and_then(Value::as_str).unwrap_or("an error event");
+            self.error = Some(format!("the replica failed mid-stream: {message}"));
+            return;
+        }
         if self.id.is_none() {
             self.id = chunk.id.map(|id| id.into_owned());
             self.created = chunk.created;
@@ -281,6 +290,9 @@ mod tests {
         completion
             .observe(br#"data: {"id":"cmpl-2","choices":[{"index":0,"text":" and","finish_reason":null}]}"#);
         assert_eq!((completion.text.as_str(), completion.tokens), (" and", 1));
+        completion.observe(br#"data: {"error":{"message":"engine dead","code":500}}"#);
+        assert_eq!(completion.error.as_deref(), Some("the replica failed mid-stream: engine dead"));
+        assert_eq!(completion.tokens, 1);
         completion.observe(br#"data: {"choices":[{"index":1,"text":"x"}]}"#);
         completion.observe(b"data: {not json");
         assert!(completion.unfaithful);

@@ -66,6 +66,9 @@ pub struct ContinuedBody {
     held: BytesMut,
     /// An event outgrew [`MAX_HELD_EVENT`]: pass everything through unread.
     blind: bool,
+    /// The engine sent an error event (this message): the rest of its stream is
+    /// dropped, and the stream continued once it ends.
+    discarding: Option<String>,
     ledger: Ledger,
     next: Continuation,
     dispatching: Option<Dispatching>,
@@ -83,6 +86,7 @@ impl ContinuedBody {
             splice: None,
             held: BytesMut::new(),
             blind: false,
+            discarding: None,
             ledger: Ledger::default(),
             next,
             dispatching: None,
@@ -97,10 +101,14 @@ impl ContinuedBody {
     }
 
     /// Bytes from the replica: whole events go out (as they came, or rewritten), the
-    /// start of an unfinished one is held.
+    /// start of an unfinished one is held. An engine's error event is not passed on:
+    /// the rest of that stream is discarded and, once it ends, continued elsewhere.
     fn take(&mut self, data: Bytes) {
         if self.blind {
             self.out.push_back(data);
+            return;
+        }
+        if self.discarding.is_some() {
             return;
         }
         let whole = if self.held.is_empty() && data.ends_with(b"\n\n") {
@@ -119,21 +127,31 @@ impl ContinuedBody {
                 }
             }
         };
-        let Some(splice) = &self.splice else {
-            for event in events(&whole) {
-                self.ledger.observe(event);
-            }
-            self.out.push_back(whole);
-            return;
-        };
+        let mut passed = 0;
         for event in events(&whole) {
-            let rewritten = rewrite_event(event, splice);
+            let rewritten = self.splice.as_ref().map(|splice| rewrite_event(event, splice));
             self.ledger.observe(event);
-            if let Some(bytes) = rewritten {
-                let mut framed = BytesMut::with_capacity(bytes.len() + 2);
-                framed.extend_from_slice(&bytes);
-                framed.extend_from_slice(b"\n\n");
-                self.out.push_back(framed.freeze());
+            if let Some(error) = self.ledger.error.take() {
+                self.discarding = Some(error);
+                break;
+            }
+            passed = event.as_ptr() as usize - whole.as_ptr() as usize + event.len();
+            match rewritten {
+                None => {}
+                Some(None) => {}
+                Some(Some(bytes)) => {
+                    let mut framed = BytesMut::with_capacity(bytes.len() + 2);
+                    framed.extend_from_slice(&bytes);
+                    framed.extend_from_slice(b"\n\n");
+                    self.out.push_back(framed.freeze());
+                }
+            }
+        }
+        if self.splice.is_none() {
+            // The first stream's bytes pass as they came, up to an error event.
+            let end = if self.discarding.is_some() { (passed + 2).min(whole.len()) } else { whole.len() };
+            if passed > 0 || self.discarding.is_none() {
+                self.out.push_back(whole.slice(..end));
             }
         }
     }
@@ -262,14 +280,21 @@ impl http_body::Body for ContinuedBody {
                 }
                 Some(Err(error)) => {
                     tracing::debug!(replica = %this.replica, %error, "stream broke");
-                    this.broken(error.to_string());
+                    let message = this.discarding.take().unwrap_or_else(|| error.to_string());
+                    this.broken(message);
                 }
-                None => {
-                    if !this.held.is_empty() {
-                        this.out.push_back(this.held.split().freeze());
+                None => match this.discarding.take() {
+                    Some(message) => {
+                        tracing::debug!(replica = %this.replica, %message, "the engine ended a stream with an error");
+                        this.broken(message);
                     }
-                    this.ended = true;
-                }
+                    None => {
+                        if !this.held.is_empty() {
+                            this.out.push_back(this.held.split().freeze());
+                        }
+                        this.ended = true;
+                    }
+                },
             }
         }
     }

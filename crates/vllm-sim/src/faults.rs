@@ -1,6 +1,7 @@
 //! Fault switches for reliability tests: a simulated replica that fails with 500,
 //! refuses connections for a while, stalls a stream after K tokens, drops the
-//! connection mid-stream after K tokens, or runs slower.
+//! connection mid-stream after K tokens, ends a stream with an error event after K
+//! tokens (as vLLM does when its engine fails), or runs slower.
 //!
 //! Set at start with `--fault`, at run time with `POST /sim/faults` (JSON with the same
 //! fields as `GET /sim/faults` returns), or from Rust through
@@ -23,6 +24,8 @@ pub struct FaultConfig {
     pub stall_after_tokens: Option<usize>,
     /// Streams send this many tokens, then the connection is cut.
     pub drop_after_tokens: Option<usize>,
+    /// Streams send this many tokens, then an error event and `[DONE]`.
+    pub error_after_tokens: Option<usize>,
     /// Every engine step takes this many times longer (1.0 = normal).
     pub slowdown: f64,
 }
@@ -31,6 +34,7 @@ pub enum StreamFault {
     None,
     Stall,
     Drop,
+    Error,
 }
 
 pub struct Faults {
@@ -80,6 +84,8 @@ impl Faults {
         let config = self.config.lock().expect("faults lock");
         if config.drop_after_tokens.is_some_and(|k| n > k) {
             StreamFault::Drop
+        } else if config.error_after_tokens.is_some_and(|k| n > k) {
+            StreamFault::Error
         } else if config.stall_after_tokens.is_some_and(|k| n > k) {
             StreamFault::Stall
         } else {
@@ -89,7 +95,7 @@ impl Faults {
 }
 
 /// Parse `--fault` values: `fail-500`, `refuse-connections=MS`, `stall-after=K`,
-/// `drop-after=K`, `slowdown=F`.
+/// `drop-after=K`, `error-after=K`, `slowdown=F`.
 pub fn parse_fault(text: &str, into: &mut FaultConfig) -> Result<(), String> {
     let (name, value) = text.split_once('=').unwrap_or((text, ""));
     let number = |v: &str| v.parse::<f64>().map_err(|_| format!("`{text}`: `{v}` is not a number"));
@@ -98,10 +104,11 @@ pub fn parse_fault(text: &str, into: &mut FaultConfig) -> Result<(), String> {
         "refuse-connections" => into.refuse_connections_ms = number(value)? as u64,
         "stall-after" => into.stall_after_tokens = Some(number(value)? as usize),
         "drop-after" => into.drop_after_tokens = Some(number(value)? as usize),
+        "error-after" => into.error_after_tokens = Some(number(value)? as usize),
         "slowdown" => into.slowdown = number(value)?,
         _ => {
             return Err(format!(
-                "unknown fault `{name}` (fail-500, refuse-connections=MS, stall-after=K, drop-after=K, slowdown=F)"
+                "unknown fault `{name}` (fail-500, refuse-connections=MS, stall-after=K, drop-after=K, error-after=K, slowdown=F)"
             ));
         }
     }

@@ -392,6 +392,12 @@ impl Stream for SseStream {
                                 "fault: connection dropped",
                             ))));
                         }
+                        super::faults::StreamFault::Error => {
+                            this.phase = Phase::Done;
+                            let err = json!({"error": {"message": "fault: the engine failed", "type":
+                                "InternalServerError", "param": null, "code": 500}});
+                            return Poll::Ready(Some(Ok(sse(&err))));
+                        }
                     }
                     let delta = this.detok.push(id);
                     this.held.push_str(&delta);
