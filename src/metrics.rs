@@ -89,6 +89,10 @@ pub struct Metrics {
     /// to hold (`kv-aware`): their ratio is the router's expected prefix cache hit rate.
     pub routed_prompt_tokens: IntCounterVec,
     pub routed_cached_tokens: IntCounterVec,
+    /// With `--explain-routing`, prompt tokens believed cached on the chosen replica
+    /// (`chosen`) and on the best eligible one (`best`), by policy: their difference is
+    /// the routing loss.
+    pub routing_cached_tokens: IntCounterVec,
 }
 
 /// The `endpoint` label values of proxied requests.
@@ -294,6 +298,11 @@ impl Metrics {
                 "Prompt tokens the chosen replica was believed to hold in its prefix cache",
                 &["policy"],
             ),
+            routing_cached_tokens: counter(
+                "router_routing_cached_tokens_total",
+                "Prompt tokens believed cached on the chosen replica and on the best one (--explain-routing)",
+                &["policy", "kind"],
+            ),
             registry,
         };
         // Series that exist from the start read 0 rather than missing, so rate() and
@@ -337,6 +346,9 @@ impl Metrics {
         if counts_tokens {
             self.routed_prompt_tokens.with_label_values(&[policy]);
             self.routed_cached_tokens.with_label_values(&[policy]);
+            for kind in ["chosen", "best"] {
+                self.routing_cached_tokens.with_label_values(&[policy, kind]);
+            }
         }
     }
 

@@ -256,6 +256,7 @@ async fn stage(
         metrics: metrics.clone(),
         timeouts: config.timeouts,
         retries: crate::dispatch::retry_budget::RetryBudget::new(config.retries),
+        explain: config.explain_routing,
     };
     (dispatcher, health, checker)
 }

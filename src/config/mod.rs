@@ -119,6 +119,8 @@ pub struct RouterConfig {
     pub access_log: bool,
     /// Where replicas are discovered, besides the command line.
     pub discovery: Discovery,
+    /// `--explain-routing`.
+    pub explain_routing: bool,
     /// `--otlp-endpoint`: span export; None is off.
     pub trace: Option<crate::trace::TraceConfig>,
 }
@@ -230,6 +232,7 @@ impl Cli {
             pd,
             access_log: self.telemetry.access_log,
             discovery,
+            explain_routing: self.telemetry.explain_routing,
             trace: self.telemetry.trace(),
         })
     }

@@ -34,6 +34,14 @@ pub struct TelemetryArgs {
     /// Share of new traces recorded (a client's sampled or unsampled trace is followed).
     #[arg(long, default_value_t = 1.0, value_parser = parse_fraction)]
     pub trace_sample_ratio: f64,
+
+    /// Response headers explaining each routing decision: `x-router-replica`,
+    /// `x-router-policy`, `x-router-reason`, and for kv-aware `x-router-cached-tokens`
+    /// (prompt tokens believed cached on the chosen replica) and
+    /// `x-router-best-cached-tokens` (the most any eligible replica held), also counted
+    /// in `router_routing_cached_tokens_total`. They name replicas: off by default.
+    #[arg(long)]
+    pub explain_routing: bool,
 }
 
 /// `--metrics-on`.

@@ -22,7 +22,7 @@ use axum::response::Response;
 use crate::error::RouterError;
 use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
-use crate::policy::{Candidate, Decision, Reason};
+use crate::policy::{CachedView, Candidate, Decision, Reason};
 use crate::replicas::{Fleet, InFlight, Registry, Replica};
 use crate::response::body::{BodyOptions, MeteredBody, PhaseTimers};
 use crate::upstream::proxy::{Outbound, UpstreamError};
@@ -35,6 +35,9 @@ pub struct Dispatcher {
     pub metrics: Arc<Metrics>,
     pub timeouts: Timeouts,
     pub retries: crate::dispatch::retry_budget::RetryBudget,
+    /// `--explain-routing`: response headers naming the replica, the policy, its reason
+    /// and (cache-aware) the cached tokens expected there and the most any replica held.
+    pub explain: bool,
 }
 
 /// Limits on waiting for a replica.
@@ -98,6 +101,23 @@ enum Attempt {
     Failed { replica: String, error: UpstreamError },
 }
 
+/// The `--explain-routing` headers of a response.
+fn explain(served: &mut Served, policy: &'static str, cached: Option<CachedView>) {
+    let headers = served.response.headers_mut();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(value) = http::HeaderValue::try_from(value) {
+            headers.insert(name, value);
+        }
+    };
+    set("x-router-replica", served.replica.clone());
+    set("x-router-policy", policy.to_owned());
+    set("x-router-reason", served.reason.to_owned());
+    if let Some(view) = cached {
+        set("x-router-cached-tokens", view.chosen.to_string());
+        set("x-router-best-cached-tokens", view.best.to_string());
+    }
+}
+
 impl Dispatcher {
     pub async fn dispatch(&self, route: &Route<'_>, outbound: &Outbound) -> Result<Served, RouterError> {
         // One snapshot for every attempt: the policy's indices name its replicas.
@@ -120,12 +140,29 @@ impl Dispatcher {
         let routed =
             |decision: Decision| prompt.as_ref().map_or(0, |p| fleet.policy.routed(route.key, p, decision));
         let first = choose(&candidates).ok_or(RouterError::NoHealthyReplica)?;
+        let cached = match (&prompt, self.explain) {
+            (Some(prompt), true) => fleet.policy.cached_view(prompt, first, &candidates),
+            _ => None,
+        };
+        if let Some(view) = cached {
+            let counter = |kind: &str| {
+                self.metrics.routing_cached_tokens.with_label_values(&[fleet.policy.name(), kind])
+            };
+            counter("chosen").inc_by(view.chosen as u64);
+            counter("best").inc_by(view.best as u64);
+        }
+        let explained = |mut served: Served| {
+            if self.explain {
+                explain(&mut served, fleet.policy.name(), cached);
+            }
+            served
+        };
         let tokens = routed(first);
         self.retries.deposit();
         self.count_decision(&fleet, first);
         let failed = match self.attempt(fleet.get(first.replica), route, outbound, tokens, first.reason).await
         {
-            Attempt::Done(served) => return Ok(served),
+            Attempt::Done(served) => return Ok(explained(served)),
             failed => failed,
         };
 
@@ -144,7 +181,7 @@ impl Dispatcher {
         let tokens = routed(second);
         drop(failed);
         match self.attempt(fleet.get(second.replica), route, outbound, tokens, Reason::Retry).await {
-            Attempt::Done(served) => Ok(served),
+            Attempt::Done(served) => Ok(explained(served)),
             failed => self.finish(failed, route),
         }
     }

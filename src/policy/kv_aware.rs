@@ -42,7 +42,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::session_homes::SessionHomes;
-use super::{Candidate, Decision, LeastLoaded, Policy, PrefixOptions, Reason, rotated};
+use super::{CachedView, Candidate, Decision, LeastLoaded, Policy, PrefixOptions, Reason, rotated};
 use crate::policy::cache_index::kv_events::token_block_keys;
 
 /// Tokens per block assumed for a prompt while no replica has reported its own (vLLM's
@@ -259,6 +259,19 @@ impl Policy for KvAware {
         let start = self.rotation.fetch_add(1, Ordering::Relaxed);
         let held: Vec<usize> = self.memories.iter().map(|m| m.len()).collect();
         choose_by_cost(prompt.tokens, &matched, &held, replicas, &self.options, start)
+    }
+
+    fn cached_view(
+        &self,
+        prompt: &PromptBlocks,
+        decision: Decision,
+        replicas: &[Candidate],
+    ) -> Option<CachedView> {
+        let (now, ttl) = (self.index.now(), self.index.ttl_ms());
+        let held = |i: usize| matched_tokens(&self.memories[i], prompt, now, ttl).min(prompt.tokens);
+        let chosen = held(decision.replica);
+        let best = (0..replicas.len()).filter(|&i| replicas[i].eligible).map(held).max().unwrap_or(0);
+        Some(CachedView { chosen, best: best.max(chosen) })
     }
 
     /// Remember the prompt on the replica (and the session's home), and count the

@@ -142,6 +142,27 @@ pub trait Policy: Send + Sync {
     fn routed(&self, _key: Option<&RoutingKey>, _prompt: &PromptBlocks, _decision: Decision) -> usize {
         0
     }
+
+    /// For a policy that knows what each replica caches in tokens (`kv-aware`): the
+    /// prompt tokens the chosen replica and the best eligible one are believed to hold,
+    /// asked after the choice and before [`Policy::routed`] records it.
+    fn cached_view(
+        &self,
+        _prompt: &PromptBlocks,
+        _decision: Decision,
+        _replicas: &[Candidate],
+    ) -> Option<CachedView> {
+        None
+    }
+}
+
+/// What [`Policy::cached_view`] says: prompt tokens believed cached on the chosen replica
+/// and the most any eligible replica held. They differ when the policy chose by load or
+/// by session over the cache: the routing loss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CachedView {
+    pub chosen: usize,
+    pub best: usize,
 }
 
 /// The policies `--policy` accepts.

@@ -1,0 +1,109 @@
+//! `--explain-routing`: every response names the replica, the policy and its reason; for
+//! kv-aware also the prompt tokens the router believed cached on the chosen replica and
+//! the most any eligible replica held, and the routing loss between them is counted in
+//! `router_routing_cached_tokens_total`. Without the flag no such header is sent.
+
+mod support;
+
+use clap::Parser;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+use support::*;
+
+async fn kv_router(explain: bool) -> llm_router::server::RunningRouter {
+    let mut args = vec!["router", "--host", "127.0.0.1", "--port", "0", "--sim", "2", "--policy", "kv-aware"];
+    args.extend_from_slice(&["--sim-time-scale", "50", "--session-header", "x-session-id"]);
+    if explain {
+        args.push("--explain-routing");
+    }
+    router(llm_router::config::Cli::parse_from(args).into_config().unwrap()).await
+}
+
+fn conversation(name: &str) -> Value {
+    let text: String =
+        (0..60).map(|i| format!("{name} rule {i}: state the error and its cause.\n")).collect();
+    json!({"model": "Qwen/Qwen3-0.6B-FP8", "max_tokens": 4,
+        "messages": [{"role": "system", "content": text}, {"role": "user", "content": "go"}]})
+}
+
+async fn ask(router: &llm_router::server::RunningRouter, body: &Value, session: Option<&str>) -> HeaderMap {
+    let mut request = client()
+        .post(format!("{}/v1/chat/completions", base(router)))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(session) = session {
+        request = request.header("x-session-id", session);
+    }
+    let response = request.send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    let _ = response.bytes().await.unwrap();
+    headers
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> &'a str {
+    headers.get(name).unwrap_or_else(|| panic!("no {name}: {headers:?}")).to_str().unwrap()
+}
+
+fn number(headers: &HeaderMap, name: &str) -> usize {
+    header(headers, name).parse().unwrap()
+}
+
+#[tokio::test]
+async fn decisions_and_routing_loss_are_explained() {
+    let router = kv_router(true).await;
+    let shared = conversation("shared");
+    let first = ask(&router, &shared, None).await;
+    let holder = header(&first, "x-router-replica").to_owned();
+    assert_eq!(header(&first, "x-router-policy"), "kv-aware");
+    assert_eq!(
+        (number(&first, "x-router-cached-tokens"), number(&first, "x-router-best-cached-tokens")),
+        (0, 0)
+    );
+
+    // Asked again, it goes where it is held: nothing lost.
+    let again = ask(&router, &shared, None).await;
+    assert_eq!(
+        (header(&again, "x-router-replica"), header(&again, "x-router-reason")),
+        (holder.as_str(), "cached")
+    );
+    let held = number(&again, "x-router-cached-tokens");
+    assert!(held > 500, "the conversation's prompt is believed held: {held}");
+    assert_eq!(number(&again, "x-router-best-cached-tokens"), held);
+
+    // A session whose home is the other replica takes the conversation there by affinity:
+    // the router knew the holder had more.
+    let mut other = None;
+    for k in 0..32 {
+        let session = format!("s{k}");
+        let placed = ask(&router, &conversation(&format!("own-{k}")), Some(&session)).await;
+        if header(&placed, "x-router-replica") != holder {
+            other = Some(session);
+            break;
+        }
+    }
+    let session = other.expect("some session lives on the other replica");
+    let moved = ask(&router, &shared, Some(&session)).await;
+    assert_ne!(header(&moved, "x-router-replica"), holder);
+    assert_eq!(header(&moved, "x-router-reason"), "affinity");
+    let (chosen, best) =
+        (number(&moved, "x-router-cached-tokens"), number(&moved, "x-router-best-cached-tokens"));
+    assert!(chosen < best && best >= held, "chosen {chosen}, best {best}");
+
+    let text = router.metrics.render();
+    let total = |kind: &str| {
+        metric(&text, &format!(r#"router_routing_cached_tokens_total{{kind="{kind}",policy="kv-aware"}}"#))
+    };
+    assert!(total("best") - total("chosen") >= (best - chosen) as f64, "the loss is counted: {text}");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_the_flag_no_decision_is_explained() {
+    let router = kv_router(false).await;
+    let headers = ask(&router, &conversation("quiet"), None).await;
+    let named: Vec<&str> =
+        headers.keys().map(|k| k.as_str()).filter(|k| k.starts_with("x-router-")).collect();
+    assert!(named.is_empty(), "{named:?}");
+    router.shutdown().await;
+}
