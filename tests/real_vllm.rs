@@ -280,3 +280,88 @@ async fn consistent_hashing_keeps_a_session_where_its_prefix_cache_is() {
     router.shutdown().await;
     eprintln!("sessions' engines: {served:?}");
 }
+
+#[tokio::test]
+async fn a_stream_survives_its_engine_killed_mid_answer() {
+    let Some(e) = engines() else { return };
+    let _turn = SERIAL.lock().await;
+    let router = start_router(&e, &["--policy", "round-robin", "--explain-routing"]).await;
+    until_all_healthy(&router, e.urls.len()).await;
+    let c = http();
+    const TOKENS: u64 = 200;
+    let messages = json!([{"role": "user", "content": words(4242, 40)}]);
+    let body = json!({"model": MODEL, "messages": messages, "max_tokens": TOKENS, "ignore_eos": true,
+        "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
+    let response = c
+        .post(format!("{}/v1/chat/completions", base(&router)))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let serving = response.headers()["x-router-replica"].to_str().unwrap().to_owned();
+    let killed = e.urls.iter().position(|u| u == &serving).expect("the serving engine is one of ours");
+    let mut restart = None;
+    let (mut text, mut tokens, mut finishes, mut ids, mut usage, mut errors, mut done) =
+        (String::new(), 0u64, Vec::new(), Vec::new(), Value::Null, Vec::new(), 0);
+    let mut chunks = response.bytes_stream();
+    while let Some(chunk) =
+        tokio::time::timeout(Duration::from_secs(120), chunks.next()).await.expect("stream hung")
+    {
+        text.push_str(std::str::from_utf8(&chunk.unwrap()).unwrap());
+        while let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            let data = event.trim_end().strip_prefix("data: ").unwrap().to_owned();
+            if data == "[DONE]" {
+                done += 1;
+                continue;
+            }
+            let value: Value = serde_json::from_str(&data).unwrap();
+            if value.get("error").is_some() {
+                errors.push(value);
+                continue;
+            }
+            ids.push(value["id"].as_str().unwrap().to_owned());
+            if !value["usage"].is_null() {
+                usage = value["usage"].clone();
+            }
+            for choice in value["choices"].as_array().unwrap() {
+                let role_only =
+                    choice["delta"].get("role").is_some() && choice["delta"]["content"].as_str() == Some("");
+                if !role_only {
+                    tokens += 1;
+                }
+                if let Some(reason) = choice["finish_reason"].as_str() {
+                    finishes.push(reason.to_owned());
+                }
+            }
+            // Some tokens in: kill the engine serving the stream (and start it again).
+            if tokens == 20 && restart.is_none() {
+                let script = e.script.clone();
+                restart = Some(tokio::task::spawn_blocking(move || {
+                    std::process::Command::new("bash")
+                        .args([script, "restart".into(), killed.to_string()])
+                        .status()
+                }));
+            }
+        }
+    }
+    assert!(restart.is_some(), "the stream ended before the kill");
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!((tokens, finishes.as_slice(), done), (TOKENS, &["length".to_owned()][..], 1));
+    assert!(ids.iter().all(|id| id == &ids[0]), "one id");
+    let direct = json!({"model": MODEL, "messages": messages, "max_tokens": 1});
+    let other = &e.urls[(killed + 1) % e.urls.len()];
+    let (_, answer) = send(&c, &format!("{other}/v1/chat/completions"), &direct, &[]).await;
+    let prompt = serde_json::from_str::<Value>(&answer).unwrap()["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(usage["prompt_tokens"].as_u64(), Some(prompt), "{usage}");
+    assert_eq!(usage["completion_tokens"].as_u64(), Some(TOKENS), "{usage}");
+    let continued =
+        sum(&scrape(&c, &base(&router)).await, "router_continuations_total", &["outcome=\"continued\""]);
+    assert_eq!(continued, 1.0);
+    let status = restart.unwrap().await.unwrap().unwrap();
+    assert!(status.success(), "restarting engine {killed}");
+    until_all_healthy(&router, e.urls.len()).await;
+    router.shutdown().await;
+}

@@ -121,6 +121,8 @@ async fn trace_sessions_keep_their_replica_and_reuse_their_prefix() {
     let urls = fleet.iter().map(|s| ReplicaUrl::parse(&s.url()).unwrap()).collect();
     let mut config = RouterConfig::new(urls);
     config.policy = PolicyKind::ConsistentHash;
+    // Pure affinity: the check below is that every turn of a session lands on one replica.
+    config.hash.balance_factor = None;
     config.session_headers = vec![HeaderName::from_static("x-correlation-id")];
     let router = llm_router::server::start(config).await.unwrap();
     let sessions = small_trace();
