@@ -349,7 +349,11 @@ async fn a_stream_survives_its_engine_killed_mid_answer() {
     }
     assert!(restart.is_some(), "the stream ended before the kill");
     assert!(errors.is_empty(), "{errors:?}");
-    assert_eq!((tokens, finishes.as_slice(), done), (TOKENS, &["length".to_owned()][..], 1));
+    assert_eq!((finishes.as_slice(), done), (&["length".to_owned()][..], 1), "{usage}");
+    // vLLM streams one event per engine step, and now and then a step's event carries two
+    // tokens (where a continued text's first tokens complete a word): the events are a
+    // few short of the tokens, the text is whole.
+    assert!((TOKENS - 8..=TOKENS).contains(&tokens), "{tokens} events for {TOKENS} tokens");
     assert!(ids.iter().all(|id| id == &ids[0]), "one id");
     let direct = json!({"model": MODEL, "messages": messages, "max_tokens": 1});
     let other = &e.urls[(killed + 1) % e.urls.len()];
@@ -357,6 +361,7 @@ async fn a_stream_survives_its_engine_killed_mid_answer() {
     let prompt = serde_json::from_str::<Value>(&answer).unwrap()["usage"]["prompt_tokens"].as_u64().unwrap();
     assert_eq!(usage["prompt_tokens"].as_u64(), Some(prompt), "{usage}");
     assert_eq!(usage["completion_tokens"].as_u64(), Some(TOKENS), "{usage}");
+    assert_eq!(usage["total_tokens"].as_u64(), Some(prompt + TOKENS), "{usage}");
     let continued =
         sum(&scrape(&c, &base(&router)).await, "router_continuations_total", &["outcome=\"continued\""]);
     assert_eq!(continued, 1.0);

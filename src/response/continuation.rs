@@ -60,7 +60,8 @@ struct ChunkChoice<'a> {
     text: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow)]
     delta: Option<Delta<'a>>,
-    finish_reason: Option<serde::de::IgnoredAny>,
+    #[serde(borrow)]
+    finish_reason: Option<std::borrow::Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -91,6 +92,12 @@ impl Ledger {
         if self.id.is_none() {
             self.id = chunk.id.map(|id| id.into_owned());
             self.created = chunk.created;
+        }
+        // vLLM ends the streams of an engine shutting down with `finish_reason: "abort"`:
+        // a broken stream, not an answer (the event is held back, like an error event).
+        if chunk.choices.iter().any(|c| c.finish_reason.as_deref() == Some("abort")) {
+            self.error = Some("the replica aborted the request mid-stream".to_owned());
+            return;
         }
         for choice in &chunk.choices {
             if choice.index != 0 {
@@ -211,13 +218,36 @@ pub struct Splice {
     pub id: Option<String>,
     pub created: Option<u64>,
     pub tokens: u64,
+    /// The client's prompt in tokens, as the continuing replica's `/tokenize` counts it;
+    /// without it, the continuation's prompt less the tokens sent (which differs by how
+    /// the engine re-tokenises the sent text).
+    pub prompt_tokens: Option<u64>,
 }
 
 impl Splice {
     /// A continuation starting after what `sent` says the client has.
-    pub fn after(sent: &Ledger) -> Splice {
-        Splice { id: sent.id.clone(), created: sent.created, tokens: sent.tokens }
+    pub fn after(sent: &Ledger, prompt_tokens: Option<u64>) -> Splice {
+        Splice { id: sent.id.clone(), created: sent.created, tokens: sent.tokens, prompt_tokens }
     }
+}
+
+/// The `/tokenize` request that counts the client's own prompt (the members of the
+/// request that shape it).
+pub fn tokenize_request(original: &Map<String, Value>) -> Bytes {
+    let shaping = [
+        "model",
+        "messages",
+        "prompt",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template",
+        "chat_template_kwargs",
+        "add_special_tokens",
+        "tools",
+    ];
+    let request: Map<String, Value> =
+        shaping.iter().filter_map(|k| original.get(*k).map(|v| ((*k).to_owned(), v.clone()))).collect();
+    Bytes::from(serde_json::to_vec(&request).expect("a JSON map serialises"))
 }
 
 /// One event of the continuation's stream as the client must see it, or None to drop it.
@@ -248,7 +278,7 @@ pub fn rewrite_event(event: &[u8], sent: &Splice) -> Option<Bytes> {
     if let Some(Value::Object(usage)) = chunk.get_mut("usage") {
         let number =
             |usage: &Map<String, Value>, key: &str| usage.get(key).and_then(Value::as_u64).unwrap_or(0);
-        let prompt = number(usage, "prompt_tokens").saturating_sub(sent.tokens);
+        let prompt = sent.prompt_tokens.unwrap_or(number(usage, "prompt_tokens").saturating_sub(sent.tokens));
         let completion = number(usage, "completion_tokens") + sent.tokens;
         usage.insert("prompt_tokens".into(), prompt.into());
         usage.insert("completion_tokens".into(), completion.into());
@@ -290,6 +320,9 @@ mod tests {
         completion
             .observe(br#"data: {"id":"cmpl-2","choices":[{"index":0,"text":" and","finish_reason":null}]}"#);
         assert_eq!((completion.text.as_str(), completion.tokens), (" and", 1));
+        completion.observe(br#"data: {"choices":[{"index":0,"text":"","finish_reason":"abort"}]}"#);
+        assert_eq!(completion.error.take().as_deref(), Some("the replica aborted the request mid-stream"));
+        assert!(!completion.finished);
         completion.observe(br#"data: {"error":{"message":"engine dead","code":500}}"#);
         assert_eq!(completion.error.as_deref(), Some("the replica failed mid-stream: engine dead"));
         assert_eq!(completion.tokens, 1);
@@ -349,7 +382,8 @@ mod tests {
 
     #[test]
     fn continuation_events_join_the_first_stream() {
-        let sent = Splice { id: Some("chatcmpl-1".into()), created: Some(7), tokens: 2 };
+        let mut sent =
+            Splice { id: Some("chatcmpl-1".into()), created: Some(7), tokens: 2, prompt_tokens: None };
         let role = br#"data: {"id":"chatcmpl-9","created":9,"choices":[{"index":0,"delta":{"role":"assistant","content":""},"finish_reason":null}]}"#;
         assert_eq!(rewrite_event(role, &sent), None);
         let token = br#"data: {"id":"chatcmpl-9","created":9,"choices":[{"index":0,"delta":{"content":" and"},"finish_reason":null}]}"#;
@@ -359,6 +393,14 @@ mod tests {
         let usage = br#"data: {"id":"x","choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}"#;
         let out: Value = serde_json::from_slice(&rewrite_event(usage, &sent).unwrap()[6..]).unwrap();
         assert_eq!(out["usage"], json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}));
+        sent.prompt_tokens = Some(9);
+        let out: Value = serde_json::from_slice(&rewrite_event(usage, &sent).unwrap()[6..]).unwrap();
+        assert_eq!(out["usage"], json!({"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}));
+        let counted: Value = serde_json::from_slice(&tokenize_request(&map(
+            json!({"model": "m", "messages": [], "max_tokens": 3, "stream": true, "tools": []}),
+        )))
+        .unwrap();
+        assert_eq!(counted, json!({"model": "m", "messages": [], "tools": []}));
         assert_eq!(rewrite_event(b"data: [DONE]", &sent).unwrap(), Bytes::from_static(b"data: [DONE]"));
     }
 }

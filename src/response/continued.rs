@@ -27,7 +27,7 @@ use http::StatusCode;
 use http_body::Frame;
 use serde_json::{Map, Value};
 
-use super::continuation::{Ledger, Splice, continuation_request, rewrite_event};
+use super::continuation::{Ledger, Splice, continuation_request, rewrite_event, tokenize_request};
 use crate::dispatch::{Dispatcher, Route, Served};
 use crate::error::RouterError;
 use crate::ingress::routing_key::RoutingKey;
@@ -53,7 +53,12 @@ pub struct Continuation {
     pub attempts: u32,
 }
 
-type Dispatching = Pin<Box<dyn Future<Output = Result<Served, RouterError>> + Send>>;
+/// The continuation's response, and the client's prompt in tokens as its replica counts it.
+type Dispatching = Pin<Box<dyn Future<Output = (Result<Served, RouterError>, Option<u64>)> + Send>>;
+
+/// Bounds on the `/tokenize` call that counts the client's prompt for the usage.
+const TOKENIZE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const TOKENIZE_MAX_BYTES: usize = 1 << 20;
 
 pub struct ContinuedBody {
     inner: Body,
@@ -199,6 +204,12 @@ impl ContinuedBody {
         let (endpoint, model, key, started) =
             (self.next.endpoint, self.next.model.clone(), self.next.key.clone(), self.next.started);
         let avoid = self.replica.clone();
+        let count = Outbound {
+            method: http::Method::POST,
+            path: http::uri::PathAndQuery::from_static("/tokenize"),
+            headers: self.next.outbound.headers.clone(),
+            body: tokenize_request(&original),
+        };
         tracing::debug!(replica = %avoid, sent = self.ledger.tokens, "continuing a broken stream elsewhere");
         self.dispatching = Some(Box::pin(async move {
             let route = Route {
@@ -212,7 +223,16 @@ impl ContinuedBody {
                 continuable: true,
                 avoid: Some(&avoid),
             };
-            dispatcher.dispatch(&route, &outbound).await
+            let served = dispatcher.dispatch(&route, &outbound).await;
+            let streaming = match &served {
+                Ok(served) if served.response.status() == StatusCode::OK => Some(served.replica.clone()),
+                _ => None,
+            };
+            let prompt_tokens = match streaming {
+                Some(replica) => prompt_count(&dispatcher, &replica, &count).await,
+                None => None,
+            };
+            (served, prompt_tokens)
         }));
         Ok(())
     }
@@ -226,14 +246,14 @@ impl ContinuedBody {
     }
 
     /// The continuation's answer: a stream to splice in, or the end.
-    fn answered(&mut self, result: Result<Served, RouterError>) {
+    fn answered(&mut self, result: Result<Served, RouterError>, prompt_tokens: Option<u64>) {
         let broke = self.broke.take().unwrap_or_default();
         match result {
             Ok(served) if served.response.status() == StatusCode::OK && is_sse(&served.response) => {
                 self.count("continued");
                 self.replica = served.replica;
                 self.inner = served.response.into_body();
-                self.splice = Some(Splice::after(&self.ledger));
+                self.splice = Some(Splice::after(&self.ledger, prompt_tokens));
             }
             Ok(served) => {
                 self.count("failed");
@@ -267,9 +287,9 @@ impl http_body::Body for ContinuedBody {
                 return Poll::Ready(None);
             }
             if let Some(dispatching) = this.dispatching.as_mut() {
-                let result = std::task::ready!(dispatching.as_mut().poll(cx));
+                let (result, prompt_tokens) = std::task::ready!(dispatching.as_mut().poll(cx));
                 this.dispatching = None;
-                this.answered(result);
+                this.answered(result, prompt_tokens);
                 continue;
             }
             match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
@@ -298,6 +318,24 @@ impl http_body::Body for ContinuedBody {
             }
         }
     }
+}
+
+/// The client's prompt in tokens, as `replica`'s `/tokenize` counts it; None when it
+/// cannot say (then usage is estimated from the continuation's prompt).
+async fn prompt_count(dispatcher: &Dispatcher, replica: &str, request: &Outbound) -> Option<u64> {
+    use http_body_util::BodyExt;
+    let replica = dispatcher.registry.find(replica)?;
+    let asked = async {
+        let response = dispatcher.relay.send(&replica, request).await.ok()?;
+        if response.status() != StatusCode::OK {
+            return None;
+        }
+        let body =
+            http_body_util::Limited::new(response.into_body(), TOKENIZE_MAX_BYTES).collect().await.ok()?;
+        let counted: Value = serde_json::from_slice(&body.to_bytes()).ok()?;
+        counted.get("count")?.as_u64()
+    };
+    tokio::time::timeout(TOKENIZE_TIMEOUT, asked).await.ok().flatten()
 }
 
 /// The SSE events in whole-event bytes (each without its blank line).
