@@ -4,6 +4,7 @@
 #   bash bench-scripts/real_vllm.sh install            venv + tiny model (idempotent)
 #   bash bench-scripts/real_vllm.sh start N [PORT]     N engines on PORT, PORT+1, ... (default 18100)
 #   bash bench-scripts/real_vllm.sh restart I          stop engine I and start it again, same flags
+#   bash bench-scripts/real_vllm.sh crash I            SIGKILL engine I (a crash), then start it again
 #   bash bench-scripts/real_vllm.sh stop               stop every engine of the set
 #
 # REAL_VLLM_SET names a set of engines (default `engine`): its files are
@@ -161,6 +162,16 @@ case "${1:-}" in
     i=${2:?usage: real_vllm.sh restart I}
     port=$(cat "$state/$set_name-$i.port")
     stop_one "$i"
+    launch "$i" "$port"
+    wait_healthy "$i"
+    ;;
+  crash)
+    # As a crashed engine: SIGKILL at once (SIGTERM lets vLLM finish or abort its
+    # requests), then start it again on its port.
+    i=${2:?usage: real_vllm.sh crash I}
+    port=$(cat "$state/$set_name-$i.port")
+    kill -KILL -- "-$(cat "$state/$set_name-$i.pid")" 2>/dev/null || true
+    rm -f "$state/$set_name-$i.pid"
     launch "$i" "$port"
     wait_healthy "$i"
     ;;

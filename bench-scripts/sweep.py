@@ -80,6 +80,9 @@ CONTENDERS = ["direct", "haproxy", "router", "vllm-router", "ray-serve-llm"]
 # vllm-router's cache_aware (its default policy). When a kv-aware contender is in the
 # sweep, every run's simulated replicas publish KV events (same engine cost for all).
 CACHE_CONTENDERS = ["router-prefix-aware", "router-kv-aware", "router-kv-aware-sessions", "vllm-router-cache-aware"]
+# This router's consistent hashing without its load bound (`--hash-balance-factor off`),
+# against `router` (the default bound), on request.
+AFFINITY_CONTENDERS = ["router-hash-pure"]
 # Engines' clock / wall clock per workload: decode-heavy at c=256 streams ~88k tokens a
 # second at the study's speed, which 2 cores cannot carry through a proxy and a client.
 TIME_SCALE = {"prefill-heavy": 0.5, "decode-heavy": 0.25, "agentic": 1.0}
@@ -135,6 +138,10 @@ class Sweep:
             if contender.endswith("-sessions"):
                 cmd += ["--session-header", SESSION_HEADER]
             return cmd + list(self.args.kv_args)
+        if contender == "router-hash-pure":
+            return [BIN / "router", "--host", "127.0.0.1", "--port", port, "--session-header", SESSION_HEADER,
+                    "--replicas", ",".join(urls["both"]),
+                    "--policy", "consistent-hash" if affinity else "round-robin", "--hash-balance-factor", "off"]
         if contender == "router-prefix-aware":
             return [BIN / "router", "--host", "127.0.0.1", "--port", port, "--replicas", ",".join(urls["both"]),
                     "--policy", "prefix-aware"]
@@ -475,7 +482,8 @@ def parse_args():
     p.add_argument("--dry-run", action="store_true", help="print every command without running anything")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--concurrency", nargs="+", type=int)
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS + CACHE_CONTENDERS, default=CONTENDERS)
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS + CACHE_CONTENDERS + AFFINITY_CONTENDERS,
+                   default=CONTENDERS)
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--repeats", type=int)
     p.add_argument("--pd", action="store_true", help="also run the P/D comparison (4 prefill + 4 decode)")

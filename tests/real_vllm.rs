@@ -288,7 +288,8 @@ async fn a_stream_survives_its_engine_killed_mid_answer() {
     let router = start_router(&e, &["--policy", "round-robin", "--explain-routing"]).await;
     until_all_healthy(&router, e.urls.len()).await;
     let c = http();
-    const TOKENS: u64 = 200;
+    // Long enough that the engine is still generating when it is killed.
+    const TOKENS: u64 = 1000;
     let messages = json!([{"role": "user", "content": words(4242, 40)}]);
     let body = json!({"model": MODEL, "messages": messages, "max_tokens": TOKENS, "ignore_eos": true,
         "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
@@ -303,6 +304,7 @@ async fn a_stream_survives_its_engine_killed_mid_answer() {
     let serving = response.headers()["x-router-replica"].to_str().unwrap().to_owned();
     let killed = e.urls.iter().position(|u| u == &serving).expect("the serving engine is one of ours");
     let mut restart = None;
+    let mut killed_at = None;
     let (mut text, mut tokens, mut finishes, mut ids, mut usage, mut errors, mut done) =
         (String::new(), 0u64, Vec::new(), Vec::new(), Value::Null, Vec::new(), 0);
     let mut chunks = response.bytes_stream();
@@ -336,24 +338,28 @@ async fn a_stream_survives_its_engine_killed_mid_answer() {
                     finishes.push(reason.to_owned());
                 }
             }
-            // Some tokens in: kill the engine serving the stream (and start it again).
+            // Some tokens in: the engine serving the stream crashes (SIGKILL; then it starts again).
             if tokens == 20 && restart.is_none() {
+                killed_at = Some(std::time::Instant::now());
                 let script = e.script.clone();
                 restart = Some(tokio::task::spawn_blocking(move || {
                     std::process::Command::new("bash")
-                        .args([script, "restart".into(), killed.to_string()])
+                        .args([script, "crash".into(), killed.to_string()])
                         .status()
                 }));
             }
         }
     }
     assert!(restart.is_some(), "the stream ended before the kill");
+    eprintln!(
+        "stream ended {:?} after the kill; {tokens} events",
+        killed_at.map(|t: std::time::Instant| t.elapsed())
+    );
     assert!(errors.is_empty(), "{errors:?}");
     assert_eq!((finishes.as_slice(), done), (&["length".to_owned()][..], 1), "{usage}");
-    // vLLM streams one event per engine step, and now and then a step's event carries two
-    // tokens (where a continued text's first tokens complete a word): the events are a
-    // few short of the tokens, the text is whole.
-    assert!((TOKENS - 8..=TOKENS).contains(&tokens), "{tokens} events for {TOKENS} tokens");
+    // vLLM streams one event per engine step; in a continued chat some events carry two
+    // tokens (about 2% here), so the events are fewer than the tokens; usage counts them.
+    assert!((TOKENS * 9 / 10..=TOKENS).contains(&tokens), "{tokens} events for {TOKENS} tokens");
     assert!(ids.iter().all(|id| id == &ids[0]), "one id");
     let direct = json!({"model": MODEL, "messages": messages, "max_tokens": 1});
     let other = &e.urls[(killed + 1) % e.urls.len()];
