@@ -20,6 +20,10 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+/// Most text a ledger keeps: an answer longer than this (a replica that streams without
+/// end) is no longer continued, and its text not kept.
+pub const MAX_LEDGER_TEXT: usize = 4 << 20;
+
 /// What the client has been sent of one streamed answer.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Ledger {
@@ -109,7 +113,7 @@ impl Ledger {
             }
             match (&choice.text, &choice.delta) {
                 (Some(text), _) => {
-                    self.text.push_str(text);
+                    self.keep(text);
                     self.tokens += 1;
                 }
                 (None, Some(delta)) => {
@@ -121,12 +125,27 @@ impl Ledger {
                     if delta.role.is_some() && content.is_empty() && choice.finish_reason.is_none() {
                         continue;
                     }
-                    self.text.push_str(content);
+                    self.keep(content);
                     self.tokens += 1;
                 }
                 (None, None) => {}
             }
         }
+    }
+}
+
+impl Ledger {
+    /// Keep text the client was sent, up to [`MAX_LEDGER_TEXT`].
+    fn keep(&mut self, text: &str) {
+        if self.unfaithful {
+            return;
+        }
+        if self.text.len() + text.len() > MAX_LEDGER_TEXT {
+            self.unfaithful = true;
+            self.text = String::new();
+            return;
+        }
+        self.text.push_str(text);
     }
 }
 
@@ -329,6 +348,19 @@ mod tests {
         completion.observe(br#"data: {"choices":[{"index":1,"text":"x"}]}"#);
         completion.observe(b"data: {not json");
         assert!(completion.unfaithful);
+    }
+
+    #[test]
+    fn the_ledger_keeps_a_bounded_text() {
+        let mut ledger = Ledger::default();
+        let event = format!(r#"data: {{"choices":[{{"index":0,"text":"{}"}}]}}"#, "a".repeat(1 << 20));
+        for _ in 0..4 {
+            ledger.observe(event.as_bytes());
+        }
+        assert!(!ledger.unfaithful && ledger.text.len() == MAX_LEDGER_TEXT);
+        ledger.observe(event.as_bytes());
+        assert!(ledger.unfaithful && ledger.text.is_empty(), "over the bound: not continued, nothing kept");
+        assert_eq!(ledger.tokens, 5);
     }
 
     #[test]
