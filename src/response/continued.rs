@@ -119,8 +119,11 @@ impl ContinuedBody {
         let whole = if self.held.is_empty() && data.ends_with(b"\n\n") {
             data
         } else {
+            // What is held has no terminator: only the new bytes (and the one before them)
+            // are scanned, so an event trickled in one-byte frames costs linear time.
+            let from = self.held.len().saturating_sub(1);
             self.held.extend_from_slice(&data);
-            match self.held.windows(2).rposition(|w| w == b"\n\n") {
+            match last_terminator(&self.held, from) {
                 Some(end) => self.held.split_to(end + 2).freeze(),
                 None => {
                     if self.held.len() > MAX_HELD_EVENT {
@@ -338,6 +341,11 @@ async fn prompt_count(dispatcher: &Dispatcher, replica: &str, request: &Outbound
     tokio::time::timeout(TOKENIZE_TIMEOUT, asked).await.ok().flatten()
 }
 
+/// Where the last `\n\n` in `bytes` starts, looking no earlier than `from`.
+fn last_terminator(bytes: &[u8], from: usize) -> Option<usize> {
+    bytes[from..].windows(2).rposition(|w| w == b"\n\n").map(|at| from + at)
+}
+
 /// The SSE events in whole-event bytes (each without its blank line).
 fn events(whole: &[u8]) -> EventIter<'_> {
     EventIter { rest: whole }
@@ -370,4 +378,20 @@ fn is_sse(response: &axum::response::Response) -> bool {
         .headers()
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminators_are_found_in_the_new_bytes_and_across_the_join() {
+        assert_eq!(last_terminator(b"data: a\n\ndata: b\n\ndata", 0), Some(16));
+        assert_eq!(last_terminator(b"data: a\n\ndata", 9), None, "before `from` is not looked at");
+        // A terminator split across two frames: the byte before the new ones counts.
+        let held = b"data: a\n\n";
+        assert_eq!(last_terminator(held, 7), Some(7));
+        let events: Vec<&[u8]> = events(b"data: a\n\ndata: [DONE]\n\n").collect();
+        assert_eq!(events, [&b"data: a"[..], &b"data: [DONE]"[..]]);
+    }
 }
