@@ -45,6 +45,11 @@ pub enum RouterError {
     QueueTimeout { after: std::time::Duration },
     #[error("method {method} is not allowed on {path}")]
     MethodNotAllowed { method: String, path: String },
+    #[error("rate limit reached for this API key: {} {} per minute; retry in {}s",
+        .0.per_minute, .0.limit.label(), .0.retry_after.as_secs())]
+    RateLimited(crate::admission::rate_limits::Refused),
+    #[error("the model `{0}` does not exist or you do not have access to it")]
+    ModelNotAllowed(String),
 }
 
 impl RouterError {
@@ -61,6 +66,8 @@ impl RouterError {
             RouterError::Unauthorized => StatusCode::UNAUTHORIZED,
             RouterError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
             RouterError::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            RouterError::ModelNotAllowed(_) => StatusCode::NOT_FOUND,
         }
     }
 
@@ -78,12 +85,15 @@ impl RouterError {
             RouterError::Unauthorized => "AuthenticationError",
             RouterError::QueueFull => "RateLimitError",
             RouterError::QueueTimeout { .. } => "ServiceUnavailableError",
+            RouterError::RateLimited(_) => "RateLimitError",
+            RouterError::ModelNotAllowed(_) => "NotFoundError",
         }
     }
 
     fn param(&self) -> Option<&str> {
         match self {
             RouterError::BadRequest(e) => e.field(),
+            RouterError::ModelNotAllowed(_) => Some("model"),
             _ => None,
         }
     }
@@ -125,8 +135,14 @@ impl IntoResponse for RouterError {
     fn into_response(self) -> Response {
         let mut response = error_response(self.status(), self.body());
         let headers = response.headers_mut();
-        if matches!(self, RouterError::QueueFull | RouterError::QueueTimeout { .. }) {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match &self {
+            RouterError::QueueFull | RouterError::QueueTimeout { .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            RouterError::RateLimited(refused) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(refused.retry_after.as_secs()));
+            }
+            _ => {}
         }
         response
     }

@@ -43,5 +43,6 @@ pub mod error;
 pub mod fuzzing;
 pub mod logging;
 pub mod metrics;
+pub mod reload;
 pub mod replicas;
 pub mod trace;

@@ -93,7 +93,22 @@ pub struct Metrics {
     /// (`chosen`) and on the best eligible one (`best`), by policy: their difference is
     /// the routing loss.
     pub routing_cached_tokens: IntCounterVec,
+    /// Time a request waited for a concurrency slot, by key and priority (0 for those
+    /// that found one free).
+    pub queue_wait: HistogramVec,
+    /// Keyed requests answered, by key name and status.
+    pub key_requests: IntCounterVec,
+    /// Tokens used by each key, from the engines' usage: `prompt`, `completion`,
+    /// `cached` (the prompt tokens the engine found in its prefix cache).
+    pub key_tokens: IntCounterVec,
+    /// Keyed requests refused by a rate limit, by key and limit (`requests`, `tokens`).
+    pub key_rate_limited: IntCounterVec,
+    /// Files reloaded while running, by file and outcome (`ok`, `error`).
+    pub config_reloads: IntCounterVec,
 }
+
+/// The `kind` label values of `router_key_tokens_total`.
+pub const KEY_TOKEN_KINDS: [&str; 3] = ["prompt", "completion", "cached"];
 
 /// The `endpoint` label values of proxied requests.
 pub const ENDPOINTS: [&str; 4] = ["chat_completions", "completions", "other", "prefill"];
@@ -303,6 +318,31 @@ impl Metrics {
                 "Prompt tokens believed cached on the chosen replica and on the best one (--explain-routing)",
                 &["policy", "kind"],
             ),
+            queue_wait: histogram(
+                "router_queue_wait_seconds",
+                "Time a request waited for a concurrency slot, by API key and priority",
+                &["key", "priority"],
+            ),
+            key_requests: counter(
+                "router_key_requests_total",
+                "Requests answered per API key, by status",
+                &["key", "status"],
+            ),
+            key_tokens: counter(
+                "router_key_tokens_total",
+                "Tokens used per API key, from the engines' usage (prompt, completion, cached)",
+                &["key", "kind"],
+            ),
+            key_rate_limited: counter(
+                "router_key_rate_limited_total",
+                "Requests refused by a key's rate limit (requests, tokens)",
+                &["key", "limit"],
+            ),
+            config_reloads: counter(
+                "router_config_reloads_total",
+                "Files reloaded while running, by file and outcome",
+                &["file", "outcome"],
+            ),
             registry,
         };
         // Series that exist from the start read 0 rather than missing, so rate() and
@@ -322,6 +362,17 @@ impl Metrics {
         }
         metrics.stripped_fields.with_label_values(&["kv_transfer_params"]);
         metrics
+    }
+
+    /// Create an API key's series at 0.
+    pub fn add_key(&self, key: &str, priority: &str) {
+        for kind in KEY_TOKEN_KINDS {
+            self.key_tokens.with_label_values(&[key, kind]);
+        }
+        for limit in ["requests", "tokens"] {
+            self.key_rate_limited.with_label_values(&[key, limit]);
+        }
+        self.queue_wait.with_label_values(&[key, priority]);
     }
 
     /// Create a replica's per-replica series at 0.

@@ -4,9 +4,11 @@
 //! Start-up probes every replica once before the first connection is accepted, so a
 //! router started against a healthy fleet routes its first request. Each accepted
 //! connection gets TCP_NODELAY (SSE events must not wait for Nagle) and a limit on how
-//! long its writes may stall ([`StallLimited`]), and is served by hyper's HTTP/1
-//! server, which notices a client that closes mid-request and drops the request's
-//! future, cancelling the upstream request with it. Shutdown stops accepting,
+//! long its writes may stall ([`StallLimited`]), goes through TLS when the listener
+//! has a certificate ([`crate::ingress::tls`]), and is served by hyper as HTTP/1.1 or
+//! HTTP/2 (h2 by ALPN, or h2c with prior knowledge). hyper notices a client that
+//! closes mid-request (or resets its stream) and drops the request's future,
+//! cancelling the upstream request with it. Shutdown stops accepting,
 //! lets in-flight requests finish for up to the drain timeout, then returns.
 
 use std::net::SocketAddr;
@@ -151,6 +153,44 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         Some(trace) => Some(crate::trace::Tracing::start(trace).map_err(std::io::Error::other)?),
         None => None,
     };
+    let api_keys = crate::admission::ApiKeys::new(config.api_keys.clone());
+    let rate_limits = crate::admission::rate_limits::RateLimits::default();
+    for key in &config.api_keys {
+        metrics.add_key(&key.name, key.priority.label());
+    }
+    if config.limit.is_some() {
+        metrics.queue_wait.with_label_values(&[ingress::ANONYMOUS, "normal"]);
+    }
+    if let Some(path) = config.key_source.file.clone() {
+        let (source, keys, limits, metrics) =
+            (config.key_source.clone(), api_keys.clone(), rate_limits.clone(), metrics.clone());
+        tasks.push(crate::reload::watch("api_keys", vec![path], metrics.config_reloads.clone(), move || {
+            let loaded = source.load()?;
+            for key in &loaded {
+                metrics.add_key(&key.name, key.priority.label());
+            }
+            let count = loaded.len();
+            keys.replace(loaded);
+            limits.retain(&keys.names());
+            tracing::info!(keys = count, "API keys reloaded");
+            Ok(())
+        }));
+    }
+    let tls = |files: &Option<crate::ingress::tls::TlsFiles>, label| -> std::io::Result<_> {
+        match files {
+            Some(files) => {
+                let (acceptor, watcher) =
+                    crate::ingress::tls::acceptor(files, label, metrics.config_reloads.clone())
+                        .map_err(|e| std::io::Error::other(format!("TLS: {e}")))?;
+                Ok((Some(acceptor), Some(watcher)))
+            }
+            None => Ok((None, None)),
+        }
+    };
+    let (serving_tls, watcher) = tls(&config.tls, "tls")?;
+    tasks.extend(watcher);
+    let (admin_tls, watcher) = tls(&config.admin_tls, "admin_tls")?;
+    tasks.extend(watcher);
     let ingress = Arc::new(Ingress {
         dispatcher: Arc::new(dispatcher),
         pd,
@@ -159,8 +199,12 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         max_body_bytes: config.max_body_bytes,
         body_read_timeout: config.body_read_timeout,
         metrics: metrics.clone(),
-        limiter: config.limit.map(|(n, queued, timeout)| crate::admission::Limiter::new(n, queued, timeout)),
-        api_keys: crate::admission::ApiKeys::new(config.api_keys.clone()),
+        limiter: config.limit.map(|(n, queued, timeout)| {
+            let wait = Some(metrics.queue_wait.clone());
+            crate::admission::Limiter::new(n, queued, timeout, config.queue_order, wait)
+        }),
+        api_keys: api_keys.clone(),
+        rate_limits: rate_limits.clone(),
         metrics_on_serving: config.metrics_on == crate::config::MetricsOn::Serving,
         forward_authorization: config.forward_authorization,
         trust_client_kv_params: config.trust_client_kv_params,
@@ -177,7 +221,8 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let app = ingress::routes(ingress, admin_here);
     let (stop, stopped) = oneshot::channel();
     let limits = ClientLimits { header_read: config.header_read_timeout, idle: config.client_idle_timeout };
-    let server = tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout, limits));
+    let scheme = if serving_tls.is_some() { "https" } else { "http" };
+    let server = tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout, limits, serving_tls));
     let mut admin_addr = None;
     let mut admin_stop = None;
     if let (Some(listen), Some(routes)) = (config.admin_listen, admin_apart) {
@@ -189,7 +234,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         ));
         let (stop, stopped) = oneshot::channel();
         admin_stop = Some(stop);
-        tasks.push(tokio::spawn(accept_loop(listener, routes, stopped, Duration::ZERO, limits)));
+        tasks.push(tokio::spawn(accept_loop(listener, routes, stopped, Duration::ZERO, limits, admin_tls)));
         tracing::info!(addr = %admin_addr.expect("bound"), "admin API listening");
     }
     for sim in &sims {
@@ -203,7 +248,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
             "P/D mode: prefill stage"
         );
     }
-    tracing::info!(%addr, replicas = registry.replicas().len(), healthy = registry.healthy_count(),
+    tracing::info!(%addr, scheme, replicas = registry.replicas().len(), healthy = registry.healthy_count(),
         policy = ?config.policy, "router listening");
     Ok(RunningRouter {
         addr,
@@ -268,10 +313,36 @@ fn sim_url(sim: &vllm_sim::RunningSim) -> crate::replicas::ReplicaUrl {
 /// Time limits on what a client connection may hold the router for.
 #[derive(Debug, Clone, Copy)]
 struct ClientLimits {
-    /// To send a request's headers.
+    /// To send a request's headers (HTTP/1.1), or to finish the TLS handshake.
     header_read: Duration,
     /// To accept any byte of a response it is being sent ([`StallLimited`]).
     idle: Duration,
+}
+
+/// Largest header block an HTTP/2 client may send: what hyper's HTTP/1 buffer holds.
+const MAX_H2_HEADER_LIST: u32 = 400 * 1024;
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_H2_STREAMS: u32 = 256;
+
+/// HTTP/1.1 and HTTP/2 (h2c with prior knowledge, or h2 by ALPN over TLS), with the
+/// same limits on both.
+fn http_builder(limits: ClientLimits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Slow clients: headers must arrive in time, and may not exceed hyper's 400 kB
+    // buffer (hyper answers 431 beyond it); a client that stops reading loses its
+    // connection after the idle limit.
+    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read);
+    // HTTP/2: the same header bound, a bound on streams per connection, and pings
+    // that find a peer gone silent. A reset stream (RST_STREAM) drops its request's
+    // future, which cancels the upstream request as a closed HTTP/1 connection does.
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_H2_HEADER_LIST)
+        .max_concurrent_streams(MAX_H2_STREAMS)
+        .keep_alive_interval(Some(limits.idle))
+        .keep_alive_timeout(limits.header_read);
+    builder
 }
 
 async fn accept_loop(
@@ -280,13 +351,10 @@ async fn accept_loop(
     mut stopped: oneshot::Receiver<()>,
     drain_timeout: Duration,
     limits: ClientLimits,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) {
     let graceful = GracefulShutdown::new();
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
-    // Slow clients: headers must arrive in time, and may not exceed hyper's 400 kB
-    // buffer (hyper answers 431 beyond it); a client that stops reading loses its
-    // connection after the idle limit.
-    builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read);
+    let builder = Arc::new(http_builder(limits));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -303,10 +371,30 @@ async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
         let stream = StallLimited::new(stream, limits.idle);
-        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let connection = graceful.watch(connection);
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let served = match tls {
+                None => {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    watcher.watch(connection).await
+                }
+                Some(tls) => {
+                    let stream = match tokio::time::timeout(limits.header_read, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => stream,
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    watcher.watch(connection).await
+                }
+            };
+            if let Err(error) = served {
                 tracing::debug!(%peer, %error, "client connection ended with an error");
             }
         });

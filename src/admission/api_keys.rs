@@ -1,12 +1,16 @@
 //! The API keys clients must present, and where they come from: `--api-key` (also
 //! `ROUTER_API_KEYS`, comma-separated, so a key need not show in `ps`), and
-//! `--api-keys-file PATH`, a TOML file that names each key and can hold its SHA-256
-//! digest instead of the key itself:
+//! `--api-keys-file PATH`, a TOML file that names each key, can hold its SHA-256
+//! digest instead of the key itself, and gives each key its limits:
 //!
 //! ```toml
 //! [[keys]]
-//! name = "team-a"          # what logs say, never the key
+//! name = "team-a"             # what logs and metrics say, never the key
 //! key = "sk-..."
+//! requests_per_minute = 600   # optional
+//! tokens_per_minute = 200000  # optional: prompt + completion tokens
+//! priority = "high"           # high | normal (default) | low
+//! models = ["Qwen/Qwen3-0.6B-FP8"]  # optional allow-list
 //!
 //! [[keys]]
 //! name = "team-b"
@@ -14,29 +18,45 @@
 //! ```
 //!
 //! A presented key is compared with every configured one in constant time, whichever
-//! matches. The file is read at start; a bad file stops the router with one line
-//! naming the problem. Fields this router does not enforce (rate limits, say) are
-//! refused, never silently ignored.
+//! matches. The file is read at start (a bad file stops the router with one line
+//! naming the problem) and again when it changes or the router gets SIGHUP
+//! ([`crate::admission::reload`]): a bad edit is logged and the last good set stays.
+//! Unknown fields are refused, never silently ignored.
 
 use std::path::Path;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use http::HeaderValue;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// One key: its name, and the secret or its digest.
+use super::fair_queue::Priority;
+use super::rate_limits::Limits;
+
+/// One key: its name, the secret or its digest, and what it may do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKey {
     pub name: Arc<str>,
     secret: Secret,
+    pub limits: Limits,
+    pub priority: Priority,
+    /// The models it may use; None: any.
+    pub models: Option<Vec<String>>,
 }
 
-/// The name of the key a request was let in with, in its extensions (for the access
-/// log).
+impl ApiKey {
+    /// Whether this key may use `model`.
+    pub fn allows(&self, model: &str) -> bool {
+        self.models.as_ref().is_none_or(|models| models.iter().any(|m| m == model))
+    }
+}
+
+/// The key a request was let in with, in its extensions (for limits, metrics and the
+/// access log).
 #[derive(Debug, Clone)]
-pub struct KeyName(pub Arc<str>);
+pub struct Caller(pub Arc<ApiKey>);
 
 #[derive(Clone, PartialEq, Eq)]
 enum Secret {
@@ -53,19 +73,35 @@ impl std::fmt::Debug for Secret {
 impl ApiKey {
     /// A key given on the command line or in the environment, named by its position.
     pub fn plain(name: String, key: &str) -> Self {
-        ApiKey { name: name.into(), secret: Secret::Plain(key.as_bytes().to_vec()) }
+        ApiKey {
+            name: name.into(),
+            secret: Secret::Plain(key.as_bytes().to_vec()),
+            limits: Limits::default(),
+            priority: Priority::Normal,
+            models: None,
+        }
     }
 }
 
-/// The keys clients must present, if any.
+/// The keys clients must present, if any: a set that a reload replaces whole.
 #[derive(Clone, Default)]
 pub struct ApiKeys {
-    keys: Arc<Vec<ApiKey>>,
+    keys: Arc<ArcSwap<Vec<Arc<ApiKey>>>>,
 }
 
 impl ApiKeys {
     pub fn new(keys: Vec<ApiKey>) -> Self {
-        ApiKeys { keys: Arc::new(keys) }
+        ApiKeys { keys: Arc::new(ArcSwap::from_pointee(keys.into_iter().map(Arc::new).collect())) }
+    }
+
+    /// Put `keys` in place of the current set (requests already let in keep theirs).
+    pub fn replace(&self, keys: Vec<ApiKey>) {
+        self.keys.store(Arc::new(keys.into_iter().map(Arc::new).collect()));
+    }
+
+    /// The names of the current keys.
+    pub fn names(&self) -> Vec<Arc<str>> {
+        self.keys.load().iter().map(|k| k.name.clone()).collect()
     }
 
     /// Keys from the command line (or `ROUTER_API_KEYS`): `key-1`, `key-2`, ...
@@ -74,27 +110,27 @@ impl ApiKeys {
     }
 
     pub fn is_enabled(&self) -> bool {
-        !self.keys.is_empty()
+        !self.keys.load().is_empty()
     }
 
-    /// The name of the key `authorization` (the header's value) carries, if it carries
-    /// one. Every key is compared, in constant time, whatever matches.
-    pub fn check(&self, authorization: Option<&HeaderValue>) -> Option<&Arc<str>> {
+    /// The key `authorization` (the header's value) carries, if it carries one. Every
+    /// key is compared, in constant time, whatever matches.
+    pub fn check(&self, authorization: Option<&HeaderValue>) -> Option<Arc<ApiKey>> {
         let presented = authorization.and_then(|v| v.as_bytes().strip_prefix(b"Bearer ")).unwrap_or_default();
-        let digest: Option<[u8; 32]> = self
-            .keys
+        let keys = self.keys.load();
+        let digest: Option<[u8; 32]> = keys
             .iter()
             .any(|k| matches!(k.secret, Secret::Sha256(_)))
             .then(|| Sha256::digest(presented).into());
         let mut found = None;
-        for key in self.keys.iter() {
+        for key in keys.iter() {
             let matched = match (&key.secret, &digest) {
                 (Secret::Plain(secret), _) => secret.as_slice().ct_eq(presented),
                 (Secret::Sha256(secret), Some(digest)) => secret.ct_eq(digest),
                 (Secret::Sha256(_), None) => subtle::Choice::from(0),
             };
             if bool::from(matched) && found.is_none() {
-                found = Some(&key.name);
+                found = Some(key.clone());
             }
         }
         found.filter(|_| !presented.is_empty())
@@ -119,10 +155,18 @@ pub fn load_file(path: &Path) -> Result<Vec<ApiKey>, String> {
         name: String,
         key: Option<String>,
         key_sha256: Option<String>,
+        requests_per_minute: Option<u32>,
+        tokens_per_minute: Option<u64>,
+        #[serde(default)]
+        priority: Priority,
+        models: Option<Vec<String>>,
     }
     let at = |e: &dyn std::fmt::Display| format!("--api-keys-file {}: {e}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
-    let file: File = toml::from_str(&text).map_err(|e| at(&e.message().to_owned()))?;
+    let file: File = toml::from_str(&text).map_err(|e| {
+        let line = e.span().map_or(0, |span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        at(&format!("line {line}: {}", e.message()))
+    })?;
     let mut keys = Vec::with_capacity(file.keys.len());
     for entry in file.keys {
         let secret = match (entry.key, entry.key_sha256) {
@@ -136,7 +180,26 @@ pub fn load_file(path: &Path) -> Result<Vec<ApiKey>, String> {
         if keys.iter().any(|k: &ApiKey| *k.name == *entry.name) {
             return Err(at(&format!("the name `{}` is used twice", entry.name)));
         }
-        keys.push(ApiKey { name: entry.name.into(), secret });
+        if entry.requests_per_minute == Some(0) || entry.tokens_per_minute == Some(0) {
+            return Err(at(&format!(
+                "key `{}`: a limit of 0 lets nothing through; remove the key",
+                entry.name
+            )));
+        }
+        if entry.models.as_ref().is_some_and(Vec::is_empty) {
+            return Err(at(&format!("key `{}`: models = [] allows no model; remove the key", entry.name)));
+        }
+        let limits = Limits {
+            requests_per_minute: entry.requests_per_minute,
+            tokens_per_minute: entry.tokens_per_minute,
+        };
+        keys.push(ApiKey {
+            name: entry.name.into(),
+            secret,
+            limits,
+            priority: entry.priority,
+            models: entry.models,
+        });
     }
     if keys.is_empty() {
         return Err(at(&"no [[keys]]: a keys file that lets nobody in is a mistake"));
@@ -167,8 +230,9 @@ mod tests {
     #[test]
     fn keys_need_bearer_and_an_exact_match() {
         let keys = ApiKeys::new(ApiKeys::from_flags(&["k1".into(), "secret-2".into()]));
-        assert_eq!(keys.check(Some(&h("Bearer k1"))).map(|n| &**n), Some("key-1"));
-        assert_eq!(keys.check(Some(&h("Bearer secret-2"))).map(|n| &**n), Some("key-2"));
+        let name = |v: &str| keys.check(Some(&h(v))).map(|k| k.name.to_string());
+        assert_eq!(name("Bearer k1").as_deref(), Some("key-1"));
+        assert_eq!(name("Bearer secret-2").as_deref(), Some("key-2"));
         assert!(!keys.accepts(Some(&h("Bearer k"))));
         assert!(!keys.accepts(Some(&h("Bearer k12"))));
         assert!(!keys.accepts(Some(&h("k1"))));
@@ -188,6 +252,10 @@ mod tests {
 [[keys]]
 name = "team-a"
 key = "sk-a"
+requests_per_minute = 5
+tokens_per_minute = 1000
+priority = "high"
+models = ["m1"]
 
 [[keys]]
 name = "team-b"
@@ -196,14 +264,27 @@ key_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08"
         )
         .unwrap();
         let keys = ApiKeys::new(load_file(&path).unwrap());
-        assert_eq!(keys.check(Some(&h("Bearer sk-a"))).map(|n| &**n), Some("team-a"));
-        assert_eq!(keys.check(Some(&h("Bearer test"))).map(|n| &**n), Some("team-b"));
+        let a = keys.check(Some(&h("Bearer sk-a"))).unwrap();
+        assert_eq!(&*a.name, "team-a");
+        assert_eq!(a.limits, Limits { requests_per_minute: Some(5), tokens_per_minute: Some(1000) });
+        assert_eq!(a.priority, Priority::High);
+        assert!(a.allows("m1") && !a.allows("m2"));
+        let b = keys.check(Some(&h("Bearer test"))).unwrap();
+        assert_eq!((&*b.name, b.priority, b.limits), ("team-b", Priority::Normal, Limits::default()));
+        assert!(b.allows("anything"));
         assert_eq!(keys.check(Some(&h("Bearer tess"))), None);
+        keys.replace(vec![ApiKey::plain("new".into(), "sk-new")]);
+        assert_eq!(keys.check(Some(&h("Bearer sk-a"))), None);
+        assert_eq!(keys.names(), [Arc::from("new")]);
         for (bad, needle) in [
             ("[[keys]]\nname = \"x\"\n", "exactly one of"),
             ("[[keys]]\nname = \"x\"\nkey = \"a\"\nkey_sha256 = \"00\"\n", "exactly one of"),
             ("[[keys]]\nname = \"x\"\nkey_sha256 = \"abc\"\n", "64 hex"),
-            ("[[keys]]\nname = \"x\"\nkey = \"a\"\nrequests_per_minute = 5\n", "requests_per_minute"),
+            ("[[keys]]\nname = \"x\"\nkey = \"a\"\nrequests_per_hour = 5\n", "requests_per_hour"),
+            ("[[keys]]\nname = \"x\"\nkey = \"a\"\nrequests_per_minute = 0\n", "limit of 0"),
+            ("[[keys]]\nname = \"x\"\nkey = \"a\"\nrequests_per_minute = -1\n", "line 4: invalid value"),
+            ("[[keys]]\nname = \"x\"\nkey = \"a\"\npriority = \"urgent\"\n", "urgent"),
+            ("[[keys]]\nname = \"x\"\nkey = \"a\"\nmodels = []\n", "no model"),
             ("[[keys]]\nname = \"x\"\nkey = \"a\"\n[[keys]]\nname = \"x\"\nkey = \"b\"\n", "twice"),
             ("", "no [[keys]]"),
             ("keys = 3", "keys"),

@@ -11,19 +11,19 @@
 //!   A client's own `x-request-id` (up to 128 visible characters) is kept for the logs
 //!   and trace and returned on the response; without one, the router's is returned.
 //!   Every response carries one, the router's own errors included.
-//! - Concurrency (`--max-concurrent-requests`): at most that many requests are proxied
-//!   at once; up to `--max-queued-requests` more wait, each for at most
-//!   `--queue-timeout`. A full queue answers 429 at once, a wait that times out 503 with
-//!   `Retry-After`. The slot is taken once the request body has been read (a slow
+//! - Per-key limits ([`rate_limits`]): requests and tokens per minute, 429 with
+//!   `Retry-After` beyond them; a key's model allow-list (404 for other models, as
+//!   OpenAI answers a model you may not use).
+//! - Concurrency (`--max-concurrent-requests`, [`fair_queue`]): at most that many
+//!   requests are proxied at once; up to `--max-queued-requests` more wait, each for at
+//!   most `--queue-timeout`, served by priority and then by key in turn. A full queue
+//!   answers 429 at once, a wait that times out 503 with `Retry-After`. The slot is taken once the request body has been read (a slow
 //!   upload holds its connection, not a slot) and held until the response body ends or
 //!   the client is cut off ([`crate::ingress::client_io`]), so a long stream counts for as long
 //!   as it runs. Memory stays bounded: excess requests are refused, not buffered.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -32,12 +32,14 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, header};
 use http_body::{Frame, SizeHint};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::RouterError;
 
 mod api_keys;
-pub use api_keys::{ApiKey, ApiKeys, KeyName, load_file as load_api_keys_file};
+pub mod fair_queue;
+pub mod rate_limits;
+pub use api_keys::{ApiKey, ApiKeys, Caller, load_file as load_api_keys_file};
+pub use fair_queue::{Flow, Limiter, Priority, QueueOrder, Slot};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -67,9 +69,9 @@ pub async fn admit(State(keys): State<ApiKeys>, mut request: Request, next: Next
     let path = request.uri().path();
     let open = path == "/health" || path.starts_with("/admin/");
     let let_in = !keys.is_enabled() || open || {
-        match keys.check(request.headers().get(header::AUTHORIZATION)).cloned() {
-            Some(name) => {
-                request.extensions_mut().insert(KeyName(name));
+        match keys.check(request.headers().get(header::AUTHORIZATION)) {
+            Some(key) => {
+                request.extensions_mut().insert(Caller(key));
                 true
             }
             None => false,
@@ -81,52 +83,16 @@ pub async fn admit(State(keys): State<ApiKeys>, mut request: Request, next: Next
     response
 }
 
-/// The concurrency limit and its queue.
-pub struct Limiter {
-    permits: Arc<Semaphore>,
-    queued: AtomicUsize,
-    max_queued: usize,
-    queue_timeout: Duration,
-}
-
-impl Limiter {
-    pub fn new(max_concurrent: usize, max_queued: usize, queue_timeout: Duration) -> Self {
-        Limiter {
-            permits: Arc::new(Semaphore::new(max_concurrent)),
-            queued: AtomicUsize::new(0),
-            max_queued,
-            queue_timeout,
-        }
-    }
-
-    /// A slot for one request, waiting in the queue if need be.
-    pub async fn admit(&self) -> Result<OwnedSemaphorePermit, RouterError> {
-        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-            return Ok(permit);
-        }
-        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
-            self.queued.fetch_sub(1, Ordering::AcqRel);
-            return Err(RouterError::QueueFull);
-        }
-        let waited = tokio::time::timeout(self.queue_timeout, self.permits.clone().acquire_owned()).await;
-        self.queued.fetch_sub(1, Ordering::AcqRel);
-        match waited {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(RouterError::QueueTimeout { after: self.queue_timeout }),
-        }
-    }
-}
-
 /// A response body that holds its request's concurrency slot until it ends or drops.
 pub struct Slotted {
     inner: Body,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl Slotted {
-    pub fn wrap(response: Response, permit: OwnedSemaphorePermit) -> Response {
+    pub fn wrap(response: Response, slot: Slot) -> Response {
         let (parts, inner) = response.into_parts();
-        Response::from_parts(parts, Body::new(Slotted { inner, _permit: permit }))
+        Response::from_parts(parts, Body::new(Slotted { inner, _slot: slot }))
     }
 }
 
@@ -147,24 +113,5 @@ impl http_body::Body for Slotted {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn queue_is_bounded_and_times_out() {
-        let limiter = Limiter::new(1, 1, Duration::from_millis(50));
-        let held = limiter.admit().await.unwrap();
-        let (queued, full) = tokio::join!(limiter.admit(), async {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            limiter.admit().await
-        });
-        assert!(matches!(full, Err(RouterError::QueueFull)));
-        assert!(matches!(queued, Err(RouterError::QueueTimeout { .. })));
-        drop(held);
-        assert!(limiter.admit().await.is_ok());
     }
 }

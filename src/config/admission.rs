@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::admission::{ApiKey, ApiKeys, load_api_keys_file};
+use crate::admission::{ApiKey, ApiKeys, QueueOrder, load_api_keys_file};
 
 #[derive(Debug, clap::Args)]
 #[command(next_help_heading = "Admission")]
@@ -16,6 +16,11 @@ pub struct AdmissionArgs {
     /// Most requests waiting for a slot; beyond it requests get 429 at once.
     #[arg(long, default_value_t = 1024)]
     pub max_queued_requests: usize,
+
+    /// How waiting requests are served: `fair` (by the key's priority, then each key in
+    /// turn) or `fifo` (arrival order, whatever the key).
+    #[arg(long, value_enum, default_value_t = QueueOrder::Fair)]
+    pub queue_order: QueueOrder,
 
     /// Longest wait for a slot; then 503 with Retry-After.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -34,7 +39,10 @@ pub struct AdmissionArgs {
     pub api_keys: Vec<String>,
 
     /// A TOML file of named client API keys (`[[keys]] name = "..." key = "..."`, or
-    /// `key_sha256 = "<hex>"` instead of the key), read at start, added to --api-key's.
+    /// `key_sha256 = "<hex>"` instead of the key), each with optional
+    /// `requests_per_minute`, `tokens_per_minute`, `priority` (high, normal, low) and
+    /// `models`; added to --api-key's, read again when it changes or on SIGHUP (a bad
+    /// edit keeps the last good set).
     #[arg(long, value_name = "PATH")]
     pub api_keys_file: Option<std::path::PathBuf>,
 
@@ -55,16 +63,30 @@ impl AdmissionArgs {
         self.max_concurrent_requests.map(|n| (n as usize, self.max_queued_requests, self.queue_timeout))
     }
 
-    /// `--api-key`'s keys, then the keys file's (read now).
-    pub fn api_keys(&self) -> Result<Vec<ApiKey>, String> {
-        let mut keys = ApiKeys::from_flags(&self.api_keys);
-        if let Some(path) = &self.api_keys_file {
-            keys.extend(load_api_keys_file(path)?);
-        }
-        Ok(keys)
+    /// Where the keys come from.
+    pub fn key_source(&self) -> KeySource {
+        KeySource { flags: self.api_keys.clone(), file: self.api_keys_file.clone() }
     }
 
     pub fn admin_token(&self) -> Option<String> {
         self.admin_token.clone().filter(|t| !t.is_empty())
+    }
+}
+
+/// `--api-key`'s keys and the keys file, read again on reload.
+#[derive(Debug, Clone, Default)]
+pub struct KeySource {
+    flags: Vec<String>,
+    pub file: Option<std::path::PathBuf>,
+}
+
+impl KeySource {
+    /// `--api-key`'s keys, then the keys file's (read now).
+    pub fn load(&self) -> Result<Vec<ApiKey>, String> {
+        let mut keys = ApiKeys::from_flags(&self.flags);
+        if let Some(path) = &self.file {
+            keys.extend(load_api_keys_file(path)?);
+        }
+        Ok(keys)
     }
 }

@@ -10,6 +10,7 @@
 //! discovered to be wrong at the first request.
 
 mod admission;
+pub use admission::KeySource;
 mod discovery;
 mod fleet;
 mod kv_events;
@@ -96,7 +97,14 @@ pub struct RouterConfig {
     pub continuation_attempts: u32,
     /// (max concurrent, max queued, queue timeout), when limited.
     pub limit: Option<(usize, usize, Duration)>,
+    /// How waiting requests are served (`--queue-order`).
+    pub queue_order: crate::admission::QueueOrder,
     pub api_keys: Vec<crate::admission::ApiKey>,
+    /// Where they came from, to read them again.
+    pub key_source: KeySource,
+    /// TLS on the serving listener, and on the admin listener.
+    pub tls: Option<crate::ingress::tls::TlsFiles>,
+    pub admin_tls: Option<crate::ingress::tls::TlsFiles>,
     pub metrics_on: MetricsOn,
     pub forward_authorization: bool,
     pub trust_client_kv_params: bool,
@@ -217,7 +225,11 @@ impl Cli {
             retries: resilience.retries(),
             continuation_attempts: resilience.continuation_attempts(),
             limit: admission.limit(),
-            api_keys: admission.api_keys()?,
+            queue_order: admission.queue_order,
+            api_keys: admission.key_source().load()?,
+            key_source: admission.key_source(),
+            tls: serving.tls(),
+            admin_tls: serving.admin_tls(),
             metrics_on: self.telemetry.metrics_on,
             forward_authorization: serving.forward_authorization,
             trust_client_kv_params: serving.trust_client_kv_params,

@@ -60,6 +60,23 @@ pub struct ServingArgs {
     /// On SIGTERM/SIGINT, time in-flight requests get to finish before the router exits.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
+
+    /// Serve TLS with this certificate chain (PEM), with --tls-key. ALPN offers h2 and
+    /// http/1.1; the files are read again when they change or on SIGHUP.
+    #[arg(long, value_name = "PATH", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, value_name = "PATH", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// TLS for the admin listener (--admin-listen), with --admin-tls-key.
+    #[arg(long, value_name = "PATH", requires_all = ["admin_tls_key", "admin_listen"])]
+    pub admin_tls_cert: Option<std::path::PathBuf>,
+
+    /// The private key of --admin-tls-cert.
+    #[arg(long, value_name = "PATH", requires = "admin_tls_cert")]
+    pub admin_tls_key: Option<std::path::PathBuf>,
 }
 
 impl ServingArgs {
@@ -68,6 +85,18 @@ impl ServingArgs {
     }
 
     /// The `/v1/` paths forwarded: vLLM's OpenAI endpoints, then `--forward-path`'s.
+    /// The serving listener's certificate and key, when it serves TLS.
+    pub fn tls(&self) -> Option<crate::ingress::tls::TlsFiles> {
+        let (cert, key) = (self.tls_cert.clone()?, self.tls_key.clone()?);
+        Some(crate::ingress::tls::TlsFiles { cert, key })
+    }
+
+    /// The admin listener's.
+    pub fn admin_tls(&self) -> Option<crate::ingress::tls::TlsFiles> {
+        let (cert, key) = (self.admin_tls_cert.clone()?, self.admin_tls_key.clone()?);
+        Some(crate::ingress::tls::TlsFiles { cert, key })
+    }
+
     pub fn forward_paths(&self) -> Vec<String> {
         crate::ingress::FORWARDED_BY_DEFAULT
             .iter()

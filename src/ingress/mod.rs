@@ -12,6 +12,7 @@
 pub(crate) mod client_io;
 pub mod request_facts;
 pub mod routing_key;
+pub mod tls;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +27,8 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 
-use crate::admission::{self, ApiKeys, Limiter, Slotted};
+use crate::admission::rate_limits::RateLimits;
+use crate::admission::{self, ApiKey, ApiKeys, Caller, Flow, Limiter, Slotted};
 use crate::dispatch::pd::members::Members;
 use crate::dispatch::pd::{PdRequest, PrefillDecode};
 use crate::dispatch::{Dispatcher, Route, ServedBy};
@@ -34,6 +36,7 @@ use crate::error::RouterError;
 use crate::ingress::routing_key::KeyHeaders;
 use crate::metrics::{ENDPOINTS, Metrics};
 use crate::response::continued::{Continuation, ContinuedBody};
+use crate::response::metered::Meter;
 use crate::upstream::proxy::Outbound;
 use request_facts::{BodyFacts, FactsError};
 
@@ -74,6 +77,8 @@ pub struct Ingress {
     /// `--max-concurrent-requests` and its queue; None means unlimited.
     pub limiter: Option<Limiter>,
     pub api_keys: ApiKeys,
+    /// The keys' request and token buckets.
+    pub rate_limits: RateLimits,
     /// `/metrics` on the serving port (else on the admin listener only).
     pub metrics_on_serving: bool,
     /// Forward the client's `Authorization` header to replicas.
@@ -213,12 +218,30 @@ pub(crate) fn json(status: StatusCode, body: String) -> Response {
 }
 
 impl Ingress {
-    /// Read the body, take a concurrency slot, route and forward. The slot is taken
-    /// only once the body is here: a slow upload holds a connection, never a slot.
+    /// Read the body, check the key's limits, take a concurrency slot, route and
+    /// forward. The slot is taken only once the body is here: a slow upload holds a
+    /// connection, never a slot.
     async fn proxy(&self, endpoint: Endpoint, request: Request) -> Response {
         let started = Instant::now();
         let label = endpoint.label();
         let mut waiting = Waiting { metrics: &self.metrics, endpoint: label, armed: true };
+        let caller = request.extensions().get::<Caller>().map(|c| c.0.clone());
+        let response = self.admit_and_forward(endpoint, request, caller.as_deref(), started).await;
+        waiting.armed = false;
+        if let Some(caller) = &caller {
+            self.metrics.key_requests.with_label_values(&[&*caller.name, response.status().as_str()]).inc();
+        }
+        response
+    }
+
+    async fn admit_and_forward(
+        &self,
+        endpoint: Endpoint,
+        request: Request,
+        caller: Option<&ApiKey>,
+        started: Instant,
+    ) -> Response {
+        let label = endpoint.label();
         let (parts, body) = request.into_parts();
         let read = tokio::time::timeout(
             self.body_read_timeout,
@@ -228,22 +251,32 @@ impl Ingress {
         .unwrap_or(Err(RouterError::BodyTimeout(self.body_read_timeout)));
         let body = match read {
             Ok(body) => body,
-            Err(error) => {
-                waiting.armed = false;
-                return self.refuse(label, error);
-            }
+            Err(error) => return self.refuse(label, error),
         };
-        let permit = match &self.limiter {
-            Some(limiter) => match limiter.admit().await {
-                Ok(permit) => Some(permit),
-                Err(error) => {
-                    waiting.armed = false;
-                    return self.refuse(label, error);
+        let (body, facts, meter) = match self.read_request(endpoint, body, caller, started) {
+            Ok(read) => read,
+            Err(error) => return self.refuse(label, error),
+        };
+        let slot = match &self.limiter {
+            Some(limiter) => {
+                let flow = match caller {
+                    Some(caller) => Flow { key: caller.name.clone(), priority: caller.priority },
+                    None => Flow { key: Arc::from(ANONYMOUS), priority: admission::Priority::Normal },
+                };
+                match limiter.admit(&flow).await {
+                    Ok(slot) => Some(slot),
+                    Err(error) => {
+                        if let Some(meter) = &meter {
+                            // Refused after all: the tokens charged come back.
+                            self.rate_limits.settle(&meter.key, meter.estimate, 0, Instant::now());
+                        }
+                        return self.refuse(label, error);
+                    }
                 }
-            },
+            }
             None => None,
         };
-        let served = match self.route_and_forward(endpoint, parts, body, started).await {
+        let served = match self.route_and_forward(endpoint, parts, body, facts, started).await {
             Ok(served) => {
                 let status = served.response.status();
                 self.metrics.requests.with_label_values(&[label, &served.replica, status.as_str()]).inc();
@@ -253,15 +286,71 @@ impl Ingress {
                         ServedBy { replica: served.replica, reason: served.reason, prefill: served.prefill };
                     response.extensions_mut().insert(by);
                 }
-                response
+                match meter {
+                    Some(meter) if status.is_success() => {
+                        let (parts, body) = response.into_parts();
+                        Response::from_parts(parts, crate::response::metered::metered(body, meter))
+                    }
+                    _ => response,
+                }
             }
             Err(error) => self.refuse(label, error),
         };
-        waiting.armed = false;
-        match permit {
-            Some(permit) => Slotted::wrap(served, permit),
+        match slot {
+            Some(slot) => Slotted::wrap(served, slot),
             None => served,
         }
+    }
+
+    /// The request's facts, and for a keyed request its admission by the key: the
+    /// model allow-list and the rate limits, and how its usage will be metered (for a
+    /// stream, the engine is asked for its usage chunk, which the client will not see
+    /// unless it asked for it).
+    fn read_request(
+        &self,
+        endpoint: Endpoint,
+        mut body: Bytes,
+        caller: Option<&ApiKey>,
+        started: Instant,
+    ) -> Result<(Bytes, BodyFacts, Option<Meter>), RouterError> {
+        let inference = endpoint != Endpoint::Other;
+        let mut strip_usage_chunk = false;
+        if caller.is_some() && inference {
+            let members = Members::parse(&body).map_err(|e| FactsError::NotJson(e.to_string()))?;
+            if let Some(asked) = usage_asked(&members) {
+                body = asked;
+                strip_usage_chunk = true;
+            }
+        }
+        let facts = match endpoint {
+            Endpoint::ChatCompletions | Endpoint::Completions => request_facts::parse_inference(&body)?,
+            // Not ours to judge: a non-JSON body goes to the replica as it came.
+            Endpoint::Other if body.is_empty() => BodyFacts::default(),
+            Endpoint::Other => request_facts::parse(&body).unwrap_or_default(),
+        };
+        let Some(caller) = caller else { return Ok((body, facts, None)) };
+        if let Some(model) = &facts.model
+            && !caller.allows(model)
+        {
+            return Err(RouterError::ModelNotAllowed(model.clone()));
+        }
+        // About four bytes of prompt JSON per token; the engine's usage settles it.
+        let prompt_bytes = facts.prompt.as_ref().map_or(body.len(), |range| range.len());
+        let estimate = (prompt_bytes / 4 + 1) as u64;
+        if let Err(refused) = self.rate_limits.admit(&caller.name, caller.limits, estimate, started) {
+            self.metrics.key_rate_limited.with_label_values(&[&*caller.name, refused.limit.label()]).inc();
+            return Err(RouterError::RateLimited(refused));
+        }
+        let counters = crate::metrics::KEY_TOKEN_KINDS
+            .map(|kind| self.metrics.key_tokens.with_label_values(&[&*caller.name, kind]));
+        let meter = Meter {
+            key: caller.name.clone(),
+            limits: self.rate_limits.clone(),
+            estimate,
+            strip_usage_chunk,
+            counters,
+        };
+        Ok((body, facts, Some(meter)))
     }
 
     /// The router's own answer to a request it will not forward, counted.
@@ -277,17 +366,12 @@ impl Ingress {
         endpoint: Endpoint,
         mut parts: http::request::Parts,
         mut body: Bytes,
+        mut facts: BodyFacts,
         started: Instant,
     ) -> Result<crate::dispatch::Served, RouterError> {
         if !self.forward_authorization {
             parts.headers.remove(header::AUTHORIZATION);
         }
-        let mut facts = match endpoint {
-            Endpoint::ChatCompletions | Endpoint::Completions => request_facts::parse_inference(&body)?,
-            // Not ours to judge: a non-JSON body goes to the replica as it came.
-            Endpoint::Other if body.is_empty() => BodyFacts::default(),
-            Endpoint::Other => request_facts::parse(&body).unwrap_or_default(),
-        };
         // KV transfer parameters name another engine's memory (host, port, block ids)
         // for this one to pull: only the router's P/D stages may set them.
         if facts.kv_transfer_params && endpoint != Endpoint::Other && !self.trust_client_kv_params {
@@ -348,6 +432,32 @@ impl Ingress {
         let body = ContinuedBody::new(body, served.replica.clone(), next);
         Ok(crate::dispatch::Served { response: Response::from_parts(parts, Body::new(body)), ..served })
     }
+}
+
+/// The flow name of requests without a key, in the queue and its metrics.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// For a stream that did not ask for its usage: the body asking for it
+/// (`stream_options.include_usage`, other stream options kept). None when it is not a
+/// stream or already asks.
+fn usage_asked(members: &Members) -> Option<Bytes> {
+    if !members.is_set("stream") {
+        return None;
+    }
+    let mut options = match members.get("stream_options") {
+        Some(raw) => match serde_json::from_str::<serde_json::Value>(raw.get()) {
+            Ok(serde_json::Value::Object(options)) => options,
+            // Not an object: the engine will refuse it as it stands.
+            _ => return None,
+        },
+        None => serde_json::Map::new(),
+    };
+    if options.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
+        return None;
+    }
+    options.insert("include_usage".into(), true.into());
+    let options = serde_json::Value::Object(options).to_string();
+    Some(Bytes::from(members.rewrite(|_| true, &[("stream_options", options.as_bytes())])))
 }
 
 /// Counts a client that goes away while its request waits for a response: the handler

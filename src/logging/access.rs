@@ -14,7 +14,7 @@ use axum::extract::Request;
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::admission::{ClientRequestId, KeyName, REQUEST_ID};
+use crate::admission::{Caller, ClientRequestId, REQUEST_ID};
 use crate::dispatch::ServedBy;
 use crate::response::end::{self as response_end, Ending};
 
@@ -45,7 +45,7 @@ pub async fn layer(request: Request, next: Next) -> Response {
         .and_then(|c| c.0.to_str().ok())
         .unwrap_or("-")
         .to_owned();
-    let key = request.extensions().get::<KeyName>().map_or_else(|| "-".into(), |k| k.0.clone());
+    let key = request.extensions().get::<Caller>().map_or_else(|| "-".into(), |k| k.0.name.clone());
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let response = next.run(request).await;

@@ -10,3 +10,4 @@ pub mod body;
 pub mod continuation;
 pub mod continued;
 pub mod end;
+pub mod metered;
