@@ -96,6 +96,8 @@ pub struct Metrics {
     /// Time a request waited for a concurrency slot, by key and priority (0 for those
     /// that found one free).
     pub queue_wait: HistogramVec,
+    /// Requests waiting for a concurrency slot now.
+    pub queued: prometheus::IntGauge,
     /// Keyed requests answered, by key name and status.
     pub key_requests: IntCounterVec,
     /// Tokens used by each key, from the engines' usage: `prompt`, `completion`,
@@ -323,6 +325,15 @@ impl Metrics {
                 "Time a request waited for a concurrency slot, by API key and priority",
                 &["key", "priority"],
             ),
+            queued: {
+                let g = prometheus::IntGauge::new(
+                    "router_queued_requests",
+                    "Requests waiting for a concurrency slot",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             key_requests: counter(
                 "router_key_requests_total",
                 "Requests answered per API key, by status",

@@ -200,8 +200,11 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         body_read_timeout: config.body_read_timeout,
         metrics: metrics.clone(),
         limiter: config.limit.map(|(n, queued, timeout)| {
-            let wait = Some(metrics.queue_wait.clone());
-            crate::admission::Limiter::new(n, queued, timeout, config.queue_order, wait)
+            let queue_metrics = crate::admission::fair_queue::QueueMetrics {
+                wait: metrics.queue_wait.clone(),
+                queued: metrics.queued.clone(),
+            };
+            crate::admission::Limiter::new(n, queued, timeout, config.queue_order, Some(queue_metrics))
         }),
         api_keys: api_keys.clone(),
         rate_limits: rate_limits.clone(),

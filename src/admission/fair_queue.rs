@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use prometheus::HistogramVec;
+use prometheus::{HistogramVec, IntGauge};
 use tokio::sync::oneshot;
 
 use crate::error::RouterError;
@@ -73,8 +73,16 @@ struct Inner {
     state: Mutex<State>,
     max_queued: usize,
     order: QueueOrder,
+    metrics: Option<QueueMetrics>,
+}
+
+/// The queue's metrics.
+#[derive(Clone)]
+pub struct QueueMetrics {
     /// `router_queue_wait_seconds{key, priority}`.
-    wait: Option<HistogramVec>,
+    pub wait: HistogramVec,
+    /// `router_queued_requests`.
+    pub queued: IntGauge,
 }
 
 #[derive(Default)]
@@ -115,11 +123,11 @@ impl Limiter {
         max_queued: usize,
         queue_timeout: Duration,
         order: QueueOrder,
-        wait: Option<HistogramVec>,
+        metrics: Option<QueueMetrics>,
     ) -> Self {
         let state = State { free: max_concurrent, ..State::default() };
         Limiter {
-            inner: Arc::new(Inner { state: Mutex::new(state), max_queued, order, wait }),
+            inner: Arc::new(Inner { state: Mutex::new(state), max_queued, order, metrics }),
             queue_timeout,
         }
     }
@@ -174,6 +182,7 @@ impl Inner {
         let mut state = self.state.lock().expect("queue state");
         let mut slot = Slot { inner: Some(self.clone()) };
         while let Some(waiter) = state.next_waiter() {
+            self.count(&state);
             match waiter.grant.send(Ok(slot)) {
                 Ok(()) => return,
                 // Gone between its timeout and its leaving: the next one.
@@ -184,8 +193,14 @@ impl Inner {
         state.free += 1;
     }
 
+    fn count(&self, state: &State) {
+        if let Some(metrics) = &self.metrics {
+            metrics.queued.set(state.queued as i64);
+        }
+    }
+
     fn observe(&self, flow: &Flow, started: Instant) {
-        if let Some(wait) = &self.wait {
+        if let Some(QueueMetrics { wait, .. }) = &self.metrics {
             wait.with_label_values(&[&*flow.key, flow.priority.label()])
                 .observe(started.elapsed().as_secs_f64());
         }
@@ -251,6 +266,7 @@ impl Drop for Leave<'_> {
             queues.remove(at);
         }
         state.queued -= 1;
+        self.inner.count(&state);
         drop(state);
         drop(waiter);
     }

@@ -81,6 +81,11 @@ pub struct KeySource {
 }
 
 impl KeySource {
+    /// Keys from `path` only.
+    pub fn from_file(path: std::path::PathBuf) -> Self {
+        KeySource { flags: Vec::new(), file: Some(path) }
+    }
+
     /// `--api-key`'s keys, then the keys file's (read now).
     pub fn load(&self) -> Result<Vec<ApiKey>, String> {
         let mut keys = ApiKeys::from_flags(&self.flags);
