@@ -27,13 +27,13 @@ fn keys_file(name: &str, text: &str) -> PathBuf {
 
 async fn setup(
     time_scale: f64,
-    keys: &PathBuf,
+    keys: &std::path::Path,
     configure: impl FnOnce(&mut RouterConfig),
 ) -> (Vec<RunningSim>, RunningRouter) {
     let sims = sim::start_fleet(1, &SimConfig { time_scale, ..SimConfig::default() }).await.unwrap();
     let mut config = RouterConfig::new(sims.iter().map(|s| ReplicaUrl::parse(&s.url()).unwrap()).collect());
     config.api_keys = load_api_keys_file(keys).unwrap();
-    config.key_source = KeySource::from_file(keys.clone());
+    config.key_source = KeySource::from_file(keys.to_path_buf());
     configure(&mut config);
     (sims, llm_router::server::start(config).await.unwrap())
 }
