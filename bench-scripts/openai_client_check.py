@@ -3,13 +3,26 @@
 Used by openai_client_check.sh against vllm-sim directly and through the router: an
 independent OpenAI client must parse every response and stream we produce. Prints
 'N passed, N failed' and exits non-zero on any failure.
+
+Usage: openai_client_check.py BASE_URL MODEL [--ca PEM] [--http2] [--h2c]
+  --ca PEM  trust this certificate (the router's TLS listener, self-signed)
+  --http2   offer HTTP/2 by ALPN over TLS and check every response came over it
+  --h2c     HTTP/2 with prior knowledge on a plain connection (no HTTP/1.1)
 """
 import sys
 
 import openai
 
-base_url, model = sys.argv[1], sys.argv[2]
-client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=30)
+base_url, model, flags = sys.argv[1], sys.argv[2], sys.argv[3:]
+ca = flags[flags.index("--ca") + 1] if "--ca" in flags else True
+h2c = "--h2c" in flags
+http2 = "--http2" in flags or h2c
+versions = set()
+http_client = openai.DefaultHttpx2Client(
+    http2=http2, http1=not h2c, verify=ca,
+    event_hooks={"response": [lambda response: versions.add(response.http_version)]})
+client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=30,
+                       http_client=http_client)
 passed = failed = 0
 
 
@@ -60,8 +73,14 @@ def unknown_model_is_404():
     raise AssertionError("expected NotFoundError")
 
 
+def protocol():
+    want = {"HTTP/2"} if http2 else {"HTTP/1.1"}
+    assert versions == want, versions
+
+
 for name, fn in [("models", models), ("completion == stream", completion_matches_stream),
-                 ("chat stream", chat_stream), ("unknown model 404", unknown_model_is_404)]:
-    check(f"{base_url} {name}", fn)
+                 ("chat stream", chat_stream), ("unknown model 404", unknown_model_is_404),
+                 ("protocol", protocol)]:
+    check(f"{base_url} {' '.join(flags)} {name}", fn)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)
