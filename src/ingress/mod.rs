@@ -10,6 +10,7 @@
 //! `GET /v1/models`, `/health` and `/metrics` are answered by the router itself.
 
 pub(crate) mod client_io;
+mod keyed;
 pub mod request_facts;
 pub mod routing_key;
 pub mod tls;
@@ -36,7 +37,6 @@ use crate::error::RouterError;
 use crate::ingress::routing_key::KeyHeaders;
 use crate::metrics::{ENDPOINTS, Metrics};
 use crate::response::continued::{Continuation, ContinuedBody};
-use crate::response::metered::Meter;
 use crate::upstream::proxy::Outbound;
 use request_facts::{BodyFacts, FactsError};
 
@@ -302,59 +302,8 @@ impl Ingress {
         }
     }
 
-    /// The request's facts, and for a keyed request its admission by the key: the
-    /// model allow-list and the rate limits, and how its usage will be metered (for a
-    /// stream, the engine is asked for its usage chunk, which the client will not see
-    /// unless it asked for it).
-    fn read_request(
-        &self,
-        endpoint: Endpoint,
-        mut body: Bytes,
-        caller: Option<&ApiKey>,
-        started: Instant,
-    ) -> Result<(Bytes, BodyFacts, Option<Meter>), RouterError> {
-        let inference = endpoint != Endpoint::Other;
-        let mut strip_usage_chunk = false;
-        if caller.is_some() && inference {
-            let members = Members::parse(&body).map_err(|e| FactsError::NotJson(e.to_string()))?;
-            if let Some(asked) = usage_asked(&members) {
-                body = asked;
-                strip_usage_chunk = true;
-            }
-        }
-        let facts = match endpoint {
-            Endpoint::ChatCompletions | Endpoint::Completions => request_facts::parse_inference(&body)?,
-            // Not ours to judge: a non-JSON body goes to the replica as it came.
-            Endpoint::Other if body.is_empty() => BodyFacts::default(),
-            Endpoint::Other => request_facts::parse(&body).unwrap_or_default(),
-        };
-        let Some(caller) = caller else { return Ok((body, facts, None)) };
-        if let Some(model) = &facts.model
-            && !caller.allows(model)
-        {
-            return Err(RouterError::ModelNotAllowed(model.clone()));
-        }
-        // About four bytes of prompt JSON per token; the engine's usage settles it.
-        let prompt_bytes = facts.prompt.as_ref().map_or(body.len(), |range| range.len());
-        let estimate = (prompt_bytes / 4 + 1) as u64;
-        if let Err(refused) = self.rate_limits.admit(&caller.name, caller.limits, estimate, started) {
-            self.metrics.key_rate_limited.with_label_values(&[&*caller.name, refused.limit.label()]).inc();
-            return Err(RouterError::RateLimited(refused));
-        }
-        let counters = crate::metrics::KEY_TOKEN_KINDS
-            .map(|kind| self.metrics.key_tokens.with_label_values(&[&*caller.name, kind]));
-        let meter = Meter {
-            key: caller.name.clone(),
-            limits: self.rate_limits.clone(),
-            estimate,
-            strip_usage_chunk,
-            counters,
-        };
-        Ok((body, facts, Some(meter)))
-    }
-
     /// The router's own answer to a request it will not forward, counted.
-    fn refuse(&self, label: &'static str, error: RouterError) -> Response {
+    pub(crate) fn refuse(&self, label: &'static str, error: RouterError) -> Response {
         tracing::debug!(endpoint = label, %error, detail = error.detail(), "request refused");
         let response = error.into_response();
         self.metrics.requests.with_label_values(&[label, "none", response.status().as_str()]).inc();
@@ -436,29 +385,6 @@ impl Ingress {
 
 /// The flow name of requests without a key, in the queue and its metrics.
 pub const ANONYMOUS: &str = "anonymous";
-
-/// For a stream that did not ask for its usage: the body asking for it
-/// (`stream_options.include_usage`, other stream options kept). None when it is not a
-/// stream or already asks.
-fn usage_asked(members: &Members) -> Option<Bytes> {
-    if !members.is_set("stream") {
-        return None;
-    }
-    let mut options = match members.get("stream_options") {
-        Some(raw) => match serde_json::from_str::<serde_json::Value>(raw.get()) {
-            Ok(serde_json::Value::Object(options)) => options,
-            // Not an object: the engine will refuse it as it stands.
-            _ => return None,
-        },
-        None => serde_json::Map::new(),
-    };
-    if options.get("include_usage") == Some(&serde_json::Value::Bool(true)) {
-        return None;
-    }
-    options.insert("include_usage".into(), true.into());
-    let options = serde_json::Value::Object(options).to_string();
-    Some(Bytes::from(members.rewrite(|_| true, &[("stream_options", options.as_bytes())])))
-}
 
 /// Counts a client that goes away while its request waits for a response: the handler
 /// future is dropped, and with it any upstream request in flight.

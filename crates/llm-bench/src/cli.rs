@@ -132,6 +132,9 @@ pub struct RunArgs {
     /// Header carrying the session id of agentic requests (AIPerf's X-Correlation-ID).
     #[arg(long, default_value = "x-correlation-id")]
     pub session_header: HeaderName,
+    /// Send `Authorization: Bearer <KEY>` (a router's client API key).
+    #[arg(long, value_name = "KEY", env = "LLM_BENCH_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Longest a request may take, stream included.
     #[arg(long, default_value = "600s", value_parser = humantime::parse_duration)]
     pub request_timeout: Duration,
@@ -258,7 +261,8 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             args.session_header.clone(),
             wall(args.request_timeout),
         )
-        .with_cancellation(cancellation),
+        .with_cancellation(cancellation)
+        .with_api_key(args.api_key.as_deref())?,
     );
     let model = match &args.model {
         Some(m) => m.clone(),

@@ -101,6 +101,8 @@ pub struct Client {
     timeout: Duration,
     cancellation: Option<Cancellation>,
     sent: AtomicUsize,
+    /// `Authorization: Bearer <key>` on every request (`--api-key`).
+    authorization: Option<HeaderValue>,
 }
 
 /// The fields of a stream event the client reads; everything else is skipped unparsed.
@@ -153,7 +155,16 @@ impl Client {
             timeout,
             cancellation: None,
             sent: AtomicUsize::new(0),
+            authorization: None,
         }
+    }
+
+    /// Send `Authorization: Bearer <key>` with every request.
+    pub fn with_api_key(mut self, key: Option<&str>) -> Result<Self, String> {
+        self.authorization = key
+            .map(|key| HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| "bad API key".to_owned()))
+            .transpose()?;
+        Ok(self)
     }
 
     pub fn with_cancellation(mut self, cancellation: Option<Cancellation>) -> Self {
@@ -217,6 +228,9 @@ impl Client {
             let value = HeaderValue::from_str(session).map_err(|_| format!("bad session id `{session}`"))?;
             request.headers_mut().insert(self.session_header.clone(), value);
         }
+        if let Some(authorization) = &self.authorization {
+            request.headers_mut().insert(header::AUTHORIZATION, authorization.clone());
+        }
         let response = self.http.request(request).await.map_err(|e| format!("connection error: {e}"))?;
         let status = response.status();
         let mut body = response.into_body();
@@ -277,10 +291,13 @@ impl Client {
     /// The first model `GET /v1/models` lists on the first base URL.
     pub async fn first_model(&self) -> Result<String, String> {
         let uri = format!("{}v1/models", self.bases[0]);
-        let request = Request::builder()
+        let mut request = Request::builder()
             .uri(&uri)
             .body(Full::new(Bytes::new()))
             .map_err(|e| format!("bad URL {uri}: {e}"))?;
+        if let Some(authorization) = &self.authorization {
+            request.headers_mut().insert(header::AUTHORIZATION, authorization.clone());
+        }
         let fetch = async {
             let response = self.http.request(request).await.map_err(|e| format!("GET {uri}: {e}"))?;
             let bytes =
