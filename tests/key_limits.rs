@@ -132,6 +132,11 @@ name = "tokens"
 key = "sk-t"
 tokens_per_minute = 100
 models = ["Qwen/Qwen3-0.6B-FP8"]
+
+[[keys]]
+name = "elsewhere"
+key = "sk-e"
+models = ["another-model"]
 "#,
     );
     let (_sims, router) = setup(50.0, &keys, |_| {}).await;
@@ -158,7 +163,26 @@ models = ["Qwen/Qwen3-0.6B-FP8"]
     assert!(third.headers().contains_key("retry-after"));
     let body: Value = third.json_value().await;
     assert!(body["error"]["message"].as_str().unwrap().contains("tokens per minute"), "{body}");
-    // The allow-list: another model is one this key cannot see.
+    // The allow-list: /v1/models lists only what the key may use.
+    let listed = reqwest::Client::new()
+        .get(format!("http://{}/v1/models", router.addr))
+        .header("authorization", "Bearer sk-t")
+        .send()
+        .await
+        .unwrap()
+        .json_value()
+        .await;
+    assert_eq!(listed["data"][0]["id"], MODEL);
+    let listed = reqwest::Client::new()
+        .get(format!("http://{}/v1/models", router.addr))
+        .header("authorization", "Bearer sk-e")
+        .send()
+        .await
+        .unwrap()
+        .json_value()
+        .await;
+    assert_eq!(listed["data"], serde_json::json!([]), "a key sees only its models");
+    // Another model is one this key cannot see.
     let other = complete(&router, "sk-t", json!({"model": "other", "prompt": "x"})).await;
     assert_eq!(other.status(), 404);
     let body: Value = other.json_value().await;

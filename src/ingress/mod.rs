@@ -166,9 +166,17 @@ async fn other_v1(State(ingress): State<Arc<Ingress>>, request: Request) -> Resp
     ingress.proxy(Endpoint::Other, request).await
 }
 
-async fn models(State(ingress): State<Arc<Ingress>>) -> Response {
-    let data: Vec<serde_json::Value> =
-        ingress.dispatcher.registry.model_cards().into_iter().map(|c| c.card).collect();
+/// The fleet's models; for a key with an allow-list, the ones it may use.
+async fn models(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
+    let caller = request.extensions().get::<Caller>();
+    let data: Vec<serde_json::Value> = ingress
+        .dispatcher
+        .registry
+        .model_cards()
+        .into_iter()
+        .map(|c| c.card)
+        .filter(|card| caller.is_none_or(|c| card["id"].as_str().is_some_and(|id| c.0.allows(id))))
+        .collect();
     json(StatusCode::OK, serde_json::json!({"object": "list", "data": data}).to_string())
 }
 
