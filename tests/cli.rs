@@ -250,3 +250,46 @@ async fn api_keys_come_from_the_environment_and_a_file_and_logs_name_them() {
     assert!(json.iter().all(|l| !l.contains("env-key-2")), "the key itself is never logged");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// Multi-threaded: `spawn_logging` blocks its thread while the router starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_keys_file_even_when_it_looks_unchanged() {
+    let dir = std::env::temp_dir().join(format!("llm-router-sighup-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("keys.toml");
+    std::fs::write(&path, "[[keys]]\nname = \"a\"\nkey = \"sk-aaaa\"\n").unwrap();
+    let (child, port, lines) = spawn_logging(
+        &["--sim", "1", "--sim-time-scale", "50", "--api-keys-file", path.to_str().unwrap()],
+        "info",
+    )
+    .await;
+    let models = |key: &'static str| async move {
+        let r = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{port}/v1/models"))
+            .header("authorization", format!("Bearer {key}"))
+            .send()
+            .await
+            .unwrap();
+        r.status().as_u16()
+    };
+    assert_eq!(models("sk-aaaa").await, 200);
+    // The same size and modification time: the file watch cannot see the edit.
+    let modified = std::fs::metadata(&path).unwrap().modified().unwrap();
+    std::fs::write(&path, "[[keys]]\nname = \"a\"\nkey = \"sk-bbbb\"\n").unwrap();
+    std::fs::File::options().write(true).open(&path).unwrap().set_modified(modified).unwrap();
+    tokio::time::sleep(llm_router::reload::POLL * 2).await;
+    assert_eq!(models("sk-bbbb").await, 401, "not reloaded without a signal");
+    Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if models("sk-bbbb").await == 200 {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(reloaded, "SIGHUP reloads the keys");
+    assert_eq!(models("sk-aaaa").await, 401);
+    let text = stop(child, lines).await;
+    assert!(text.iter().any(|l| l.contains("API keys reloaded")), "{text:?}");
+}
