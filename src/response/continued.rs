@@ -6,9 +6,13 @@
 //! While the first replica streams, its bytes pass through as they came, one frame at a
 //! time: only a frame that ends inside an event is held back until the event is whole,
 //! so that a replica failing mid-event leaves no half event at the client. Each whole
-//! event is read (not re-encoded) to keep the [`Ledger`] of what the client has. The
-//! continuation's events are rewritten (its `id`, `created` and usage), which costs a
-//! parse and a serialisation per event on that path only.
+//! event is copied aside (up to [`MAX_UNREAD`] bytes) and read into the [`Ledger`] of
+//! what the client has only when the stream breaks: a stream that ends well is never
+//! parsed. Two events are read at once, because they must be held back from the
+//! client: the engine's error event and a `finish_reason` of `abort` (a byte search for
+//! `"error"` and `"abort"` finds them; an event that merely contains the words is read
+//! too, and passes). The continuation's events are rewritten (its `id`, `created` and
+//! usage), which costs a parse and a serialisation per event on that path only.
 //!
 //! When the request cannot be continued faithfully, the attempts are spent, the retry
 //! budget says no, or the continuation itself fails, the stream ends as it would
@@ -37,6 +41,17 @@ use crate::upstream::proxy::Outbound;
 /// An SSE event larger than this is not held back: the stream passes through unread
 /// from there on, and is no longer continued.
 const MAX_HELD_EVENT: usize = 1 << 20;
+
+/// Most bytes of events kept unread; beyond it they are read into the ledger (which
+/// keeps only their text) and the buffer starts again.
+const MAX_UNREAD: usize = 2 << 20;
+
+static BLANK_LINE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\n\n"));
+static ERROR_KEY: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"error\""));
+static ABORT: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"abort\""));
 
 /// What a continuation needs of the request, owned by the client's stream.
 pub struct Continuation {
@@ -75,6 +90,8 @@ pub struct ContinuedBody {
     /// dropped, and the stream continued once it ends.
     discarding: Option<String>,
     ledger: Ledger,
+    /// Events passed on but not yet read into the ledger, each with its blank line.
+    unread: BytesMut,
     next: Continuation,
     dispatching: Option<Dispatching>,
     /// Why the stream being continued broke, for the error event if that fails too.
@@ -93,6 +110,7 @@ impl ContinuedBody {
             blind: false,
             discarding: None,
             ledger: Ledger::default(),
+            unread: BytesMut::new(),
             next,
             dispatching: None,
             broke: None,
@@ -138,7 +156,7 @@ impl ContinuedBody {
         let mut passed = 0;
         for event in events(&whole) {
             let rewritten = self.splice.as_ref().map(|splice| rewrite_event(event, splice));
-            self.ledger.observe(event);
+            self.note(event);
             if let Some(error) = self.ledger.error.take() {
                 self.discarding = Some(error);
                 break;
@@ -164,9 +182,36 @@ impl ContinuedBody {
         }
     }
 
+    /// Keep `event` for the ledger: read it now if it must be acted on now (an error
+    /// event, an abort) or a continuation is streaming, else later, if the stream breaks.
+    fn note(&mut self, event: &[u8]) {
+        if self.splice.is_some() || ERROR_KEY.find(event).is_some() || ABORT.find(event).is_some() {
+            self.catch_up();
+            self.ledger.observe(event);
+            return;
+        }
+        if self.unread.len() + event.len() + 2 > MAX_UNREAD {
+            self.catch_up();
+        }
+        self.unread.extend_from_slice(event);
+        self.unread.extend_from_slice(b"\n\n");
+    }
+
+    /// Read every event kept unread into the ledger.
+    fn catch_up(&mut self) {
+        if self.unread.is_empty() {
+            return;
+        }
+        let unread = self.unread.split();
+        for event in events(&unread) {
+            self.ledger.observe(event);
+        }
+    }
+
     /// The stream broke: continue it elsewhere, or end it with an error event.
     fn broken(&mut self, message: String) {
         self.held.clear();
+        self.catch_up();
         if self.ledger.finished {
             // The answer is whole; only its end was lost.
             if !self.ledger.done {
@@ -343,7 +388,7 @@ async fn prompt_count(dispatcher: &Dispatcher, replica: &str, request: &Outbound
 
 /// Where the last `\n\n` in `bytes` starts, looking no earlier than `from`.
 fn last_terminator(bytes: &[u8], from: usize) -> Option<usize> {
-    bytes[from..].windows(2).rposition(|w| w == b"\n\n").map(|at| from + at)
+    memchr::memmem::rfind(&bytes[from..], b"\n\n").map(|at| from + at)
 }
 
 /// The SSE events in whole-event bytes (each without its blank line).
@@ -362,7 +407,7 @@ impl<'a> Iterator for EventIter<'a> {
         if self.rest.is_empty() {
             return None;
         }
-        match self.rest.windows(2).position(|w| w == b"\n\n") {
+        match BLANK_LINE.find(self.rest) {
             Some(end) => {
                 let event = &self.rest[..end];
                 self.rest = &self.rest[end + 2..];
