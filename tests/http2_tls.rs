@@ -129,6 +129,27 @@ async fn a_renewed_certificate_is_served_to_new_connections_and_a_bad_one_is_not
     router.shutdown().await;
 }
 
+// curl blocks its thread: the router runs on the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_serves_tls_with_its_own_certificate() {
+    let (serving, _) = certificate(&temp("admin-serving"));
+    let (admin, _) = certificate(&temp("admin-admin"));
+    let (_sims, router) = sim_router(|c| {
+        c.tls = Some(serving.clone());
+        c.admin_tls = Some(admin.clone());
+        c.admin_token = Some("admin-secret".into());
+        c.admin_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await;
+    let url = format!("https://127.0.0.1:{}/admin/replicas", router.admin_addr.unwrap().port());
+    let auth = ["-H", "authorization: Bearer admin-secret"];
+    let (ok, out) = curl(&[auth[0], auth[1], "--cacert", admin.cert.to_str().unwrap(), &url]);
+    assert!(ok && out.contains("replicas"), "{out}");
+    let (ok, _) = curl(&[auth[0], auth[1], "--cacert", serving.cert.to_str().unwrap(), &url]);
+    assert!(!ok, "the admin listener has its own certificate, not the serving one");
+    router.shutdown().await;
+}
+
 #[tokio::test]
 async fn tls_with_a_key_that_is_not_the_certificates_stops_start_up_with_one_line() {
     let (a, _) = certificate(&temp("mismatch-a"));
