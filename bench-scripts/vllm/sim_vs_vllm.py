@@ -1,7 +1,10 @@
 """vllm-sim against a real vLLM engine: the shapes of what a client or a router can see.
 
 For each probe (chat and completions, streamed or not, with usage; errors; /v1/models;
-/tokenize; /metrics names) it takes the JSON shape of the engine's answer (member names
+/tokenize; /metrics names; and with --scale-out, an engine started with
+`--enable-scale-out` (REAL_VLLM_FLAGS=--enable-scale-out bench-scripts/real_vllm.sh start 1)
+and a simulator with it, `/inference/v1/generate` streamed or not, with usage and prompt
+ids, and its errors) it takes the JSON shape of the engine's answer (member names
 and value types, not values) and, with --sim, the simulator's, and prints where they part.
 With --write-golden DIR it writes the engine's shapes there, as crates/vllm-sim/tests/sim.rs reads them
 (crates/vllm-sim/tests/golden/vllm-<version>/), with the version they were taken from.
@@ -61,6 +64,22 @@ def sse_shapes(text):
     return out
 
 
+def generate_probes(model):
+    generate = {"model": model, "token_ids": [1, 2, 3, 4], "sampling_params": {"max_tokens": 8, "temperature": 0}}
+    path = "/inference/v1/generate"
+    return [
+        ("generate", "POST", path, generate, False),
+        ("generate_stream", "POST", path, {**generate, "stream": True}, True),
+        ("generate_stream_usage", "POST", path,
+         {**generate, "stream": True, "stream_options": {"include_usage": True}}, True),
+        ("generate_stream_prompt_ids", "POST", path, {**generate, "stream": True, "return_token_ids": True}, True),
+        ("generate_prompt_ids", "POST", path, {**generate, "return_token_ids": True}, False),
+        ("error_generate_bad_parameter", "POST", path,
+         {**generate, "sampling_params": {"max_tokens": 8, "temperature": -1}}, False),
+        ("error_generate_unknown_model", "POST", path, {**generate, "model": "no-such-model"}, False),
+    ]
+
+
 def probes(model):
     chat = {"model": model, "messages": [{"role": "user", "content": "say something"}], "max_tokens": 8,
             "temperature": 0}
@@ -83,9 +102,9 @@ def probes(model):
     ]
 
 
-def take(base, model):
+def take(base, model, scale_out=False):
     out = {}
-    for name, _method, path, body, stream in probes(model):
+    for name, _method, path, body, stream in probes(model) + (generate_probes(model) if scale_out else []):
         status, text = call(base, path, body)
         try:
             value = sse_shapes(text) if stream and status == 200 else shape(json.loads(text))
@@ -122,8 +141,9 @@ def main():
     p.add_argument("--sim")
     p.add_argument("--sim-model")
     p.add_argument("--write-golden")
+    p.add_argument("--scale-out", action="store_true", help="probe /inference/v1/generate too")
     args = p.parse_args()
-    engine = take(args.engine, args.model)
+    engine = take(args.engine, args.model, args.scale_out)
     _, version = call(args.engine, "/version")
     engine["vllm_version"] = json.loads(version)["version"]
     if args.write_golden:
@@ -132,7 +152,7 @@ def main():
         (out / "shapes.json").write_text(json.dumps(engine, indent=1, sort_keys=True) + "\n")
         print(f"wrote {out / 'shapes.json'} (vLLM {engine['vllm_version']})")
     if args.sim:
-        sim = take(args.sim, args.sim_model or args.model)
+        sim = take(args.sim, args.sim_model or args.model, args.scale_out)
         found = 0
         for probe in engine:
             if probe in ("vllm_version", "metrics"):

@@ -17,6 +17,7 @@ pub mod api_server;
 pub mod engine;
 pub mod events;
 pub mod faults;
+pub mod generate;
 pub mod kv_cache;
 pub mod kv_events;
 pub mod metrics;
@@ -118,6 +119,10 @@ pub struct SimArgs {
     /// Topic of the KV events messages (vLLM's default is empty).
     #[arg(long, default_value = "")]
     pub kv_events_topic: String,
+    /// Serve vLLM's scale-out endpoints (`POST /inference/v1/generate`: token ids in,
+    /// token ids out); without it they answer 403, as vLLM's do.
+    #[arg(long)]
+    pub enable_scale_out: bool,
 }
 
 fn parse_profile(name: &str) -> Result<Profile, String> {
@@ -142,6 +147,8 @@ pub struct SimConfig {
     pub faults: FaultConfig,
     /// KV events publisher, when on.
     pub kv_events: Option<kv_events::PublisherConfig>,
+    /// `--enable-scale-out`: serve `/inference/v1/generate`.
+    pub enable_scale_out: bool,
 }
 
 /// How much faster vLLM 0.22's fastokens backend tokenises than HF's tokenizer, as the
@@ -190,6 +197,7 @@ impl SimArgs {
             kv_events: self
                 .kv_events_port
                 .map(|port| kv_events::PublisherConfig { port, topic: self.kv_events_topic }),
+            enable_scale_out: self.enable_scale_out,
         })
     }
 }
@@ -217,6 +225,10 @@ pub enum SimError {
     NotFound(String),
     #[error("{0}")]
     Internal(String),
+    /// An endpoint the server has but was not started with (vLLM's scale-out routes
+    /// without `--enable-scale-out`).
+    #[error("{0}")]
+    Forbidden(&'static str),
 }
 
 impl SimError {
@@ -225,6 +237,7 @@ impl SimError {
             SimError::BadRequest(_) | SimError::Parameter { .. } => StatusCode::BAD_REQUEST,
             SimError::ModelNotFound { .. } | SimError::NotFound(_) => StatusCode::NOT_FOUND,
             SimError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            SimError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 }
@@ -237,6 +250,7 @@ impl IntoResponse for SimError {
             SimError::ModelNotFound { .. } => ("NotFoundError", Some("model")),
             SimError::NotFound(_) => ("NotFoundError", None),
             SimError::Internal(_) => ("InternalServerError", None),
+            SimError::Forbidden(_) => ("PermissionDeniedError", None),
         };
         let status = self.status();
         let body = serde_json::json!({"error": {"message": self.to_string(), "type": kind, "param": param,

@@ -47,7 +47,7 @@ fn py_float(x: f64) -> String {
 }
 
 /// `temperature` and `top_p`, checked as vLLM's sampling parameters check them.
-fn check_sampling(body: &Value) -> Result<(), SimError> {
+pub(crate) fn check_sampling(body: &Value) -> Result<(), SimError> {
     let number = |field: &str| -> Result<Option<f64>, SimError> {
         match body.get(field) {
             None | Some(Value::Null) => Ok(None),

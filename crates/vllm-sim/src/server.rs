@@ -80,6 +80,7 @@ pub fn routes(state: Arc<SimState>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
+        .route("/inference/v1/generate", post(generate_tokens))
         .route("/health", get(|| async { StatusCode::OK }))
         .route("/version", get(version))
         .route("/tokenize", post(tokenize))
@@ -97,6 +98,76 @@ async fn completions(State(s): State<Arc<SimState>>, request: Request) -> Respon
 
 async fn chat_completions(State(s): State<Arc<SimState>>, request: Request) -> Response {
     generate(s, request, true).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// `POST /inference/v1/generate`: token ids in, token ids out ([`crate::generate`]).
+async fn generate_tokens(State(s): State<Arc<SimState>>, request: Request) -> Response {
+    tokens_in_tokens_out(s, request).await.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn tokens_in_tokens_out(s: Arc<SimState>, request: Request) -> Result<Response, SimError> {
+    if !s.config.enable_scale_out {
+        return Err(SimError::Forbidden(crate::generate::DISABLED));
+    }
+    let arrived = Instant::now();
+    let (parts, body) = read_json(request).await?;
+    let parsed = crate::generate::parse(&body, &s.model, s.config.max_model_len);
+    s.log.push(LoggedRequest {
+        path: parts.uri.path().to_owned(),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect(),
+        model: body.get("model").and_then(Value::as_str).map(str::to_owned),
+        stream: body.get("stream").and_then(Value::as_bool),
+        max_tokens: body.pointer("/sampling_params/max_tokens").cloned(),
+        session_id: None,
+        user: None,
+        prompt_from_text: Some(false),
+        prompt_tokens: parsed.as_ref().ok().map(|r| r.prompt_ids.len()),
+        kv_transfer_params: body.get("kv_transfer_params").cloned(),
+    });
+    if s.faults.fail_500() {
+        s.metrics.faults.with_label_values(&["fail_500"]).inc();
+        return Err(SimError::Internal("injected fault: fail_500".into()));
+    }
+    let mut job = parsed?;
+    s.metrics.prompts_from_ids.inc();
+    let kind = resolve_handoff(&s, &mut job);
+    let waiting = AbortOnDrop(&s.metrics);
+    s.api.intake(job.prompt_ids.len(), PromptForm::Ids).await;
+    std::mem::forget(waiting);
+    let (tx, rx) = mpsc::unbounded_channel();
+    s.engine.submit(EngineRequest {
+        prompt: job.prompt_ids.clone(),
+        max_tokens: job.max_tokens,
+        min_tokens: job.min_tokens,
+        ignore_eos: job.ignore_eos,
+        seed: job.seed,
+        stop: job.stop.clone(),
+        kind,
+        arrived,
+        events: tx,
+    });
+    let n = s.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = format!("generate-tokens-{n:016x}");
+    if job.stream {
+        let body = Body::from_stream(crate::generate::GenerateStream::new(id, job, rx));
+        let mut response = Response::new(body);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+        return Ok(response);
+    }
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (host, port) = (s.addr.ip().to_string(), s.addr.port());
+    let value = crate::generate::collect(&id, created, &job, rx, |blocks| {
+        Some(pd::prefill_response(&s.engine_id, &host, port, &id, blocks))
+    })
+    .await
+    .map_err(SimError::BadRequest)?;
+    Ok(json_response(StatusCode::OK, value.to_string()))
 }
 
 const MAX_BODY: usize = 64 << 20;

@@ -200,3 +200,80 @@ async fn speaks_vllm_0_32_as_captured_from_the_real_engine() {
         assert!(ours.lines().any(|l| l.starts_with(name)), "vllm-sim lacks {name}");
     }
 }
+
+#[tokio::test]
+async fn generate_speaks_vllm_0_32_scale_out_as_captured_from_the_real_engine() {
+    let golden_path = format!("{}/tests/golden/vllm-0.32.0/shapes.json", env!("CARGO_MANIFEST_DIR"));
+    let golden: Value = serde_json::from_str(&std::fs::read_to_string(golden_path).unwrap()).unwrap();
+    let s = sim_with(SimConfig { max_model_len: 2048, enable_scale_out: true, ..config() }).await;
+    let generate = json!({"model": MODEL, "token_ids": [1, 2, 3, 4], "sampling_params": {"max_tokens": 8, "temperature": 0}});
+    let with = |extra: Value| {
+        let mut body = generate.clone();
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body
+    };
+    let probes = [
+        ("generate", generate.clone(), false),
+        ("generate_stream", with(json!({"stream": true})), true),
+        (
+            "generate_stream_usage",
+            with(json!({"stream": true, "stream_options": {"include_usage": true}})),
+            true,
+        ),
+        ("generate_stream_prompt_ids", with(json!({"stream": true, "return_token_ids": true})), true),
+        ("generate_prompt_ids", with(json!({"return_token_ids": true})), false),
+        (
+            "error_generate_bad_parameter",
+            with(json!({"sampling_params": {"max_tokens": 8, "temperature": -1}})),
+            false,
+        ),
+        ("error_generate_unknown_model", with(json!({"model": "no-such-model"})), false),
+    ];
+    for (name, body, stream) in probes {
+        let (status, text) = post(&s, "/inference/v1/generate", &body).await;
+        let got = if stream && status == 200 {
+            stream_shapes(&text)
+        } else {
+            shape(&serde_json::from_str(&text).unwrap())
+        };
+        assert_eq!(status, golden[name]["status"], "{name}: {text}");
+        assert_eq!(
+            got, golden[name]["shape"],
+            "{name}: the simulator's shape differs from vLLM 0.32.0's\n{text}"
+        );
+    }
+    // The token ids and usage agree with each other.
+    let (_, text) = post(
+        &s,
+        "/inference/v1/generate",
+        &with(json!({"stream": true, "stream_options": {"include_usage": true}})),
+    )
+    .await;
+    let events: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: {").map(|r| serde_json::from_str(&format!("{{{r}")).unwrap()))
+        .collect();
+    let tokens: usize =
+        events.iter().filter_map(|e| e["choices"][0]["token_ids"].as_array()).map(Vec::len).sum();
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!(
+        (usage["prompt_tokens"].as_u64(), usage["completion_tokens"].as_u64()),
+        (Some(4), Some(tokens as u64))
+    );
+    assert_eq!(events[events.len() - 2]["choices"][0]["weight_versions"][0]["end"], tokens);
+    // An empty prompt is refused, as vLLM's validation refuses it.
+    let (status, _) = post(&s, "/inference/v1/generate", &with(json!({"token_ids": []}))).await;
+    assert_eq!(status, 400);
+}
+
+#[tokio::test]
+async fn generate_is_forbidden_without_enable_scale_out_as_in_vllm() {
+    let s = sim_with(config()).await;
+    let body = json!({"token_ids": [1, 2], "sampling_params": {"max_tokens": 2}});
+    let (status, text) = post(&s, "/inference/v1/generate", &body).await;
+    assert_eq!(status, 403);
+    let error: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(error["error"]["type"], "PermissionDeniedError");
+    assert_eq!(error["error"]["code"], 403);
+    assert!(error["error"]["message"].as_str().unwrap().contains("--enable-scale-out"), "{text}");
+}
