@@ -273,3 +273,86 @@ async fn rustls_clients_negotiate_h2_by_alpn() {
 }
 
 use rustls_pki_types::pem::PemObject;
+
+#[tokio::test]
+async fn a_tls_client_that_never_finishes_its_handshake_is_cut_off_and_costs_no_one_else() {
+    let dir = temp("slow-handshake");
+    let (files, pem) = certificate(&dir);
+    let (_sims, router) = sim_router(|c| {
+        c.tls = Some(files);
+        c.header_read_timeout = Duration::from_millis(300);
+    })
+    .await;
+    // A TCP connection that sends half a ClientHello and then nothing.
+    let mut silent = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    silent.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01]).await.unwrap();
+    // Meanwhile a proper client is served.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()).unwrap();
+    let config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    let (mut send, connection) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tls)).await.unwrap();
+    tokio::spawn(connection);
+    let health =
+        http::Request::get("/health").header("host", "localhost").body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(send.send_request(health).await.unwrap().status(), 200);
+    // The silent one is closed once the handshake time is up (bounded wait: 10 s).
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut buf)).await;
+    assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_http2_client_over_its_stream_or_header_limits_costs_only_those_streams() {
+    let mocks = support::mocks(1).await;
+    let mock = &mocks[0];
+    let router = Arc::new(support::router(support::config(&mocks)).await);
+    mock.set_mode(Mode::Hold);
+    let stream = tokio::net::TcpStream::connect(router.addr).await.unwrap();
+    // 300 requests on one connection: the router lets 256 streams be open at once.
+    let (send, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let waiting = r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#;
+    let mut held = Vec::new();
+    for _ in 0..300 {
+        let mut send = send.clone();
+        let request = post(&router, waiting);
+        held.push(tokio::spawn(async move {
+            let _ = send.ready().await;
+            send.send_request(request).await.map(|r| r.status().as_u16())
+        }));
+    }
+    eventually("the router holds at most 256 streams of one connection", || mock.request_count() >= 256)
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(mock.request_count() <= 256, "{} streams reached the replica", mock.request_count());
+    // Another client is served meanwhile: a header block over the limit is refused, a
+    // normal request answered.
+    let mut other = h2(&router).await;
+    let mut huge = post(&router, waiting);
+    huge.headers_mut().insert("x-padding", http::HeaderValue::from_str(&"a".repeat(500 * 1024)).unwrap());
+    let refused = other.send_request(huge).await;
+    assert_eq!(refused.map(|r| r.status().as_u16()).unwrap(), 431);
+    mock.set_mode(Mode::Normal);
+    mock.release();
+    let mut fresh = h2(&router).await;
+    let streaming = r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    let response = fresh.send_request(post(&router, streaming)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    for task in held {
+        task.abort();
+    }
+}
