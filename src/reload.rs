@@ -69,6 +69,17 @@ where
     })
 }
 
+/// Keep SIGHUP from ending the process when nothing is configured to reload (its
+/// default action is to terminate): an operator's `kill -HUP` is logged, not fatal.
+pub fn absorb_hangup() -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut hangup = hangup_signal();
+        while recv(&mut hangup).await.is_some() {
+            tracing::info!("SIGHUP received");
+        }
+    })
+}
+
 #[cfg(unix)]
 fn hangup_signal() -> Option<tokio::signal::unix::Signal> {
     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok()

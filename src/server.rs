@@ -153,6 +153,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         Some(trace) => Some(crate::trace::Tracing::start(trace).map_err(std::io::Error::other)?),
         None => None,
     };
+    tasks.push(crate::reload::absorb_hangup());
     let api_keys = crate::admission::ApiKeys::new(config.api_keys.clone());
     let rate_limits = crate::admission::rate_limits::RateLimits::default();
     for key in &config.api_keys {

@@ -293,3 +293,24 @@ async fn sighup_reloads_the_keys_file_even_when_it_looks_unchanged() {
     let text = stop(child, lines).await;
     assert!(text.iter().any(|l| l.contains("API keys reloaded")), "{text:?}");
 }
+
+// Multi-threaded: `spawn_logging` blocks its thread while the router starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_with_nothing_to_reload_does_not_end_the_router() {
+    let (child, port, lines) = spawn_logging(&["--sim", "1", "--sim-time-scale", "50"], "info").await;
+    Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    let mut logged = false;
+    for _ in 0..100 {
+        let health = reqwest::get(format!("http://127.0.0.1:{port}/health")).await.unwrap();
+        assert_eq!(health.status(), 200, "still serving after SIGHUP");
+        if let Ok(line) = lines.try_recv() {
+            logged |= line.contains("SIGHUP received");
+        }
+        if logged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let text = stop(child, lines).await;
+    assert!(logged || text.iter().any(|l| l.contains("SIGHUP received")), "{text:?}");
+}
