@@ -298,4 +298,55 @@ mod tests {
         let tpm = Limits { tokens_per_minute: Some(1_000), requests_per_minute: None };
         assert!(limits.admit(&Arc::from("k"), tpm, 901, Instant::now()).is_err(), "100 still charged");
     }
+
+    fn split_run(frames: Vec<Vec<u8>>, strip: bool) -> (Vec<u8>, [u64; 3]) {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let limits = RateLimits::default();
+            let (meter, counters) = meter(strip, &limits);
+            let stream =
+                tokio_stream::iter(frames.into_iter().map(|f| Ok::<_, std::io::Error>(Bytes::from(f))));
+            let body = metered(Body::from_stream(stream), meter);
+            let out = body.collect().await.unwrap().to_bytes().to_vec();
+            (out, counters.map(|c| c.get()))
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// However a stream is cut into frames, stripping takes out exactly the usage
+        /// chunk and passing through changes nothing; both read the same usage.
+        #[test]
+        fn frames_cut_anywhere_give_the_same_stream(
+            words in proptest::collection::vec("[a-z\"\\\\ ]{0,12}", 1..8),
+            with_usage in proptest::bool::ANY,
+            cuts in proptest::collection::vec(0usize..2000, 0..12),
+        ) {
+            let mut kept = String::new();
+            for word in &words {
+                let content = serde_json::to_string(word).unwrap();
+                kept.push_str(&format!("data: {{\"id\":\"x\",\"choices\":[{{\"index\":0,\"text\":{content}}}],\"usage\":null}}\n\n"));
+            }
+            let mut whole = kept.clone();
+            if with_usage {
+                whole.push_str(USAGE);
+            }
+            whole.push_str(DONE);
+            kept.push_str(DONE);
+            let bytes = whole.as_bytes();
+            let mut points: Vec<usize> = cuts.into_iter().map(|c| c % (bytes.len() + 1)).collect();
+            points.extend([0, bytes.len()]);
+            points.sort_unstable();
+            points.dedup();
+            let frames: Vec<Vec<u8>> = points.windows(2).map(|w| bytes[w[0]..w[1]].to_vec()).collect();
+            let expected_counts = if with_usage { [40, 7, 32] } else { [0, 0, 0] };
+            let (out, counts) = split_run(frames.clone(), true);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), kept);
+            proptest::prop_assert_eq!(counts, expected_counts);
+            let (out, counts) = split_run(frames, false);
+            proptest::prop_assert_eq!(String::from_utf8(out).unwrap(), whole);
+            proptest::prop_assert_eq!(counts, expected_counts);
+        }
+    }
 }
