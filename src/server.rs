@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
+use std::future::Future;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -27,6 +27,7 @@ use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::pd::PrefillDecode;
 use crate::ingress::client_io::StallLimited;
+use crate::ingress::keep_alive::{Activity, Tracked};
 use crate::ingress::routing_key::KeyHeaders;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
@@ -224,7 +225,11 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     };
     let app = ingress::routes(ingress, admin_here);
     let (stop, stopped) = oneshot::channel();
-    let limits = ClientLimits { header_read: config.header_read_timeout, idle: config.client_idle_timeout };
+    let limits = ClientLimits {
+        header_read: config.header_read_timeout,
+        idle: config.client_idle_timeout,
+        keep_alive: config.client_keep_alive_timeout,
+    };
     let scheme = if serving_tls.is_some() { "https" } else { "http" };
     let server = tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout, limits, serving_tls));
     let mut admin_addr = None;
@@ -321,6 +326,8 @@ struct ClientLimits {
     header_read: Duration,
     /// To accept any byte of a response it is being sent ([`StallLimited`]).
     idle: Duration,
+    /// With no request in flight ([`crate::ingress::keep_alive`]).
+    keep_alive: Duration,
 }
 
 /// Largest header block an HTTP/2 client may send: what hyper's HTTP/1 buffer holds.
@@ -373,29 +380,41 @@ async fn accept_loop(
             _ = &mut stopped => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let activity = Activity::new();
+        let service = tracked_service(app.clone(), activity.clone());
         let stream = StallLimited::new(stream, limits.idle);
         let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
-            let served = match tls {
-                None => {
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    watcher.watch(connection).await
+            let serve = async move {
+                match tls {
+                    None => {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        watcher.watch(connection).await
+                    }
+                    Some(tls) => {
+                        let stream = match tokio::time::timeout(limits.header_read, tls.accept(stream)).await
+                        {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "TLS handshake failed");
+                                return Ok(());
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                return Ok(());
+                            }
+                        };
+                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        watcher.watch(connection).await
+                    }
                 }
-                Some(tls) => {
-                    let stream = match tokio::time::timeout(limits.header_read, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => stream,
-                        Ok(Err(error)) => {
-                            tracing::debug!(%peer, %error, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    watcher.watch(connection).await
+            };
+            // With no request in flight, dropping the connection loses nothing.
+            let served = tokio::select! {
+                served = serve => served,
+                () = activity.idle_for(limits.keep_alive) => {
+                    tracing::debug!(%peer, "idle client connection closed");
+                    Ok(())
                 }
             };
             if let Err(error) = served {
@@ -407,6 +426,27 @@ async fn accept_loop(
     if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
         tracing::warn!(?drain_timeout, "drain timeout reached with requests still in flight");
     }
+}
+
+/// The router's routes as a hyper service whose requests count as in flight on their
+/// connection until their response body ends ([`crate::ingress::keep_alive`]).
+fn tracked_service(
+    app: axum::Router,
+    activity: Arc<Activity>,
+) -> impl hyper::service::Service<
+    http::Request<hyper::body::Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        let in_flight = activity.begin();
+        let app = app.clone();
+        async move {
+            let response = tower::ServiceExt::oneshot(app, request.map(axum::body::Body::new)).await?;
+            Ok(response.map(|body| Tracked::body(body, in_flight)))
+        }
+    })
 }
 
 pub use llm_common::signals::shutdown_signal;

@@ -177,3 +177,56 @@ async fn error_bodies_name_no_replica_and_no_os_error() {
         router.shutdown().await;
     }
 }
+
+/// Whether the router closes `stream` within 10 s (bounded wait).
+async fn closed_by_router(stream: &mut TcpStream) -> bool {
+    let mut buf = vec![0u8; 65536];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_and_a_long_answer_keeps_its_own() {
+    let mocks = mocks(1).await;
+    let mut config = config(&mocks);
+    config.client_keep_alive_timeout = Duration::from_millis(300);
+    let router = support::router(config).await;
+    // A connection that never sends a request.
+    let mut silent = TcpStream::connect(router.addr).await.unwrap();
+    assert!(closed_by_router(&mut silent).await, "a silent connection is closed");
+    // A keep-alive connection after its request.
+    let mut keep_alive = TcpStream::connect(router.addr).await.unwrap();
+    keep_alive.write_all(b"GET /health HTTP/1.1\r\nhost: r\r\n\r\n").await.unwrap();
+    assert!(closed_by_router(&mut keep_alive).await, "an idle keep-alive connection is closed");
+    // An HTTP/2 connection with no stream open (the server's pings are not use).
+    let mut h2 = TcpStream::connect(router.addr).await.unwrap();
+    h2.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await.unwrap();
+    assert!(closed_by_router(&mut h2).await, "an idle HTTP/2 connection is closed");
+    // A non-streamed answer the replica holds for 3x the limit: its connection stays.
+    mocks[0].set_mode(Mode::Hold);
+    let body = json!({"model": "m", "prompt": "hi"}).to_string();
+    let mut waiting = TcpStream::connect(router.addr).await.unwrap();
+    let request = format!(
+        "POST /v1/completions HTTP/1.1\r\nhost: r\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    waiting.write_all(request.as_bytes()).await.unwrap();
+    eventually("the request reached the replica", || mocks[0].request_count() == 1).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    mocks[0].release();
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("\"choices\"") {
+        let n = tokio::time::timeout(Duration::from_secs(10), waiting.read(&mut buf)).await.unwrap().unwrap();
+        assert!(n > 0, "closed while its request was in flight: {}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    router.shutdown().await;
+}

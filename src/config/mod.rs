@@ -118,6 +118,8 @@ pub struct RouterConfig {
     pub body_read_timeout: Duration,
     /// `--client-idle-timeout`.
     pub client_idle_timeout: Duration,
+    /// `--client-keep-alive-timeout`.
+    pub client_keep_alive_timeout: Duration,
     /// Simulated replicas to start before routing (`--sim`).
     pub sim: Option<vllm_sim::SimConfig>,
     pub sim_replicas: usize,
@@ -239,6 +241,7 @@ impl Cli {
             header_read_timeout: serving.header_read_timeout,
             body_read_timeout: serving.body_read_timeout,
             client_idle_timeout: serving.client_idle_timeout,
+            client_keep_alive_timeout: serving.client_keep_alive_timeout,
             sim,
             sim_replicas: self.fleet.sim_replicas(),
             pd,

@@ -35,6 +35,12 @@ pub struct ServingArgs {
     #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
     pub client_idle_timeout: Duration,
 
+    /// Close a client connection that has had no request in flight for this long
+    /// (HTTP/1.1 between requests, HTTP/2 with no open stream, or one that never sent a
+    /// request). A long answer keeps its connection however quiet it is.
+    #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
+    pub client_keep_alive_timeout: Duration,
+
     /// Forward this path too (repeatable; a trailing `*` matches any rest), besides chat,
     /// completions and vLLM's other OpenAI endpoints (embeddings, responses, audio,
     /// score, rerank, classify, tokenize, detokenize). Anything else under /v1/ gets 404:

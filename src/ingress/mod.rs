@@ -10,6 +10,7 @@
 //! `GET /v1/models`, `/health` and `/metrics` are answered by the router itself.
 
 pub(crate) mod client_io;
+pub(crate) mod keep_alive;
 mod keyed;
 pub mod request_facts;
 pub mod routing_key;
