@@ -27,7 +27,7 @@ use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::pd::PrefillDecode;
 use crate::ingress::client_io::StallLimited;
-use crate::ingress::keep_alive::{Activity, Tracked};
+use crate::ingress::keep_alive::Activity;
 use crate::ingress::routing_key::KeyHeaders;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
@@ -444,7 +444,7 @@ fn tracked_service(
         let app = app.clone();
         async move {
             let response = tower::ServiceExt::oneshot(app, request.map(axum::body::Body::new)).await?;
-            Ok(response.map(|body| Tracked::body(body, in_flight)))
+            Ok(response.map(|body| crate::response::end::holding(body, in_flight)))
         }
     })
 }

@@ -22,16 +22,10 @@
 //!   the client is cut off ([`crate::ingress::client_io`]), so a long stream counts for as long
 //!   as it runs. Memory stays bounded: excess requests are refused, not buffered.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use http::{HeaderName, HeaderValue, header};
-use http_body::{Frame, SizeHint};
 
 use crate::error::RouterError;
 
@@ -81,37 +75,4 @@ pub async fn admit(State(keys): State<ApiKeys>, mut request: Request, next: Next
         if let_in { next.run(request).await } else { RouterError::Unauthorized.into_response() };
     response.headers_mut().insert(REQUEST_ID, client_id.unwrap_or(id));
     response
-}
-
-/// A response body that holds its request's concurrency slot until it ends or drops.
-pub struct Slotted {
-    inner: Body,
-    _slot: Slot,
-}
-
-impl Slotted {
-    pub fn wrap(response: Response, slot: Slot) -> Response {
-        let (parts, inner) = response.into_parts();
-        Response::from_parts(parts, Body::new(Slotted { inner, _slot: slot }))
-    }
-}
-
-impl http_body::Body for Slotted {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
 }

@@ -10,15 +10,10 @@
 //! body ends or is dropped, so a long answer (a stream, or a non-streamed completion the
 //! engine takes minutes over) keeps its connection, however quiet the socket is.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
-use bytes::Bytes;
-use http_body::{Frame, SizeHint};
 use tokio::time::Instant;
 
 /// One connection's requests in flight, and when the last one ended.
@@ -76,38 +71,6 @@ impl Drop for InFlight {
         let now = activity.started.elapsed().as_millis() as u64;
         activity.idle_since_ms.fetch_max(now, Ordering::AcqRel);
         activity.in_flight.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A response body that keeps its request in flight until it ends or is dropped.
-pub struct Tracked {
-    inner: Body,
-    _in_flight: InFlight,
-}
-
-impl Tracked {
-    pub fn body(inner: Body, in_flight: InFlight) -> Body {
-        Body::new(Tracked { inner, _in_flight: in_flight })
-    }
-}
-
-impl http_body::Body for Tracked {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -30,7 +30,7 @@ use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 
 use crate::admission::rate_limits::RateLimits;
-use crate::admission::{self, ApiKey, ApiKeys, Caller, Flow, Limiter, Slotted};
+use crate::admission::{self, ApiKey, ApiKeys, Caller, Flow, Limiter};
 use crate::dispatch::pd::members::Members;
 use crate::dispatch::pd::{PdRequest, PrefillDecode};
 use crate::dispatch::{Dispatcher, Route, ServedBy};
@@ -306,7 +306,7 @@ impl Ingress {
             Err(error) => self.refuse(label, error),
         };
         match slot {
-            Some(slot) => Slotted::wrap(served, slot),
+            Some(slot) => served.map(|body| crate::response::end::holding(body, slot)),
             None => served,
         }
     }

@@ -1,7 +1,9 @@
 //! The end of a response body, for the layers that report on a whole request (the
 //! access log, the request's trace span): a wrapper that passes frames through and
 //! calls back once, when the body is dropped, with how many body bytes went out and
-//! whether the body reached its end or the client left first.
+//! whether the body reached its end or the client left first. And [`holding`]: a body
+//! that keeps something alive (a concurrency slot, a connection's in-flight mark) until
+//! it ends or is dropped.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -66,6 +68,36 @@ impl<F: FnOnce(Ending)> Drop for Watched<F> {
             let complete = self.ended || http_body::Body::is_end_stream(&self.inner);
             on_end(Ending { complete, bytes: self.bytes });
         }
+    }
+}
+
+/// `body`, keeping `guard` alive until the body ends or is dropped.
+pub fn holding<G: Send + Unpin + 'static>(body: Body, guard: G) -> Body {
+    Body::new(Holding { inner: body, _guard: guard })
+}
+
+struct Holding<G> {
+    inner: Body,
+    _guard: G,
+}
+
+impl<G: Unpin> http_body::Body for Holding<G> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -114,11 +114,7 @@ async fn tokens_in_tokens_out(s: Arc<SimState>, request: Request) -> Result<Resp
     let parsed = crate::generate::parse(&body, &s.model, s.config.max_model_len);
     s.log.push(LoggedRequest {
         path: parts.uri.path().to_owned(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-            .collect(),
+        headers: logged_headers(&parts.headers),
         model: body.get("model").and_then(Value::as_str).map(str::to_owned),
         stream: body.get("stream").and_then(Value::as_bool),
         max_tokens: body.pointer("/sampling_params/max_tokens").cloned(),
@@ -138,18 +134,7 @@ async fn tokens_in_tokens_out(s: Arc<SimState>, request: Request) -> Result<Resp
     let waiting = AbortOnDrop(&s.metrics);
     s.api.intake(job.prompt_ids.len(), PromptForm::Ids).await;
     std::mem::forget(waiting);
-    let (tx, rx) = mpsc::unbounded_channel();
-    s.engine.submit(EngineRequest {
-        prompt: job.prompt_ids.clone(),
-        max_tokens: job.max_tokens,
-        min_tokens: job.min_tokens,
-        ignore_eos: job.ignore_eos,
-        seed: job.seed,
-        stop: job.stop.clone(),
-        kind,
-        arrived,
-        events: tx,
-    });
+    let rx = submit(&s, &job, kind, arrived);
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let id = format!("generate-tokens-{n:016x}");
     if job.stream {
@@ -186,11 +171,7 @@ async fn generate(s: Arc<SimState>, request: Request, chat: bool) -> Result<Resp
     let parsed = request::parse(&body, chat, &s.model, s.config.max_model_len);
     s.log.push(LoggedRequest {
         path: parts.uri.path().to_owned(),
-        headers: parts
-            .headers
-            .iter()
-            .map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
-            .collect(),
+        headers: logged_headers(&parts.headers),
         model: body.get("model").and_then(Value::as_str).map(str::to_owned),
         stream: body.get("stream").and_then(Value::as_bool),
         max_tokens: body.get("max_tokens").cloned(),
@@ -220,18 +201,7 @@ async fn generate(s: Arc<SimState>, request: Request, chat: bool) -> Result<Resp
     };
     s.api.intake(job.prompt_ids.len(), form).await;
     std::mem::forget(waiting);
-    let (tx, rx) = mpsc::unbounded_channel();
-    s.engine.submit(EngineRequest {
-        prompt: job.prompt_ids.clone(),
-        max_tokens: job.max_tokens,
-        min_tokens: job.min_tokens,
-        ignore_eos: job.ignore_eos,
-        seed: job.seed,
-        stop: job.stop.clone(),
-        kind,
-        arrived,
-        events: tx,
-    });
+    let rx = submit(&s, &job, kind, arrived);
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let id = format!("{}-{n:016x}", if chat { "chatcmpl" } else { "cmpl" });
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -253,6 +223,32 @@ async fn generate(s: Arc<SimState>, request: Request, chat: bool) -> Result<Resp
     .await
     .map_err(SimError::BadRequest)?;
     Ok(json_response(StatusCode::OK, value.to_string()))
+}
+
+/// Hand `job` to the engine; its tokens come on the returned channel.
+fn submit(
+    s: &SimState,
+    job: &GenRequest,
+    kind: Kind,
+    arrived: Instant,
+) -> mpsc::UnboundedReceiver<crate::events::Event> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    s.engine.submit(EngineRequest {
+        prompt: job.prompt_ids.clone(),
+        max_tokens: job.max_tokens,
+        min_tokens: job.min_tokens,
+        ignore_eos: job.ignore_eos,
+        seed: job.seed,
+        stop: job.stop.clone(),
+        kind,
+        arrived,
+        events: tx,
+    });
+    rx
+}
+
+fn logged_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers.iter().map(|(k, v)| (k.to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned())).collect()
 }
 
 /// Counts an abort if dropped: the handler's future was dropped (its client went away)
