@@ -61,7 +61,7 @@ def haproxy_bin(log, dry=False):
     return shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
-def haproxy_config(path, port, urls, session_header=None):
+def haproxy_config(path, port, urls, session_header=None, extra_binds=()):
     """An HAProxy configuration in HTTP mode in front of `urls`: keep-alive to the
     engines (connections reused across clients), round robin, or consistent hashing on
     `session_header` when given, and `option http-no-delay` so that each event is sent
@@ -74,6 +74,8 @@ def haproxy_config(path, port, urls, session_header=None):
     )
     balance = (f"    balance hdr({session_header})\n    hash-type consistent\n" if session_header
                else "    balance roundrobin\n")
+    extra = "".join(f"frontend extra{i}\n    bind {bind}\n    default_backend engines\n"
+                    for i, bind in enumerate(extra_binds))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(f"""global
     maxconn 8000
@@ -89,7 +91,7 @@ defaults
 frontend ingress
     bind 127.0.0.1:{port}
     default_backend engines
-backend engines
+{extra}backend engines
 {balance}{servers}
 """)
     return ["-f", str(path), "-db"]

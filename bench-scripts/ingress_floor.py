@@ -77,34 +77,11 @@ class IngressFloor:
             self.sims.wait_ready(url + "/v1/models", MODEL[1], "vllm-sim")
 
     def haproxy_cmd(self):
-        servers = "\n".join(f"    server e{i} {u.removeprefix('http://')} maxconn 10000"
-                            for i, u in enumerate(self.urls))
-        path = self.tmp / "haproxy.cfg"
-        path.write_text(f"""global
-    maxconn 8000
-defaults
-    mode http
-    option http-keep-alive
-    option http-no-delay
-    http-reuse always
-    timeout connect 5s
-    timeout client 600s
-    timeout server 600s
-    timeout http-keep-alive 60s
-frontend plain
-    bind 127.0.0.1:{PROXY_PORT}
-    default_backend engines
-frontend h2c
-    bind 127.0.0.1:{PROXY_PORT + 1} proto h2
-    default_backend engines
-frontend tls
-    bind 127.0.0.1:{PROXY_PORT + 2} ssl crt {self.combined} alpn h2,http/1.1
-    default_backend engines
-backend engines
-    balance roundrobin
-{servers}
-""")
-        return [benchlib.haproxy_bin(log), "-f", str(path), "-db"]
+        """HAProxy with three frontends: plain HTTP/1.1, h2c (`proto h2`), TLS with ALPN."""
+        binds = [f"127.0.0.1:{PROXY_PORT + 1} proto h2",
+                 f"127.0.0.1:{PROXY_PORT + 2} ssl crt {self.combined} alpn h2,http/1.1"]
+        config = benchlib.haproxy_config(self.tmp / "haproxy.cfg", PROXY_PORT, self.urls, extra_binds=binds)
+        return [benchlib.haproxy_bin(log), *config]
 
     def start(self, contender):
         """Start a contender; returns (process, URL, protocol)."""

@@ -299,6 +299,25 @@ mod tests {
         assert!(limits.admit(&Arc::from("k"), tpm, 901, Instant::now()).is_err(), "100 still charged");
     }
 
+    #[tokio::test]
+    async fn an_event_that_never_ends_is_held_at_most_its_bound_then_passed_on() {
+        // A replica streams 3 MiB with no blank line, in 64 KiB frames.
+        const FRAME: usize = 64 * 1024;
+        let frame: &'static str = Box::leak("x".repeat(FRAME).into_boxed_str());
+        let frames = vec![frame; 48];
+        let limits = RateLimits::default();
+        let (meter, _) = meter(true, &limits);
+        let stream = tokio_stream::iter(frames.into_iter().map(|f| Ok::<_, std::io::Error>(Bytes::from(f))));
+        let mut body = metered(Body::from_stream(stream), meter);
+        let mut out = 0;
+        while let Some(frame) = body.frame().await {
+            let data = frame.unwrap().into_data().unwrap();
+            assert!(data.len() <= MAX_HELD_EVENT + FRAME, "one frame out of {} bytes", data.len());
+            out += data.len();
+        }
+        assert_eq!(out, 48 * FRAME, "every byte passed on");
+    }
+
     fn split_run(frames: Vec<Vec<u8>>, strip: bool) -> (Vec<u8>, [u64; 3]) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(async {
