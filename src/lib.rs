@@ -25,6 +25,8 @@ pub mod server;
 
 pub mod admission;
 
+/// The engines' frontend: tokens in and out of vLLM (`--engine-api generate`).
+pub mod frontend;
 pub mod ingress;
 
 pub mod policy;

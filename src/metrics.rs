@@ -63,6 +63,10 @@ pub struct Metrics {
     /// Decode requests by tokenize-once mode: `on` (token ids), `off` (disabled),
     /// `unavailable` (no ids from prefill, or a chat feature only the chat endpoint has).
     pub pd_tokenize_once: IntCounterVec,
+    /// `--engine-api generate`: inference requests by endpoint and how they were
+    /// served: `generate` (tokens in and out of the engine) or `fallback` with the
+    /// reason (the engine's OpenAI endpoint, unchanged).
+    pub engine_api_requests: IntCounterVec,
     /// Prompt blocks the cache-aware policy remembers per replica (set when scraped).
     pub cache_index_blocks: IntGaugeVec,
     /// KV event batches from each replica, by outcome: `applied`, `replayed` (fetched
@@ -269,6 +273,11 @@ impl Metrics {
                 "router_pd_tokenize_once_total",
                 "P/D decode requests by tokenize-once mode (on, off, unavailable)",
                 &["mode"],
+            ),
+            engine_api_requests: counter(
+                "router_engine_api_requests_total",
+                "Inference requests in --engine-api generate mode, by endpoint, path (generate, fallback) and fallback reason",
+                &["endpoint", "path", "reason"],
             ),
             cache_index_blocks: gauge(
                 "router_cache_index_blocks",

@@ -79,7 +79,14 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
             .kv_events
             .as_ref()
             .map(|feed| vllm_sim::kv_events::PublisherConfig { port: 0, topic: feed.topic.clone() });
-        let role = |role| vllm_sim::SimConfig { role, kv_events: kv_events.clone(), ..sim.clone() };
+        // Generate mode: the simulated replicas serve vLLM's token-in, token-out endpoint.
+        let scale_out = sim.enable_scale_out || config.engine_api == crate::frontend::EngineApi::Generate;
+        let role = |role| vllm_sim::SimConfig {
+            role,
+            kv_events: kv_events.clone(),
+            enable_scale_out: scale_out,
+            ..sim.clone()
+        };
         let (prefill_role, decode_role) = if prefill_sims > 0 {
             (vllm_sim::Role::Prefill, vllm_sim::Role::Decode)
         } else {
@@ -196,6 +203,13 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let ingress = Arc::new(Ingress {
         dispatcher: Arc::new(dispatcher),
         pd,
+        frontend: (config.engine_api == crate::frontend::EngineApi::Generate).then(|| {
+            crate::frontend::Frontend {
+                tokenizer: config.tokenizer.clone().expect("generate mode loads a tokenizer"),
+                defaults: config.sampling_defaults.clone(),
+                metrics: metrics.clone(),
+            }
+        }),
         continuation_attempts: config.continuation_attempts,
         keys: KeyHeaders::new(config.session_headers.clone()),
         max_body_bytes: config.max_body_bytes,

@@ -64,7 +64,8 @@ pub struct KvEventsArgs {
     #[arg(long)]
     pub kv_pure_cost: bool,
 
-    /// kv-aware: how the router tokenises text and chat prompts: `builtin` (the
+    /// kv-aware and `--engine-api generate`: how the router tokenises text and chat
+    /// prompts: `builtin` (the
     /// simulator's o200k_base and chat template, the default with `--sim`) or a Hugging
     /// Face model directory as shipped (or its `tokenizer.json`); the chat template is
     /// found beside it as transformers finds it (`chat_template.jinja`, then
@@ -72,7 +73,8 @@ pub struct KvEventsArgs {
     #[arg(long, value_parser = TokenizerSpec::parse)]
     pub tokenizer: Option<TokenizerSpec>,
 
-    /// kv-aware: a Jinja chat template file, instead of the one shipped with the tokenizer.
+    /// kv-aware and `--engine-api generate`: a Jinja chat template file, instead of the
+    /// one shipped with the tokenizer.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<std::path::PathBuf>,
 }
@@ -115,6 +117,17 @@ impl KvEventsArgs {
                 max_message_bytes: self.kv_events_max_message_bytes as usize,
                 ..Default::default()
             },
+        }
+    }
+
+    /// `generation_config.json`'s sampling defaults, from the tokenizer's directory.
+    pub fn sampling_defaults(&self) -> Result<crate::frontend::SamplingDefaults, String> {
+        match &self.tokenizer {
+            Some(TokenizerSpec::File(path)) => {
+                let dir = if path.is_dir() { path.as_path() } else { path.parent().unwrap_or(path) };
+                crate::frontend::SamplingDefaults::load(dir)
+            }
+            _ => Ok(crate::frontend::SamplingDefaults::default()),
         }
     }
 

@@ -78,7 +78,11 @@ pub struct RouterConfig {
     /// `kv-aware`: where the replicas' KV events come from (simulated replicas' are
     /// added when they start).
     pub kv_events: Option<FeedConfig>,
-    /// `kv-aware`'s tokenizer, loaded.
+    /// `--engine-api`.
+    pub engine_api: crate::frontend::EngineApi,
+    /// `generate` mode: the model's sampling defaults (`generation_config.json`).
+    pub sampling_defaults: crate::frontend::SamplingDefaults,
+    /// The tokenizer of `kv-aware` and of `generate` mode (one, shared), loaded.
     pub tokenizer: Option<std::sync::Arc<crate::policy::prompt_tokens::PromptTokenizer>>,
     pub session_headers: Vec<HeaderName>,
     pub max_body_bytes: usize,
@@ -181,6 +185,17 @@ impl Cli {
         if kv_aware && !self.fleet.simulated() {
             self.kv_events.check_for_engines()?;
         }
+        if self.serving.engine_api == crate::frontend::EngineApi::Generate {
+            if self.kv_events.tokenizer.is_none() && !self.fleet.simulated() {
+                return Err(
+                    "--engine-api generate needs --tokenizer (the engines' model directory; `builtin` for vllm-sim)"
+                        .into(),
+                );
+            }
+            if self.pd_mode(prefill) {
+                return Err("--engine-api generate does not support --pd yet: use --engine-api openai".into());
+            }
+        }
         if self.telemetry.metrics_on == MetricsOn::Admin && self.admission.admin_listen.is_none() {
             return Err("--metrics-on admin needs --admin-listen (and --admin-token)".into());
         }
@@ -197,6 +212,7 @@ impl Cli {
             || pd.as_ref().is_some_and(|p| p.prefill_policy == PolicyKind::KvAware);
         self.check_across_groups(&discovery, &replicas, &prefill, kv_aware)?;
         let (serving, resilience, admission) = (&self.serving, &self.resilience, &self.admission);
+        let generate = serving.engine_api == crate::frontend::EngineApi::Generate;
         Ok(RouterConfig {
             listen: serving.listen(),
             replicas,
@@ -213,7 +229,13 @@ impl Cli {
                 ttl: self.policy.prefix_index_ttl,
             },
             kv_events: kv_aware.then(|| self.kv_events.feed_config()),
-            tokenizer: if kv_aware { Some(self.kv_events.load_tokenizer()?) } else { None },
+            tokenizer: if kv_aware || generate { Some(self.kv_events.load_tokenizer()?) } else { None },
+            engine_api: serving.engine_api,
+            sampling_defaults: if generate {
+                self.kv_events.sampling_defaults()?
+            } else {
+                Default::default()
+            },
             session_headers: self.policy.session_headers.clone(),
             max_body_bytes: serving.max_body_bytes,
             health: resilience.health(),

@@ -53,6 +53,15 @@ pub struct ServingArgs {
     #[arg(long)]
     pub forward_authorization: bool,
 
+    /// How the router talks to the engines: `openai` passes chat and completions requests
+    /// through to the engines' OpenAI endpoints; `generate` renders the chat template,
+    /// tokenises and detokenises in the router and sends token ids to vLLM's
+    /// `/inference/v1/generate` (engines started with `--enable-scale-out`; needs
+    /// `--tokenizer`, `builtin` with `--sim`). Requests it cannot serve identically
+    /// (tools, structured output, logprobs, n > 1, ...) go to the OpenAI endpoint.
+    #[arg(long, value_enum, default_value_t = crate::frontend::EngineApi::Openai)]
+    pub engine_api: crate::frontend::EngineApi,
+
     /// Pass a client's `kv_transfer_params` on to the engines (by default they are
     /// removed: they tell an engine to pull KV blocks from a host and port the client
     /// names; only the router's P/D stages set them).

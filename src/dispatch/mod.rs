@@ -61,6 +61,8 @@ pub struct Route<'a> {
     pub key: Option<&'a RoutingKey>,
     /// The raw JSON of the request's `messages` or `prompt`, for cache-aware policies.
     pub prompt: Option<&'a [u8]>,
+    /// The prompt's token ids, when the router has tokenised it already (generate mode).
+    pub prompt_ids: Option<&'a [u32]>,
     pub stream: bool,
     pub started: Instant,
     /// Extra timings of a P/D decode stage.
@@ -131,7 +133,10 @@ impl Dispatcher {
         if candidates.panic {
             self.metrics.panic_routing.with_label_values(&[route.endpoint]).inc();
         }
-        let prompt = route.prompt.and_then(|p| fleet.policy.prompt_blocks(route.model, p));
+        let prompt = route
+            .prompt_ids
+            .and_then(|ids| fleet.policy.prompt_blocks_for_ids(route.model, ids))
+            .or_else(|| route.prompt.and_then(|p| fleet.policy.prompt_blocks(route.model, p)));
         let choose = |candidates: &[Candidate]| match &prompt {
             Some(prompt) => fleet.policy.choose_for_prompt(route.key, prompt, candidates),
             None => fleet.policy.choose(route.key, candidates),

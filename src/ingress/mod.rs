@@ -68,6 +68,8 @@ pub struct Ingress {
     pub dispatcher: Arc<Dispatcher>,
     /// P/D mode: the prefill stage of inference requests.
     pub pd: Option<PrefillDecode>,
+    /// `--engine-api generate`: chat and completions through vLLM's generate endpoint.
+    pub frontend: Option<crate::frontend::Frontend>,
     /// Continuations a broken stream gets (0: off; P/D streams are not continued).
     pub continuation_attempts: u32,
     pub keys: KeyHeaders,
@@ -357,6 +359,21 @@ impl Ingress {
             };
             return pd.handle(&self.dispatcher, request).await;
         }
+        if let Some(frontend) = &self.frontend
+            && endpoint != Endpoint::Other
+            && let Some(call) =
+                frontend.prepare(endpoint.label(), endpoint == Endpoint::ChatCompletions, &body)
+        {
+            let request = crate::frontend::FrontendRequest {
+                endpoint: endpoint.label(),
+                headers: parts.headers,
+                model: facts.model.as_deref(),
+                key: key.as_ref(),
+                prompt: facts.prompt.clone().map(|range| &body[range]),
+                started,
+            };
+            return frontend.serve(&self.dispatcher, call, request).await;
+        }
         let prompt = facts.prompt.clone().map(|range| body.slice(range));
         let outbound = Outbound::new(parts.method, path, parts.headers, body);
         let continuable = self.continuation_attempts > 0 && facts.stream && endpoint != Endpoint::Other;
@@ -365,6 +382,7 @@ impl Ingress {
             model: facts.model.as_deref(),
             key: key.as_ref(),
             prompt: prompt.as_deref(),
+            prompt_ids: None,
             stream: facts.stream,
             started,
             phase: None,

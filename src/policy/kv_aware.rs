@@ -209,8 +209,12 @@ impl Policy for KvAware {
 
     /// The prompt keyed at every block size the replicas' engines report (one, in a
     /// fleet configured alike), the most common first.
-    fn prompt_blocks(&self, _model: Option<&str>, prompt: &[u8]) -> Option<PromptBlocks> {
+    fn prompt_blocks(&self, model: Option<&str>, prompt: &[u8]) -> Option<PromptBlocks> {
         let tokens = self.tokenizer.tokens(prompt)?;
+        self.prompt_blocks_for_ids(model, &tokens)
+    }
+
+    fn prompt_blocks_for_ids(&self, _model: Option<&str>, tokens: &[u32]) -> Option<PromptBlocks> {
         let mut sizes: Vec<(usize, usize)> = Vec::new();
         for size in self.memories.iter().map(|m| m.block_size()).filter(|&s| s > 0) {
             match sizes.iter_mut().find(|(s, _)| *s == size) {
@@ -219,10 +223,10 @@ impl Policy for KvAware {
             }
         }
         sizes.sort_by_key(|&(size, count)| (std::cmp::Reverse(count), size));
-        let mut keyed = sizes.iter().map(|&(size, _)| (size, token_block_keys(&tokens, size, 0)));
+        let mut keyed = sizes.iter().map(|&(size, _)| (size, token_block_keys(tokens, size, 0)));
         let (block_tokens, hashes) = keyed
             .next()
-            .unwrap_or_else(|| (DEFAULT_BLOCK_SIZE, token_block_keys(&tokens, DEFAULT_BLOCK_SIZE, 0)));
+            .unwrap_or_else(|| (DEFAULT_BLOCK_SIZE, token_block_keys(tokens, DEFAULT_BLOCK_SIZE, 0)));
         Some(PromptBlocks { hashes, tokens: tokens.len(), block_tokens, other_sizes: keyed.collect() })
     }
 

@@ -125,6 +125,13 @@ pub trait Policy: Send + Sync {
         None
     }
 
+    /// The same view from the prompt's token ids, when the router already has them
+    /// (`--engine-api generate` tokenises once); `None` where the policy keys prompts by
+    /// text, not ids.
+    fn prompt_blocks_for_ids(&self, _model: Option<&str>, _ids: &[u32]) -> Option<PromptBlocks> {
+        None
+    }
+
     /// Choose for a request whose prompt is known.
     fn choose_for_prompt(
         &self,

@@ -265,6 +265,7 @@ impl ContinuedBody {
                 model: model.as_deref(),
                 key: key.as_ref(),
                 prompt: None,
+                prompt_ids: None,
                 stream: true,
                 started,
                 phase: None,

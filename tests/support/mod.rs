@@ -9,6 +9,7 @@
 
 #![allow(dead_code)]
 
+pub mod corpus;
 pub mod raw_replica;
 pub mod real_vllm;
 pub mod tap;

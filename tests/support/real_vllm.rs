@@ -210,6 +210,7 @@ pub fn reading(body: &str, stream: bool) -> Value {
         vec![serde_json::from_str(body).unwrap()]
     };
     let (mut text, mut finish, mut usage) = (String::new(), Value::Null, Value::Null);
+    let mut stop_reason = Value::Null;
     for object in objects {
         for choice in object["choices"].as_array().unwrap() {
             for piece in [&choice["text"], &choice["delta"]["content"], &choice["message"]["content"]] {
@@ -217,13 +218,14 @@ pub fn reading(body: &str, stream: bool) -> Value {
             }
             if !choice["finish_reason"].is_null() {
                 finish = choice["finish_reason"].clone();
+                stop_reason = choice["stop_reason"].clone();
             }
         }
         if !object["usage"].is_null() {
             usage = object["usage"].clone();
         }
     }
-    json!({"text": text, "finish_reason": finish, "usage": usage})
+    json!({"text": text, "finish_reason": finish, "stop_reason": stop_reason, "usage": usage})
 }
 
 /// The response id in an answer's first object.

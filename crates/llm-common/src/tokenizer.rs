@@ -78,6 +78,10 @@ pub fn single_token_words() -> &'static [WordToken] {
 /// o200k_base's ids stop below this (the largest ordinary id is 199,997).
 pub const VOCAB_SIZE: u32 = 199_998;
 
+/// o200k_base's `<|endoftext|>`: the token a simulated model ends on (finish reason
+/// `stop`). As in vLLM, it counts as a completion token but is not part of the text.
+pub const EOS_ID: u32 = 199_999;
+
 /// A chat message as the template sees it.
 pub struct ChatMessage<'a> {
     pub role: &'a str,

@@ -113,6 +113,7 @@ pub fn parse(body: &Value, served_model: &str, max_model_len: usize) -> Result<G
         min_tokens: uint("min_tokens")?.unwrap_or(0),
         ignore_eos: flag(sampling.get("ignore_eos")),
         stop,
+        include_stop_str_in_output: flag(sampling.get("include_stop_str_in_output")),
         seed: sampling.get("seed").and_then(Value::as_u64),
         stream: flag(fields.get("stream")),
         include_usage: flag(options.and_then(|o| o.get("include_usage"))),

@@ -24,6 +24,9 @@ pub struct GenRequest {
     pub min_tokens: usize,
     pub ignore_eos: bool,
     pub stop: Vec<String>,
+    /// Keep the stop string that ended generation in the text (vLLM's
+    /// `include_stop_str_in_output`).
+    pub include_stop_str_in_output: bool,
     pub seed: Option<u64>,
     pub stream: bool,
     pub include_usage: bool,
@@ -216,6 +219,7 @@ pub fn parse(
         min_tokens,
         ignore_eos: opt_bool(body, "ignore_eos")?,
         stop,
+        include_stop_str_in_output: opt_bool(body, "include_stop_str_in_output")?,
         seed,
         stream,
         include_usage: option("include_usage"),

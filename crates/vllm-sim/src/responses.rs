@@ -87,12 +87,13 @@ fn finish_strings(finish: Option<Finish>, stop: &[String]) -> (Value, Value) {
     }
 }
 
-/// Cut `text` before the first occurrence of the stop string that ended generation.
-fn truncate_at_stop(text: &mut String, finish: Option<Finish>, stop: &[String]) {
+/// Cut `text` before the occurrence of the stop string that ended generation (the last)
+/// (after it, with `include_stop_str_in_output`).
+fn truncate_at_stop(text: &mut String, finish: Option<Finish>, r: &GenRequest) {
     if let Some(Finish::StopString(i)) = finish
-        && let Some(at) = text.find(stop[i].as_str())
+        && let Some(at) = text.rfind(r.stop[i].as_str())
     {
-        text.truncate(at);
+        text.truncate(if r.include_stop_str_in_output { at + r.stop[i].len() } else { at });
     }
 }
 
@@ -119,9 +120,11 @@ pub async fn collect(
         }
     }
     let mut detok = Detokenizer::default();
-    let mut text: String = ids.iter().map(|&id| detok.push(id)).collect();
+    // The end-of-text token ends a natural stop: counted, not shown (as vLLM).
+    let shown = if finish == Some(Finish::Stop) { &ids[..ids.len().saturating_sub(1)] } else { &ids[..] };
+    let mut text: String = shown.iter().map(|&id| detok.push(id)).collect();
     let stop = &meta.request.stop;
-    truncate_at_stop(&mut text, finish, stop);
+    truncate_at_stop(&mut text, finish, &meta.request);
     let (finish_reason, stop_reason) = finish_strings(finish, stop);
     let kv = prefill_blocks.as_deref().and_then(kv_transfer_params).unwrap_or(Value::Null);
     let r = &meta.request;
@@ -399,7 +402,9 @@ impl Stream for SseStream {
                             return Poll::Ready(Some(Ok(sse(&err))));
                         }
                     }
-                    let delta = this.detok.push(id);
+                    // The end-of-text token ends a natural stop: counted, not shown (as vLLM).
+                    let delta =
+                        if finish == Some(Finish::Stop) { String::new() } else { this.detok.push(id) };
                     this.held.push_str(&delta);
                     match finish {
                         None => {
@@ -408,7 +413,7 @@ impl Stream for SseStream {
                         }
                         Some(f) => {
                             let mut text = std::mem::take(&mut this.held);
-                            truncate_at_stop(&mut text, Some(f), &this.meta.request.stop);
+                            truncate_at_stop(&mut text, Some(f), &this.meta.request);
                             this.phase =
                                 if this.meta.request.include_usage { Phase::Usage } else { Phase::Done };
                             return Poll::Ready(Some(Ok(this.final_chunk(&text, id, f))));

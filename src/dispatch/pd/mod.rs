@@ -98,6 +98,7 @@ impl PrefillDecode {
             model: request.model,
             key: request.key,
             prompt: request.prompt,
+            prompt_ids: None,
             stream: false,
             started: request.started,
             phase: None,
@@ -176,6 +177,7 @@ impl PrefillDecode {
             model: request.model,
             key: request.key,
             prompt: request.prompt,
+            prompt_ids: None,
             stream: request.stream,
             started: request.started,
             phase: Some(PhaseTimers {

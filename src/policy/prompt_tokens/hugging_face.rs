@@ -141,6 +141,11 @@ impl HfTokenizer {
         })
     }
 
+    /// The tokenizer itself (for decoding).
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
     /// The chat template applied to `messages` with the generation prompt.
     pub fn render(&self, messages: &Value) -> Result<String, String> {
         let template = self.template.get_template("chat").map_err(|e| e.to_string())?;
@@ -287,6 +292,35 @@ mod tests {
         assert_eq!(t.tokens(b"[5, 6]").unwrap(), vec![5, 6]);
         let text = whole.encode_fast("the agent", true).unwrap().get_ids().to_vec();
         assert_eq!(t.tokens(br#""the agent""#).unwrap(), text);
+    }
+
+    #[test]
+    fn streamed_decoding_equals_the_whole_decode() {
+        let path = trained("hf-decode");
+        let t =
+            super::super::PromptTokenizer::HuggingFace(Box::new(HfTokenizer::load(&path, None, 16).unwrap()));
+        let whole = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let prompt = whole
+            .encode_fast("<|im_start|>user\nthe tests<|im_end|>\n<|im_start|>assistant\n", false)
+            .unwrap();
+        let prompt = prompt.get_ids();
+        // Multi-byte characters (byte-level tokens of one character), a special token.
+        let text = " the agent runs é 🦀 東京 tests<|im_end|> fixes";
+        let ids = whole.encode_fast(text, false).unwrap().get_ids().to_vec();
+        assert!(ids.len() > 10, "{ids:?}");
+        let mut decoder = t.decoder(prompt, true);
+        let mut out = String::new();
+        for &id in &ids {
+            let piece = t.decode_step(&mut decoder, id);
+            assert!(!piece.ends_with('\u{fffd}'), "{piece:?}");
+            out.push_str(&piece);
+        }
+        assert_eq!(out, whole.decode(&ids, true).unwrap());
+        assert_eq!(out, " the agent runs é 🦀 東京 tests fixes");
+        // Special tokens kept when asked.
+        let mut decoder = t.decoder(prompt, false);
+        let kept: String = ids.iter().map(|&id| t.decode_step(&mut decoder, id)).collect();
+        assert_eq!(kept, text);
     }
 
     #[test]

@@ -19,10 +19,12 @@
 mod hugging_face;
 mod o200k;
 mod segments;
+mod stream_decode;
 
 pub use hugging_face::HfTokenizer;
 pub use o200k::BuiltinTokenizer;
 pub use segments::{SegmentCache, split_json_array};
+pub use stream_decode::TokenDecoder;
 
 use std::path::PathBuf;
 

@@ -150,10 +150,30 @@ impl Seq {
 
     /// Feed a generated token to the stop-string check; the index of a stop string the
     /// text now contains.
-    fn stop_string_hit(&mut self, id: u32) -> Option<usize> {
+    /// As vLLM: only a stop string that ends in this token's text counts, and only once
+    /// more than `min_tokens` tokens are out; of several, the one ending first.
+    fn stop_string_hit(&mut self, id: u32, generated: usize) -> Option<usize> {
         let detok = self.text.as_mut()?;
+        let before = self.text_so_far.len();
         self.text_so_far.push_str(&detok.push(id));
-        self.req.stop.iter().position(|s| self.text_so_far.contains(s.as_str()))
+        if generated <= self.req.min_tokens {
+            return None;
+        }
+        let text = &self.text_so_far;
+        let mut best: Option<(usize, usize)> = None;
+        for (i, stop) in self.req.stop.iter().enumerate() {
+            let mut from = (before + 1).saturating_sub(stop.len());
+            while !text.is_char_boundary(from) {
+                from -= 1;
+            }
+            if let Some(at) = text[from..].find(stop.as_str()) {
+                let end = from + at + stop.len();
+                if best.is_none_or(|(e, _)| end < e) {
+                    best = Some((end, i));
+                }
+            }
+        }
+        best.map(|(_, i)| i)
     }
 
     fn blocks_for(&self, tokens: usize) -> usize {

@@ -370,8 +370,8 @@ impl Scheduler {
                 Some(t) => self.metrics.itl.observe((now - t).as_secs_f64()),
             }
             seq.last_token_at = Some(now);
-            let stop_hit = seq.stop_string_hit(id);
-            let finish = if let Some(i) = stop_hit.filter(|_| seq.generated >= seq.req.min_tokens) {
+            let stop_hit = seq.stop_string_hit(id, seq.generated);
+            let finish = if let Some(i) = stop_hit {
                 Some(Finish::StopString(i))
             } else if seq.generated >= seq.req.max_tokens || seq.req.kind == Kind::PrefillOnly {
                 Some(Finish::Length)
@@ -383,6 +383,8 @@ impl Scheduler {
             } else {
                 None
             };
+            // A natural end is the model's end-of-text token.
+            let id = if finish == Some(Finish::Stop) { llm_common::tokenizer::EOS_ID } else { id };
             output.push((seq.req.events.clone(), Event::Token { id, finish }));
             if let Some(f) = finish {
                 done.push(i);

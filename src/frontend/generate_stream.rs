@@ -1,0 +1,383 @@
+//! The engine's generate stream (token ids, one SSE event per engine step) turned into
+//! the OpenAI answer the client asked for: a chat or completions stream, written as it
+//! arrives ([`OpenAiStream`]), or one body once generation ends ([`collect`]).
+//!
+//! Each token event's ids go through [`OutputText`] (detokenized, stop strings found);
+//! the text it releases goes out as a chunk. When a stop string ends generation, the
+//! final chunks are written and the engine's stream is dropped at once, which closes its
+//! connection: vLLM aborts the request, as its own endpoint would stop it. Events that
+//! are not token events (an error event, vLLM's or the router's for a broken upstream)
+//! pass through as they came, and `data: [DONE]` ends the stream. An event may not grow
+//! past [`MAX_EVENT_BYTES`] before its end arrives.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::Body;
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::openai_request::OutputPlan;
+use super::openai_shapes::{DONE, Shapes};
+use super::output_text::{Finish, OutputText};
+use crate::policy::prompt_tokens::PromptTokenizer;
+use llm_common::sse::{SseEvents, data_payload};
+
+/// Largest generate event read (one engine step's ids; vLLM sends a few per event).
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+#[derive(Deserialize)]
+struct GenerateEvent {
+    #[serde(default)]
+    choices: Vec<GenerateChoice>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct GenerateChoice {
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    finish_reason: Option<String>,
+    #[serde(default)]
+    stop_reason: Value,
+    #[serde(default)]
+    token_ids: Vec<u32>,
+}
+
+/// A token event's ids and finish; `None` for any other event.
+fn token_event(payload: &[u8]) -> Option<(Vec<u32>, Option<Finish>)> {
+    let event: GenerateEvent = serde_json::from_slice(payload).ok()?;
+    if event.error.is_some() {
+        return None;
+    }
+    let choice = event.choices.into_iter().find(|c| c.index == 0)?;
+    let finish = choice.finish_reason.map(|reason| Finish { reason, stop_reason: choice.stop_reason });
+    Some((choice.token_ids, finish))
+}
+
+/// The state one answer is written from.
+pub struct Answer {
+    pub tokenizer: Arc<PromptTokenizer>,
+    pub output: OutputText,
+    pub shapes: Shapes,
+    pub plan: OutputPlan,
+    pub prompt_tokens: usize,
+}
+
+impl Answer {
+    pub fn new(tokenizer: Arc<PromptTokenizer>, plan: OutputPlan, prompt_ids: &[u32]) -> Self {
+        let decoder = tokenizer.decoder(prompt_ids, plan.skip_special_tokens);
+        let output =
+            OutputText::new(decoder, plan.stop.clone(), plan.include_stop_str_in_output, plan.min_tokens);
+        Answer {
+            shapes: Shapes::new(plan.chat, &plan.model),
+            tokenizer,
+            output,
+            plan,
+            prompt_tokens: prompt_ids.len(),
+        }
+    }
+
+    fn update(&mut self, ids: &[u32], finish: Option<Finish>) -> bool {
+        self.output.update(&self.tokenizer, ids, finish).is_some()
+    }
+}
+
+pub struct OpenAiStream {
+    /// The engine's stream; `None` once given up (a stop string ended generation).
+    inner: Option<Body>,
+    events: SseEvents,
+    ready: VecDeque<Bytes>,
+    answer: Answer,
+    role_sent: bool,
+    /// Generation is over: later token events are ignored.
+    finished: bool,
+    ended: bool,
+}
+
+impl OpenAiStream {
+    pub fn new(inner: Body, answer: Answer) -> Self {
+        OpenAiStream {
+            inner: Some(inner),
+            events: SseEvents::new(),
+            ready: VecDeque::new(),
+            answer,
+            role_sent: false,
+            finished: false,
+            ended: false,
+        }
+    }
+
+    fn handle(&mut self, event: Bytes) {
+        let Some(payload) = data_payload(&event) else { return }; // comments, keep-alives
+        if payload == b"[DONE]" {
+            if !self.finished {
+                self.ready.push_back(event);
+            }
+            return;
+        }
+        let Some((ids, finish)) = token_event(payload) else {
+            self.ready.push_back(event); // an error: the client reads it as the engine wrote it
+            return;
+        };
+        if self.finished {
+            return;
+        }
+        let done = self.answer.update(&ids, finish);
+        let mut out = Vec::new();
+        if self.answer.plan.chat && !self.role_sent {
+            self.answer.shapes.role(&mut out);
+            self.role_sent = true;
+        }
+        let text = self.answer.output.take_new().to_owned();
+        if done {
+            let finish = self.answer.output.finish().expect("done").clone();
+            self.answer.shapes.last(&mut out, &text, &finish, !self.answer.plan.include_usage);
+            if self.answer.plan.include_usage {
+                self.answer.shapes.usage(&mut out, self.answer.prompt_tokens, self.answer.output.tokens());
+            }
+            out.extend_from_slice(DONE);
+            self.finished = true;
+            if finish.stop_reason.is_string() {
+                self.inner = None; // the router's stop: abort the engine's request
+            }
+        } else if !text.is_empty() {
+            self.answer.shapes.delta(&mut out, &text);
+        }
+        if !out.is_empty() {
+            self.ready.push_back(Bytes::from(out));
+        }
+    }
+}
+
+impl HttpBody for OpenAiStream {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(bytes) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(bytes))));
+            }
+            if this.ended {
+                return Poll::Ready(None);
+            }
+            let Some(inner) = this.inner.as_mut() else {
+                this.ended = true;
+                continue;
+            };
+            match Pin::new(inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Err(e))) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.events.push(&data);
+                        while let Some(event) = this.events.next_event() {
+                            this.handle(event);
+                        }
+                        if this.events.buffered() > MAX_EVENT_BYTES {
+                            this.ended = true;
+                            this.inner = None;
+                            let message =
+                                format!("an event from the replica exceeded {MAX_EVENT_BYTES} bytes");
+                            return Poll::Ready(Some(Err(axum::Error::new(message))));
+                        }
+                    }
+                }
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    if let Some(rest) = this.events.take_rest() {
+                        this.handle(rest);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why a non-streamed answer could not be written.
+#[derive(Debug, PartialEq, Eq)]
+pub enum CollectError {
+    /// The engine sent an error event: its JSON.
+    Engine(Bytes),
+    /// The stream broke or ended before generation did.
+    Broken(String),
+}
+
+/// Read the engine's stream to the end of generation and write the whole answer.
+pub async fn collect(mut inner: Body, mut answer: Answer) -> Result<Vec<u8>, CollectError> {
+    let mut events = SseEvents::new();
+    loop {
+        let frame = match inner.frame().await {
+            None => {
+                return Err(CollectError::Broken("the engine's stream ended before generation did".into()));
+            }
+            Some(Err(e)) => return Err(CollectError::Broken(e.to_string())),
+            Some(Ok(frame)) => frame,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        events.push(&data);
+        while let Some(event) = events.next_event() {
+            let Some(payload) = data_payload(&event) else { continue };
+            if payload == b"[DONE]" {
+                continue;
+            }
+            let Some((ids, finish)) = token_event(payload) else {
+                return Err(CollectError::Engine(Bytes::copy_from_slice(payload)));
+            };
+            if answer.update(&ids, finish) {
+                let finish = answer.output.finish().expect("done").clone();
+                let body = answer.shapes.body(
+                    answer.output.text(),
+                    &finish,
+                    answer.prompt_tokens,
+                    answer.output.tokens(),
+                );
+                if !finish.stop_reason.is_string() {
+                    // The engine ended it: read its `[DONE]` so the connection is reused.
+                    while let Some(Ok(_)) = inner.frame().await {}
+                }
+                return Ok(body);
+            }
+        }
+        if events.buffered() > MAX_EVENT_BYTES {
+            return Err(CollectError::Broken(format!(
+                "an event from the replica exceeded {MAX_EVENT_BYTES} bytes"
+            )));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::prompt_tokens::BuiltinTokenizer;
+    use llm_common::tokenizer::encode;
+    use serde_json::json;
+
+    fn tokenizer() -> Arc<PromptTokenizer> {
+        Arc::new(PromptTokenizer::Builtin(BuiltinTokenizer::new(1 << 10)))
+    }
+
+    fn plan(chat: bool, stream: bool, usage: bool, stop: &[&str]) -> OutputPlan {
+        OutputPlan {
+            chat,
+            stream,
+            include_usage: usage,
+            model: "m".into(),
+            stop: stop.iter().map(|s| s.to_string()).collect(),
+            include_stop_str_in_output: false,
+            min_tokens: 0,
+            skip_special_tokens: true,
+        }
+    }
+
+    /// The engine's events for `ids`, one id per event, the last with `finish`.
+    fn engine(ids: &[u32], finish: &str, stop_reason: Value) -> String {
+        let mut out = String::new();
+        for (i, id) in ids.iter().enumerate() {
+            let last = i + 1 == ids.len();
+            let event = json!({"request_id": "r", "usage": null, "output_mode": "tokens", "choices": [{
+                "index": 0, "finish_reason": if last { json!(finish) } else { Value::Null },
+                "stop_reason": if last { stop_reason.clone() } else { Value::Null },
+                "token_ids": [id], "routed_experts": null}]});
+            out.push_str(&format!("data: {event}\n\n"));
+        }
+        out.push_str("data: [DONE]\n\n");
+        out
+    }
+
+    fn body_of(text: String, frame: usize) -> Body {
+        let chunks: Vec<Result<Bytes, std::io::Error>> =
+            text.as_bytes().chunks(frame).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+        Body::from_stream(tokio_stream::iter(chunks))
+    }
+
+    fn events(out: &[u8]) -> Vec<Value> {
+        std::str::from_utf8(out)
+            .unwrap()
+            .split("\n\n")
+            .filter(|e| !e.is_empty() && *e != "data: [DONE]")
+            .map(|e| serde_json::from_str(e.strip_prefix("data: ").unwrap()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_chat_stream_reads_as_vllm_writes_it() {
+        let mut ids = encode("Hello, crab 🦀!");
+        ids.push(199_999);
+        for frame in [7, 64, 4096] {
+            let answer = Answer::new(tokenizer(), plan(true, true, true, &[]), &[1, 2, 3]);
+            let out = OpenAiStream::new(body_of(engine(&ids, "stop", Value::Null), frame), answer)
+                .collect()
+                .await
+                .unwrap()
+                .to_bytes();
+            assert!(out.ends_with(b"data: [DONE]\n\n"));
+            let e = events(&out);
+            assert_eq!(e[0]["choices"][0]["delta"]["role"], "assistant");
+            let text: String =
+                e.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect();
+            assert_eq!(text, "Hello, crab 🦀!");
+            let last = &e[e.len() - 2];
+            assert_eq!(
+                (last["choices"][0]["finish_reason"].clone(), last["choices"][0]["stop_reason"].clone()),
+                (json!("stop"), Value::Null)
+            );
+            let usage = &e[e.len() - 1]["usage"];
+            assert_eq!(usage["prompt_tokens"], 3);
+            assert_eq!(usage["completion_tokens"], ids.len());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stop_string_ends_the_stream_and_drops_the_engine() {
+        let ids = encode("one two three four five");
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+        // The engine's stream stays open after "three": only the stop can end it.
+        for event in engine(&ids, "length", Value::Null).split_inclusive("\n\n").take(3) {
+            tx.send(Ok(Bytes::from(event.to_owned()))).await.unwrap();
+        }
+        let inner = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let answer = Answer::new(tokenizer(), plan(false, true, false, &[" thr"]), &[1]);
+        let out = OpenAiStream::new(inner, answer).collect().await.unwrap().to_bytes();
+        let e = events(&out);
+        let text: String = e.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
+        assert_eq!(text, "one two");
+        assert_eq!(e.last().unwrap()["choices"][0]["stop_reason"], " thr");
+        assert!(tx.is_closed(), "the engine's stream was dropped");
+    }
+
+    #[tokio::test]
+    async fn errors_pass_through_and_non_streams_are_collected() {
+        let error = "data: {\"error\":{\"message\":\"boom\",\"code\":500}}\n\ndata: [DONE]\n\n";
+        let answer = Answer::new(tokenizer(), plan(true, true, false, &[]), &[1]);
+        let out = OpenAiStream::new(body_of(error.to_owned(), 5), answer).collect().await.unwrap().to_bytes();
+        assert_eq!(&out[..], error.as_bytes());
+        let ids = encode("a whole answer");
+        let answer = Answer::new(tokenizer(), plan(true, false, false, &[]), &[1, 2]);
+        let body = collect(body_of(engine(&ids, "length", Value::Null), 9), answer).await.unwrap();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["choices"][0]["message"]["content"], "a whole answer");
+        assert_eq!(body["usage"]["completion_tokens"], ids.len());
+        let answer = Answer::new(tokenizer(), plan(true, false, false, &[]), &[1]);
+        assert!(matches!(collect(body_of(error.to_owned(), 4), answer).await, Err(CollectError::Engine(_))));
+        let answer = Answer::new(tokenizer(), plan(true, false, false, &[]), &[1]);
+        let cut = engine(&ids, "length", Value::Null)[..50].to_owned();
+        assert!(matches!(collect(body_of(cut, 7), answer).await, Err(CollectError::Broken(_))));
+    }
+}

@@ -1,0 +1,151 @@
+//! `--engine-api generate`: the router as the engines' frontend. vLLM's OpenAI
+//! endpoints render the chat template, tokenise, detokenise and frame one SSE event per
+//! token in one Python event loop per replica, which sets the clients' time to first
+//! token under load. With `generate`, the router does that work in Rust and talks to
+//! the engine in token ids through vLLM's `POST /inference/v1/generate` (served with
+//! `vllm serve --enable-scale-out`):
+//! 1. [`openai_request`]: the OpenAI request becomes token ids (tokenised once; the same
+//!    ids route the request under `--policy kv-aware`) and vLLM sampling parameters,
+//!    or falls back to the engine's OpenAI endpoint, unchanged, counted by reason;
+//! 2. the generate call is dispatched like any request (policy, retry before the first
+//!    byte, health, breakers);
+//! 3. [`generate_stream`]: the engine's token ids become the OpenAI answer
+//!    ([`output_text`] detokenises and applies stop strings as vLLM does,
+//!    [`openai_shapes`] writes vLLM's members).
+
+pub mod generate_stream;
+pub mod openai_request;
+pub mod openai_shapes;
+pub mod output_text;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::response::Response;
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+
+use crate::dispatch::{Dispatcher, Route, Served};
+use crate::error::RouterError;
+use crate::ingress::routing_key::RoutingKey;
+use crate::metrics::Metrics;
+use crate::policy::prompt_tokens::PromptTokenizer;
+use crate::upstream::proxy::Outbound;
+use generate_stream::{Answer, CollectError, OpenAiStream, collect};
+pub use openai_request::{GenerateCall, SamplingDefaults};
+
+/// vLLM's token-in, token-out endpoint.
+pub const GENERATE_PATH: &str = "/inference/v1/generate";
+
+/// How the router talks to the engines (`--engine-api`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum EngineApi {
+    /// The engines' OpenAI endpoints, requests passed through.
+    #[default]
+    Openai,
+    /// Token ids through `/inference/v1/generate`; the router renders, tokenises and
+    /// detokenises.
+    Generate,
+}
+
+pub struct Frontend {
+    pub tokenizer: Arc<PromptTokenizer>,
+    pub defaults: SamplingDefaults,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The request a generate call is made for.
+pub struct FrontendRequest<'a> {
+    pub endpoint: &'static str,
+    pub headers: HeaderMap,
+    pub model: Option<&'a str>,
+    pub key: Option<&'a RoutingKey>,
+    pub prompt: Option<&'a [u8]>,
+    pub started: Instant,
+}
+
+impl Frontend {
+    /// The generate call for a chat (`chat`) or completions body; `None` (counted with its
+    /// reason) when it goes through the engine's OpenAI endpoint instead.
+    pub fn prepare(&self, endpoint: &'static str, chat: bool, body: &[u8]) -> Option<GenerateCall> {
+        match openai_request::generate_call(&self.tokenizer, &self.defaults, chat, body) {
+            Ok(call) => {
+                self.metrics.engine_api_requests.with_label_values(&[endpoint, "generate", ""]).inc();
+                Some(call)
+            }
+            Err(reason) => {
+                self.metrics.engine_api_requests.with_label_values(&[endpoint, "fallback", reason]).inc();
+                tracing::debug!(endpoint, reason, "served through the engine's OpenAI endpoint");
+                None
+            }
+        }
+    }
+
+    /// Dispatch a generate call and answer in OpenAI's shape. An engine's error response
+    /// passes through as it came.
+    pub async fn serve(
+        &self,
+        dispatcher: &Dispatcher,
+        call: GenerateCall,
+        request: FrontendRequest<'_>,
+    ) -> Result<Served, RouterError> {
+        let GenerateCall { body, prompt_ids, plan } = call;
+        let route = Route {
+            endpoint: request.endpoint,
+            model: request.model,
+            key: request.key,
+            prompt: request.prompt,
+            prompt_ids: Some(&prompt_ids),
+            stream: plan.stream,
+            started: request.started,
+            phase: None,
+            continuable: false,
+            avoid: None,
+        };
+        let outbound = Outbound::new(
+            Method::POST,
+            PathAndQuery::from_static(GENERATE_PATH),
+            request.headers,
+            Bytes::from(body),
+        );
+        let served = dispatcher.dispatch(&route, &outbound).await?;
+        drop(outbound);
+        if served.response.status() != StatusCode::OK {
+            return Ok(served);
+        }
+        let answer = Answer::new(self.tokenizer.clone(), plan.clone(), &prompt_ids);
+        drop(prompt_ids);
+        let (mut parts, upstream) = served.response.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let body = if plan.stream {
+            parts
+                .headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+            Body::new(OpenAiStream::new(upstream, answer))
+        } else {
+            match collect(upstream, answer).await {
+                Ok(body) => {
+                    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    Body::from(body)
+                }
+                Err(CollectError::Engine(error)) => {
+                    let code = serde_json::from_slice::<serde_json::Value>(&error)
+                        .ok()
+                        .and_then(|e| e["error"]["code"].as_u64())
+                        .and_then(|c| StatusCode::from_u16(c as u16).ok())
+                        .filter(|c| c.is_client_error() || c.is_server_error())
+                        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                    parts.status = code;
+                    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                    Body::from(error)
+                }
+                Err(CollectError::Broken(reason)) => {
+                    return Err(RouterError::Upstream { replica: served.replica, reason });
+                }
+            }
+        };
+        Ok(Served { response: Response::from_parts(parts, body), ..served })
+    }
+}

@@ -1,0 +1,115 @@
+//! `--engine-api generate` through the whole request path, against vllm-sim: the router
+//! renders, tokenises and detokenises, the simulated engine sees token ids only, and a
+//! client reads what the engine's own OpenAI endpoints would have said. Requests the
+//! router cannot serve that way go to the OpenAI endpoint, counted by reason.
+
+mod support;
+
+use serde_json::{Value, json};
+use support::*;
+use vllm_sim::{RunningSim, SimConfig};
+
+const MODEL: &str = "Qwen/Qwen3-0.6B-FP8";
+
+async fn engine(scale_out: bool) -> RunningSim {
+    vllm_sim::start(SimConfig { time_scale: 20.0, enable_scale_out: scale_out, ..SimConfig::default() })
+        .await
+        .unwrap()
+}
+
+async fn generate_router(engine: &RunningSim) -> llm_router::server::RunningRouter {
+    let mut config = config_for(&[engine.url()]);
+    config.engine_api = llm_router::frontend::EngineApi::Generate;
+    config.tokenizer =
+        Some(std::sync::Arc::new(llm_router::policy::prompt_tokens::PromptTokenizer::Builtin(
+            llm_router::policy::prompt_tokens::BuiltinTokenizer::new(1 << 20),
+        )));
+    let router = router(config).await;
+    eventually("the engine healthy", || router.registry.healthy_count() == 1).await;
+    router
+}
+
+#[tokio::test]
+async fn the_corpus_reads_the_same_through_generate_as_from_the_engine() {
+    let sim = engine(true).await;
+    let router = generate_router(&sim).await;
+    let c = real_vllm::http();
+    let coverage = corpus::run(&c, &sim.url(), &base(&router), MODEL, true).await;
+    assert!(coverage.compared >= 60, "{coverage:?}");
+    assert!(coverage.by_length > 0 && coverage.by_stop_string > 0 && coverage.by_eos > 0, "{coverage:?}");
+    assert!(coverage.multi_byte > 0, "{coverage:?}");
+    // Every one of them went through generate: none fell back.
+    let metrics = c.get(format!("{}/metrics", base(&router))).send().await.unwrap().text().await.unwrap();
+    let generated = real_vllm::sum(&metrics, "router_engine_api_requests_total", &[r#"path="generate""#]);
+    let fallbacks = real_vllm::sum(&metrics, "router_engine_api_requests_total", &[r#"path="fallback""#]);
+    assert_eq!(fallbacks, 0.0, "{metrics}");
+    assert!(generated >= coverage.compared as f64, "{generated} {coverage:?}");
+}
+
+#[tokio::test]
+async fn what_generate_cannot_serve_goes_to_the_openai_endpoint_counted() {
+    let sim = engine(true).await;
+    let router = generate_router(&sim).await;
+    let c = client();
+    let url = format!("{}/v1/chat/completions", base(&router));
+    let messages = json!([{"role": "user", "content": "hi"}]);
+    for (extra, reason) in [
+        (json!({"logprobs": true, "top_logprobs": 2}), "logprobs"),
+        (json!({"n": 2}), "n"),
+        (json!({"logit_bias": {"12": 1.0}}), "unknown_field"),
+    ] {
+        let mut body = json!({"model": MODEL, "messages": messages, "max_tokens": 3});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, _, answer) = post(&c, &url, &body, &[]).await;
+        // Whatever the engine's own endpoint says, the client reads.
+        let direct = c
+            .post(format!("{}/v1/chat/completions", sim.url()))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(status, direct.status().as_u16(), "{reason}: {}", String::from_utf8_lossy(&answer));
+        let metrics = c.get(format!("{}/metrics", base(&router))).send().await.unwrap().text().await.unwrap();
+        let series = format!(
+            r#"router_engine_api_requests_total{{endpoint="chat_completions",path="fallback",reason="{reason}"}}"#
+        );
+        assert_eq!(metric(&metrics, &series), 1.0, "{series}\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn an_engine_without_the_generate_endpoint_answers_403_and_errors_pass_through() {
+    let sim = engine(false).await;
+    let router = generate_router(&sim).await;
+    let c = client();
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    let (status, _, answer) = post(&c, &format!("{}/v1/chat/completions", base(&router)), &body, &[]).await;
+    assert_eq!(status, 403, "{}", String::from_utf8_lossy(&answer));
+    let error: Value = serde_json::from_slice(&answer).unwrap();
+    assert!(error["error"]["message"].as_str().unwrap().contains("--enable-scale-out"), "{error}");
+    // The engine's own refusals (an unknown model, a bad value) pass through, in its shape.
+    let sim = engine(true).await;
+    let router = generate_router(&sim).await;
+    for (body, want) in [
+        (json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}), 404),
+        (json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": -1}), 400),
+        (json!({"model": MODEL, "prompt": "x", "stream": true, "max_tokens": 0}), 400),
+    ] {
+        let (status, _, answer) = post(
+            &c,
+            &format!("{}/v1/chat/completions", base(&router)).replace(
+                "/v1/chat/completions",
+                if body.get("prompt").is_some() { "/v1/completions" } else { "/v1/chat/completions" },
+            ),
+            &body,
+            &[],
+        )
+        .await;
+        assert_eq!(status, want, "{body}: {}", String::from_utf8_lossy(&answer));
+        let error: Value = serde_json::from_slice(&answer).unwrap();
+        assert!(error["error"]["message"].is_string(), "{error}");
+    }
+}
