@@ -23,7 +23,7 @@
 # wildcard endpoint, `tcp://*:N`, and connects out for any other), 1 GiB of KV
 # cache, and its threads not pinned to cores (nobind: an engine restarted with its threads
 # bound hung here in the kernel's sched_setaffinity). Extra engine flags come from
-# REAL_VLLM_FLAGS. It waits for every /health (bounded), then writes
+# REAL_VLLM_FLAGS (kept for restart and crash). It waits for every /health (bounded), then writes
 # target/real-vllm/SET.env (REAL_VLLM_URLS, REAL_VLLM_KV, REAL_VLLM_REPLAY,
 # REAL_VLLM_MODEL, REAL_VLLM_VERSION), which tests/real_vllm.rs reads.
 set -euo pipefail
@@ -68,7 +68,7 @@ engine_cmd() { # I PORT
   echo "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
     --served-model-name tiny --host 127.0.0.1 --port "$port" --max-model-len 2048 \
     --dtype bfloat16 --enable-prefix-caching --kv-events-config "'$events'" \
-    $transfer ${REAL_VLLM_FLAGS:-}
+    $transfer ${REAL_VLLM_FLAGS-$(cat "$state/$set_name.flags" 2>/dev/null)}
 }
 
 launch() { # I PORT
@@ -153,6 +153,9 @@ case "${1:-}" in
       stop_one "${i%.pid}"
     done
     rm -f "$state"/"$set_name"-*.port "$state/$set_name.env"
+    mkdir -p "$state"
+    # restart and crash start an engine again with the flags of its set's start.
+    printf '%s' "${REAL_VLLM_FLAGS:-}" >"$state/$set_name.flags"
     for ((i = 0; i < n; i++)); do launch "$i" $((base + i)); done
     for ((i = 0; i < n; i++)); do wait_healthy "$i"; done
     write_env

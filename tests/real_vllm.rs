@@ -16,7 +16,9 @@
 //! the engines' prefix-cache hits exactly, including through an engine restart; `--pd`
 //! between two engines running vLLM's NixlConnector on CPU moves each prefill's KV over
 //! NIXL and decodes from token ids; the router's chat rendering equals the engine's;
-//! health checks against the real `/health` (every test waits for them).
+//! health checks against the real `/health` (every test waits for them); `--engine-api
+//! generate` (the engines run with `--enable-scale-out`) reads the same as the engines' own
+//! endpoints over a corpus of requests.
 //!
 //! This file: the relay, errors, rendering, aborts and consistent hashing; kv-aware and P/D
 //! are in real_vllm_cache.rs.
@@ -374,5 +376,34 @@ async fn a_stream_survives_its_engine_killed_mid_answer() {
     let status = restart.unwrap().await.unwrap().unwrap();
     assert!(status.success(), "restarting engine {killed}");
     until_all_healthy(&router, e.urls.len()).await;
+    router.shutdown().await;
+}
+
+/// `--engine-api generate` against the real engine (started with `--enable-scale-out`):
+/// the router renders the model's chat template, tokenises with its tokenizer, sends token
+/// ids to `/inference/v1/generate`, detokenises and applies stop strings itself, and the
+/// client reads what vLLM's own chat and completions endpoints say for the same request
+/// (the corpus in support/corpus.rs: ASCII and multi-byte prompts, answers with characters
+/// split across tokens, stop strings (kept or not, held off by min_tokens), a stop token
+/// id, max_tokens, the model's EOS), streamed and not.
+#[tokio::test]
+async fn generate_mode_reads_the_same_as_the_engines_own_endpoints() {
+    let Some(e) = engines() else { return };
+    let _turn = SERIAL.lock().await;
+    let router = start_router(&e, &["--engine-api", "generate", "--tokenizer", &e.model_dir]).await;
+    let c = http();
+    let coverage = support::corpus::run(&c, &e.urls[0], &base(&router), MODEL, false).await;
+    eprintln!("{coverage:?}");
+    assert!(coverage.compared >= 60, "{coverage:?}");
+    assert!(
+        coverage.by_length > 0 && coverage.by_stop_string > 0 && coverage.by_stop_token > 0,
+        "{coverage:?}"
+    );
+    assert!(coverage.by_eos > 0 && coverage.multi_byte > 0, "{coverage:?}");
+    let text = scrape(&c, &base(&router)).await;
+    assert_eq!(sum(&text, "router_engine_api_requests_total", &[r#"path="fallback""#]), 0.0);
+    assert!(
+        sum(&text, "router_engine_api_requests_total", &[r#"path="generate""#]) >= coverage.compared as f64
+    );
     router.shutdown().await;
 }

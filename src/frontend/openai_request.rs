@@ -153,15 +153,15 @@ fn as_value(raw: &RawValue) -> Option<Value> {
 
 /// Whether a field that turns a feature on is set to something other than its off value.
 fn feature_on(key: &str, raw: &RawValue) -> bool {
-    match (key, raw.get()) {
-        (_, "false" | "null") => false,
-        ("n" | "best_of", "1") => false,
-        ("tools" | "functions" | "documents", "[]") => false,
-        ("tool_choice", "\"none\"") => false,
-        ("top_logprobs", "0") => false,
-        ("chat_template_kwargs", "{}") => false,
-        _ => true,
-    }
+    !matches!(
+        (key, raw.get()),
+        (_, "false" | "null")
+            | ("n" | "best_of", "1")
+            | ("tools" | "functions" | "documents", "[]")
+            | ("tool_choice", "\"none\"")
+            | ("top_logprobs", "0")
+            | ("chat_template_kwargs", "{}")
+    )
 }
 
 /// The stop strings of a `stop` field: a string or a list of strings.
