@@ -83,6 +83,11 @@ CACHE_CONTENDERS = ["router-prefix-aware", "router-kv-aware", "router-kv-aware-s
 # This router's consistent hashing without its load bound (`--hash-balance-factor off`),
 # against `router` (the default bound), on request.
 AFFINITY_CONTENDERS = ["router-hash-pure"]
+# This router as the engines' frontend (`--engine-api generate`: it renders, tokenises and
+# detokenises, the engines take and give token ids), against `router` (pass-through), on
+# request. When it is in the sweep every run's replicas serve vLLM's generate endpoint
+# (`--enable-scale-out`; nothing else changes for the other contenders).
+ENGINE_API_CONTENDERS = ["router-generate"]
 # Engines' clock / wall clock per workload: decode-heavy at c=256 streams ~88k tokens a
 # second at the study's speed, which 2 cores cannot carry through a proxy and a client.
 TIME_SCALE = {"prefill-heavy": 0.5, "decode-heavy": 0.25, "agentic": 1.0}
@@ -99,6 +104,7 @@ class Sweep:
         self.args = args
         self.dry = args.dry_run
         self.kv_events = any(c.startswith("router-kv-aware") for c in args.contenders)
+        self.scale_out = "router-generate" in args.contenders
         self.out = Path(args.out)
         self.phases = QUICK if args.quick else FULL
         if args.phases:
@@ -119,6 +125,8 @@ class Sweep:
             cmd = [BIN / "vllm-sim", "--port", port, "--profile", profile[0], "--role", role, *extra]
             if self.kv_events:
                 cmd += ["--kv-events-port", KV_EVENTS_PORT + i]
+            if self.scale_out:
+                cmd.append("--enable-scale-out")
             self.procs.spawn(cmd, f"sim-{port}", {"RUST_LOG": "warn"})
             urls.setdefault(role, []).append(f"http://127.0.0.1:{port}")
         for url in sum(urls.values(), []):
@@ -149,6 +157,10 @@ class Sweep:
             return [benchlib.vllm_router_bin(log, self.dry), "--host", "127.0.0.1", "--port", port,
                     "--prometheus-host", "127.0.0.1", "--prometheus-port", port + 90,
                     "--worker-urls", *urls["both"], "--policy", "cache_aware"]
+        if contender == "router-generate":
+            return [BIN / "router", "--host", "127.0.0.1", "--port", port, "--session-header", SESSION_HEADER,
+                    "--replicas", ",".join(urls["both"]), "--engine-api", "generate", "--tokenizer", "builtin",
+                    "--policy", "consistent-hash" if affinity else "round-robin"]
         if contender == "router":
             cmd = [BIN / "router", "--host", "127.0.0.1", "--port", port, "--session-header", SESSION_HEADER]
             if pd:
@@ -482,7 +494,7 @@ def parse_args():
     p.add_argument("--dry-run", action="store_true", help="print every command without running anything")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--concurrency", nargs="+", type=int)
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS + CACHE_CONTENDERS + AFFINITY_CONTENDERS,
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS + CACHE_CONTENDERS + AFFINITY_CONTENDERS + ENGINE_API_CONTENDERS,
                    default=CONTENDERS)
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--repeats", type=int)

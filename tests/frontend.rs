@@ -113,3 +113,76 @@ async fn an_engine_without_the_generate_endpoint_answers_403_and_errors_pass_thr
         assert!(error["error"]["message"].is_string(), "{error}");
     }
 }
+
+/// P/D in generate mode: both stages get the router's token ids through the generate
+/// endpoint (prefill: one token, not streamed, `do_remote_decode`; decode: the prefill's
+/// `kv_transfer_params`), and the client reads what a collocated engine says.
+#[tokio::test]
+async fn pd_sends_token_ids_to_both_stages_and_reads_as_collocated() {
+    use llm_router::config::PdConfig;
+    use llm_router::policy::PolicyKind;
+    use llm_router::replicas::ReplicaUrl;
+    let start = |role| {
+        vllm_sim::start(SimConfig { role, time_scale: 20.0, enable_scale_out: true, ..SimConfig::default() })
+    };
+    let (prefill, decode, collocated) = (
+        start(vllm_sim::Role::Prefill).await.unwrap(),
+        start(vllm_sim::Role::Decode).await.unwrap(),
+        engine(true).await,
+    );
+    let mut config = config_for(&[decode.url()]);
+    config.pd = Some(PdConfig {
+        prefill: vec![ReplicaUrl::parse(&prefill.url()).unwrap()],
+        prefill_policy: PolicyKind::RoundRobin,
+        decode_policy: PolicyKind::RoundRobin,
+        tokenize_once: true,
+        sim_prefill: 0,
+    });
+    config.engine_api = llm_router::frontend::EngineApi::Generate;
+    config.tokenizer =
+        Some(std::sync::Arc::new(llm_router::policy::prompt_tokens::PromptTokenizer::Builtin(
+            llm_router::policy::prompt_tokens::BuiltinTokenizer::new(1 << 20),
+        )));
+    let router = router(config).await;
+    eventually("both stages healthy", || router.registry.healthy_count() == 1).await;
+    let c = real_vllm::http();
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "Explain KV caches 🦀."}],
+        "max_tokens": 24, "seed": 3});
+    let completion = json!({"model": MODEL, "prompt": "Disaggregated serving splits prefill and decode.",
+        "max_tokens": 24, "seed": 4});
+    let mut sent = 0;
+    for (path, body) in [("/v1/chat/completions", chat), ("/v1/completions", completion)] {
+        for stream in [false, true] {
+            let mut body = body.clone();
+            body["stream"] = json!(stream);
+            let (status, routed) = real_vllm::send(&c, &format!("{}{path}", base(&router)), &body, &[]).await;
+            assert_eq!(status, 200, "{routed}");
+            let (_, direct) = real_vllm::send(&c, &format!("{}{path}", collocated.url()), &body, &[]).await;
+            assert_eq!(
+                real_vllm::reading(&routed, stream),
+                real_vllm::reading(&direct, stream),
+                "{path} {stream}"
+            );
+            sent += 1;
+        }
+    }
+    let log = |sim: &RunningSim| {
+        let c = c.clone();
+        let url = format!("{}/sim/requests", sim.url());
+        async move {
+            serde_json::from_str::<Vec<Value>>(&c.get(url).send().await.unwrap().text().await.unwrap())
+                .unwrap()
+        }
+    };
+    for (stage, sim) in [("prefill", &prefill), ("decode", &decode)] {
+        let requests = log(sim).await;
+        assert_eq!(requests.len(), sent, "{stage}: {requests:?}");
+        for r in &requests {
+            assert_eq!(r["path"], "/inference/v1/generate", "{stage}");
+            assert_eq!(r["prompt_from_text"], false, "{stage}: token ids");
+            assert!(r["kv_transfer_params"].is_object(), "{stage}: {r}");
+        }
+    }
+    let handoffs = vllm_sim::RunningSim::metrics(&decode).render();
+    assert!(handoffs.contains(&format!("sim_pd_handoffs_accepted_total {sent}")), "{handoffs}");
+}

@@ -145,10 +145,33 @@ async fn pd_moves_the_prefill_over_nixl_and_decodes_from_token_ids() {
     let e = &pd.engines;
     let (prefill, decode) = (&e.urls[0], &e.urls[1]);
     let (p, d) = (format!("prefill={prefill}"), format!("decode={decode}"));
-    let args = ["router", "--host", "127.0.0.1", "--port", "0", "--pd", &p, &d, "--health-interval", "200ms"];
-    let config = llm_router::config::Cli::parse_from(args).into_config().unwrap();
-    let router = router(config).await;
-    until_all_healthy(&router, 2).await;
+    // The router as the engines' OpenAI client, then as their frontend (token ids through
+    // vLLM's generate endpoint for both stages).
+    for generate in [false, true] {
+        let mut args = vec![
+            "router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--pd",
+            &p,
+            &d,
+            "--health-interval",
+            "200ms",
+        ];
+        if generate {
+            args.extend_from_slice(&["--engine-api", "generate", "--tokenizer", &e.model_dir]);
+        }
+        let config = llm_router::config::Cli::parse_from(args).into_config().unwrap();
+        let router = router(config).await;
+        until_all_healthy(&router, 2).await;
+        pd_requests(&router, decode, generate).await;
+        router.shutdown().await;
+    }
+}
+
+async fn pd_requests(router: &llm_router::server::RunningRouter, decode: &str, generate: bool) {
     let c = http();
     // The first transfer between two engines starts with a NIXL handshake, which vLLM
     // gives 5 s (a fixed socket timeout in its NixlConnector); two NIXL engines on a
@@ -157,7 +180,7 @@ async fn pd_moves_the_prefill_over_nixl_and_decodes_from_token_ids() {
     let warm = json!({"model": MODEL, "prompt": words(299, 200), "max_tokens": 2, "temperature": 0});
     let mut warmed = false;
     for _ in 0..6 {
-        if send(&c, &format!("{}/v1/completions", base(&router)), &warm, &[]).await.0 == 200 {
+        if send(&c, &format!("{}/v1/completions", base(router)), &warm, &[]).await.0 == 200 {
             warmed = true;
             break;
         }
@@ -176,19 +199,21 @@ async fn pd_moves_the_prefill_over_nixl_and_decodes_from_token_ids() {
             if stream {
                 body["stream_options"] = json!({"include_usage": true});
             }
-            let what = format!("P/D {path} stream={stream}");
+            let what = format!("P/D generate={generate} {path} stream={stream}");
             let moved = settled(&c, decode, transfers, &[]).await;
             let failed_before = settled(&c, decode, failed, &[]).await;
             let once =
-                sum(&scrape(&c, &base(&router)).await, "router_pd_tokenize_once_total", &[r#"mode="on""#]);
-            let (status, routed) = send(&c, &format!("{}{path}", base(&router)), &body, &[]).await;
+                sum(&scrape(&c, &base(router)).await, "router_pd_tokenize_once_total", &[r#"mode="on""#]);
+            let (status, routed) = send(&c, &format!("{}{path}", base(router)), &body, &[]).await;
             assert_eq!(status, 200, "{what}: {routed}");
             // The decode engine pulled the prefill's KV over NIXL, and was given token ids.
             assert_eq!(settled(&c, decode, transfers, &[]).await, moved + 1.0, "{what}: one NIXL transfer");
             assert_eq!(settled(&c, decode, failed, &[]).await, failed_before, "{what}: a failed transfer");
-            let text = scrape(&c, &base(&router)).await;
+            let text = scrape(&c, &base(router)).await;
             assert_eq!(sum(&text, "router_pd_tokenize_once_total", &[r#"mode="on""#]), once + 1.0, "{what}");
             assert_eq!(sum(&text, "router_pd_fallbacks_total", &[]), 0.0, "{what}");
+            let generated = sum(&text, "router_engine_api_requests_total", &[r#"path="generate""#]);
+            assert_eq!(generated > 0.0, generate, "{what}: through the generate endpoint");
             // What the client reads equals one engine doing it all.
             let (direct_status, direct) = send(&c, &format!("{decode}{path}"), &body, &[]).await;
             assert_eq!(direct_status, 200, "{what}: {direct}");
@@ -198,5 +223,4 @@ async fn pd_moves_the_prefill_over_nixl_and_decodes_from_token_ids() {
             }
         }
     }
-    router.shutdown().await;
 }

@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""What vLLM's API server spends per request through its chat endpoint, against through
-its token-in, token-out endpoint (`/inference/v1/generate`, vLLM 0.32 with
-`--enable-scale-out`): the work a router that renders, tokenizes and detokenizes itself
-would take off the engine's Python process.
+"""What vLLM's API server spends per request when the router passes chat requests through
+to its chat endpoint (`router --engine-api openai`), against when the router renders,
+tokenizes and detokenizes itself and sends token ids to `/inference/v1/generate`
+(`router --engine-api generate`, vLLM 0.32 with `--enable-scale-out`); and what the
+router spends for it.
 
 One real CPU engine (bench-scripts/real_vllm.sh, the tiny Qwen3 made locally, started
-here with `--enable-scale-out` as the set `scale` on PORT) serves both paths. For each
-prompt size the same prompt goes both ways: the chat endpoint gets the messages; generate
-gets the token ids the engine's own `/tokenize` renders from the same messages (chat
-template, generation prompt), so both compute the same thing. Streamed, temperature 0,
-`ignore_eos`, MAX_TOKENS tokens, CONCURRENCY requests in flight, N requests per pass;
-passes alternate (chat, generate, chat, ...) REPEATS times. Measured from /proc: CPU
-seconds of the API server process (the one listening on PORT; the engine core is its
-own process, measured apart) per 1000 requests.
+here with `--enable-scale-out` as the set `scale` on PORT) behind two routers (release
+build), one per mode, both in front of the same engine. The same chat request (streamed,
+temperature 0, `ignore_eos`) goes through each; cells: a short and a long prompt, 32 and
+256 output tokens (the long prompt with 32 only: the context is 2,048 tokens). Passes
+alternate (openai, generate, openai, ...) REPEATS times, CONCURRENCY requests in flight.
+Measured from /proc: CPU seconds of the engine's API server process (the one listening on
+PORT), of its engine core (apart), and of the router, per 1000 requests; medians.
+
+From the short prompt's two output lengths, each mode's API-server CPU is fitted as
+`per request + per output token x tokens`; the generate/openai ratios of the two parts are
+what vllm-sim's profile charges a generate request (`ApiCosts::generate_request`,
+`generate_token`).
 
 Caveat: the tiny model's tokenizer has a 2,048-token vocabulary and the engine's context
 is 2,048 tokens (real_vllm.sh), so the long prompt here is about 1,800 tokens, not the
@@ -98,77 +103,97 @@ def engine_core_pids(api_pid):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--port", type=int, default=18150)
-    p.add_argument("--requests", type=int, default=100)
+    p.add_argument("--router-port", type=int, default=18160, help="openai mode; generate mode on the next")
+    p.add_argument("--requests", type=int, default=100, help="per pass with 32 output tokens (a quarter with 256)")
     p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--keep-engine", action="store_true", help="leave the engine running")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "api-server-cpu"))
     args = p.parse_args()
     env = {**os.environ, "REAL_VLLM_SET": "scale", "REAL_VLLM_FLAGS": "--enable-scale-out"}
     script = str(ROOT / "bench-scripts" / "real_vllm.sh")
+    benchlib.build(log)
     subprocess.run(["bash", script, "start", "1", str(args.port)], env=env, check=True)
+    procs = benchlib.Processes(Path(args.out) / "logs", log)
+    router = str(ROOT / "target" / "release" / "router")
+    model_dir = str(ROOT / "target" / "tiny-model")
+    modes = {"openai": args.router_port, "generate": args.router_port + 1}
     try:
         api = benchlib.listener_pid(args.port)
         cores = engine_core_pids(api)
         log(f"API server pid {api}, engine core pids {cores}")
+        routers = {}
+        for mode, port in modes.items():
+            proc = procs.spawn([router, "--host", "127.0.0.1", "--port", port, "--replicas",
+                                f"http://127.0.0.1:{args.port}", "--engine-api", mode, "--tokenizer", model_dir,
+                                "--worker-threads", "1"], f"router-{mode}")
+            procs.wait_ready(f"http://127.0.0.1:{port}/v1/models", "tiny", f"router {mode}")
+            routers[mode] = proc.pid
         # Words, not tokens: the tiny tokenizer makes about 3.7 tokens of a word here.
-        sizes = {"short": 12, "long": 480}
-        models = json.loads(http_get(args.port, "/v1/models"))
-        max_model_len = models["data"][0]["max_model_len"]
+        cells = [("short", 12, 32), ("short", 12, 256), ("long", 480, 32)]
         runs = []
-        for size, words in sizes.items():
+        for size, words, max_tokens in cells:
             text = " ".join(WORDS[i % len(WORDS)] for i in range(words))
             messages = [{"role": "user", "content": text}]
             ids = json.loads(request(args.port, "/tokenize", {"model": "tiny", "messages": messages,
                                                                  "add_generation_prompt": True}))["tokens"]
-            if len(ids) + args.max_tokens > max_model_len:
-                raise RuntimeError(f"{size}: {len(ids)} prompt tokens do not fit {max_model_len}")
-            chat = {"model": "tiny", "messages": messages, "max_tokens": args.max_tokens, "temperature": 0,
+            body = {"model": "tiny", "messages": messages, "max_tokens": max_tokens, "temperature": 0,
                     "ignore_eos": True, "stream": True}
-            generate = {"model": "tiny", "token_ids": ids, "stream": True,
-                        "sampling_params": {"max_tokens": args.max_tokens, "temperature": 0, "ignore_eos": True}}
-            paths = [("chat", "/v1/chat/completions", chat), ("generate", "/inference/v1/generate", generate)]
-            for name, path, body in paths:
-                drive(args.port, path, body, 8, args.concurrency)  # warm-up
+            n = args.requests if max_tokens <= 32 else max(8, args.requests // 4)
+            for port in modes.values():
+                drive(port, "/v1/chat/completions", body, 8, args.concurrency)  # warm-up
             for repeat in range(args.repeats):
-                for name, path, body in paths:
-                    api0, core0 = benchlib.cpu_seconds(api), sum(benchlib.cpu_seconds(c) for c in cores)
-                    wall = drive(args.port, path, body, args.requests, args.concurrency)
-                    api1, core1 = benchlib.cpu_seconds(api), sum(benchlib.cpu_seconds(c) for c in cores)
-                    run = {"size": size, "prompt_tokens": len(ids), "path": name, "repeat": repeat,
-                           "requests": args.requests, "wall_s": round(wall, 3),
-                           "api_cpu_s_per_1000": round(1000 * (api1 - api0) / args.requests, 2),
-                           "core_cpu_s_per_1000": round(1000 * (core1 - core0) / args.requests, 2)}
+                for mode, port in modes.items():
+                    pids = [api, *cores, routers[mode]]
+                    before = [benchlib.cpu_seconds(pid) for pid in pids]
+                    wall = drive(port, "/v1/chat/completions", body, n, args.concurrency)
+                    after = [benchlib.cpu_seconds(pid) for pid in pids]
+                    used = [b - a for a, b in zip(before, after)]
+                    run = {"size": size, "prompt_tokens": len(ids), "max_tokens": max_tokens, "mode": mode,
+                           "repeat": repeat, "requests": n, "wall_s": round(wall, 3),
+                           "api_cpu_s_per_1000": round(1000 * used[0] / n, 2),
+                           "core_cpu_s_per_1000": round(1000 * sum(used[1:-1]) / n, 2),
+                           "router_cpu_s_per_1000": round(1000 * used[-1] / n, 2)}
                     runs.append(run)
                     log(json.dumps(run))
     finally:
+        procs.stop_all()
         if not args.keep_engine:
             subprocess.run(["bash", script, "stop"], env=env)
+    keys = ("api_cpu_s_per_1000", "core_cpu_s_per_1000", "router_cpu_s_per_1000", "wall_s")
     medians = {}
-    for size in sizes:
-        for name in ("chat", "generate"):
-            rs = [r for r in runs if r["size"] == size and r["path"] == name]
-            medians[f"{size}/{name}"] = {k: statistics.median(r[k] for r in rs)
-                                         for k in ("api_cpu_s_per_1000", "core_cpu_s_per_1000", "wall_s")}
-            medians[f"{size}/{name}"]["prompt_tokens"] = rs[0]["prompt_tokens"]
-    ratios = {size: round(medians[f"{size}/generate"]["api_cpu_s_per_1000"]
-                          / medians[f"{size}/chat"]["api_cpu_s_per_1000"], 3) for size in sizes}
-    result = {"args": vars(args), "runs": runs, "medians": medians, "generate_over_chat_api_cpu": ratios,
+    for size, _, max_tokens in cells:
+        for mode in modes:
+            rs = [r for r in runs if (r["size"], r["max_tokens"], r["mode"]) == (size, max_tokens, mode)]
+            m = {k: statistics.median(r[k] for r in rs) for k in keys}
+            m["prompt_tokens"] = rs[0]["prompt_tokens"]
+            medians[f"{size}/{max_tokens}/{mode}"] = m
+    # API server CPU per request = fixed + per token x output tokens (short prompt).
+    fit = {}
+    for mode in modes:
+        c32 = medians[f"short/32/{mode}"]["api_cpu_s_per_1000"]
+        c256 = medians[f"short/256/{mode}"]["api_cpu_s_per_1000"]
+        per_token_us = 1000 * (c256 - c32) / 224  # s/1000 req = ms/req; per token in us
+        fit[mode] = {"per_request_ms": round(c32 - 32 * per_token_us / 1000, 3), "per_token_us": round(per_token_us, 2)}
+    ratios = {"generate_request": round(fit["generate"]["per_request_ms"] / fit["openai"]["per_request_ms"], 3),
+              "generate_token": round(fit["generate"]["per_token_us"] / fit["openai"]["per_token_us"], 3)}
+    result = {"args": vars(args), "runs": runs, "medians": medians, "fit": fit, "ratios": ratios,
               "machine": benchlib.machine_info(), "commit": benchlib.git_commit()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    lines = [f"vLLM API server CPU per request, chat endpoint vs /inference/v1/generate ({args.repeats} "
-             f"alternating passes of {args.requests} streamed requests, {args.max_tokens} tokens each, "
-             f"{args.concurrency} in flight; medians)", "",
-             "| prompt | tokens | path | API server CPU s / 1000 req | engine core CPU s / 1000 req | wall s |",
-             "| --- | ---: | --- | ---: | ---: | ---: |"]
+    lines = [f"vLLM API server CPU per streamed chat request through the router, `--engine-api openai` vs "
+             f"`--engine-api generate` ({args.repeats} alternating passes, {args.concurrency} in flight; medians; "
+             f"CPU seconds per 1000 requests)", "",
+             "| prompt tokens | output tokens | mode | engine API server | engine core | router | wall s |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
     for key, m in medians.items():
-        size, name = key.split("/")
-        lines.append(f"| {size} | {m['prompt_tokens']} | {name} | {m['api_cpu_s_per_1000']:.1f} | "
-                     f"{m['core_cpu_s_per_1000']:.1f} | {m['wall_s']:.2f} |")
-    lines += ["", "generate / chat, API server CPU: " + ", ".join(f"{s} {r}x" for s, r in ratios.items())]
+        size, max_tokens, mode = key.split("/")
+        lines.append(f"| {m['prompt_tokens']} | {max_tokens} | {mode} | {m['api_cpu_s_per_1000']:.1f} | "
+                     f"{m['core_cpu_s_per_1000']:.1f} | {m['router_cpu_s_per_1000']:.2f} | {m['wall_s']:.2f} |")
+    lines += ["", "API server CPU fitted per request + per output token (short prompt): " +
+              "; ".join(f"{mode} {f['per_request_ms']} ms + {f['per_token_us']} us/token" for mode, f in fit.items()),
+              f"generate/openai: per request {ratios['generate_request']}x, per token {ratios['generate_token']}x"]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

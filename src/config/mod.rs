@@ -192,9 +192,6 @@ impl Cli {
                         .into(),
                 );
             }
-            if self.pd_mode(prefill) {
-                return Err("--engine-api generate does not support --pd yet: use --engine-api openai".into());
-            }
         }
         if self.telemetry.metrics_on == MetricsOn::Admin && self.admission.admin_listen.is_none() {
             return Err("--metrics-on admin needs --admin-listen (and --admin-token)".into());

@@ -24,7 +24,7 @@ use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
 use crate::policy::{CachedView, Candidate, Decision, Reason};
 use crate::replicas::{Fleet, InFlight, Registry, Replica};
-use crate::response::body::{BodyOptions, MeteredBody, PhaseTimers};
+use crate::response::body::{BodyOptions, EndedByRouter, MeteredBody, PhaseTimers};
 use crate::upstream::proxy::{Outbound, UpstreamError};
 use crate::upstream::relay::{Relay, RelayBody};
 
@@ -294,7 +294,12 @@ impl Dispatcher {
             first_byte_timeout: Some(self.timeouts.first_byte),
             phase: route.phase.clone(),
             continuable: route.continuable,
+            // Generate mode's reader may stop early on purpose.
+            ended_by_router: route.prompt_ids.map(|_| EndedByRouter::default()),
         };
+        if let Some(flag) = &options.ended_by_router {
+            parts.extensions.insert(flag.clone());
+        }
         let body = MeteredBody::new(body, in_flight, self.registry.clone(), self.metrics.clone(), options);
         Response::from_parts(parts, Body::new(body))
     }

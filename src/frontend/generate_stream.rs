@@ -26,6 +26,7 @@ use super::openai_request::OutputPlan;
 use super::openai_shapes::{DONE, Shapes};
 use super::output_text::{Finish, OutputText};
 use crate::policy::prompt_tokens::PromptTokenizer;
+use crate::response::body::EndedByRouter;
 use llm_common::sse::{SseEvents, data_payload};
 
 /// Largest generate event read (one engine step's ids; vLLM sends a few per event).
@@ -100,11 +101,14 @@ pub struct OpenAiStream {
     /// Generation is over: later token events are ignored.
     finished: bool,
     ended: bool,
+    /// Told when the engine's stream is dropped on purpose.
+    ended_by_router: Option<EndedByRouter>,
 }
 
 impl OpenAiStream {
-    pub fn new(inner: Body, answer: Answer) -> Self {
+    pub fn new(inner: Body, answer: Answer, ended_by_router: Option<EndedByRouter>) -> Self {
         OpenAiStream {
+            ended_by_router,
             inner: Some(inner),
             events: SseEvents::new(),
             ready: VecDeque::new(),
@@ -146,7 +150,11 @@ impl OpenAiStream {
             out.extend_from_slice(DONE);
             self.finished = true;
             if finish.stop_reason.is_string() {
-                self.inner = None; // the router's stop: abort the engine's request
+                // The router's stop: abort the engine's request (not a client leaving).
+                if let Some(flag) = &self.ended_by_router {
+                    flag.set();
+                }
+                self.inner = None;
             }
         } else if !text.is_empty() {
             self.answer.shapes.delta(&mut out, &text);
@@ -219,7 +227,11 @@ pub enum CollectError {
 }
 
 /// Read the engine's stream to the end of generation and write the whole answer.
-pub async fn collect(mut inner: Body, mut answer: Answer) -> Result<Vec<u8>, CollectError> {
+pub async fn collect(
+    mut inner: Body,
+    mut answer: Answer,
+    ended_by_router: Option<EndedByRouter>,
+) -> Result<Vec<u8>, CollectError> {
     let mut events = SseEvents::new();
     loop {
         let frame = match inner.frame().await {
@@ -247,7 +259,11 @@ pub async fn collect(mut inner: Body, mut answer: Answer) -> Result<Vec<u8>, Col
                     answer.prompt_tokens,
                     answer.output.tokens(),
                 );
-                if !finish.stop_reason.is_string() {
+                if finish.stop_reason.is_string() {
+                    if let Some(flag) = &ended_by_router {
+                        flag.set();
+                    }
+                } else {
                     // The engine ended it: read its `[DONE]` so the connection is reused.
                     while let Some(Ok(_)) = inner.frame().await {}
                 }
@@ -322,7 +338,7 @@ mod tests {
         ids.push(199_999);
         for frame in [7, 64, 4096] {
             let answer = Answer::new(tokenizer(), plan(true, true, true, &[]), &[1, 2, 3]);
-            let out = OpenAiStream::new(body_of(engine(&ids, "stop", Value::Null), frame), answer)
+            let out = OpenAiStream::new(body_of(engine(&ids, "stop", Value::Null), frame), answer, None)
                 .collect()
                 .await
                 .unwrap()
@@ -354,7 +370,9 @@ mod tests {
         }
         let inner = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
         let answer = Answer::new(tokenizer(), plan(false, true, false, &[" thr"]), &[1]);
-        let out = OpenAiStream::new(inner, answer).collect().await.unwrap().to_bytes();
+        let flag = EndedByRouter::default();
+        let out = OpenAiStream::new(inner, answer, Some(flag.clone())).collect().await.unwrap().to_bytes();
+        assert!(flag.is_set(), "the early end is the router's");
         let e = events(&out);
         let text: String = e.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
         assert_eq!(text, "one two");
@@ -366,18 +384,22 @@ mod tests {
     async fn errors_pass_through_and_non_streams_are_collected() {
         let error = "data: {\"error\":{\"message\":\"boom\",\"code\":500}}\n\ndata: [DONE]\n\n";
         let answer = Answer::new(tokenizer(), plan(true, true, false, &[]), &[1]);
-        let out = OpenAiStream::new(body_of(error.to_owned(), 5), answer).collect().await.unwrap().to_bytes();
+        let out =
+            OpenAiStream::new(body_of(error.to_owned(), 5), answer, None).collect().await.unwrap().to_bytes();
         assert_eq!(&out[..], error.as_bytes());
         let ids = encode("a whole answer");
         let answer = Answer::new(tokenizer(), plan(true, false, false, &[]), &[1, 2]);
-        let body = collect(body_of(engine(&ids, "length", Value::Null), 9), answer).await.unwrap();
+        let body = collect(body_of(engine(&ids, "length", Value::Null), 9), answer, None).await.unwrap();
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["choices"][0]["message"]["content"], "a whole answer");
         assert_eq!(body["usage"]["completion_tokens"], ids.len());
         let answer = Answer::new(tokenizer(), plan(true, false, false, &[]), &[1]);
-        assert!(matches!(collect(body_of(error.to_owned(), 4), answer).await, Err(CollectError::Engine(_))));
+        assert!(matches!(
+            collect(body_of(error.to_owned(), 4), answer, None).await,
+            Err(CollectError::Engine(_))
+        ));
         let answer = Answer::new(tokenizer(), plan(true, false, false, &[]), &[1]);
         let cut = engine(&ids, "length", Value::Null)[..50].to_owned();
-        assert!(matches!(collect(body_of(cut, 7), answer).await, Err(CollectError::Broken(_))));
+        assert!(matches!(collect(body_of(cut, 7), answer, None).await, Err(CollectError::Broken(_))));
     }
 }

@@ -32,9 +32,10 @@ use crate::error::RouterError;
 use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
 use crate::policy::prompt_tokens::PromptTokenizer;
+use crate::response::body::EndedByRouter;
 use crate::upstream::proxy::Outbound;
 use generate_stream::{Answer, CollectError, OpenAiStream, collect};
-pub use openai_request::{GenerateCall, SamplingDefaults};
+pub use openai_request::{GenerateCall, SamplingDefaults, Stage};
 
 /// vLLM's token-in, token-out endpoint.
 pub const GENERATE_PATH: &str = "/inference/v1/generate";
@@ -91,14 +92,13 @@ impl Frontend {
         call: GenerateCall,
         request: FrontendRequest<'_>,
     ) -> Result<Served, RouterError> {
-        let GenerateCall { body, prompt_ids, plan } = call;
         let route = Route {
             endpoint: request.endpoint,
             model: request.model,
             key: request.key,
             prompt: request.prompt,
-            prompt_ids: Some(&prompt_ids),
-            stream: plan.stream,
+            prompt_ids: Some(&call.prompt_ids),
+            stream: call.plan.stream,
             started: request.started,
             phase: None,
             continuable: false,
@@ -108,24 +108,32 @@ impl Frontend {
             Method::POST,
             PathAndQuery::from_static(GENERATE_PATH),
             request.headers,
-            Bytes::from(body),
+            Bytes::from(call.body(Stage::default())),
         );
         let served = dispatcher.dispatch(&route, &outbound).await?;
         drop(outbound);
+        self.answer(served, call).await
+    }
+
+    /// The OpenAI answer to a generate call, from the engine's response to it.
+    pub async fn answer(&self, served: Served, call: GenerateCall) -> Result<Served, RouterError> {
         if served.response.status() != StatusCode::OK {
             return Ok(served);
         }
-        let answer = Answer::new(self.tokenizer.clone(), plan.clone(), &prompt_ids);
+        let GenerateCall { prompt_ids, plan, .. } = call;
+        let stream = plan.stream;
+        let answer = Answer::new(self.tokenizer.clone(), plan, &prompt_ids);
         drop(prompt_ids);
         let (mut parts, upstream) = served.response.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
-        let body = if plan.stream {
+        let ended_by_router = parts.extensions.remove::<EndedByRouter>();
+        let body = if stream {
             parts
                 .headers
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
-            Body::new(OpenAiStream::new(upstream, answer))
+            Body::new(OpenAiStream::new(upstream, answer, ended_by_router))
         } else {
-            match collect(upstream, answer).await {
+            match collect(upstream, answer, ended_by_router).await {
                 Ok(body) => {
                     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
                     Body::from(body)

@@ -13,6 +13,8 @@
 //! batch of prompts, any field it does not know) is a [`Fallback`]: it goes to the
 //! engine's OpenAI endpoint unchanged. A value of `null` counts as absent, as in vLLM.
 
+use std::io::Write;
+
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
@@ -104,9 +106,65 @@ pub struct OutputPlan {
 /// A request ready for the generate endpoint.
 #[derive(Debug)]
 pub struct GenerateCall {
-    pub body: Vec<u8>,
     pub prompt_ids: Vec<u32>,
     pub plan: OutputPlan,
+    model: Option<String>,
+    /// vLLM's sampling parameters, as sent.
+    sampling: Map<String, Value>,
+    /// Top-level members passed on as they came ([`TOP_LEVEL`]).
+    passed: Vec<(&'static str, Box<RawValue>)>,
+}
+
+/// How one generate request differs from the call's plain one.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stage<'a> {
+    /// `kv_transfer_params` (raw JSON), for a P/D stage.
+    pub kv_transfer_params: Option<&'a str>,
+    /// A P/D prefill: one token, not streamed.
+    pub prefill: bool,
+}
+
+impl GenerateCall {
+    /// The generate request's body: always streamed (the router cuts a stop string's
+    /// request short), but a prefill stage's.
+    pub fn body(&self, stage: Stage<'_>) -> Vec<u8> {
+        // Written directly: a long prompt's ids are most of the body.
+        let mut body = Vec::with_capacity(self.prompt_ids.len() * 7 + 256);
+        body.push(b'{');
+        if let Some(model) = &self.model {
+            body.extend_from_slice(b"\"model\":");
+            serde_json::to_writer(&mut body, model).expect("writing to a Vec cannot fail");
+            body.push(b',');
+        }
+        body.extend_from_slice(b"\"token_ids\":[");
+        for (i, id) in self.prompt_ids.iter().enumerate() {
+            if i > 0 {
+                body.push(b',');
+            }
+            write!(body, "{id}").expect("writing to a Vec cannot fail");
+        }
+        body.extend_from_slice(b"],\"sampling_params\":");
+        if stage.prefill {
+            let mut sampling = self.sampling.clone();
+            sampling.insert("max_tokens".into(), Value::from(1));
+            sampling.insert("min_tokens".into(), Value::from(0));
+            serde_json::to_writer(&mut body, &sampling)
+        } else {
+            serde_json::to_writer(&mut body, &self.sampling)
+        }
+        .expect("writing to a Vec cannot fail");
+        body.extend_from_slice(if stage.prefill { b",\"stream\":false" } else { b",\"stream\":true" });
+        for (key, raw) in &self.passed {
+            body.extend_from_slice(format!(",\"{key}\":").as_bytes());
+            body.extend_from_slice(raw.get().as_bytes());
+        }
+        if let Some(kv) = stage.kv_transfer_params {
+            body.extend_from_slice(b",\"kv_transfer_params\":");
+            body.extend_from_slice(kv.as_bytes());
+        }
+        body.push(b'}');
+        body
+    }
 }
 
 /// Defaults vLLM's OpenAI endpoints take from the model's `generation_config.json`
@@ -324,22 +382,17 @@ pub fn generate_call(
     let stop = stop_strings(present(&members, "stop"))?;
     let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
 
-    let mut call = Map::new();
-    if let Some(model) = &model {
-        call.insert("model".into(), Value::from(model.as_str()));
-    }
-    call.insert("token_ids".into(), Value::from(prompt_ids.clone()));
-    call.insert("sampling_params".into(), Value::Object(sampling));
-    call.insert("stream".into(), Value::Bool(true));
+    let mut passed = Vec::new();
     for key in TOP_LEVEL {
         if let Some(raw) = present(&members, key) {
-            call.insert(key.to_owned(), as_value(raw).ok_or("invalid_value")?);
+            passed.push((key, raw.to_owned()));
         }
     }
-    let body = serde_json::to_vec(&Value::Object(call)).expect("a JSON value serialises");
     Ok(GenerateCall {
-        body,
         prompt_ids,
+        model: model.clone(),
+        sampling,
+        passed,
         plan: OutputPlan {
             chat,
             stream,
@@ -365,7 +418,7 @@ mod tests {
     }
 
     fn sent(call: &GenerateCall) -> Value {
-        serde_json::from_slice(&call.body).unwrap()
+        serde_json::from_slice(&call.body(Stage::default())).unwrap()
     }
 
     #[test]

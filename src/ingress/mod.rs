@@ -357,6 +357,11 @@ impl Ingress {
                 stream: facts.stream,
                 started,
             };
+            if let Some(frontend) = &self.frontend
+                && let Some(call) = frontend.prepare(endpoint.label(), request.chat, &body)
+            {
+                return pd.handle_generate(&self.dispatcher, frontend, call, request).await;
+            }
             return pd.handle(&self.dispatcher, request).await;
         }
         if let Some(frontend) = &self.frontend

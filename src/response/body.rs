@@ -58,6 +58,7 @@ pub struct MeteredBody {
     idle_timeout: Option<Duration>,
     first_byte_timeout: Option<Duration>,
     idle: Option<Pin<Box<Sleep>>>,
+    ended_by_router: Option<EndedByRouter>,
     /// When the last frame arrived. The idle timer is not touched per frame: when it
     /// fires early it is re-armed from here, so a busy stream costs a clock read per
     /// frame, not a timer update.
@@ -105,6 +106,24 @@ pub struct BodyOptions {
     /// A failure after the headers ends the body with an error (for the caller to
     /// continue the stream elsewhere) instead of an SSE error event.
     pub continuable: bool,
+    /// Set by whoever reads the body when it stops reading on purpose (generate mode: a
+    /// stop string ended generation), so that dropping the body early is not counted as
+    /// a client that went away. Also in the response's extensions.
+    pub ended_by_router: Option<EndedByRouter>,
+}
+
+/// See [`BodyOptions::ended_by_router`].
+#[derive(Debug, Clone, Default)]
+pub struct EndedByRouter(pub Arc<std::sync::atomic::AtomicBool>);
+
+impl EndedByRouter {
+    pub fn set(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl MeteredBody {
@@ -135,6 +154,7 @@ impl MeteredBody {
             ended: false,
             failed: false,
             phase: options.phase,
+            ended_by_router: options.ended_by_router,
         }
     }
 
@@ -264,7 +284,9 @@ impl Drop for MeteredBody {
             .duration
             .with_label_values(&[self.endpoint])
             .observe(self.started.elapsed().as_secs_f64());
-        let finished = self.ended || self.inner.as_ref().is_some_and(Body::is_end_stream);
+        let finished = self.ended
+            || self.inner.as_ref().is_some_and(Body::is_end_stream)
+            || self.ended_by_router.as_ref().is_some_and(EndedByRouter::is_set);
         if !finished && !self.failed {
             self.metrics.client_disconnects.with_label_values(&[self.endpoint, "streaming"]).inc();
         }

@@ -138,6 +138,7 @@ impl Replica {
             kind,
             arrived: Instant::now(),
             events: tx,
+            output_weight: self.api.costs().token_weight(form),
         });
         let mut sample = Sample { start: Some(start), ..Sample::default() };
         while let Some(event) = rx.recv().await {

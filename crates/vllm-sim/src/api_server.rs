@@ -99,14 +99,13 @@ impl ApiServer {
     }
 
     /// Deliver one step's outputs once the loop has processed them.
-    pub fn output(&self, events: StepOutput) {
+    pub fn output(&self, events: StepOutput, token_units: f64) {
         if events.is_empty() {
             return;
         }
         match &self.jobs {
             Some(jobs) => {
-                let tokens = events.iter().filter(|(_, e)| matches!(e, Event::Token { .. })).count();
-                let cost = self.scaled(self.costs.output(tokens));
+                let cost = self.scaled(self.costs.output(token_units));
                 let queued = Queued { at: Instant::now(), job: Job::Output { cost, events } };
                 if let Err(mpsc::error::SendError(Queued { job: Job::Output { events, .. }, .. })) =
                     jobs.send(queued)
@@ -178,6 +177,8 @@ mod tests {
             per_prompt_id: Duration::ZERO,
             per_step: Duration::from_millis(1),
             per_token: Duration::from_millis(1),
+            generate_request: 1.0,
+            generate_token: 1.0,
         }
     }
 
@@ -188,7 +189,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         // A step's output, then a request's intake (1000 text tokens: 21 ms), then
         // another step's output: the second output waits behind the intake.
-        api.output(vec![(tx.clone(), Event::Token { id: 1, finish: None })]);
+        api.output(vec![(tx.clone(), Event::Token { id: 1, finish: None })], 1.0);
         let intake = {
             let api = api.clone();
             tokio::spawn(async move {
@@ -197,7 +198,7 @@ mod tests {
             })
         };
         tokio::task::yield_now().await;
-        api.output(vec![(tx.clone(), Event::Token { id: 2, finish: None })]);
+        api.output(vec![(tx.clone(), Event::Token { id: 2, finish: None })], 1.0);
         rx.recv().await.unwrap();
         assert_eq!(t0.elapsed(), Duration::from_millis(2), "first output: per_step + one token");
         let taken = intake.await.unwrap();
@@ -216,7 +217,7 @@ mod tests {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let t1 = Instant::now();
         free.intake(100_000, PromptForm::Chat).await;
-        free.output(vec![(tx, Event::Token { id: 3, finish: None })]);
+        free.output(vec![(tx, Event::Token { id: 3, finish: None })], 1.0);
         assert_eq!(rx.recv().await.unwrap(), Event::Token { id: 3, finish: None });
         assert_eq!(t1.elapsed(), Duration::ZERO);
     }
@@ -231,7 +232,7 @@ mod tests {
         let t0 = Instant::now();
         let (tx, mut rx) = mpsc::unbounded_channel();
         for id in 0..10 {
-            api.output(vec![(tx.clone(), Event::Token { id, finish: None })]);
+            api.output(vec![(tx.clone(), Event::Token { id, finish: None })], 1.0);
         }
         tokio::task::yield_now().await;
         tokio::time::advance(Duration::from_millis(7)).await;

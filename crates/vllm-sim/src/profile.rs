@@ -86,6 +86,12 @@ pub struct ApiCosts {
     pub per_step: Duration,
     /// ... and each token in it (detokenise, build and write the SSE chunk).
     pub per_token: Duration,
+    /// A request through `/inference/v1/generate` (token ids in and out, no
+    /// detokenising: the router's `--engine-api generate`): its intake's fixed part, and
+    /// each of its output tokens, as a fraction of the OpenAI endpoints' (`per_request`,
+    /// `per_token`). Measured on the real engine (see [`VLLM_SERVE_API`]).
+    pub generate_request: f64,
+    pub generate_token: f64,
 }
 
 impl ApiCosts {
@@ -99,6 +105,8 @@ impl ApiCosts {
         per_prompt_id: Duration::ZERO,
         per_step: Duration::ZERO,
         per_token: Duration::ZERO,
+        generate_request: 1.0,
+        generate_token: 1.0,
     };
 
     pub fn is_none(&self) -> bool {
@@ -107,17 +115,25 @@ impl ApiCosts {
 
     /// The cost of taking in a request with a prompt of `tokens` tokens.
     pub fn intake(&self, tokens: usize, form: PromptForm) -> Duration {
-        let per = match form {
-            PromptForm::Text => self.per_prompt_token,
-            PromptForm::Chat => self.per_prompt_token + self.per_chat_token,
-            PromptForm::Ids => self.per_prompt_id,
+        let (fixed, per) = match form {
+            PromptForm::Text => (self.per_request, self.per_prompt_token),
+            PromptForm::Chat => (self.per_request, self.per_prompt_token + self.per_chat_token),
+            PromptForm::Ids => (self.per_request, self.per_prompt_id),
+            PromptForm::Generate => (self.per_request.mul_f64(self.generate_request), self.per_prompt_id),
         };
-        self.per_request + per.mul_f64(tokens as f64)
+        fixed + per.mul_f64(tokens as f64)
     }
 
-    /// The cost of one step's outputs of `tokens` tokens.
-    pub fn output(&self, tokens: usize) -> Duration {
-        self.per_step + self.per_token * tokens as u32
+    /// The cost of one step's outputs: `token_units` is its tokens, each weighted by what
+    /// its endpoint costs a token (1 for the OpenAI endpoints, `generate_token` for
+    /// generate).
+    pub fn output(&self, token_units: f64) -> Duration {
+        self.per_step + self.per_token.mul_f64(token_units)
+    }
+
+    /// The output weight of a token of a request that came in as `form`.
+    pub fn token_weight(&self, form: PromptForm) -> f64 {
+        if form == PromptForm::Generate { self.generate_token } else { 1.0 }
     }
 }
 
@@ -130,6 +146,9 @@ pub enum PromptForm {
     Chat,
     /// Token ids: checked only.
     Ids,
+    /// Token ids through `/inference/v1/generate`: checked only, and the answer is token
+    /// ids (no detokenising).
+    Generate,
 }
 
 /// What a step computes, as the scheduler sees it.
@@ -291,6 +310,13 @@ const H100_MEMORY: f64 = 79.2 * (1u64 << 30) as f64;
 ///   its messages, rendering the chat template), which fastokens does not speed up: what
 ///   keeps agentic TTFT at 104-163 ms for ~37k-token conversations.
 /// - `per_prompt_id` 0.05 us: a prompt given as token ids is only checked.
+/// - `generate_request` and `generate_token`: a request through `/inference/v1/generate`
+///   with `detokenize: false` (what `router --engine-api generate` sends), as a fraction
+///   of a chat request's fixed intake and of its per-token output work: measured on the
+///   real CPU engine, API-server process CPU per request through the router both ways,
+///   fitted over 32 and 256 output tokens (`bench-scripts/vllm/api_server_cpu.py`,
+///   `artifacts/api-server-cpu`). The H100 profile's absolute costs are the study's
+///   fit; only the ratios come from the CPU engine (same Python code, same work).
 pub const VLLM_SERVE_API: ApiCosts = ApiCosts {
     request_latency: Duration::from_micros(38_100),
     per_request: Duration::from_micros(4_725),
@@ -300,7 +326,14 @@ pub const VLLM_SERVE_API: ApiCosts = ApiCosts {
     per_prompt_id: Duration::from_nanos(50),
     per_step: Duration::from_micros(175),
     per_token: Duration::from_nanos(75_950),
+    generate_request: GENERATE_REQUEST,
+    generate_token: GENERATE_TOKEN,
 };
+
+/// [`ApiCosts::generate_request`] measured (see [`VLLM_SERVE_API`]).
+pub const GENERATE_REQUEST: f64 = 1.0;
+/// [`ApiCosts::generate_token`] measured (see [`VLLM_SERVE_API`]).
+pub const GENERATE_TOKEN: f64 = 1.0;
 
 /// Qwen/Qwen3-0.6B-FP8 on one H100 80GB, as the study served it (`serve/vllm_8x/start.sh`:
 /// fp8 KV cache, `--gpu-memory-utilization 0.95`, `--max-num-seqs 128`,

@@ -132,9 +132,9 @@ async fn tokens_in_tokens_out(s: Arc<SimState>, request: Request) -> Result<Resp
     s.metrics.prompts_from_ids.inc();
     let kind = resolve_handoff(&s, &mut job);
     let waiting = AbortOnDrop(&s.metrics);
-    s.api.intake(job.prompt_ids.len(), PromptForm::Ids).await;
+    s.api.intake(job.prompt_ids.len(), PromptForm::Generate).await;
     std::mem::forget(waiting);
-    let rx = submit(&s, &job, kind, arrived);
+    let rx = submit(&s, &job, kind, arrived, PromptForm::Generate);
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let id = format!("generate-tokens-{n:016x}");
     if job.stream {
@@ -201,7 +201,7 @@ async fn generate(s: Arc<SimState>, request: Request, chat: bool) -> Result<Resp
     };
     s.api.intake(job.prompt_ids.len(), form).await;
     std::mem::forget(waiting);
-    let rx = submit(&s, &job, kind, arrived);
+    let rx = submit(&s, &job, kind, arrived, form);
     let n = s.next_id.fetch_add(1, Ordering::Relaxed);
     let id = format!("{}-{n:016x}", if chat { "chatcmpl" } else { "cmpl" });
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
@@ -231,6 +231,7 @@ fn submit(
     job: &GenRequest,
     kind: Kind,
     arrived: Instant,
+    form: PromptForm,
 ) -> mpsc::UnboundedReceiver<crate::events::Event> {
     let (tx, rx) = mpsc::unbounded_channel();
     s.engine.submit(EngineRequest {
@@ -243,6 +244,7 @@ fn submit(
         kind,
         arrived,
         events: tx,
+        output_weight: s.api.costs().token_weight(form),
     });
     rx
 }

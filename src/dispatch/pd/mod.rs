@@ -43,6 +43,7 @@ use http_body_util::{BodyExt, Limited};
 
 use crate::dispatch::{Dispatcher, Route, Served};
 use crate::error::RouterError;
+use crate::frontend::{Frontend, GenerateCall, Stage};
 use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
 use crate::response::body::PhaseTimers;
@@ -111,32 +112,20 @@ impl PrefillDecode {
             request.headers.clone(),
             Bytes::from(requests::prefill_request(&body)),
         );
-        let served = self.prefill.dispatch(&prefill_route, &outbound).await.map_err(|e| match e {
-            RouterError::Upstream { replica, reason } => RouterError::Prefill { replica, reason },
-            other => other,
-        })?;
-        drop(outbound);
-        let prefill_replica = served.replica.clone();
-        let status = served.response.status();
-        if status.is_client_error() {
-            return Ok(served); // the client's request is invalid: say so, as prefill did
-        }
-        let prefill_bytes = read_bounded(served.response).await;
+        let (prefill_replica, prefill_bytes) = match self.prefill_stage(&prefill_route, outbound).await? {
+            Prefilled::Refused(served) => return Ok(served),
+            Prefilled::Answered { replica, bytes } => (replica, bytes),
+        };
         let prefilled = Instant::now();
-        self.metrics
-            .pd_phase
-            .with_label_values(&["prefill"])
-            .observe((prefilled - request.started).as_secs_f64());
-        let result =
-            match (status.is_success(), prefill_bytes.as_deref().and_then(requests::read_prefill_response)) {
-                (true, Some(result)) => result,
-                _ => {
-                    return Err(RouterError::Prefill {
-                        replica: prefill_replica,
-                        reason: format!("status {status} without a usable response"),
-                    });
-                }
-            };
+        let result = match requests::read_prefill_response(&prefill_bytes) {
+            Some(result) => result,
+            None => {
+                return Err(RouterError::Prefill {
+                    replica: prefill_replica,
+                    reason: "a response without a usable body".into(),
+                });
+            }
+        };
 
         // 2. Handoff.
         let (path, decode_body, token_ids, convert) = match result.kv_transfer_params {
@@ -218,6 +207,64 @@ impl PrefillDecode {
         })
     }
 
+    /// `--engine-api generate`: both stages through the engines' generate endpoint with
+    /// the router's token ids (tokenised once, for routing and both stages); the decode's
+    /// token stream becomes the client's OpenAI answer ([`Frontend::answer`]).
+    pub async fn handle_generate(
+        &self,
+        decode: &Dispatcher,
+        frontend: &Frontend,
+        call: GenerateCall,
+        request: PdRequest<'_>,
+    ) -> Result<Served, RouterError> {
+        let route = |endpoint, stream, phase| Route {
+            endpoint,
+            model: request.model,
+            key: request.key,
+            prompt: request.prompt,
+            prompt_ids: Some(&call.prompt_ids),
+            stream,
+            started: request.started,
+            phase,
+            continuable: false,
+            avoid: None,
+        };
+        let path = PathAndQuery::from_static(crate::frontend::GENERATE_PATH);
+        let prefill_kv = std::str::from_utf8(requests::PREFILL_KV_PARAMS).expect("ASCII");
+        let body = call.body(Stage { kv_transfer_params: Some(prefill_kv), prefill: true });
+        let outbound = Outbound::new(Method::POST, path.clone(), request.headers.clone(), Bytes::from(body));
+        let (prefill_replica, prefill_bytes) =
+            match self.prefill_stage(&route(PREFILL_ENDPOINT, false, None), outbound).await? {
+                Prefilled::Refused(served) => return Ok(served),
+                Prefilled::Answered { replica, bytes } => (replica, bytes),
+            };
+        let prefilled = Instant::now();
+        let kv = requests::read_prefill_response(&prefill_bytes).and_then(|r| r.kv_transfer_params);
+        if kv.is_none() {
+            self.fallback(&prefill_replica);
+        }
+        let body = call.body(Stage { kv_transfer_params: kv.map(|kv| kv.get()), prefill: false });
+        drop(prefill_bytes);
+        self.metrics.pd_tokenize_once.with_label_values(&["on"]).inc();
+        let decode_start = Instant::now();
+        self.metrics
+            .pd_phase
+            .with_label_values(&["handoff"])
+            .observe((decode_start - prefilled).as_secs_f64());
+        let phase = PhaseTimers {
+            first_token: self.metrics.pd_phase.with_label_values(&["decode_ttft"]),
+            total: self.metrics.pd_phase.with_label_values(&["total"]),
+            since: decode_start,
+        };
+        let outbound = Outbound::new(Method::POST, path, request.headers, Bytes::from(body));
+        let served =
+            decode.dispatch(&route(request.endpoint, request.stream, Some(phase)), &outbound).await?;
+        drop(outbound);
+        self.metrics.pd_decisions.with_label_values(&[&prefill_replica, &served.replica]).inc();
+        let served = frontend.answer(served, call).await?;
+        Ok(Served { prefill: Some(prefill_replica), ..served })
+    }
+
     fn fallback(&self, prefill_replica: &str) {
         self.metrics.pd_fallbacks.with_label_values(&[prefill_replica, "no_kv_transfer_params"]).inc();
         if self.warned.lock().expect("warned lock").insert(prefill_replica.to_owned()) {
@@ -226,6 +273,42 @@ impl PrefillDecode {
                 "prefill response has no kv_transfer_params (is the replica running a KV connector?): \
                  sending full requests to decode"
             );
+        }
+    }
+}
+
+/// What the prefill stage came to.
+enum Prefilled {
+    /// A 4xx: the client's request is invalid, as the prefill replica said.
+    Refused(Served),
+    /// A 2xx response's body (at most [`MAX_PREFILL_RESPONSE`]).
+    Answered { replica: String, bytes: Bytes },
+}
+
+impl PrefillDecode {
+    /// Send the prefill stage and read its answer; a failure is the prefill's 502.
+    async fn prefill_stage(&self, route: &Route<'_>, outbound: Outbound) -> Result<Prefilled, RouterError> {
+        let served = self.prefill.dispatch(route, &outbound).await.map_err(|e| match e {
+            RouterError::Upstream { replica, reason } => RouterError::Prefill { replica, reason },
+            other => other,
+        })?;
+        drop(outbound);
+        let status = served.response.status();
+        if status.is_client_error() {
+            return Ok(Prefilled::Refused(served));
+        }
+        let replica = served.replica.clone();
+        let bytes = read_bounded(served.response).await;
+        self.metrics
+            .pd_phase
+            .with_label_values(&["prefill"])
+            .observe((Instant::now() - route.started).as_secs_f64());
+        match bytes {
+            Some(bytes) if status.is_success() => Ok(Prefilled::Answered { replica, bytes }),
+            _ => Err(RouterError::Prefill {
+                replica,
+                reason: format!("status {status} without a usable response"),
+            }),
         }
     }
 }

@@ -52,7 +52,7 @@ const PROMPT_SHAPING_FIELDS: [&str; 8] = [
 ];
 
 /// What prefill is asked to do with the KV cache it computes.
-const PREFILL_KV_PARAMS: &[u8] = br#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
+pub const PREFILL_KV_PARAMS: &[u8] = br#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
 
 pub fn prefill_request(body: &Members) -> Vec<u8> {
     let mut set: Vec<(&str, &[u8])> = vec![

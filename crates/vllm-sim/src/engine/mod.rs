@@ -67,6 +67,8 @@ pub struct EngineRequest {
     pub kind: Kind,
     pub arrived: Instant,
     pub events: mpsc::UnboundedSender<Event>,
+    /// What one of its output tokens costs the API server ([`ApiCosts::token_weight`]).
+    pub output_weight: f64,
 }
 
 pub use crate::events::{Event, Finish};
@@ -228,6 +230,7 @@ mod tests {
             kind: Kind::Local,
             arrived: Instant::now(),
             events: tx,
+            output_weight: 1.0,
         });
         let mut ids = Vec::new();
         while let Some(event) = rx.recv().await {

@@ -339,6 +339,8 @@ impl Scheduler {
         let now = Instant::now();
         let mut done = Vec::new();
         let mut output: StepOutput = Vec::with_capacity(scheduled.len());
+        // The API server's work for the step's tokens, each weighted by its endpoint.
+        let mut token_units = 0.0;
         for &(i, need) in scheduled {
             let Some(seq) = self.running.get_mut(i) else { continue };
             if seq.req.events.is_closed() {
@@ -386,6 +388,7 @@ impl Scheduler {
             // A natural end is the model's end-of-text token.
             let id = if finish == Some(Finish::Stop) { llm_common::tokenizer::EOS_ID } else { id };
             output.push((seq.req.events.clone(), Event::Token { id, finish }));
+            token_units += seq.req.output_weight;
             if let Some(f) = finish {
                 done.push(i);
                 let reason = if f == Finish::Length { "length" } else { "stop" };
@@ -393,7 +396,7 @@ impl Scheduler {
                 self.metrics.e2e.observe((now - seq.req.arrived).as_secs_f64());
             }
         }
-        self.api.output(output);
+        self.api.output(output, token_units);
         done.sort_unstable();
         for i in done.into_iter().rev() {
             let seq = self.running.remove(i);
