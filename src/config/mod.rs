@@ -185,13 +185,13 @@ impl Cli {
         if kv_aware && !self.fleet.simulated() {
             self.kv_events.check_for_engines()?;
         }
-        if self.serving.engine_api == crate::frontend::EngineApi::Generate {
-            if self.kv_events.tokenizer.is_none() && !self.fleet.simulated() {
-                return Err(
-                    "--engine-api generate needs --tokenizer (the engines' model directory; `builtin` for vllm-sim)"
-                        .into(),
-                );
-            }
+        if self.serving.engine_api == crate::frontend::EngineApi::Generate
+            && self.kv_events.tokenizer.is_none()
+            && !self.fleet.simulated()
+        {
+            return Err(
+                "--engine-api generate needs --tokenizer (the engines' model directory; `builtin` for vllm-sim)".into(),
+            );
         }
         if self.telemetry.metrics_on == MetricsOn::Admin && self.admission.admin_listen.is_none() {
             return Err("--metrics-on admin needs --admin-listen (and --admin-token)".into());
