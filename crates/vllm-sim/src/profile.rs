@@ -331,9 +331,9 @@ pub const VLLM_SERVE_API: ApiCosts = ApiCosts {
 };
 
 /// [`ApiCosts::generate_request`] measured (see [`VLLM_SERVE_API`]).
-pub const GENERATE_REQUEST: f64 = 1.0;
+pub const GENERATE_REQUEST: f64 = 0.636;
 /// [`ApiCosts::generate_token`] measured (see [`VLLM_SERVE_API`]).
-pub const GENERATE_TOKEN: f64 = 1.0;
+pub const GENERATE_TOKEN: f64 = 0.82;
 
 /// Qwen/Qwen3-0.6B-FP8 on one H100 80GB, as the study served it (`serve/vllm_8x/start.sh`:
 /// fp8 KV cache, `--gpu-memory-utilization 0.95`, `--max-num-seqs 128`,
@@ -521,5 +521,13 @@ mod tests {
         assert_eq!(p.api.intake(1000, PromptForm::Text), p.api.per_request + p.api.per_prompt_token * 1000);
         assert!(p.api.intake(1000, PromptForm::Chat) > p.api.intake(1000, PromptForm::Text));
         assert!(p.api.intake(1000, PromptForm::Ids) < p.api.intake(1000, PromptForm::Text));
+        // Through generate: the measured fraction of the fixed intake, and of each token.
+        assert_eq!(
+            p.api.intake(1000, PromptForm::Generate),
+            p.api.per_request.mul_f64(GENERATE_REQUEST) + p.api.per_prompt_id * 1000
+        );
+        assert_eq!(p.api.token_weight(PromptForm::Generate), GENERATE_TOKEN);
+        assert_eq!(p.api.token_weight(PromptForm::Chat), 1.0);
+        assert_eq!(p.api.output(2.0), p.api.per_step + p.api.per_token * 2);
     }
 }
