@@ -150,3 +150,30 @@ fn prefix_options() {
         assert!(one_line_error(&err).contains(bad[1]), "{}", one_line_error(&err));
     }
 }
+
+#[test]
+fn generate_mode_needs_a_tokenizer_for_real_engines() {
+    let config = parse(&["--replicas", "http://a:1"]).unwrap().into_config().unwrap();
+    assert_eq!(config.engine_api, crate::frontend::EngineApi::Openai);
+    assert!(config.tokenizer.is_none(), "openai mode loads no tokenizer");
+    let err =
+        parse(&["--replicas", "http://a:1", "--engine-api", "generate"]).unwrap().into_config().unwrap_err();
+    assert!(err.contains("--engine-api generate needs --tokenizer"), "{err}");
+    // Simulated engines: the built-in tokenizer.
+    let config = parse(&["--sim", "2", "--engine-api", "generate"]).unwrap().into_config().unwrap();
+    assert_eq!(config.engine_api, crate::frontend::EngineApi::Generate);
+    assert!(config.tokenizer.is_some());
+    let config = parse(&["--replicas", "http://a:1", "--engine-api", "generate", "--tokenizer", "builtin"])
+        .unwrap()
+        .into_config()
+        .unwrap();
+    assert!(config.sampling_defaults.0.is_empty());
+    assert!(parse(&["--engine-api", "grpc"]).is_err());
+    // A tokenizer that is not there: refused at start.
+    let err =
+        parse(&["--replicas", "http://a:1", "--engine-api", "generate", "--tokenizer", "/nonexistent/model"])
+            .unwrap()
+            .into_config()
+            .unwrap_err();
+    assert!(err.contains("cannot load tokenizer"), "{err}");
+}
