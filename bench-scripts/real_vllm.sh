@@ -18,7 +18,8 @@
 # not serve; the set has torch 2.13.0 from PyPI, which runs on CPU), and a tiny Qwen3 with
 # random weights made here (bench-scripts/vllm/make_tiny_model.py) in target/tiny-model.
 #
-# start: engine I serves the model as `tiny` on PORT+I, with prefix caching and ZMQ KV events
+# start: engine I serves the model as `tiny` on PORT+I, with prefix caching, vLLM's token-in,
+# token-out endpoint (`--enable-scale-out`, for `router --engine-api generate`) and ZMQ KV events
 # (publisher on PORT+100+I, replay on PORT+200+I; vLLM binds its publisher only for a
 # wildcard endpoint, `tcp://*:N`, and connects out for any other), 1 GiB of KV
 # cache, and its threads not pinned to cores (nobind: an engine restarted with its threads
@@ -67,7 +68,7 @@ engine_cmd() { # I PORT
   # shellcheck disable=SC2086
   echo "$venv/bin/python" -m vllm.entrypoints.openai.api_server --model "$model" \
     --served-model-name tiny --host 127.0.0.1 --port "$port" --max-model-len 2048 \
-    --dtype bfloat16 --enable-prefix-caching --kv-events-config "'$events'" \
+    --dtype bfloat16 --enable-prefix-caching --kv-events-config "'$events'" --enable-scale-out \
     $transfer ${REAL_VLLM_FLAGS-$(cat "$state/$set_name.flags" 2>/dev/null)}
 }
 

@@ -57,6 +57,8 @@ async fn what_generate_cannot_serve_goes_to_the_openai_endpoint_counted() {
         (json!({"logprobs": true, "top_logprobs": 2}), "logprobs"),
         (json!({"n": 2}), "n"),
         (json!({"logit_bias": {"12": 1.0}}), "unknown_field"),
+        // More than the context: the engine's chat endpoint refuses it in its words.
+        (json!({"max_tokens": 1_000_000}), "context_length"),
     ] {
         let mut body = json!({"model": MODEL, "messages": messages, "max_tokens": 3});
         for (k, v) in extra.as_object().unwrap() {

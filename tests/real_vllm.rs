@@ -290,8 +290,9 @@ async fn a_stream_survives_its_engine_killed_mid_answer() {
     let router = start_router(&e, &["--policy", "round-robin", "--explain-routing"]).await;
     until_all_healthy(&router, e.urls.len()).await;
     let c = http();
-    // Long enough that the engine is still generating when it is killed.
-    const TOKENS: u64 = 1000;
+    // Long enough that the engine is still generating when it is killed (at ~500 tokens a
+    // second here: ~3.5 s after the kill is sent, on a loaded machine too).
+    const TOKENS: u64 = 1800;
     let messages = json!([{"role": "user", "content": words(4242, 40)}]);
     let body = json!({"model": MODEL, "messages": messages, "max_tokens": TOKENS, "ignore_eos": true,
         "temperature": 0, "stream": true, "stream_options": {"include_usage": true}});
@@ -405,5 +406,14 @@ async fn generate_mode_reads_the_same_as_the_engines_own_endpoints() {
     assert!(
         sum(&text, "router_engine_api_requests_total", &[r#"path="generate""#]) >= coverage.compared as f64
     );
+    // What does not fit the context is refused as the engine's chat endpoint refuses it
+    // (its generate endpoint would not check): the router sends it there.
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4000});
+    let routed = send(&c, &format!("{}/v1/chat/completions", base(&router)), &long, &[]).await;
+    let direct = send(&c, &format!("{}/v1/chat/completions", e.urls[0]), &long, &[]).await;
+    assert_eq!(routed, direct);
+    assert_eq!(routed.0, 400, "{}", routed.1);
+    let text = scrape(&c, &base(&router)).await;
+    assert_eq!(sum(&text, "router_engine_api_requests_total", &[r#"reason="context_length""#]), 1.0);
     router.shutdown().await;
 }

@@ -6,7 +6,7 @@ tokenizes and detokenizes itself and sends token ids to `/inference/v1/generate`
 router spends for it.
 
 One real CPU engine (bench-scripts/real_vllm.sh, the tiny Qwen3 made locally, started
-here with `--enable-scale-out` as the set `scale` on PORT) behind two routers (release
+here as the set `scale` on PORT; real_vllm.sh starts engines with `--enable-scale-out`) behind two routers (release
 build), one per mode, both in front of the same engine. The same chat request (streamed,
 temperature 0, `ignore_eos`) goes through each; cells: a short and a long prompt, 32 and
 256 output tokens (the long prompt with 32 only: the context is 2,048 tokens). Passes
@@ -110,7 +110,7 @@ def main():
     p.add_argument("--keep-engine", action="store_true", help="leave the engine running")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "api-server-cpu"))
     args = p.parse_args()
-    env = {**os.environ, "REAL_VLLM_SET": "scale", "REAL_VLLM_FLAGS": "--enable-scale-out"}
+    env = {**os.environ, "REAL_VLLM_SET": "scale"}
     script = str(ROOT / "bench-scripts" / "real_vllm.sh")
     benchlib.build(log)
     subprocess.run(["bash", script, "start", "1", str(args.port)], env=env, check=True)

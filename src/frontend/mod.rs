@@ -69,9 +69,26 @@ pub struct FrontendRequest<'a> {
 
 impl Frontend {
     /// The generate call for a chat (`chat`) or completions body; `None` (counted with its
-    /// reason) when it goes through the engine's OpenAI endpoint instead.
-    pub fn prepare(&self, endpoint: &'static str, chat: bool, body: &[u8]) -> Option<GenerateCall> {
-        match openai_request::generate_call(&self.tokenizer, &self.defaults, chat, body) {
+    /// reason) when it goes through the engine's OpenAI endpoint instead. A request that
+    /// does not fit the model's context as the replicas report it (`max_model_len`) goes
+    /// there too: vLLM's OpenAI endpoints refuse it with their own message, its generate
+    /// endpoint does not check.
+    pub fn prepare(
+        &self,
+        endpoint: &'static str,
+        chat: bool,
+        body: &[u8],
+        registry: &crate::replicas::Registry,
+    ) -> Option<GenerateCall> {
+        let call =
+            openai_request::generate_call(&self.tokenizer, &self.defaults, chat, body).and_then(|call| {
+                let context = call.model().and_then(|m| registry.max_model_len(m));
+                match context {
+                    Some(context) if !call.fits(context) => Err("context_length"),
+                    _ => Ok(call),
+                }
+            });
+        match call {
             Ok(call) => {
                 self.metrics.engine_api_requests.with_label_values(&[endpoint, "generate", ""]).inc();
                 Some(call)

@@ -125,6 +125,18 @@ pub struct Stage<'a> {
 }
 
 impl GenerateCall {
+    /// The model the request names.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    /// Whether the prompt and the tokens asked for fit a context of `context` tokens.
+    pub fn fits(&self, context: u64) -> bool {
+        let prompt = self.prompt_ids.len() as u64;
+        let asked = self.sampling.get("max_tokens").and_then(Value::as_u64).unwrap_or(0);
+        prompt < context && prompt.saturating_add(asked) <= context
+    }
+
     /// The generate request's body: always streamed (the router cuts a stop string's
     /// request short), but a prefill stage's.
     pub fn body(&self, stage: Stage<'_>) -> Vec<u8> {
@@ -380,7 +392,9 @@ pub fn generate_call(
     };
     sampling.insert("detokenize".into(), Value::Bool(false));
     let stop = stop_strings(present(&members, "stop"))?;
-    let stop: Vec<String> = stop.into_iter().filter(|s| !s.is_empty()).collect();
+    if stop.iter().any(String::is_empty) {
+        return Err("invalid_value"); // vLLM refuses an empty stop string: let it say so
+    }
 
     let mut passed = Vec::new();
     for key in TOP_LEVEL {
@@ -523,6 +537,7 @@ mod tests {
             (json!({"messages": [{"role": "assistant", "content": null}]}), "message_fields"),
             (json!({"messages": []}), "invalid_value"),
             (json!({"messages": m(), "stop": 5}), "invalid_value"),
+            (json!({"messages": m(), "stop": ["a", ""]}), "invalid_value"),
             (json!({"messages": m(), "stream": "yes"}), "invalid_value"),
             (json!({"messages": m(), "kv_transfer_params": {}}), "kv_transfer_params"),
             (

@@ -358,7 +358,8 @@ impl Ingress {
                 started,
             };
             if let Some(frontend) = &self.frontend
-                && let Some(call) = frontend.prepare(endpoint.label(), request.chat, &body)
+                && let Some(call) =
+                    frontend.prepare(endpoint.label(), request.chat, &body, &self.dispatcher.registry)
             {
                 return pd.handle_generate(&self.dispatcher, frontend, call, request).await;
             }
@@ -366,8 +367,12 @@ impl Ingress {
         }
         if let Some(frontend) = &self.frontend
             && endpoint != Endpoint::Other
-            && let Some(call) =
-                frontend.prepare(endpoint.label(), endpoint == Endpoint::ChatCompletions, &body)
+            && let Some(call) = frontend.prepare(
+                endpoint.label(),
+                endpoint == Endpoint::ChatCompletions,
+                &body,
+                &self.dispatcher.registry,
+            )
         {
             let request = crate::frontend::FrontendRequest {
                 endpoint: endpoint.label(),

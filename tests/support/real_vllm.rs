@@ -67,7 +67,6 @@ impl PdEngines {
                 .args([script.as_str(), "start", "2", "18110"])
                 .env("REAL_VLLM_SET", "pd")
                 .env("REAL_VLLM_NIXL", "1")
-                .env("REAL_VLLM_FLAGS", "--enable-scale-out")
                 .status()
                 .unwrap();
             assert!(status.success(), "starting the NIXL engines");

@@ -222,13 +222,15 @@ impl Profile {
             "api.per_prompt_id" => self.api.per_prompt_id = duration()?,
             "api.per_step" => self.api.per_step = duration()?,
             "api.per_token" => self.api.per_token = duration()?,
+            "api.generate_request" => self.api.generate_request = number()?,
+            "api.generate_token" => self.api.generate_token = number()?,
             _ => return Err(format!("no profile constant `{name}` (known: {})", CONSTANTS.join(", "))),
         }
         Ok(())
     }
 }
 
-const CONSTANTS: [&str; 18] = [
+const CONSTANTS: [&str; 20] = [
     "base",
     "per_seq",
     "mixed_step",
@@ -247,6 +249,8 @@ const CONSTANTS: [&str; 18] = [
     "api.per_prompt_id",
     "api.per_step",
     "api.per_token",
+    "api.generate_request",
+    "api.generate_token",
 ];
 
 /// `12ms`, `1.5us`, `2s`, in whole nanoseconds.
