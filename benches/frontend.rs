@@ -15,7 +15,7 @@ use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group};
 use http_body_util::BodyExt;
 use llm_router::frontend::SamplingDefaults;
-use llm_router::frontend::generate_stream::{Answer, OpenAiStream};
+use llm_router::frontend::generate_stream::{Answer, openai_stream};
 use llm_router::frontend::openai_request::generate_call;
 use llm_router::policy::prompt_tokens::{BuiltinTokenizer, PromptTokenizer};
 
@@ -93,7 +93,7 @@ fn answers(c: &mut Criterion) {
             let answer = Answer::new(tokenizer.clone(), call.plan.clone(), &call.prompt_ids);
             let frames: Vec<Result<Bytes, std::io::Error>> = frames.iter().cloned().map(Ok).collect();
             let upstream = Body::from_stream(tokio_stream::iter(frames));
-            OpenAiStream::new(upstream, answer, None).collect().await.unwrap().to_bytes()
+            openai_stream(upstream, answer, None).collect().await.unwrap().to_bytes()
         })
     });
     group.finish();

@@ -1,23 +1,20 @@
 //! The engine's generate stream (token ids, one SSE event per engine step) turned into
 //! the OpenAI answer the client asked for: a chat or completions stream, written as it
-//! arrives ([`OpenAiStream`]), or one body once generation ends ([`collect`]).
+//! arrives ([`openai_stream`]), or one body once generation ends ([`collect`]).
 //!
 //! Each token event's ids go through [`OutputText`] (detokenized, stop strings found);
 //! the text it releases goes out as a chunk. When a stop string ends generation, the
 //! final chunks are written and the engine's stream is dropped at once, which closes its
 //! connection: vLLM aborts the request, as its own endpoint would stop it. Events that
 //! are not token events (an error event, vLLM's or the router's for a broken upstream)
-//! pass through as they came, and `data: [DONE]` ends the stream. An event may not grow
-//! past [`MAX_EVENT_BYTES`] before its end arrives.
+//! pass through as they came, and `data: [DONE]` ends the stream. Events are cut by
+//! [`SseMap`], each at most [`MAX_EVENT_BYTES`].
 
 use std::collections::VecDeque;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use axum::body::Body;
 use bytes::Bytes;
-use http_body::{Body as HttpBody, Frame};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::Value;
@@ -27,6 +24,7 @@ use super::openai_shapes::{DONE, Shapes};
 use super::output_text::{Finish, OutputText};
 use crate::policy::prompt_tokens::PromptTokenizer;
 use crate::response::body::EndedByRouter;
+use crate::response::sse_map::{EventMap, SseMap};
 use llm_common::sse::{SseEvents, data_payload};
 
 /// Largest generate event read (one engine step's ids; vLLM sends a few per event).
@@ -91,48 +89,40 @@ impl Answer {
     }
 }
 
-pub struct OpenAiStream {
-    /// The engine's stream; `None` once given up (a stop string ended generation).
-    inner: Option<Body>,
-    events: SseEvents,
-    ready: VecDeque<Bytes>,
+/// The engine's token events to the OpenAI stream ([`SseMap`] cuts the events).
+pub struct TokenEvents {
     answer: Answer,
     role_sent: bool,
     /// Generation is over: later token events are ignored.
     finished: bool,
-    ended: bool,
     /// Told when the engine's stream is dropped on purpose.
     ended_by_router: Option<EndedByRouter>,
 }
 
-impl OpenAiStream {
-    pub fn new(inner: Body, answer: Answer, ended_by_router: Option<EndedByRouter>) -> Self {
-        OpenAiStream {
-            ended_by_router,
-            inner: Some(inner),
-            events: SseEvents::new(),
-            ready: VecDeque::new(),
-            answer,
-            role_sent: false,
-            finished: false,
-            ended: false,
-        }
-    }
+pub type OpenAiStream = SseMap<TokenEvents>;
 
-    fn handle(&mut self, event: Bytes) {
-        let Some(payload) = data_payload(&event) else { return }; // comments, keep-alives
+/// The OpenAI stream answering `answer` from the engine's stream `inner`.
+pub fn openai_stream(inner: Body, answer: Answer, ended_by_router: Option<EndedByRouter>) -> OpenAiStream {
+    SseMap::new(inner, TokenEvents { answer, role_sent: false, finished: false, ended_by_router })
+}
+
+impl EventMap for TokenEvents {
+    const MAX_EVENT_BYTES: usize = MAX_EVENT_BYTES;
+
+    fn event(&mut self, event: Bytes, ready: &mut VecDeque<Bytes>) -> bool {
+        let Some(payload) = data_payload(&event) else { return true }; // comments, keep-alives
         if payload == b"[DONE]" {
             if !self.finished {
-                self.ready.push_back(event);
+                ready.push_back(event);
             }
-            return;
+            return true;
         }
         let Some((ids, finish)) = token_event(payload) else {
-            self.ready.push_back(event); // an error: the client reads it as the engine wrote it
-            return;
+            ready.push_back(event); // an error: the client reads it as the engine wrote it
+            return true;
         };
         if self.finished {
-            return;
+            return true;
         }
         let done = self.answer.update(&ids, finish);
         let mut out = Vec::new();
@@ -141,6 +131,7 @@ impl OpenAiStream {
             self.role_sent = true;
         }
         let text = self.answer.output.take_new().to_owned();
+        let mut reading = true;
         if done {
             let finish = self.answer.output.finish().expect("done").clone();
             self.answer.shapes.last(&mut out, &text, &finish, !self.answer.plan.include_usage);
@@ -154,66 +145,15 @@ impl OpenAiStream {
                 if let Some(flag) = &self.ended_by_router {
                     flag.set();
                 }
-                self.inner = None;
+                reading = false;
             }
         } else if !text.is_empty() {
             self.answer.shapes.delta(&mut out, &text);
         }
         if !out.is_empty() {
-            self.ready.push_back(Bytes::from(out));
+            ready.push_back(Bytes::from(out));
         }
-    }
-}
-
-impl HttpBody for OpenAiStream {
-    type Data = Bytes;
-    type Error = axum::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        loop {
-            if let Some(bytes) = this.ready.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(bytes))));
-            }
-            if this.ended {
-                return Poll::Ready(None);
-            }
-            let Some(inner) = this.inner.as_mut() else {
-                this.ended = true;
-                continue;
-            };
-            match Pin::new(inner).poll_frame(cx) {
-                Poll::Pending => return Poll::Pending,
-                Poll::Ready(Some(Err(e))) => {
-                    this.ended = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-                Poll::Ready(Some(Ok(frame))) => {
-                    if let Ok(data) = frame.into_data() {
-                        this.events.push(&data);
-                        while let Some(event) = this.events.next_event() {
-                            this.handle(event);
-                        }
-                        if this.events.buffered() > MAX_EVENT_BYTES {
-                            this.ended = true;
-                            this.inner = None;
-                            let message =
-                                format!("an event from the replica exceeded {MAX_EVENT_BYTES} bytes");
-                            return Poll::Ready(Some(Err(axum::Error::new(message))));
-                        }
-                    }
-                }
-                Poll::Ready(None) => {
-                    this.ended = true;
-                    if let Some(rest) = this.events.take_rest() {
-                        this.handle(rest);
-                    }
-                }
-            }
-        }
+        reading
     }
 }
 
@@ -338,7 +278,7 @@ mod tests {
         ids.push(199_999);
         for frame in [7, 64, 4096] {
             let answer = Answer::new(tokenizer(), plan(true, true, true, &[]), &[1, 2, 3]);
-            let out = OpenAiStream::new(body_of(engine(&ids, "stop", Value::Null), frame), answer, None)
+            let out = openai_stream(body_of(engine(&ids, "stop", Value::Null), frame), answer, None)
                 .collect()
                 .await
                 .unwrap()
@@ -371,7 +311,7 @@ mod tests {
         let inner = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
         let answer = Answer::new(tokenizer(), plan(false, true, false, &[" thr"]), &[1]);
         let flag = EndedByRouter::default();
-        let out = OpenAiStream::new(inner, answer, Some(flag.clone())).collect().await.unwrap().to_bytes();
+        let out = openai_stream(inner, answer, Some(flag.clone())).collect().await.unwrap().to_bytes();
         assert!(flag.is_set(), "the early end is the router's");
         let e = events(&out);
         let text: String = e.iter().filter_map(|e| e["choices"][0]["text"].as_str()).collect();
@@ -385,7 +325,7 @@ mod tests {
         let error = "data: {\"error\":{\"message\":\"boom\",\"code\":500}}\n\ndata: [DONE]\n\n";
         let answer = Answer::new(tokenizer(), plan(true, true, false, &[]), &[1]);
         let out =
-            OpenAiStream::new(body_of(error.to_owned(), 5), answer, None).collect().await.unwrap().to_bytes();
+            openai_stream(body_of(error.to_owned(), 5), answer, None).collect().await.unwrap().to_bytes();
         assert_eq!(&out[..], error.as_bytes());
         let ids = encode("a whole answer");
         let answer = Answer::new(tokenizer(), plan(true, false, false, &[]), &[1, 2]);

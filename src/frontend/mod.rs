@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::policy::prompt_tokens::PromptTokenizer;
 use crate::response::body::EndedByRouter;
 use crate::upstream::proxy::Outbound;
-use generate_stream::{Answer, CollectError, OpenAiStream, collect};
+use generate_stream::{Answer, CollectError, collect, openai_stream};
 pub use openai_request::{GenerateCall, SamplingDefaults, Stage};
 
 /// vLLM's token-in, token-out endpoint.
@@ -148,7 +148,7 @@ impl Frontend {
             parts
                 .headers
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
-            Body::new(OpenAiStream::new(upstream, answer, ended_by_router))
+            Body::new(openai_stream(upstream, answer, ended_by_router))
         } else {
             match collect(upstream, answer, ended_by_router).await {
                 Ok(body) => {

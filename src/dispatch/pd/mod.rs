@@ -189,7 +189,7 @@ impl PrefillDecode {
         let (mut parts, body) = served.response.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
         let body = if request.stream {
-            Body::new(chat_stream::ChatStream::new(body))
+            Body::new(chat_stream::chat_stream(body))
         } else {
             let unreadable = || RouterError::Upstream {
                 replica: replica.clone(),
