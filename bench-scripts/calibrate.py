@@ -57,7 +57,7 @@ def harness_binary():
 
 def evaluate(binary, args, sets, weights):
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [binary, "--points", args.points, "--concurrency", args.concurrency, "--json", out.name]
+        cmd = [binary, "--bench", "--points", args.points, "--concurrency", args.concurrency, "--json", out.name]
         for s in sets:
             cmd += ["--pd-set" if args.pd else "--set", s]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)

@@ -211,9 +211,9 @@ impl Dnsmasq {
         let Some(binary) = binary else {
             assert!(
                 std::env::var_os("REQUIRE_DNSMASQ").is_none(),
-                "dnsmasq is not installed (apt-get install dnsmasq-base)"
+                "dnsmasq is not installed (bash .ci/packages.sh installs it)"
             );
-            eprintln!("skipped: dnsmasq is not installed");
+            eprintln!("skipped: dnsmasq is not installed (bash .ci/packages.sh installs it)");
             return None;
         };
         let hosts = temp_path("hosts");

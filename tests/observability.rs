@@ -32,9 +32,9 @@ fn tool(name: &str) -> Option<PathBuf> {
     if found.is_none() {
         assert!(
             std::env::var_os("REQUIRE_PROMETHEUS").is_none(),
-            "{name} is not installed (apt-get install prometheus)"
+            "{name} is not installed (bash .ci/packages.sh installs it)"
         );
-        eprintln!("skipped: {name} is not installed");
+        eprintln!("skipped: {name} is not installed (bash .ci/packages.sh installs it)");
     }
     found
 }
