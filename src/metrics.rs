@@ -52,6 +52,23 @@ pub struct Metrics {
     /// Clients gone before the response ended, by endpoint and stage (`waiting` for
     /// headers, `streaming` the body).
     pub client_disconnects: IntCounterVec,
+    /// Clients cut off for accepting none of a response's bytes for
+    /// `--client-idle-timeout`, by kind: `connection` (a blocked socket, either
+    /// protocol), `stream` (an HTTP/2 stream whose window stayed closed).
+    pub client_stalls: IntCounterVec,
+    /// HTTP/2 streams the client reset within a second of opening them, before their
+    /// response ended.
+    pub premature_resets: prometheus::IntCounter,
+    /// Client connections sent GOAWAY and closed by the router, by reason
+    /// (`premature_resets`).
+    pub client_goaways: IntCounterVec,
+    /// Client connections open.
+    pub client_connections: prometheus::IntGauge,
+    /// Prompts handed to the tokenizer's threads, by outcome: `done`, `busy` (the queue
+    /// was full: not tokenised), `abandoned` (the client left while it waited).
+    pub tokenizer_jobs: IntCounterVec,
+    /// Prompts waiting for a tokenizer thread.
+    pub tokenizer_queued: prometheus::IntGauge,
     /// P/D phases: `prefill` (request start to prefill response), `handoff` (prefill
     /// response to decode request), `decode_ttft` (decode request to first byte),
     /// `total` (request start to end of response).
@@ -254,6 +271,45 @@ impl Metrics {
                 "Clients that went away before their response ended",
                 &["endpoint", "stage"],
             ),
+            client_stalls: counter(
+                "router_client_stalls_total",
+                "Clients cut off for accepting no response bytes for the idle limit (connection, stream)",
+                &["kind"],
+            ),
+            premature_resets: {
+                let c = prometheus::IntCounter::new(
+                    "router_client_premature_resets_total",
+                    "HTTP/2 streams reset by the client within a second, before their response ended",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(c.clone())).expect("unique metric");
+                c
+            },
+            client_goaways: counter(
+                "router_client_goaways_total",
+                "Client connections sent GOAWAY and closed by the router, by reason",
+                &["reason"],
+            ),
+            client_connections: {
+                let g = prometheus::IntGauge::new("router_client_connections", "Client connections open")
+                    .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            tokenizer_jobs: counter(
+                "router_tokenizer_jobs_total",
+                "Prompts handed to the tokenizer threads, by outcome (done, busy, abandoned)",
+                &["outcome"],
+            ),
+            tokenizer_queued: {
+                let g = prometheus::IntGauge::new(
+                    "router_tokenizer_queued",
+                    "Prompts waiting for a tokenizer thread",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             pd_phase: histogram(
                 "router_pd_phase_seconds",
                 "Prefill/decode phases: prefill, handoff, decode_ttft, total",
@@ -381,6 +437,13 @@ impl Metrics {
             }
         }
         metrics.stripped_fields.with_label_values(&["kv_transfer_params"]);
+        for kind in ["connection", "stream"] {
+            metrics.client_stalls.with_label_values(&[kind]);
+        }
+        metrics.client_goaways.with_label_values(&["premature_resets"]);
+        for outcome in ["done", "busy", "abandoned"] {
+            metrics.tokenizer_jobs.with_label_values(&[outcome]);
+        }
         metrics
     }
 

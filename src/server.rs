@@ -15,8 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioIo;
 use std::future::Future;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -27,10 +26,12 @@ use crate::config::RouterConfig;
 use crate::dispatch::Dispatcher;
 use crate::dispatch::pd::PrefillDecode;
 use crate::ingress::client_io::StallLimited;
+use crate::ingress::h2_streams::{ConnectionStreams, StreamCounters, StreamExecutor};
 use crate::ingress::keep_alive::Activity;
 use crate::ingress::routing_key::KeyHeaders;
 use crate::ingress::{self, Ingress};
 use crate::metrics::Metrics;
+use crate::policy::prompt_tokens::TokenizePool;
 use crate::replicas::{HealthChecker, Registry, RegistryConfig, Stage};
 use crate::upstream::proxy;
 
@@ -118,8 +119,15 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let client = proxy::http_client(config.connect_timeout);
     let relay = crate::upstream::relay::Relay::new(config.connect_timeout);
 
+    let pool = config.tokenizer.as_ref().map(|_| {
+        let pool_metrics = crate::policy::prompt_tokens::pool::PoolMetrics {
+            jobs: metrics.tokenizer_jobs.clone(),
+            queued: metrics.tokenizer_queued.clone(),
+        };
+        TokenizePool::new(config.tokenizer_threads, config.tokenizer_queue, Some(pool_metrics))
+    });
     let (dispatcher, health, checker) =
-        stage(&config, config.replicas.clone(), config.policy, &client, &relay, &metrics).await;
+        stage(&config, config.replicas.clone(), config.policy, &client, &relay, &metrics, &pool).await;
     let registry = dispatcher.registry.clone();
     let mut tasks = vec![health];
     let main_role = if config.pd.is_some() { "decode" } else { "replica" };
@@ -127,7 +135,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     let pd = match &config.pd {
         Some(pd) => {
             let (prefill, health, checker) =
-                stage(&config, pd.prefill.clone(), pd.prefill_policy, &client, &relay, &metrics).await;
+                stage(&config, pd.prefill.clone(), pd.prefill_policy, &client, &relay, &metrics, &pool).await;
             tasks.push(health);
             stages.push(Stage { role: "prefill", registry: prefill.registry.clone(), checker });
             let names = |registry: &Registry| -> Vec<String> {
@@ -206,7 +214,8 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         frontend: (config.engine_api == crate::frontend::EngineApi::Generate).then(|| {
             crate::frontend::Frontend {
                 tokenizer: config.tokenizer.clone().expect("generate mode loads a tokenizer"),
-                defaults: config.sampling_defaults.clone(),
+                pool: pool.clone().expect("generate mode has a tokenizer, and so its pool"),
+                defaults: Arc::new(config.sampling_defaults.clone()),
                 metrics: metrics.clone(),
             }
         }),
@@ -243,9 +252,18 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         header_read: config.header_read_timeout,
         idle: config.client_idle_timeout,
         keep_alive: config.client_keep_alive_timeout,
+        connections: config.max_client_connections,
     };
     let scheme = if serving_tls.is_some() { "https" } else { "http" };
-    let server = tokio::spawn(accept_loop(listener, app, stopped, config.drain_timeout, limits, serving_tls));
+    let server = tokio::spawn(accept_loop(
+        listener,
+        app,
+        stopped,
+        config.drain_timeout,
+        limits,
+        serving_tls,
+        metrics.clone(),
+    ));
     let mut admin_addr = None;
     let mut admin_stop = None;
     if let (Some(listen), Some(routes)) = (config.admin_listen, admin_apart) {
@@ -257,7 +275,15 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         ));
         let (stop, stopped) = oneshot::channel();
         admin_stop = Some(stop);
-        tasks.push(tokio::spawn(accept_loop(listener, routes, stopped, Duration::ZERO, limits, admin_tls)));
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            routes,
+            stopped,
+            Duration::ZERO,
+            limits,
+            admin_tls,
+            metrics.clone(),
+        )));
         tracing::info!(addr = %admin_addr.expect("bound"), "admin API listening");
     }
     for sim in &sims {
@@ -296,6 +322,7 @@ async fn stage(
     client: &proxy::HttpClient,
     relay: &crate::upstream::relay::Relay,
     metrics: &Arc<Metrics>,
+    pool: &Option<Arc<TokenizePool>>,
 ) -> (Dispatcher, JoinHandle<()>, HealthChecker) {
     let registry_config = RegistryConfig {
         thresholds: config.thresholds,
@@ -325,6 +352,12 @@ async fn stage(
         timeouts: config.timeouts,
         retries: crate::dispatch::retry_budget::RetryBudget::new(config.retries),
         explain: config.explain_routing,
+        tokens: match (policy.uses_tokens(), &config.tokenizer, pool) {
+            (true, Some(tokenizer), Some(pool)) => {
+                Some(crate::dispatch::PromptTokens { tokenizer: tokenizer.clone(), pool: pool.clone() })
+            }
+            _ => None,
+        },
     };
     (dispatcher, health, checker)
 }
@@ -333,33 +366,54 @@ fn sim_url(sim: &vllm_sim::RunningSim) -> crate::replicas::ReplicaUrl {
     crate::replicas::ReplicaUrl::parse(&sim.url()).expect("a bound loopback address is a valid URL")
 }
 
-/// Time limits on what a client connection may hold the router for.
+/// Time limits on what a client connection may hold the router for, and how many it may
+/// hold at once.
 #[derive(Debug, Clone, Copy)]
 struct ClientLimits {
     /// To send a request's headers (HTTP/1.1), or to finish the TLS handshake.
     header_read: Duration,
-    /// To accept any byte of a response it is being sent ([`StallLimited`]).
+    /// To accept any byte of a response it is being sent ([`StallLimited`], and an
+    /// HTTP/2 stream's window: [`crate::ingress::h2_streams`]).
     idle: Duration,
     /// With no request in flight ([`crate::ingress::keep_alive`]).
     keep_alive: Duration,
+    /// Connections open at once (`--max-client-connections`).
+    connections: usize,
 }
 
 /// Largest header block an HTTP/2 client may send: what hyper's HTTP/1 buffer holds.
 const MAX_H2_HEADER_LIST: u32 = 400 * 1024;
 /// Streams one HTTP/2 connection may have open at once.
 const MAX_H2_STREAMS: u32 = 256;
+/// TLS handshakes under way at once (each costs a signature); more wait their turn,
+/// within the header read timeout.
+const MAX_TLS_HANDSHAKES: usize = 128;
+/// How long a connection sent GOAWAY for its resets has to go before it is closed.
+const GOAWAY_GRACE: Duration = Duration::from_millis(500);
 
 /// HTTP/1.1 and HTTP/2 (h2c with prior knowledge, or h2 by ALPN over TLS), with the
 /// same limits on both.
-fn http_builder(limits: ClientLimits) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+fn http_builder(
+    limits: ClientLimits,
+    metrics: &Metrics,
+) -> hyper_util::server::conn::auto::Builder<StreamExecutor> {
+    let executor = StreamExecutor {
+        limit: limits.idle,
+        counters: StreamCounters {
+            stalls: metrics.client_stalls.with_label_values(&["stream"]),
+            premature_resets: metrics.premature_resets.clone(),
+        },
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(executor);
     // Slow clients: headers must arrive in time, and may not exceed hyper's 400 kB
     // buffer (hyper answers 431 beyond it); a client that stops reading loses its
     // connection after the idle limit.
     builder.http1().timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.header_read);
     // HTTP/2: the same header bound, a bound on streams per connection, and pings
     // that find a peer gone silent. A reset stream (RST_STREAM) drops its request's
-    // future, which cancels the upstream request as a closed HTTP/1 connection does.
+    // future, which cancels the upstream request as a closed HTTP/1 connection does;
+    // streams the client does not read, and connections that reset streams en masse,
+    // are cut off by the stream executor.
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -377,10 +431,20 @@ async fn accept_loop(
     drain_timeout: Duration,
     limits: ClientLimits,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    metrics: Arc<Metrics>,
 ) {
-    let graceful = GracefulShutdown::new();
-    let builder = Arc::new(http_builder(limits));
+    // Every connection's task holds a receiver; the drain waits for them all to end.
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let builder = Arc::new(http_builder(limits, &metrics));
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.connections));
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES));
+    let socket_stalls = metrics.client_stalls.with_label_values(&["connection"]);
     loop {
+        // At the connection limit, stop accepting until one closes.
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => permit.expect("never closed"),
+            _ = &mut stopped => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -394,56 +458,132 @@ async fn accept_loop(
             _ = &mut stopped => break,
         };
         let _ = stream.set_nodelay(true);
-        let activity = Activity::new();
-        let service = tracked_service(app.clone(), activity.clone());
-        let stream = StallLimited::new(stream, limits.idle);
-        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
-        tokio::spawn(async move {
-            let serve = async move {
-                match tls {
-                    None => {
-                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        watcher.watch(connection).await
-                    }
-                    Some(tls) => {
-                        let stream = match tokio::time::timeout(limits.header_read, tls.accept(stream)).await
-                        {
-                            Ok(Ok(stream)) => stream,
-                            Ok(Err(error)) => {
-                                tracing::debug!(%peer, %error, "TLS handshake failed");
-                                return Ok(());
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "TLS handshake timed out");
-                                return Ok(());
-                            }
-                        };
-                        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                        watcher.watch(connection).await
-                    }
-                }
+        let stream = StallLimited::counted(stream, limits.idle, socket_stalls.clone());
+        let (builder, draining, tls, handshakes) =
+            (builder.clone(), draining.clone(), tls.clone(), handshakes.clone());
+        let (app, metrics) = (app.clone(), metrics.clone());
+        let streams = ConnectionStreams::new();
+        let scope = streams.clone();
+        let task = async move {
+            let _permit = permit;
+            metrics.client_connections.inc();
+            let activity = Activity::new();
+            let service = tracked_service(app, activity.clone());
+            let limited = Connection {
+                activity: &activity,
+                streams: &streams,
+                draining,
+                limits,
+                peer,
+                metrics: &metrics,
             };
-            // With no request in flight, dropping the connection loses nothing.
-            let served = tokio::select! {
-                served = serve => served,
-                () = activity.idle_for(limits.keep_alive) => {
-                    tracing::debug!(%peer, "idle client connection closed");
-                    Ok(())
+            let served = match tls {
+                None => {
+                    limited.serve(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                }
+                Some(tls) => {
+                    // The ClientHello may take its time; the handshake's work (a signature)
+                    // waits its turn among the others in progress.
+                    let handshake = async {
+                        let hello = tokio_rustls::LazyConfigAcceptor::new(Default::default(), stream).await?;
+                        let _turn = handshakes.acquire().await.expect("never closed");
+                        hello.into_stream(tls.config().clone()).await
+                    };
+                    match tokio::time::timeout(limits.header_read, handshake).await {
+                        Ok(Ok(stream)) => {
+                            let connection =
+                                builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                            limited.serve(connection).await
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%peer, %error, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
                 }
             };
             if let Err(error) = served {
                 tracing::debug!(%peer, %error, "client connection ended with an error");
             }
-        });
+            metrics.client_connections.dec();
+        };
+        tokio::spawn(scope.scope(task));
     }
     drop(listener);
-    if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
+    let _ = drain.send(true);
+    drop(draining);
+    if tokio::time::timeout(drain_timeout, drain.closed()).await.is_err() {
         tracing::warn!(?drain_timeout, "drain timeout reached with requests still in flight");
     }
 }
 
+/// What a served client connection is held to: the drain, the keep-alive limit, and
+/// GOAWAY for a connection that resets its streams en masse.
+struct Connection<'a> {
+    activity: &'a Activity,
+    streams: &'a ConnectionStreams,
+    draining: tokio::sync::watch::Receiver<bool>,
+    limits: ClientLimits,
+    peer: SocketAddr,
+    metrics: &'a Metrics,
+}
+
+impl Connection<'_> {
+    async fn serve<I, S, B>(
+        mut self,
+        connection: hyper_util::server::conn::auto::Connection<'static, I, S, StreamExecutor>,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    where
+        S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+        S::Future: 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+        StreamExecutor: hyper_util::server::conn::auto::HttpServerConnExec<S::Future, B>,
+    {
+        let mut connection = std::pin::pin!(connection);
+        let mut shutting_down = false;
+        let mut cut_off_at: Option<tokio::time::Instant> = None;
+        loop {
+            let cut_off = async {
+                match cut_off_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                served = connection.as_mut() => return served,
+                _ = self.draining.changed(), if !shutting_down => {
+                    connection.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                }
+                () = self.streams.abusive(), if cut_off_at.is_none() => {
+                    tracing::debug!(peer = %self.peer, "client connection reset too many streams: GOAWAY");
+                    self.metrics.client_goaways.with_label_values(&["premature_resets"]).inc();
+                    connection.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                    cut_off_at = Some(tokio::time::Instant::now() + GOAWAY_GRACE);
+                }
+                () = cut_off => return Ok(()),
+                // With no request in flight, dropping the connection loses nothing.
+                () = self.activity.idle_for(self.limits.keep_alive) => {
+                    tracing::debug!(peer = %self.peer, "idle client connection closed");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
 /// The router's routes as a hyper service whose requests count as in flight on their
-/// connection until their response body ends ([`crate::ingress::keep_alive`]).
+/// connection until their response body ends ([`crate::ingress::keep_alive`]); an
+/// HTTP/2 stream's response is watched for a client that takes none of it
+/// ([`crate::ingress::h2_streams`]).
 fn tracked_service(
     app: axum::Router,
     activity: Arc<Activity>,
@@ -458,7 +598,7 @@ fn tracked_service(
         let app = app.clone();
         async move {
             let response = tower::ServiceExt::oneshot(app, request.map(axum::body::Body::new)).await?;
-            Ok(response.map(|body| crate::response::end::holding(body, in_flight)))
+            Ok(response.map(|body| crate::ingress::h2_streams::watched_body(body, in_flight)))
         }
     })
 }

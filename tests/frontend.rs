@@ -188,3 +188,69 @@ async fn pd_sends_token_ids_to_both_stages_and_reads_as_collocated() {
     let handoffs = vllm_sim::RunningSim::metrics(&decode).render();
     assert!(handoffs.contains(&format!("sim_pd_handoffs_accepted_total {sent}")), "{handoffs}");
 }
+
+/// A chat body whose one message is `bytes` of words that share no segments (each
+/// costs the tokenizer afresh).
+fn big_chat(bytes: usize, seed: u64) -> Value {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut text = String::with_capacity(bytes + 16);
+    while text.len() < bytes {
+        text.push_str(&format!("w{} ", rng.u32(..)));
+    }
+    json!({"model": "m", "messages": [{"role": "user", "content": text}], "max_tokens": 4})
+}
+
+// Two workers, as on a two-core machine: neither may be taken by a prompt's tokenising.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_prompts_are_tokenised_off_the_workers_and_a_full_queue_falls_back() {
+    let mocks = mocks(1).await;
+    let mut config = config(&mocks);
+    config.engine_api = llm_router::frontend::EngineApi::Generate;
+    config.tokenizer =
+        Some(std::sync::Arc::new(llm_router::policy::prompt_tokens::PromptTokenizer::Builtin(
+            llm_router::policy::prompt_tokens::BuiltinTokenizer::new(1 << 20),
+        )));
+    config.tokenizer_threads = 1;
+    config.tokenizer_queue = 1;
+    let router = std::sync::Arc::new(router(config).await);
+    let url = format!("{}/v1/chat/completions", base(&router));
+    // Two prompts of 3.9 MiB: one tokenised (seconds of CPU), one waiting its turn.
+    let mut big = Vec::new();
+    for seed in [1, 2] {
+        let (c, url, body) = (client(), url.clone(), big_chat(3_900_000, seed));
+        big.push(tokio::spawn(async move { post(&c, &url, &body, &[]).await.0 }));
+    }
+    eventually("one prompt tokenised, one waiting", || {
+        metric(&router.metrics.render(), "router_tokenizer_queued") == 1.0
+    })
+    .await;
+    // Meanwhile the router answers at once: its health...
+    let health = client().get(format!("{}/health", base(&router))).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    // ...and a request that finds the queue full, through the engine's OpenAI endpoint.
+    let small = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+    let (status, _, _) = post(&client(), &url, &small, &[]).await;
+    assert_eq!(status, 200);
+    let metrics = router.metrics.render();
+    assert_eq!(
+        metric(&metrics, r#"router_tokenizer_jobs_total{outcome="done"}"#),
+        0.0,
+        "the first prompt was still being tokenised: nothing above waited for it"
+    );
+    assert_eq!(metric(&metrics, r#"router_tokenizer_jobs_total{outcome="busy"}"#), 1.0);
+    assert_eq!(
+        metric(
+            &metrics,
+            r#"router_engine_api_requests_total{endpoint="chat_completions",path="fallback",reason="tokenizer_busy"}"#
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // The waiting prompt's client leaves: its tokenising is skipped.
+    big[1].abort();
+    eventually("the abandoned prompt is skipped", || {
+        metric(&router.metrics.render(), r#"router_tokenizer_jobs_total{outcome="abandoned"}"#) == 1.0
+    })
+    .await;
+    assert_eq!(big.remove(0).await.unwrap(), 200, "the first, once tokenised, is answered");
+}

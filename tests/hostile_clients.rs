@@ -230,3 +230,32 @@ async fn idle_connections_are_closed_and_a_long_answer_keeps_its_own() {
     assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_to_be_accepted_and_are_served_when_one_closes() {
+    let mocks = mocks(1).await;
+    let mut config = config(&mocks);
+    config.max_client_connections = 3;
+    let router = router(config).await;
+    // Three connections that send nothing hold every place.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(TcpStream::connect(router.addr).await.unwrap());
+    }
+    eventually("three connections open", || {
+        metric(&router.metrics.render(), "router_client_connections") == 3.0
+    })
+    .await;
+    // A fourth connects (the kernel's backlog takes it) but is not served yet.
+    let mut fourth = TcpStream::connect(router.addr).await.unwrap();
+    fourth.write_all(b"GET /health HTTP/1.1\r\nhost: r\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let early = tokio::time::timeout(Duration::from_millis(300), fourth.read_to_end(&mut answer)).await;
+    assert!(early.is_err(), "served past the connection limit: {:?}", String::from_utf8_lossy(&answer));
+    assert_eq!(metric(&router.metrics.render(), "router_client_connections"), 3.0);
+    // One closes: the fourth is accepted and answered.
+    drop(idle.pop());
+    tokio::time::timeout(Duration::from_secs(10), fourth.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer));
+    router.shutdown().await;
+}

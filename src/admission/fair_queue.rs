@@ -160,6 +160,7 @@ impl Limiter {
                 None => queues
                     .push_back(Queue { key: key.clone(), waiters: VecDeque::from([Waiter { id, grant }]) }),
             }
+            self.inner.count(&state);
             (id, band, key, granted)
         };
         let leave = Leave { inner: &self.inner, band, key, id };

@@ -77,6 +77,17 @@ pub struct KvEventsArgs {
     /// one shipped with the tokenizer.
     #[arg(long, value_name = "FILE")]
     pub chat_template: Option<std::path::PathBuf>,
+
+    /// Threads that render and tokenise prompts, apart from the ones serving
+    /// connections (default: one per CPU core).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub tokenizer_threads: Option<u16>,
+
+    /// Prompts waiting for a tokenizer thread at most; beyond it a prompt is not
+    /// tokenised by the router (generate mode sends it to the engine's OpenAI endpoint,
+    /// kv-aware routes it by load).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub tokenizer_queue: u32,
 }
 
 impl KvEventsArgs {

@@ -84,6 +84,9 @@ pub struct RouterConfig {
     pub sampling_defaults: crate::frontend::SamplingDefaults,
     /// The tokenizer of `kv-aware` and of `generate` mode (one, shared), loaded.
     pub tokenizer: Option<std::sync::Arc<crate::policy::prompt_tokens::PromptTokenizer>>,
+    /// Threads and queue of the tokenizer's pool (`--tokenizer-threads`, `--tokenizer-queue`).
+    pub tokenizer_threads: usize,
+    pub tokenizer_queue: usize,
     pub session_headers: Vec<HeaderName>,
     pub max_body_bytes: usize,
     pub health: HealthConfig,
@@ -124,6 +127,8 @@ pub struct RouterConfig {
     pub client_idle_timeout: Duration,
     /// `--client-keep-alive-timeout`.
     pub client_keep_alive_timeout: Duration,
+    /// `--max-client-connections`.
+    pub max_client_connections: usize,
     /// Simulated replicas to start before routing (`--sim`).
     pub sim: Option<vllm_sim::SimConfig>,
     pub sim_replicas: usize,
@@ -227,6 +232,11 @@ impl Cli {
             },
             kv_events: kv_aware.then(|| self.kv_events.feed_config()),
             tokenizer: if kv_aware || generate { Some(self.kv_events.load_tokenizer()?) } else { None },
+            tokenizer_threads: self
+                .kv_events
+                .tokenizer_threads
+                .map_or_else(|| std::thread::available_parallelism().map_or(2, usize::from), usize::from),
+            tokenizer_queue: self.kv_events.tokenizer_queue as usize,
             engine_api: serving.engine_api,
             sampling_defaults: if generate {
                 self.kv_events.sampling_defaults()?
@@ -261,6 +271,7 @@ impl Cli {
             body_read_timeout: serving.body_read_timeout,
             client_idle_timeout: serving.client_idle_timeout,
             client_keep_alive_timeout: serving.client_keep_alive_timeout,
+            max_client_connections: serving.max_client_connections as usize,
             sim,
             sim_replicas: self.fleet.sim_replicas(),
             pd,

@@ -41,6 +41,12 @@ pub struct ServingArgs {
     #[arg(long, default_value = "60s", value_parser = parse_positive_duration)]
     pub client_keep_alive_timeout: Duration,
 
+    /// Most client connections open at once; beyond it the router stops accepting until
+    /// one closes (new ones wait in the listen backlog), so descriptors and memory stay
+    /// bounded whatever clients do.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_connections: u32,
+
     /// Forward this path too (repeatable; a trailing `*` matches any rest), besides chat,
     /// completions and vLLM's other OpenAI endpoints (embeddings, responses, audio,
     /// score, rerank, classify, tokenize, detokenize). Anything else under /v1/ gets 404:

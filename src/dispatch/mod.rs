@@ -18,10 +18,12 @@ use std::time::Instant;
 
 use axum::body::Body;
 use axum::response::Response;
+use bytes::Bytes;
 
 use crate::error::RouterError;
 use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
+use crate::policy::prompt_tokens::{PromptTokenizer, TokenizePool};
 use crate::policy::{CachedView, Candidate, Decision, Reason};
 use crate::replicas::{Fleet, InFlight, Registry, Replica};
 use crate::response::body::{BodyOptions, EndedByRouter, MeteredBody, PhaseTimers};
@@ -38,6 +40,25 @@ pub struct Dispatcher {
     /// `--explain-routing`: response headers naming the replica, the policy, its reason
     /// and (cache-aware) the cached tokens expected there and the most any replica held.
     pub explain: bool,
+    /// For a policy that routes by token ids (`kv-aware`): the tokenizer, and the
+    /// threads that run it off the async workers.
+    pub tokens: Option<PromptTokens>,
+}
+
+/// How a request's prompt becomes token ids for routing.
+#[derive(Clone)]
+pub struct PromptTokens {
+    pub tokenizer: Arc<PromptTokenizer>,
+    pub pool: Arc<TokenizePool>,
+}
+
+impl PromptTokens {
+    /// The ids of a prompt (the raw JSON of `messages` or `prompt`); `None` when it is
+    /// not one the tokenizer reads, or the pool is too busy to take it.
+    pub async fn of(&self, prompt: Bytes) -> Option<Vec<u32>> {
+        let tokenizer = self.tokenizer.clone();
+        self.pool.run(move || tokenizer.tokens(&prompt)).await.ok().flatten()
+    }
 }
 
 /// Limits on waiting for a replica.
@@ -60,7 +81,7 @@ pub struct Route<'a> {
     pub model: Option<&'a str>,
     pub key: Option<&'a RoutingKey>,
     /// The raw JSON of the request's `messages` or `prompt`, for cache-aware policies.
-    pub prompt: Option<&'a [u8]>,
+    pub prompt: Option<bytes::Bytes>,
     /// The prompt's token ids, when the router has tokenised it already (generate mode).
     pub prompt_ids: Option<&'a [u32]>,
     pub stream: bool,
@@ -122,6 +143,13 @@ fn explain(served: &mut Served, policy: &'static str, cached: Option<CachedView>
 
 impl Dispatcher {
     pub async fn dispatch(&self, route: &Route<'_>, outbound: &Outbound) -> Result<Served, RouterError> {
+        // A policy that routes by token ids gets them off the async workers (before the
+        // snapshot: the wait may be long).
+        let tokenized = match (&self.tokens, route.prompt_ids, &route.prompt) {
+            (Some(tokens), None, Some(prompt)) => tokens.of(prompt.clone()).await,
+            _ => None,
+        };
+        let ids = route.prompt_ids.or(tokenized.as_deref());
         // One snapshot for every attempt: the policy's indices name its replicas.
         let fleet = self.registry.fleet();
         let avoided: Vec<usize> = route
@@ -133,10 +161,14 @@ impl Dispatcher {
         if candidates.panic {
             self.metrics.panic_routing.with_label_values(&[route.endpoint]).inc();
         }
-        let prompt = route
-            .prompt_ids
-            .and_then(|ids| fleet.policy.prompt_blocks_for_ids(route.model, ids))
-            .or_else(|| route.prompt.and_then(|p| fleet.policy.prompt_blocks(route.model, p)));
+        let prompt = match ids {
+            Some(ids) => fleet.policy.prompt_blocks_for_ids(route.model, ids),
+            // Prompts by text (prefix-aware hashes the raw JSON: no tokenising).
+            None if self.tokens.is_none() => {
+                route.prompt.as_deref().and_then(|p| fleet.policy.prompt_blocks(route.model, p))
+            }
+            None => None,
+        };
         let choose = |candidates: &[Candidate]| match &prompt {
             Some(prompt) => fleet.policy.choose_for_prompt(route.key, prompt, candidates),
             None => fleet.policy.choose(route.key, candidates),

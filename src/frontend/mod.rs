@@ -31,7 +31,7 @@ use crate::dispatch::{Dispatcher, Route, Served};
 use crate::error::RouterError;
 use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
-use crate::policy::prompt_tokens::PromptTokenizer;
+use crate::policy::prompt_tokens::{PromptTokenizer, TokenizePool};
 use crate::response::body::EndedByRouter;
 use crate::upstream::proxy::Outbound;
 use generate_stream::{Answer, CollectError, collect, openai_stream};
@@ -53,7 +53,9 @@ pub enum EngineApi {
 
 pub struct Frontend {
     pub tokenizer: Arc<PromptTokenizer>,
-    pub defaults: SamplingDefaults,
+    /// Where requests are rendered and tokenised (off the async workers).
+    pub pool: Arc<TokenizePool>,
+    pub defaults: Arc<SamplingDefaults>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -63,7 +65,7 @@ pub struct FrontendRequest<'a> {
     pub headers: HeaderMap,
     pub model: Option<&'a str>,
     pub key: Option<&'a RoutingKey>,
-    pub prompt: Option<&'a [u8]>,
+    pub prompt: Option<Bytes>,
     pub started: Instant,
 }
 
@@ -72,16 +74,23 @@ impl Frontend {
     /// reason) when it goes through the engine's OpenAI endpoint instead. A request that
     /// does not fit the model's context as the replicas report it (`max_model_len`) goes
     /// there too: vLLM's OpenAI endpoints refuse it with their own message, its generate
-    /// endpoint does not check.
-    pub fn prepare(
+    /// endpoint does not check. The request is rendered and tokenised on the tokenizer's
+    /// threads; when they are too busy to take it, it goes to the OpenAI endpoint too
+    /// (`tokenizer_busy`).
+    pub async fn prepare(
         &self,
         endpoint: &'static str,
         chat: bool,
-        body: &[u8],
+        body: &Bytes,
         registry: &crate::replicas::Registry,
     ) -> Option<GenerateCall> {
-        let call =
-            openai_request::generate_call(&self.tokenizer, &self.defaults, chat, body).and_then(|call| {
+        let (tokenizer, defaults, body) = (self.tokenizer.clone(), self.defaults.clone(), body.clone());
+        let call = self
+            .pool
+            .run(move || openai_request::generate_call(&tokenizer, &defaults, chat, &body))
+            .await
+            .unwrap_or(Err("tokenizer_busy"))
+            .and_then(|call| {
                 let context = call.model().and_then(|m| registry.max_model_len(m));
                 match context {
                     Some(context) if !call.fits(context) => Err("context_length"),
@@ -113,7 +122,7 @@ impl Frontend {
             endpoint: request.endpoint,
             model: request.model,
             key: request.key,
-            prompt: request.prompt,
+            prompt: request.prompt.clone(),
             prompt_ids: Some(&call.prompt_ids),
             stream: call.plan.stream,
             started: request.started,

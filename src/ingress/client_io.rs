@@ -28,11 +28,18 @@ pub struct StallLimited<S> {
     /// Armed while a write is blocked; reset from the first blocked write.
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
+    /// Counts the connection cut off (once).
+    stalls: Option<prometheus::IntCounter>,
 }
 
 impl<S> StallLimited<S> {
     pub fn new(inner: S, limit: Duration) -> Self {
-        StallLimited { inner, limit, timer: None, armed: false }
+        StallLimited { inner, limit, timer: None, armed: false, stalls: None }
+    }
+
+    /// The same, counting a cut-off connection in `stalls`.
+    pub fn counted(inner: S, limit: Duration, stalls: prometheus::IntCounter) -> Self {
+        StallLimited { stalls: Some(stalls), ..Self::new(inner, limit) }
     }
 
     /// A write returned `Pending`: start the clock (if it is not running) and fail once
@@ -45,10 +52,15 @@ impl<S> StallLimited<S> {
             self.armed = true;
         }
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the client accepted no bytes for {:?}", self.limit),
-            )),
+            Poll::Ready(()) => Poll::Ready({
+                if let Some(stalls) = self.stalls.take() {
+                    stalls.inc();
+                }
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("the client accepted no bytes for {:?}", self.limit),
+                )
+            }),
             Poll::Pending => Poll::Pending,
         }
     }

@@ -10,6 +10,7 @@
 //! `GET /v1/models`, `/health` and `/metrics` are answered by the router itself.
 
 pub(crate) mod client_io;
+pub mod h2_streams;
 pub(crate) mod keep_alive;
 mod keyed;
 pub mod request_facts;
@@ -287,6 +288,11 @@ impl Ingress {
             }
             None => None,
         };
+        if h2_streams::in_stream() {
+            // Let hyper see a reset that came with or after the request (rapid reset):
+            // a stream reset before it is dispatched is dropped here, never sent on.
+            tokio::task::yield_now().await;
+        }
         let served = match self.route_and_forward(endpoint, parts, body, facts, started).await {
             Ok(served) => {
                 let status = served.response.status();
@@ -353,13 +359,13 @@ impl Ingress {
                 body: &body,
                 model: facts.model.as_deref(),
                 key: key.as_ref(),
-                prompt: facts.prompt.clone().map(|range| &body[range]),
+                prompt: facts.prompt.clone().map(|range| body.slice(range)),
                 stream: facts.stream,
                 started,
             };
             if let Some(frontend) = &self.frontend
                 && let Some(call) =
-                    frontend.prepare(endpoint.label(), request.chat, &body, &self.dispatcher.registry)
+                    frontend.prepare(endpoint.label(), request.chat, &body, &self.dispatcher.registry).await
             {
                 return pd.handle_generate(&self.dispatcher, frontend, call, request).await;
             }
@@ -367,19 +373,21 @@ impl Ingress {
         }
         if let Some(frontend) = &self.frontend
             && endpoint != Endpoint::Other
-            && let Some(call) = frontend.prepare(
-                endpoint.label(),
-                endpoint == Endpoint::ChatCompletions,
-                &body,
-                &self.dispatcher.registry,
-            )
+            && let Some(call) = frontend
+                .prepare(
+                    endpoint.label(),
+                    endpoint == Endpoint::ChatCompletions,
+                    &body,
+                    &self.dispatcher.registry,
+                )
+                .await
         {
             let request = crate::frontend::FrontendRequest {
                 endpoint: endpoint.label(),
                 headers: parts.headers,
                 model: facts.model.as_deref(),
                 key: key.as_ref(),
-                prompt: facts.prompt.clone().map(|range| &body[range]),
+                prompt: facts.prompt.clone().map(|range| body.slice(range)),
                 started,
             };
             return frontend.serve(&self.dispatcher, call, request).await;
@@ -391,7 +399,7 @@ impl Ingress {
             endpoint: endpoint.label(),
             model: facts.model.as_deref(),
             key: key.as_ref(),
-            prompt: prompt.as_deref(),
+            prompt,
             prompt_ids: None,
             stream: facts.stream,
             started,

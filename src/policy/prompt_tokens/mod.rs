@@ -18,11 +18,13 @@
 
 mod hugging_face;
 mod o200k;
+pub mod pool;
 mod segments;
 mod stream_decode;
 
 pub use hugging_face::HfTokenizer;
 pub use o200k::BuiltinTokenizer;
+pub use pool::{Busy, TokenizePool};
 pub use segments::{SegmentCache, split_json_array};
 pub use stream_decode::TokenDecoder;
 
