@@ -213,6 +213,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         pd,
         frontend: (config.engine_api == crate::frontend::EngineApi::Generate).then(|| {
             crate::frontend::Frontend {
+                continuation_attempts: config.continuation_attempts,
                 tokenizer: config.tokenizer.clone().expect("generate mode loads a tokenizer"),
                 pool: pool.clone().expect("generate mode has a tokenizer, and so its pool"),
                 defaults: Arc::new(config.sampling_defaults.clone()),

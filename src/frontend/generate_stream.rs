@@ -19,16 +19,21 @@ use http_body_util::BodyExt;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::generate_resume::{Resume, error_event};
 use super::openai_request::OutputPlan;
 use super::openai_shapes::{DONE, Shapes};
-use super::output_text::{Finish, OutputText};
+use super::output_text::{Finish, Limits, OutputText};
 use crate::policy::prompt_tokens::PromptTokenizer;
 use crate::response::body::EndedByRouter;
-use crate::response::sse_map::{EventMap, SseMap};
+use crate::response::sse_map::{EventMap, Resumed, Resuming, SseMap};
 use llm_common::sse::{SseEvents, data_payload};
 
 /// Largest generate event read (one engine step's ids; vLLM sends a few per event).
 pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Tokens generated at most when neither the request nor the fleet says how many (a
+/// model's context is less).
+pub const MAX_GENERATED_TOKENS: usize = 1 << 20;
 
 #[derive(Deserialize)]
 struct GenerateEvent {
@@ -68,24 +73,53 @@ pub struct Answer {
     pub shapes: Shapes,
     pub plan: OutputPlan,
     pub prompt_tokens: usize,
+    /// How a broken stream is continued elsewhere (none: it ends with an error).
+    pub resume: Option<Resume>,
+    /// The ids generated so far (kept only when the stream may be continued).
+    generated: Vec<u32>,
 }
 
 impl Answer {
     pub fn new(tokenizer: Arc<PromptTokenizer>, plan: OutputPlan, prompt_ids: &[u32]) -> Self {
         let decoder = tokenizer.decoder(prompt_ids, plan.skip_special_tokens);
-        let output =
-            OutputText::new(decoder, plan.stop.clone(), plan.include_stop_str_in_output, plan.min_tokens);
+        let limits =
+            Limits { max_tokens: plan.max_tokens.unwrap_or(MAX_GENERATED_TOKENS), keep_all: !plan.stream };
+        let output = OutputText::new(
+            decoder,
+            plan.stop.clone(),
+            plan.include_stop_str_in_output,
+            plan.min_tokens,
+            limits,
+        );
         Answer {
             shapes: Shapes::new(plan.chat, &plan.model),
             tokenizer,
             output,
             plan,
             prompt_tokens: prompt_ids.len(),
+            resume: None,
+            generated: Vec::new(),
         }
     }
 
+    /// The same, continued on another replica if its engine's stream breaks.
+    pub fn resumable(self, resume: Option<Resume>) -> Self {
+        Answer { resume, ..self }
+    }
+
     fn update(&mut self, ids: &[u32], finish: Option<Finish>) -> bool {
+        // An engine shutting down ends its requests with `abort`: a broken stream, to be
+        // continued elsewhere when it can be.
+        let finish = finish.filter(|f| f.reason != "abort" || self.resume.is_none());
+        if self.resume.is_some() {
+            self.generated.extend_from_slice(ids);
+        }
         self.output.update(&self.tokenizer, ids, finish).is_some()
+    }
+
+    /// The engine's stream broke before generation ended: ask for the rest elsewhere.
+    fn resume(&mut self) -> Option<Resuming> {
+        self.resume.as_mut()?.resume(&self.generated)
     }
 }
 
@@ -97,13 +131,18 @@ pub struct TokenEvents {
     finished: bool,
     /// Told when the engine's stream is dropped on purpose.
     ended_by_router: Option<EndedByRouter>,
+    /// The engine's error event, held back while the stream may be continued.
+    held_error: Option<Bytes>,
 }
 
 pub type OpenAiStream = SseMap<TokenEvents>;
 
 /// The OpenAI stream answering `answer` from the engine's stream `inner`.
 pub fn openai_stream(inner: Body, answer: Answer, ended_by_router: Option<EndedByRouter>) -> OpenAiStream {
-    SseMap::new(inner, TokenEvents { answer, role_sent: false, finished: false, ended_by_router })
+    SseMap::new(
+        inner,
+        TokenEvents { answer, role_sent: false, finished: false, ended_by_router, held_error: None },
+    )
 }
 
 impl EventMap for TokenEvents {
@@ -112,13 +151,18 @@ impl EventMap for TokenEvents {
     fn event(&mut self, event: Bytes, ready: &mut VecDeque<Bytes>) -> bool {
         let Some(payload) = data_payload(&event) else { return true }; // comments, keep-alives
         if payload == b"[DONE]" {
-            if !self.finished {
+            // Before generation ended: the stream broke (continued once it ends).
+            if !self.finished && self.answer.resume.is_none() {
                 ready.push_back(event);
             }
             return true;
         }
         let Some((ids, finish)) = token_event(payload) else {
-            ready.push_back(event); // an error: the client reads it as the engine wrote it
+            if self.answer.resume.is_some() && !self.finished {
+                self.held_error = Some(event); // the stream broke: continued once it ends
+            } else {
+                ready.push_back(event); // an error: the client reads it as the engine wrote it
+            }
             return true;
         };
         if self.finished {
@@ -140,7 +184,7 @@ impl EventMap for TokenEvents {
             }
             out.extend_from_slice(DONE);
             self.finished = true;
-            if finish.stop_reason.is_string() {
+            if self.answer.output.ended_by_router() {
                 // The router's stop: abort the engine's request (not a client leaving).
                 if let Some(flag) = &self.ended_by_router {
                     flag.set();
@@ -155,6 +199,37 @@ impl EventMap for TokenEvents {
         }
         reading
     }
+
+    fn broken(&mut self, why: Option<&str>, out: &mut VecDeque<Bytes>) -> Option<Resuming> {
+        if self.finished {
+            return None;
+        }
+        let resuming = self.answer.resume();
+        if resuming.is_none() && self.answer.resume.is_some() {
+            // Continuation was possible but is not to be: end as the stream would have.
+            let why = why.unwrap_or("the engine's stream ended before generation did");
+            out.push_back(self.held_error.take().unwrap_or_else(|| error_event(why)));
+            out.push_back(Bytes::from_static(DONE));
+        }
+        resuming
+    }
+
+    fn resumed(&mut self, resumed: Option<&mut Resumed>, out: &mut VecDeque<Bytes>) {
+        match resumed {
+            Some(resumed) => {
+                self.held_error = None;
+                self.ended_by_router = resumed.ended_by_router.take();
+                if let Some(resume) = &mut self.answer.resume {
+                    resume.resumed(resumed.replica.clone());
+                }
+            }
+            None => {
+                let why = "the engine failed mid-stream and its continuation failed";
+                out.push_back(self.held_error.take().unwrap_or_else(|| error_event(why)));
+                out.push_back(Bytes::from_static(DONE));
+            }
+        }
+    }
 }
 
 /// Why a non-streamed answer could not be written.
@@ -166,55 +241,76 @@ pub enum CollectError {
     Broken(String),
 }
 
-/// Read the engine's stream to the end of generation and write the whole answer.
+/// Read the engine's stream to the end of generation and write the whole answer; a
+/// stream that breaks first is continued elsewhere when the answer allows.
 pub async fn collect(
     mut inner: Body,
     mut answer: Answer,
-    ended_by_router: Option<EndedByRouter>,
+    mut ended_by_router: Option<EndedByRouter>,
 ) -> Result<Vec<u8>, CollectError> {
     let mut events = SseEvents::new();
+    let mut held_error: Option<Bytes> = None;
     loop {
-        let frame = match inner.frame().await {
-            None => {
-                return Err(CollectError::Broken("the engine's stream ended before generation did".into()));
-            }
-            Some(Err(e)) => return Err(CollectError::Broken(e.to_string())),
-            Some(Ok(frame)) => frame,
-        };
-        let Ok(data) = frame.into_data() else { continue };
-        events.push(&data);
-        while let Some(event) = events.next_event() {
-            let Some(payload) = data_payload(&event) else { continue };
-            if payload == b"[DONE]" {
-                continue;
-            }
-            let Some((ids, finish)) = token_event(payload) else {
-                return Err(CollectError::Engine(Bytes::copy_from_slice(payload)));
+        let broke = 'read: loop {
+            let frame = match inner.frame().await {
+                None => break 'read "the engine's stream ended before generation did".to_owned(),
+                Some(Err(e)) => break 'read e.to_string(),
+                Some(Ok(frame)) => frame,
             };
-            if answer.update(&ids, finish) {
-                let finish = answer.output.finish().expect("done").clone();
-                let body = answer.shapes.body(
-                    answer.output.text(),
-                    &finish,
-                    answer.prompt_tokens,
-                    answer.output.tokens(),
-                );
-                if finish.stop_reason.is_string() {
-                    if let Some(flag) = &ended_by_router {
-                        flag.set();
-                    }
-                } else {
-                    // The engine ended it: read its `[DONE]` so the connection is reused.
-                    while let Some(Ok(_)) = inner.frame().await {}
+            let Ok(data) = frame.into_data() else { continue };
+            events.push(&data);
+            while let Some(event) = events.next_event() {
+                let Some(payload) = data_payload(&event) else { continue };
+                if payload == b"[DONE]" {
+                    continue;
                 }
-                return Ok(body);
+                let Some((ids, finish)) = token_event(payload) else {
+                    let error = Bytes::copy_from_slice(payload);
+                    if answer.resume.is_none() {
+                        return Err(CollectError::Engine(error));
+                    }
+                    held_error = Some(error);
+                    continue;
+                };
+                if answer.update(&ids, finish) {
+                    let finish = answer.output.finish().expect("done").clone();
+                    let body = answer.shapes.body(
+                        answer.output.text(),
+                        &finish,
+                        answer.prompt_tokens,
+                        answer.output.tokens(),
+                    );
+                    if answer.output.ended_by_router() {
+                        if let Some(flag) = &ended_by_router {
+                            flag.set();
+                        }
+                    } else {
+                        // The engine ended it: read its `[DONE]` so the connection is reused.
+                        while let Some(Ok(_)) = inner.frame().await {}
+                    }
+                    return Ok(body);
+                }
             }
+            if events.buffered() > MAX_EVENT_BYTES {
+                break 'read format!("an event from the replica exceeded {MAX_EVENT_BYTES} bytes");
+            }
+        };
+        if let Some(resuming) = answer.resume()
+            && let Some(resumed) = resuming.await
+        {
+            inner = resumed.body;
+            ended_by_router = resumed.ended_by_router;
+            events = SseEvents::new();
+            held_error = None;
+            if let Some(resume) = &mut answer.resume {
+                resume.resumed(resumed.replica);
+            }
+            continue;
         }
-        if events.buffered() > MAX_EVENT_BYTES {
-            return Err(CollectError::Broken(format!(
-                "an event from the replica exceeded {MAX_EVENT_BYTES} bytes"
-            )));
-        }
+        return Err(match held_error {
+            Some(error) => CollectError::Engine(error),
+            None => CollectError::Broken(broke),
+        });
     }
 }
 
@@ -239,6 +335,7 @@ mod tests {
             include_stop_str_in_output: false,
             min_tokens: 0,
             skip_special_tokens: true,
+            max_tokens: None,
         }
     }
 

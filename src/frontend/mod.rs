@@ -13,10 +13,12 @@
 //!    ([`output_text`] detokenises and applies stop strings as vLLM does,
 //!    [`openai_shapes`] writes vLLM's members).
 
+pub mod generate_resume;
 pub mod generate_stream;
 pub mod openai_request;
 pub mod openai_shapes;
 pub mod output_text;
+pub mod stop_strings;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,6 +36,7 @@ use crate::metrics::Metrics;
 use crate::policy::prompt_tokens::{PromptTokenizer, TokenizePool};
 use crate::response::body::EndedByRouter;
 use crate::upstream::proxy::Outbound;
+use generate_resume::Resume;
 use generate_stream::{Answer, CollectError, collect, openai_stream};
 pub use openai_request::{GenerateCall, SamplingDefaults, Stage};
 
@@ -52,11 +55,22 @@ pub enum EngineApi {
 }
 
 pub struct Frontend {
+    /// Continuations a broken generate stream gets (`--continuation-attempts`; 0: off).
+    pub continuation_attempts: u32,
     pub tokenizer: Arc<PromptTokenizer>,
     /// Where requests are rendered and tokenised (off the async workers).
     pub pool: Arc<TokenizePool>,
     pub defaults: Arc<SamplingDefaults>,
     pub metrics: Arc<Metrics>,
+}
+
+/// What continuing a generate answer elsewhere needs of its request.
+pub struct Later {
+    pub dispatcher: Arc<Dispatcher>,
+    pub headers: HeaderMap,
+    pub endpoint: &'static str,
+    pub key: Option<RoutingKey>,
+    pub started: Instant,
 }
 
 /// The request a generate call is made for.
@@ -90,11 +104,15 @@ impl Frontend {
             .run(move || openai_request::generate_call(&tokenizer, &defaults, chat, &body))
             .await
             .unwrap_or(Err("tokenizer_busy"))
-            .and_then(|call| {
+            .and_then(|mut call| {
                 let context = call.model().and_then(|m| registry.max_model_len(m));
                 match context {
                     Some(context) if !call.fits(context) => Err("context_length"),
-                    _ => Ok(call),
+                    Some(context) => {
+                        call.bound_by_context(context);
+                        Ok(call)
+                    }
+                    None => Ok(call),
                 }
             });
         match call {
@@ -111,13 +129,15 @@ impl Frontend {
     }
 
     /// Dispatch a generate call and answer in OpenAI's shape. An engine's error response
-    /// passes through as it came.
+    /// passes through as it came; a stream that breaks later is continued on another
+    /// replica ([`generate_resume`]).
     pub async fn serve(
         &self,
-        dispatcher: &Dispatcher,
+        dispatcher: &Arc<Dispatcher>,
         call: GenerateCall,
         request: FrontendRequest<'_>,
     ) -> Result<Served, RouterError> {
+        let continuable = self.continuation_attempts > 0;
         let route = Route {
             endpoint: request.endpoint,
             model: request.model,
@@ -127,7 +147,7 @@ impl Frontend {
             stream: call.plan.stream,
             started: request.started,
             phase: None,
-            continuable: false,
+            continuable,
             avoid: None,
         };
         let outbound = Outbound::new(
@@ -137,19 +157,42 @@ impl Frontend {
             Bytes::from(call.body(Stage::default())),
         );
         let served = dispatcher.dispatch(&route, &outbound).await?;
-        drop(outbound);
-        self.answer(served, call).await
+        let Outbound { headers, .. } = outbound;
+        let later = continuable.then(|| Later {
+            dispatcher: dispatcher.clone(),
+            headers,
+            endpoint: request.endpoint,
+            key: request.key.cloned(),
+            started: request.started,
+        });
+        self.answer(served, call, later).await
     }
 
-    /// The OpenAI answer to a generate call, from the engine's response to it.
-    pub async fn answer(&self, served: Served, call: GenerateCall) -> Result<Served, RouterError> {
+    /// The OpenAI answer to a generate call, from the engine's response to it; with
+    /// `later`, a stream that breaks is continued elsewhere.
+    pub async fn answer(
+        &self,
+        served: Served,
+        call: GenerateCall,
+        later: Option<Later>,
+    ) -> Result<Served, RouterError> {
         if served.response.status() != StatusCode::OK {
             return Ok(served);
         }
-        let GenerateCall { prompt_ids, plan, .. } = call;
-        let stream = plan.stream;
-        let answer = Answer::new(self.tokenizer.clone(), plan, &prompt_ids);
-        drop(prompt_ids);
+        let stream = call.plan.stream;
+        let answer = Answer::new(self.tokenizer.clone(), call.plan.clone(), &call.prompt_ids);
+        // The call is kept only to continue the answer (its prompt ids are most of it).
+        let answer = answer.resumable(later.map(|later| Resume {
+            dispatcher: later.dispatcher,
+            metrics: self.metrics.clone(),
+            call,
+            headers: later.headers,
+            endpoint: later.endpoint,
+            key: later.key,
+            started: later.started,
+            attempts: self.continuation_attempts,
+            replica: served.replica.clone(),
+        }));
         let (mut parts, upstream) = served.response.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
         let ended_by_router = parts.extensions.remove::<EndedByRouter>();

@@ -101,6 +101,9 @@ pub struct OutputPlan {
     pub include_stop_str_in_output: bool,
     pub min_tokens: usize,
     pub skip_special_tokens: bool,
+    /// The most tokens the engine may generate (the request's, or its model's default);
+    /// `None`: what the context leaves. The router ends generation there itself.
+    pub max_tokens: Option<usize>,
 }
 
 /// A request ready for the generate endpoint.
@@ -130,6 +133,14 @@ impl GenerateCall {
         self.model.as_deref()
     }
 
+    /// A request that names no `max_tokens` generates what a context of `context`
+    /// tokens leaves after its prompt (the engine's default): the router's bound too.
+    pub fn bound_by_context(&mut self, context: u64) {
+        if self.plan.max_tokens.is_none() {
+            self.plan.max_tokens = Some(context.saturating_sub(self.prompt_ids.len() as u64) as usize);
+        }
+    }
+
     /// Whether the prompt and the tokens asked for fit a context of `context` tokens.
     pub fn fits(&self, context: u64) -> bool {
         let prompt = self.prompt_ids.len() as u64;
@@ -140,8 +151,38 @@ impl GenerateCall {
     /// The generate request's body: always streamed (the router cuts a stop string's
     /// request short), but a prefill stage's.
     pub fn body(&self, stage: Stage<'_>) -> Vec<u8> {
+        if stage.prefill {
+            let mut sampling = self.sampling.clone();
+            sampling.insert("max_tokens".into(), Value::from(1));
+            sampling.insert("min_tokens".into(), Value::from(0));
+            self.write(&[], &sampling, stage)
+        } else {
+            self.write(&[], &self.sampling, stage)
+        }
+    }
+
+    /// The body that asks for the rest of an answer of which `generated` came already:
+    /// those ids after the prompt's, `max_tokens` and `min_tokens` less them. `None`
+    /// when no tokens are left to ask for.
+    pub fn continuing(&self, generated: &[u32]) -> Option<Vec<u8>> {
+        let mut sampling = self.sampling.clone();
+        let sent = generated.len() as u64;
+        if let Some(max) = sampling.get("max_tokens").and_then(Value::as_u64) {
+            if max <= sent {
+                return None;
+            }
+            sampling.insert("max_tokens".into(), Value::from(max - sent));
+        }
+        if let Some(min) = sampling.get("min_tokens").and_then(Value::as_u64) {
+            sampling.insert("min_tokens".into(), Value::from(min.saturating_sub(sent)));
+        }
+        Some(self.write(generated, &sampling, Stage::default()))
+    }
+
+    fn write(&self, generated: &[u32], sampling: &Map<String, Value>, stage: Stage<'_>) -> Vec<u8> {
         // Written directly: a long prompt's ids are most of the body.
-        let mut body = Vec::with_capacity(self.prompt_ids.len() * 7 + 256);
+        let ids = self.prompt_ids.len() + generated.len();
+        let mut body = Vec::with_capacity(ids * 7 + 256);
         body.push(b'{');
         if let Some(model) = &self.model {
             body.extend_from_slice(b"\"model\":");
@@ -149,22 +190,14 @@ impl GenerateCall {
             body.push(b',');
         }
         body.extend_from_slice(b"\"token_ids\":[");
-        for (i, id) in self.prompt_ids.iter().enumerate() {
+        for (i, id) in self.prompt_ids.iter().chain(generated).enumerate() {
             if i > 0 {
                 body.push(b',');
             }
             write!(body, "{id}").expect("writing to a Vec cannot fail");
         }
         body.extend_from_slice(b"],\"sampling_params\":");
-        if stage.prefill {
-            let mut sampling = self.sampling.clone();
-            sampling.insert("max_tokens".into(), Value::from(1));
-            sampling.insert("min_tokens".into(), Value::from(0));
-            serde_json::to_writer(&mut body, &sampling)
-        } else {
-            serde_json::to_writer(&mut body, &self.sampling)
-        }
-        .expect("writing to a Vec cannot fail");
+        serde_json::to_writer(&mut body, sampling).expect("writing to a Vec cannot fail");
         body.extend_from_slice(if stage.prefill { b",\"stream\":false" } else { b",\"stream\":true" });
         for (key, raw) in &self.passed {
             body.extend_from_slice(format!(",\"{key}\":").as_bytes());
@@ -395,6 +428,10 @@ pub fn generate_call(
     if stop.iter().any(String::is_empty) {
         return Err("invalid_value"); // vLLM refuses an empty stop string: let it say so
     }
+    let max_tokens = match sampling.get("max_tokens") {
+        None => None,
+        Some(v) => Some(v.as_u64().ok_or("invalid_value")? as usize),
+    };
 
     let mut passed = Vec::new();
     for key in TOP_LEVEL {
@@ -416,6 +453,7 @@ pub fn generate_call(
             include_stop_str_in_output: flag("include_stop_str_in_output")?.unwrap_or(false),
             min_tokens,
             skip_special_tokens,
+            max_tokens,
         },
     })
 }
@@ -473,8 +511,24 @@ mod tests {
                 include_stop_str_in_output: false,
                 min_tokens: 2,
                 skip_special_tokens: true,
+                max_tokens: Some(9),
             }
         );
+    }
+
+    #[test]
+    fn a_continuation_asks_for_the_rest_after_the_ids_already_generated() {
+        let c = call(false, json!({"model": "m", "prompt": [5, 6, 7], "max_tokens": 10, "min_tokens": 4}))
+            .unwrap();
+        let rest: Value = serde_json::from_slice(&c.continuing(&[8, 9, 10]).unwrap()).unwrap();
+        assert_eq!(rest["token_ids"], json!([5, 6, 7, 8, 9, 10]));
+        assert_eq!(rest["sampling_params"]["max_tokens"], 7);
+        assert_eq!(rest["sampling_params"]["min_tokens"], 1);
+        assert_eq!(rest["stream"], true);
+        assert!(c.continuing(&[1; 10]).is_none(), "nothing left to ask for");
+        let chat = call(true, json!({"messages": [{"role": "user", "content": "x"}]})).unwrap();
+        let rest: Value = serde_json::from_slice(&chat.continuing(&[1, 2]).unwrap()).unwrap();
+        assert!(rest["sampling_params"].get("max_tokens").is_none(), "what the context leaves");
     }
 
     #[test]

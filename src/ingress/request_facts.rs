@@ -42,6 +42,9 @@ pub enum FactsError {
     MissingModel,
     #[error("`{field}` must be {expected}")]
     WrongType { field: &'static str, expected: &'static str },
+    /// Stop strings past the router's bounds ([`crate::frontend::stop_strings`]).
+    #[error("{0}")]
+    Stop(String),
 }
 
 impl FactsError {
@@ -50,6 +53,7 @@ impl FactsError {
         match self {
             FactsError::MissingModel => Some("model"),
             FactsError::WrongType { field, .. } => Some(field),
+            FactsError::Stop(_) => Some("stop"),
             _ => None,
         }
     }
@@ -94,6 +98,7 @@ struct RawFields<'a> {
     messages: Option<&'a RawValue>,
     prompt: Option<&'a RawValue>,
     kv_transfer_params: Option<&'a RawValue>,
+    stop: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -108,6 +113,7 @@ enum Field {
     Messages,
     Prompt,
     KvTransferParams,
+    Stop,
     #[serde(other)]
     Other,
 }
@@ -136,6 +142,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawFields<'a> {
                         Field::Messages => &mut raw.messages,
                         Field::Prompt => &mut raw.prompt,
                         Field::KvTransferParams => &mut raw.kv_transfer_params,
+                        Field::Stop => &mut raw.stop,
                         Field::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -184,6 +191,24 @@ impl RawFields<'_> {
             if session.is_none() {
                 session = value;
             }
+        }
+        if let Some(raw) = self.stop {
+            use crate::frontend::stop_strings::{MAX_STOP_BYTES, MAX_STOP_STRINGS};
+            // Longer than any escaping of what is allowed: refused unread.
+            if raw.get().len() > 6 * MAX_STOP_BYTES + 4 * MAX_STOP_STRINGS + 2 {
+                return Err(FactsError::Stop(format!(
+                    "`stop` may hold at most {MAX_STOP_BYTES} bytes of strings"
+                )));
+            }
+            // A string or a list of strings (anything else is the engine's to refuse).
+            let stop = match serde_json::from_str::<serde_json::Value>(raw.get()) {
+                Ok(serde_json::Value::String(s)) => vec![s],
+                Ok(serde_json::Value::Array(list)) => {
+                    list.into_iter().filter_map(|v| v.as_str().map(str::to_owned)).collect()
+                }
+                _ => Vec::new(),
+            };
+            crate::frontend::stop_strings::check(&stop).map_err(FactsError::Stop)?;
         }
         Ok(BodyFacts {
             model,
@@ -303,6 +328,19 @@ mod tests {
         let body = r#"{"prompt":[1,2,3],"messages":[],"model":"m"}"#;
         assert_eq!(&body[facts(body).unwrap().prompt.unwrap()], "[]");
         assert_eq!(facts(r#"{"model":"m"}"#).unwrap().prompt, None);
+    }
+
+    #[test]
+    fn stop_strings_past_the_bounds_are_refused() {
+        let many: Vec<String> = (0..300).map(|i| format!("s{i}")).collect();
+        let body = serde_json::json!({"model": "m", "stop": many}).to_string();
+        assert!(matches!(facts(&body), Err(FactsError::Stop(m)) if m.contains("256")));
+        let long = serde_json::json!({"model": "m", "stop": "x".repeat(70_000)}).to_string();
+        assert_eq!(facts(&long).unwrap_err().field(), Some("stop"));
+        let huge = serde_json::json!({"model": "m", "stop": vec!["y".repeat(4000); 2000]}).to_string();
+        assert!(matches!(facts(&huge), Err(FactsError::Stop(_))));
+        assert!(facts(r#"{"model":"m","stop":["a","b"]}"#).is_ok());
+        assert!(facts(r#"{"model":"m","stop":5}"#).is_ok(), "the engine's to refuse");
     }
 
     #[test]

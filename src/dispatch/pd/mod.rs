@@ -261,7 +261,7 @@ impl PrefillDecode {
             decode.dispatch(&route(request.endpoint, request.stream, Some(phase)), &outbound).await?;
         drop(outbound);
         self.metrics.pd_decisions.with_label_values(&[&prefill_replica, &served.replica]).inc();
-        let served = frontend.answer(served, call).await?;
+        let served = frontend.answer(served, call, None).await?;
         Ok(Served { prefill: Some(prefill_replica), ..served })
     }
 

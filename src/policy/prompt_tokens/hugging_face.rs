@@ -324,6 +324,39 @@ mod tests {
     }
 
     #[test]
+    fn ids_that_never_complete_text_are_held_boundedly() {
+        let path = trained("hf-window");
+        let t =
+            super::super::PromptTokenizer::HuggingFace(Box::new(HfTokenizer::load(&path, None, 16).unwrap()));
+        let whole = tokenizers::Tokenizer::from_file(&path).unwrap();
+        let end = whole.token_to_id("<|im_end|>").unwrap();
+        // A lone continuation byte: never a character.
+        let stray = whole.encode_fast("é", false).unwrap().get_ids().to_vec();
+        let stray = &stray[stray.len() - 1..];
+        assert_eq!(whole.decode(stray, false).unwrap(), "\u{fffd}", "{stray:?}");
+        let pending = |d: &super::super::TokenDecoder| match d {
+            super::super::TokenDecoder::HuggingFace { ids, .. } => ids.len(),
+            super::super::TokenDecoder::Builtin(_) => 0,
+        };
+        for filler in [end, stray[0]] {
+            let mut decoder = t.decoder(&[], true);
+            for _ in 0..5_000 {
+                let piece = t.decode_step(&mut decoder, filler);
+                assert!(!piece.contains("the"), "{piece:?}");
+                assert!(
+                    pending(&decoder) <= super::super::stream_decode::MAX_PENDING_IDS + 2,
+                    "{filler}: {}",
+                    pending(&decoder)
+                );
+            }
+            // Text after them still comes out.
+            let ids = whole.encode_fast(" the tests", false).unwrap().get_ids().to_vec();
+            let text: String = ids.iter().map(|&id| t.decode_step(&mut decoder, id)).collect();
+            assert!(text.ends_with("the tests"), "{text:?}");
+        }
+    }
+
+    #[test]
     fn a_directory_finds_its_template_where_transformers_does() {
         let path = trained("hf-layouts");
         let dir = path.parent().unwrap();

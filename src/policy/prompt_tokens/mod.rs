@@ -20,7 +20,7 @@ mod hugging_face;
 mod o200k;
 pub mod pool;
 mod segments;
-mod stream_decode;
+pub mod stream_decode;
 
 pub use hugging_face::HfTokenizer;
 pub use o200k::BuiltinTokenizer;

@@ -10,6 +10,12 @@
 //! incomplete. vLLM primes with the whole prompt; the result is the same with its last
 //! few ids (decoding is local: only the bytes of a split character and a decoder's
 //! start-of-text rule reach back), and that costs nothing per request.
+//!
+//! Each step decodes every id since the last text was released, so ids that never
+//! complete a character (a hostile engine's stray bytes, or skipped special tokens
+//! without end) would make each step longer than the last. At most
+//! [`MAX_PENDING_IDS`] ids are held: past that the decoder starts afresh at the next
+//! token (what they would have shown, replacement characters or nothing, is dropped).
 
 use llm_common::tokenizer::Detokenizer;
 
@@ -17,6 +23,10 @@ use super::PromptTokenizer;
 
 /// Prompt ids the decoder is primed with.
 const PRIME_IDS: usize = 8;
+
+/// Ids a decoder holds at most: the few of context it decodes from and those not yet
+/// released as text (a character is at most four byte tokens).
+pub const MAX_PENDING_IDS: usize = 32;
 
 /// The state of one response's detokenization.
 pub enum TokenDecoder {
@@ -52,6 +62,11 @@ impl PromptTokenizer {
                 TokenDecoder::HuggingFace { ids, prefix, prefix_index, skip_special_tokens },
             ) => {
                 let tokenizer = t.inner();
+                if ids.len() > MAX_PENDING_IDS {
+                    ids.clear();
+                    prefix.clear();
+                    *prefix_index = 0;
+                }
                 let step = |ids: &mut Vec<u32>, prefix: &mut String, index: &mut usize| {
                     tokenizers::tokenizer::step_decode_stream(
                         tokenizer,
