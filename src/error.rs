@@ -50,12 +50,19 @@ pub enum RouterError {
     RateLimited(crate::admission::rate_limits::Refused),
     #[error("the model `{0}` does not exist or you do not have access to it")]
     ModelNotAllowed(String),
+    #[error("the request's form cannot be read: {0}")]
+    BadForm(String),
+    #[error("the path `{0}` has dot segments, empty segments or encoded separators")]
+    BadPath(String),
 }
 
 impl RouterError {
     pub fn status(&self) -> StatusCode {
         match self {
-            RouterError::BadRequest(_) | RouterError::BodyRead(_) => StatusCode::BAD_REQUEST,
+            RouterError::BadRequest(_)
+            | RouterError::BodyRead(_)
+            | RouterError::BadForm(_)
+            | RouterError::BadPath(_) => StatusCode::BAD_REQUEST,
             RouterError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             RouterError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             RouterError::RouteNotFound(_) => StatusCode::NOT_FOUND,
@@ -74,7 +81,10 @@ impl RouterError {
     /// vLLM's `type` strings are exception class names; we use the same vocabulary.
     fn kind(&self) -> &'static str {
         match self {
-            RouterError::BadRequest(_) | RouterError::BodyRead(_) => "BadRequestError",
+            RouterError::BadRequest(_)
+            | RouterError::BodyRead(_)
+            | RouterError::BadForm(_)
+            | RouterError::BadPath(_) => "BadRequestError",
             RouterError::BodyTooLarge { .. } => "RequestEntityTooLargeError",
             RouterError::BodyTimeout(_) => "RequestTimeoutError",
             RouterError::RouteNotFound(_) => "NotFoundError",
@@ -93,7 +103,7 @@ impl RouterError {
     fn param(&self) -> Option<&str> {
         match self {
             RouterError::BadRequest(e) => e.field(),
-            RouterError::ModelNotAllowed(_) => Some("model"),
+            RouterError::ModelNotAllowed(_) | RouterError::BadForm(_) => Some("model"),
             _ => None,
         }
     }

@@ -41,7 +41,9 @@ pub struct Metrics {
     pub retries: IntCounterVec,
     /// Streams that broke mid-answer, by endpoint and outcome: `continued` (the rest
     /// came from another replica), `failed` (the continuation failed too), `refused`
-    /// (not continuable: the request's kind, attempts or retry budget spent).
+    /// (what was sent cannot be carried on, or the attempts or retry budget are spent).
+    /// Streams whose request cannot be continued at all (token ids, n > 1, tools, ...)
+    /// are known to be so on arrival and not counted here.
     pub continuations: IntCounterVec,
     /// Retries the retry budget refused, by endpoint.
     pub retries_denied: IntCounterVec,
@@ -69,6 +71,8 @@ pub struct Metrics {
     pub tokenizer_jobs: IntCounterVec,
     /// Prompts waiting for a tokenizer thread.
     pub tokenizer_queued: prometheus::IntGauge,
+    /// Tokenizer threads at work.
+    pub tokenizer_busy: prometheus::IntGauge,
     /// P/D phases: `prefill` (request start to prefill response), `handoff` (prefill
     /// response to decode request), `decode_ttft` (decode request to first byte),
     /// `total` (request start to end of response).
@@ -307,6 +311,13 @@ impl Metrics {
                     "Prompts waiting for a tokenizer thread",
                 )
                 .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            tokenizer_busy: {
+                let g =
+                    prometheus::IntGauge::new("router_tokenizer_busy_threads", "Tokenizer threads at work")
+                        .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
             },

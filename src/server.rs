@@ -123,6 +123,7 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         let pool_metrics = crate::policy::prompt_tokens::pool::PoolMetrics {
             jobs: metrics.tokenizer_jobs.clone(),
             queued: metrics.tokenizer_queued.clone(),
+            busy: metrics.tokenizer_busy.clone(),
         };
         TokenizePool::new(config.tokenizer_threads, config.tokenizer_queue, Some(pool_metrics))
     });

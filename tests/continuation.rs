@@ -241,6 +241,8 @@ async fn an_engines_error_event_is_continued_unless_the_request_cannot_be() {
     let outcome = |o: &str| {
         metric(&metrics, &format!(r#"router_continuations_total{{endpoint="completions",outcome="{o}"}}"#))
     };
-    assert!(outcome("continued") >= 1.0 && outcome("refused") == 1.0, "{metrics}");
+    // Token ids are known not to be continuable when the request arrives: their stream
+    // is not watched for it, and its break is an upstream error, not a refusal.
+    assert!(outcome("continued") >= 1.0 && outcome("refused") == 0.0, "{metrics}");
     router.shutdown().await;
 }

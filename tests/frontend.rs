@@ -216,12 +216,16 @@ async fn big_prompts_are_tokenised_off_the_workers_and_a_full_queue_falls_back()
     let url = format!("{}/v1/chat/completions", base(&router));
     // Two prompts of 3.9 MiB: one tokenised (seconds of CPU), one waiting its turn.
     let mut big = Vec::new();
+    // (Tokenising one takes seconds, longer on a loaded machine: the clients wait.)
+    let patient = reqwest::Client::builder().timeout(std::time::Duration::from_secs(300)).build().unwrap();
     for seed in [1, 2] {
-        let (c, url, body) = (client(), url.clone(), big_chat(3_900_000, seed));
+        let (c, url, body) = (patient.clone(), url.clone(), big_chat(3_900_000, seed));
         big.push(tokio::spawn(async move { post(&c, &url, &body, &[]).await.0 }));
     }
     eventually("one prompt tokenised, one waiting", || {
-        metric(&router.metrics.render(), "router_tokenizer_queued") == 1.0
+        let metrics = router.metrics.render();
+        metric(&metrics, "router_tokenizer_busy_threads") == 1.0
+            && metric(&metrics, "router_tokenizer_queued") == 1.0
     })
     .await;
     // Meanwhile the router answers at once: its health...
@@ -246,11 +250,12 @@ async fn big_prompts_are_tokenised_off_the_workers_and_a_full_queue_falls_back()
         1.0,
         "{metrics}"
     );
-    // The waiting prompt's client leaves: its tokenising is skipped.
+    // The waiting prompt's client leaves: once the first is tokenised (and answered),
+    // the second's tokenising is skipped.
     big[1].abort();
+    assert_eq!(big.remove(0).await.unwrap(), 200, "the first, once tokenised, is answered");
     eventually("the abandoned prompt is skipped", || {
         metric(&router.metrics.render(), r#"router_tokenizer_jobs_total{outcome="abandoned"}"#) == 1.0
     })
     .await;
-    assert_eq!(big.remove(0).await.unwrap(), 200, "the first, once tokenised, is answered");
 }

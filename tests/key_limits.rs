@@ -130,7 +130,7 @@ async fn tokens_are_charged_from_the_engines_usage_and_its_chunk_is_asked_for_an
 [[keys]]
 name = "tokens"
 key = "sk-t"
-tokens_per_minute = 100
+tokens_per_minute = 150
 models = ["Qwen/Qwen3-0.6B-FP8"]
 
 [[keys]]
@@ -152,14 +152,15 @@ models = ["another-model"]
     assert_eq!(metric(&metrics, r#"router_key_tokens_total{key="tokens",kind="completion"}"#), 60.0);
     let prompt = metric(&metrics, r#"router_key_tokens_total{key="tokens",kind="prompt"}"#);
     assert!(prompt >= 1.0, "{prompt}");
-    // A client that asks for usage gets it; the second request spends past 100.
+    // A client that asks for usage gets it; with what it reserves (its prompt and 60
+    // tokens), a third does not fit in 150 per minute.
     let asked = json!({"model": MODEL, "prompt": "hello there", "max_tokens": 60, "stream": true,
         "ignore_eos": true, "stream_options": {"include_usage": true}});
     let second = complete(&router, "sk-t", asked).await;
     assert_eq!(second.status(), 200);
     assert!(second.text().await.unwrap().contains("\"usage\""));
     let third = complete(&router, "sk-t", stream).await;
-    assert_eq!(third.status(), 429, "120+ tokens used of 100 per minute");
+    assert_eq!(third.status(), 429, "120+ tokens used, 60+ more reserved, of 150 per minute");
     assert!(third.headers().contains_key("retry-after"));
     let body: Value = third.json_value().await;
     assert!(body["error"]["message"].as_str().unwrap().contains("tokens per minute"), "{body}");
@@ -188,6 +189,112 @@ models = ["another-model"]
     let body: Value = other.json_value().await;
     assert_eq!(body["error"]["param"], "model");
     router.shutdown().await;
+}
+
+#[tokio::test]
+async fn concurrent_requests_reserve_their_output_and_cannot_exceed_the_token_limit() {
+    let keys = keys_file("tpm-burst", "[[keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 1000\n");
+    let (_sims, router) = setup(20.0, &keys, |_| {}).await;
+    let router = Arc::new(router);
+    // 16 at once, each a tiny prompt that may generate 400 tokens: two fit in 1,000.
+    let body = json!({"model": MODEL, "prompt": "hi", "max_tokens": 400, "ignore_eos": true});
+    let sent: Vec<_> = (0..16)
+        .map(|_| {
+            let (router, body) = (router.clone(), body.clone());
+            tokio::spawn(async move { complete(&router, "sk-k", body).await.status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in sent {
+        statuses.push(task.await.unwrap());
+    }
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "{statuses:?}");
+    let metrics = scrape(&router, "sk-k").await;
+    let used = metric(&metrics, r#"router_key_tokens_total{key="k",kind="prompt"}"#)
+        + metric(&metrics, r#"router_key_tokens_total{key="k",kind="completion"}"#);
+    assert!(used <= 1000.0, "{used} tokens used of 1,000 per minute");
+    // n and a batch of prompts multiply what a request may cost: 3 x 2 x 200 > 1,000
+    // (the simulator refuses both: what it refuses costs the key its prompt only).
+    let keys = keys_file("tpm-n", "[[keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 1000\n");
+    let (_sims, router) = setup(20.0, &keys, |_| {}).await;
+    let batch = json!({"model": MODEL, "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 200});
+    assert_eq!(complete(&router, "sk-k", batch.clone()).await.status(), 400, "a full bucket lets it in");
+    assert_eq!(complete(&router, "sk-k", small()).await.status(), 200, "its reservation came back");
+    let held = json!({"model": MODEL, "prompt": "hi", "max_tokens": 900, "stream": true});
+    let mut holding = complete(&router, "sk-k", held).await;
+    assert_eq!(holding.status(), 200);
+    assert_eq!(complete(&router, "sk-k", batch).await.status(), 429, "900 reserved: 1,200 do not fit");
+    while holding.chunk().await.unwrap().is_some() {}
+}
+
+#[tokio::test]
+async fn a_request_naming_no_max_tokens_reserves_the_keys_default() {
+    let keys = keys_file(
+        "default-max",
+        "[[keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 1000\ndefault_max_tokens = 300\n",
+    );
+    let (_sims, router) = setup(20.0, &keys, |_| {}).await;
+    let router = Arc::new(router);
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true});
+    // Three of 300 (and their prompts) fit in 1,000, a fourth does not, while they stream.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let response = reqwest::Client::new()
+            .post(format!("http://{}/v1/chat/completions", router.addr))
+            .header("authorization", "Bearer sk-k")
+            .header("content-type", "application/json")
+            .body(chat.to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        streams.push(response);
+    }
+    let fourth = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", router.addr))
+        .header("authorization", "Bearer sk-k")
+        .header("content-type", "application/json")
+        .body(chat.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fourth.status(), 429);
+    for mut stream in streams {
+        while stream.chunk().await.unwrap().is_some() {}
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_is_charged_what_it_was_sent() {
+    let keys = keys_file("hangup", "[[keys]]\nname = \"k\"\nkey = \"sk-k\"\ntokens_per_minute = 5000\n");
+    let (_sims, router) = setup(1.0, &keys, |_| {}).await;
+    let stream =
+        json!({"model": MODEL, "prompt": "hi", "max_tokens": 2000, "stream": true, "ignore_eos": true});
+    let mut response = complete(&router, "sk-k", stream).await;
+    assert_eq!(response.status(), 200);
+    let mut events = 0;
+    while events < 60 {
+        let chunk = response.chunk().await.unwrap().unwrap();
+        events += chunk.windows(2).filter(|w| w == b"\n\n").count();
+    }
+    drop(response);
+    // The key was charged what it was sent (60 events at least), not its prompt alone:
+    // 5,000 less 2 for the prompt and 60 sent is less than this request reserves.
+    let mut refused = None;
+    for _ in 0..50 {
+        let fits_without_charge = json!({"model": MODEL, "prompt": "hi", "max_tokens": 4945});
+        let status = complete(&router, "sk-k", fits_without_charge).await.status();
+        if status == 429 {
+            refused = Some(status);
+            break;
+        }
+        // Not settled yet (the router notices the hang-up when it next writes).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(refused.map(|s| s.as_u16()), Some(429), "the hang-up was charged what was sent");
+    // ...and given back the rest of what it reserved (2,000 tokens less the few sent).
+    let rest = json!({"model": MODEL, "prompt": "hi", "max_tokens": 2, "ignore_eos": true});
+    assert_eq!(complete(&router, "sk-k", rest).await.status(), 200);
 }
 
 #[tokio::test]

@@ -92,6 +92,17 @@ fn big_prompt(chat: bool) -> Vec<u8> {
     body
 }
 
+/// A streamed chat of about `BODY_BYTES` in many short messages.
+fn many_messages() -> Vec<u8> {
+    let mut body = Vec::with_capacity(BODY_BYTES + 256);
+    body.extend_from_slice(br#"{"model":"m","stream":true,"max_tokens":10,"messages":["#);
+    while body.len() < BODY_BYTES {
+        body.extend_from_slice(br#"{"role":"user","content":"a short message, one of many"},"#);
+    }
+    body.extend_from_slice(br#"{"role":"user","content":"last"}]}"#);
+    body
+}
+
 fn answer(body: &'static str) -> support::raw_replica::Script {
     Arc::new(move |_| vec![Act::Write(json_response(200, body))])
 }
@@ -153,9 +164,45 @@ async fn a_31_mb_body_costs_a_small_multiple_of_itself_in_every_mode() {
     assert!(prefill.requests().iter().all(|r| r.body.len() > BODY_BYTES));
     assert!(replica.requests().last().unwrap().body.len() < 4096);
 
-    for (mode, g) in
-        [("plain", plain), ("kv-aware", kv), ("P/D completion", pd_completion), ("P/D chat", pd_chat)]
-    {
+    // A stream that breaks mid-answer and is continued on another replica: the
+    // continuation is written from the request's raw members (many small messages: the
+    // shape a JSON tree costs most for).
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let breaking: support::raw_replica::Script = {
+        let calls = calls.clone();
+        Arc::new(move |request| {
+            use support::raw_replica::{SSE_HEAD, chunk};
+            if request.path == "/tokenize" {
+                return vec![Act::Write(json_response(200, r#"{"count":5}"#))];
+            }
+            let event = |text: &str, finish: &str| {
+                chunk(format!("data: {{\"id\":\"c\",\"created\":1,\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{text}\"}},\"finish_reason\":{finish}}}]}}\n\n").as_bytes())
+            };
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst).is_multiple_of(2) {
+                vec![Act::Write(SSE_HEAD.to_vec()), Act::Write(event("a", "null")), Act::Close]
+            } else {
+                vec![
+                    Act::Write(SSE_HEAD.to_vec()),
+                    Act::Write(event("b", "\"length\"")),
+                    Act::Write(chunk(b"data: [DONE]\n\n")),
+                    Act::Write(b"0\r\n\r\n".to_vec()),
+                ]
+            }
+        })
+    };
+    let (first, second) = (RawReplica::start(breaking.clone()).await, RawReplica::start(breaking).await);
+    let router = Router::start(&["--replicas", &format!("{},{}", first.url(), second.url())]).await;
+    let continued = growth(&router, "/v1/chat/completions", many_messages()).await;
+    assert!(calls.load(std::sync::atomic::Ordering::SeqCst) >= 2, "the stream was continued");
+    drop(router);
+
+    for (mode, g) in [
+        ("plain", plain),
+        ("kv-aware", kv),
+        ("P/D completion", pd_completion),
+        ("P/D chat", pd_chat),
+        ("continued stream", continued),
+    ] {
         assert!(g <= BOUND, "{mode}: peak RSS grew {g:.2}x the body (bound {BOUND}x)");
     }
 }

@@ -11,6 +11,9 @@
 //! tokens_per_minute = 200000  # optional: prompt + completion tokens
 //! priority = "high"           # high | normal (default) | low
 //! models = ["Qwen/Qwen3-0.6B-FP8"]  # optional allow-list
+//! default_max_tokens = 1024   # optional: the output a request naming no max_tokens
+//!                             # reserves of tokens_per_minute (else what the model's
+//!                             # context leaves)
 //!
 //! [[keys]]
 //! name = "team-b"
@@ -44,6 +47,8 @@ pub struct ApiKey {
     pub priority: Priority,
     /// The models it may use; None: any.
     pub models: Option<Vec<String>>,
+    /// The output a request that names no `max_tokens` reserves of the token limit.
+    pub default_max_tokens: Option<u64>,
 }
 
 impl ApiKey {
@@ -79,6 +84,7 @@ impl ApiKey {
             limits: Limits::default(),
             priority: Priority::Normal,
             models: None,
+            default_max_tokens: None,
         }
     }
 }
@@ -160,6 +166,7 @@ pub fn load_file(path: &Path) -> Result<Vec<ApiKey>, String> {
         #[serde(default)]
         priority: Priority,
         models: Option<Vec<String>>,
+        default_max_tokens: Option<u64>,
     }
     let at = |e: &dyn std::fmt::Display| format!("--api-keys-file {}: {e}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
@@ -199,6 +206,7 @@ pub fn load_file(path: &Path) -> Result<Vec<ApiKey>, String> {
             limits,
             priority: entry.priority,
             models: entry.models,
+            default_max_tokens: entry.default_max_tokens,
         });
     }
     if keys.is_empty() {
@@ -256,6 +264,7 @@ requests_per_minute = 5
 tokens_per_minute = 1000
 priority = "high"
 models = ["m1"]
+default_max_tokens = 512
 
 [[keys]]
 name = "team-b"
@@ -269,6 +278,7 @@ key_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08"
         assert_eq!(a.limits, Limits { requests_per_minute: Some(5), tokens_per_minute: Some(1000) });
         assert_eq!(a.priority, Priority::High);
         assert!(a.allows("m1") && !a.allows("m2"));
+        assert_eq!(a.default_max_tokens, Some(512));
         let b = keys.check(Some(&h("Bearer test"))).unwrap();
         assert_eq!((&*b.name, b.priority, b.limits), ("team-b", Priority::Normal, Limits::default()));
         assert!(b.allows("anything"));

@@ -44,6 +44,16 @@ impl Priority {
             Priority::Low => "low",
         }
     }
+
+    /// The most urgent `priority` a request of this band may ask the engines for (vLLM's
+    /// priority scheduling serves lower values first; 0 is its default): high keys any,
+    /// the others none before the default. `None`: no bound.
+    pub fn engine_floor(self) -> Option<i64> {
+        match self {
+            Priority::High => None,
+            Priority::Normal | Priority::Low => Some(0),
+        }
+    }
 }
 
 /// How waiting requests are served (`--queue-order`).

@@ -37,6 +37,19 @@ pub use fair_queue::{Flow, Limiter, Priority, QueueOrder, Slot};
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// A path with no `.` or `..` segment, no empty segment and no percent-encoded `/`,
+/// `\\` or `.`: one that every server resolves to itself.
+pub fn clean_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    if ["%2f", "%5c", "%2e", "\\"].iter().any(|bad| lower.contains(bad)) {
+        return false;
+    }
+    path == "/"
+        || path
+            .strip_prefix('/')
+            .is_some_and(|rest| rest.split('/').all(|s| !s.is_empty() && s != "." && s != ".."))
+}
+
 /// The `x-request-id` a client sent, in the request's extensions (for the access log
 /// and the trace); replicas get the router's id instead.
 #[derive(Debug, Clone)]
@@ -58,6 +71,13 @@ pub async fn admit(State(keys): State<ApiKeys>, mut request: Request, next: Next
     request.headers_mut().insert(REQUEST_ID, id.clone());
     if let Some(client_id) = &client_id {
         request.extensions_mut().insert(ClientRequestId(client_id.clone()));
+    }
+    // A path the router would match one way and an engine might resolve another
+    // (`/v1/responses/../load_lora_adapter`) is refused before anything matches it.
+    if !clean_path(request.uri().path()) {
+        let mut response = RouterError::BadPath(request.uri().path().to_owned()).into_response();
+        response.headers_mut().insert(REQUEST_ID, client_id.unwrap_or(id));
+        return response;
     }
     // Probes and the admin API (which has its own token) need no API key.
     let path = request.uri().path();

@@ -1,14 +1,21 @@
 //! What a request with an API key must pass after its body is read, and how its usage
-//! is metered: the key's model allow-list, its requests- and tokens-per-minute limits
-//! (the prompt estimated at about four bytes of JSON per token, settled later with the
-//! engine's usage), and for a stream that did not ask for its usage, the body rewritten
-//! to ask the engine for it (the chunk is taken out again by
-//! [`crate::response::metered`]).
+//! is metered: the key's model allow-list, its requests- and tokens-per-minute limits,
+//! and for a stream that did not ask for its usage, the body rewritten to ask the engine
+//! for it (the chunk is taken out again by [`crate::response::metered`]).
+//!
+//! A request reserves of its key's tokens everything it may cost before it is admitted:
+//! its prompt (about four bytes of JSON per token) and its output allowance, the most
+//! tokens it may generate: `max_tokens` (or `max_completion_tokens`,
+//! `max_output_tokens`) times `n` times the prompts of a batch; when it names none, the
+//! key's `default_max_tokens`, else what the model's context leaves. Concurrent
+//! requests cannot together spend more than the key has: each holds its reservation
+//! until the engine's usage settles it (or, for a client that left, what it was sent).
 
 use std::time::Instant;
 
 use bytes::Bytes;
 
+use super::multipart;
 use super::request_facts::{self, BodyFacts, FactsError};
 use super::{Endpoint, Ingress};
 use crate::admission::ApiKey;
@@ -24,6 +31,8 @@ impl Ingress {
     pub(super) fn read_request(
         &self,
         endpoint: Endpoint,
+        generates: bool,
+        content_type: Option<&str>,
         mut body: Bytes,
         caller: Option<&ApiKey>,
         started: Instant,
@@ -37,22 +46,62 @@ impl Ingress {
                 strip_usage_chunk = true;
             }
         }
-        let facts = match endpoint {
-            Endpoint::ChatCompletions | Endpoint::Completions => request_facts::parse_inference(&body)?,
-            // Not ours to judge: a non-JSON body goes to the replica as it came.
-            Endpoint::Other if body.is_empty() => BodyFacts::default(),
-            Endpoint::Other => request_facts::parse(&body).unwrap_or_default(),
+        let form = content_type.and_then(multipart::boundary);
+        let is_form = form.is_some();
+        let mut unreadable_form = None;
+        let mut facts = match (endpoint, form) {
+            (Endpoint::ChatCompletions | Endpoint::Completions, _) => request_facts::parse_inference(&body)?,
+            (Endpoint::Other, _) if body.is_empty() => BodyFacts::default(),
+            // A form (audio): its `model` field routes it, and passes the allow-list.
+            (Endpoint::Other, Some(boundary)) => {
+                let model = boundary.and_then(|b| multipart::field(&body, b, "model", MAX_MODEL_NAME));
+                match model {
+                    Ok(model) => BodyFacts { model: model.map(str::to_owned), ..BodyFacts::default() },
+                    Err(error) => {
+                        unreadable_form = Some(error);
+                        BodyFacts::default()
+                    }
+                }
+            }
+            // Not ours to judge: a body that is not JSON goes to the replica as it came.
+            (Endpoint::Other, None) => request_facts::parse(&body).unwrap_or_default(),
         };
         let Some(caller) = caller else { return Ok((body, facts, None)) };
-        if let Some(model) = &facts.model
-            && !caller.allows(model)
+        if caller.models.is_some() {
+            if let Some(error) = unreadable_form {
+                return Err(RouterError::BadForm(error.to_string()));
+            }
+            // A key kept to some models names one of them: a body without a model (or
+            // with `null`) is refused, not left for the engine's default model. Bodiless
+            // calls (a stored response's retrieval or cancel) run no model.
+            match &facts.model {
+                Some(model) if !caller.allows(model) => {
+                    return Err(RouterError::ModelNotAllowed(model.clone()));
+                }
+                Some(_) => {}
+                None if body.is_empty() => {}
+                None => return Err(RouterError::BadRequest(FactsError::MissingModel)),
+            }
+        }
+        // The engines' priority scheduling: a key may not ask to go before its band.
+        if let Some(floor) = caller.priority.engine_floor()
+            && !is_form
+            && memchr::memmem::find(&body, b"\"priority\"").is_some()
+            && let Some(kept) = priority_floored(&body, floor)
         {
-            return Err(RouterError::ModelNotAllowed(model.clone()));
+            body = kept;
+            facts = match endpoint {
+                Endpoint::Other => request_facts::parse(&body).unwrap_or_default(),
+                _ => request_facts::parse_inference(&body)?,
+            };
+            self.metrics.stripped_fields.with_label_values(&["priority"]).inc();
         }
         // About four bytes of prompt JSON per token; the engine's usage settles it.
         let prompt_bytes = facts.prompt.as_ref().map_or(body.len(), |range| range.len());
-        let estimate = (prompt_bytes / 4 + 1) as u64;
-        if let Err(refused) = self.rate_limits.admit(&caller.name, caller.limits, estimate, started) {
+        let prompt = (prompt_bytes / 4 + 1) as u64;
+        let output = if generates { self.output_allowance(&facts, caller, prompt) } else { 0 };
+        let reserved = prompt.saturating_add(output);
+        if let Err(refused) = self.rate_limits.admit(&caller.name, caller.limits, reserved, started) {
             self.metrics.key_rate_limited.with_label_values(&[&*caller.name, refused.limit.label()]).inc();
             return Err(RouterError::RateLimited(refused));
         }
@@ -61,12 +110,39 @@ impl Ingress {
         let meter = Meter {
             key: caller.name.clone(),
             limits: self.rate_limits.clone(),
-            estimate,
+            reserved,
+            prompt,
             strip_usage_chunk,
             counters,
         };
         Ok((body, facts, Some(meter)))
     }
+
+    /// The most tokens a request that generates (chat, completions, responses) may
+    /// generate, reserved with its prompt; the others (embeddings, scores, tokenising)
+    /// reserve none.
+    fn output_allowance(&self, facts: &BodyFacts, caller: &ApiKey, prompt: u64) -> u64 {
+        let per_generation = facts.max_tokens.or(caller.default_max_tokens).unwrap_or_else(|| {
+            let context = facts.model.as_deref().and_then(|m| self.dispatcher.registry.max_model_len(m));
+            context.map_or(0, |context| context.saturating_sub(prompt))
+        });
+        per_generation.saturating_mul(facts.generations.max(1))
+    }
+}
+
+/// Longest model name read from a form.
+const MAX_MODEL_NAME: usize = 1024;
+
+/// The body with its `priority` raised to `floor` when it asks for less (vLLM serves
+/// lower values first); `None` when it needs no change.
+fn priority_floored(body: &[u8], floor: i64) -> Option<Bytes> {
+    let members = Members::parse(body).ok()?;
+    let asked = members.get("priority")?;
+    let below = match serde_json::from_str::<serde_json::Value>(asked.get()).ok()? {
+        serde_json::Value::Number(n) => n.as_f64().is_some_and(|p| p < floor as f64),
+        _ => false, // not a number: the engine refuses it
+    };
+    below.then(|| Bytes::from(members.rewrite(|_| true, &[("priority", floor.to_string().as_bytes())])))
 }
 
 /// For a stream that did not ask for its usage: the body asking for it

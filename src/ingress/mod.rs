@@ -13,6 +13,7 @@ pub(crate) mod client_io;
 pub mod h2_streams;
 pub(crate) mod keep_alive;
 mod keyed;
+pub mod multipart;
 pub mod request_facts;
 pub mod routing_key;
 pub mod tls;
@@ -38,6 +39,7 @@ use crate::dispatch::{Dispatcher, Route, ServedBy};
 use crate::error::RouterError;
 use crate::ingress::routing_key::KeyHeaders;
 use crate::metrics::{ENDPOINTS, Metrics};
+use crate::response::continuation;
 use crate::response::continued::{Continuation, ContinuedBody};
 use crate::upstream::proxy::Outbound;
 use request_facts::{BodyFacts, FactsError};
@@ -265,7 +267,10 @@ impl Ingress {
             Ok(body) => body,
             Err(error) => return self.refuse(label, error),
         };
-        let (body, facts, meter) = match self.read_request(endpoint, body, caller, started) {
+        let generates = endpoint != Endpoint::Other || parts.uri.path() == "/v1/responses";
+        let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
+        let read = self.read_request(endpoint, generates, content_type, body, caller, started);
+        let (body, facts, meter) = match read {
             Ok(read) => read,
             Err(error) => return self.refuse(label, error),
         };
@@ -280,7 +285,7 @@ impl Ingress {
                     Err(error) => {
                         if let Some(meter) = &meter {
                             // Refused after all: the tokens charged come back.
-                            self.rate_limits.settle(&meter.key, meter.estimate, 0, Instant::now());
+                            self.rate_limits.settle(&meter.key, meter.reserved, 0, Instant::now());
                         }
                         return self.refuse(label, error);
                     }
@@ -308,10 +313,19 @@ impl Ingress {
                         let (parts, body) = response.into_parts();
                         Response::from_parts(parts, crate::response::metered::metered(body, meter))
                     }
-                    _ => response,
+                    Some(meter) => {
+                        meter.unused();
+                        response
+                    }
+                    None => response,
                 }
             }
-            Err(error) => self.refuse(label, error),
+            Err(error) => {
+                if let Some(meter) = meter {
+                    meter.unused();
+                }
+                self.refuse(label, error)
+            }
         };
         match slot {
             Some(slot) => served.map(|body| crate::response::end::holding(body, slot)),
@@ -394,7 +408,14 @@ impl Ingress {
         }
         let prompt = facts.prompt.clone().map(|range| body.slice(range));
         let outbound = Outbound::new(parts.method, path, parts.headers, body);
-        let continuable = self.continuation_attempts > 0 && facts.stream && endpoint != Endpoint::Other;
+        // Whether a broken stream can be continued is judged now, from the members the
+        // request has (never the prompt): one that cannot be is never watched for it.
+        let continuable = self.continuation_attempts > 0
+            && facts.stream
+            && endpoint != Endpoint::Other
+            && Members::parse(&outbound.body).is_ok_and(|members| {
+                continuation::continuable(&members, endpoint == Endpoint::ChatCompletions).is_ok()
+            });
         let route = Route {
             endpoint: endpoint.label(),
             model: facts.model.as_deref(),

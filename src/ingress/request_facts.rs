@@ -28,6 +28,13 @@ pub struct BodyFacts {
     pub prompt: Option<std::ops::Range<usize>>,
     /// The body carries `kv_transfer_params` (which the ingress strips from clients).
     pub kv_transfer_params: bool,
+    /// The most tokens one generation may have, as the request names it
+    /// (`max_completion_tokens`, `max_tokens`, or the Responses API's
+    /// `max_output_tokens`); `None` when it names none.
+    pub max_tokens: Option<u64>,
+    /// Generations the request asks for: `n` (or `best_of`, if larger) times the
+    /// prompts of a batch.
+    pub generations: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +106,11 @@ struct RawFields<'a> {
     prompt: Option<&'a RawValue>,
     kv_transfer_params: Option<&'a RawValue>,
     stop: Option<&'a RawValue>,
+    max_tokens: Option<&'a RawValue>,
+    max_completion_tokens: Option<&'a RawValue>,
+    max_output_tokens: Option<&'a RawValue>,
+    n: Option<&'a RawValue>,
+    best_of: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -114,6 +126,11 @@ enum Field {
     Prompt,
     KvTransferParams,
     Stop,
+    MaxTokens,
+    MaxCompletionTokens,
+    MaxOutputTokens,
+    N,
+    BestOf,
     #[serde(other)]
     Other,
 }
@@ -143,6 +160,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawFields<'a> {
                         Field::Prompt => &mut raw.prompt,
                         Field::KvTransferParams => &mut raw.kv_transfer_params,
                         Field::Stop => &mut raw.stop,
+                        Field::MaxTokens => &mut raw.max_tokens,
+                        Field::MaxCompletionTokens => &mut raw.max_completion_tokens,
+                        Field::MaxOutputTokens => &mut raw.max_output_tokens,
+                        Field::N => &mut raw.n,
+                        Field::BestOf => &mut raw.best_of,
                         Field::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -210,13 +232,36 @@ impl RawFields<'_> {
             };
             crate::frontend::stop_strings::check(&stop).map_err(FactsError::Stop)?;
         }
+        // Counts for a key's token allowance; a value that is not a count is the
+        // engine's to refuse, and reserves nothing here.
+        let count = |raw: Option<&RawValue>| raw.and_then(|r| r.get().parse::<u64>().ok());
+        let max_tokens =
+            count(self.max_completion_tokens).or(count(self.max_tokens)).or(count(self.max_output_tokens));
+        let choices = count(self.n).unwrap_or(1).max(count(self.best_of).unwrap_or(1)).max(1);
+        let generations = choices.saturating_mul(prompts(self.prompt));
         Ok(BodyFacts {
             model,
             stream,
             session,
             prompt: None,
             kv_transfer_params: self.kv_transfer_params.is_some(),
+            max_tokens,
+            generations,
         })
+    }
+}
+
+/// The prompts of a completions `prompt`: a batch is a list of strings or of id lists;
+/// a string or one list of ids is one prompt.
+fn prompts(prompt: Option<&RawValue>) -> u64 {
+    let Some(raw) = prompt else { return 1 };
+    let text = raw.get().trim_start();
+    let first = text.strip_prefix('[').map(|rest| rest.trim_start().as_bytes().first().copied());
+    match first {
+        Some(Some(b'"' | b'[')) => {
+            serde_json::from_str::<Vec<&RawValue>>(text).map_or(1, |list| list.len() as u64)
+        }
+        _ => 1,
     }
 }
 
@@ -341,6 +386,25 @@ mod tests {
         assert!(matches!(facts(&huge), Err(FactsError::Stop(_))));
         assert!(facts(r#"{"model":"m","stop":["a","b"]}"#).is_ok());
         assert!(facts(r#"{"model":"m","stop":5}"#).is_ok(), "the engine's to refuse");
+    }
+
+    #[test]
+    fn the_output_a_request_may_cost_is_read() {
+        let f = facts(r#"{"model":"m","max_tokens":100,"n":3}"#).unwrap();
+        assert_eq!((f.max_tokens, f.generations), (Some(100), 3));
+        let f =
+            facts(r#"{"model":"m","max_tokens":100,"max_completion_tokens":20,"best_of":5,"n":2}"#).unwrap();
+        assert_eq!((f.max_tokens, f.generations), (Some(20), 5));
+        let f = facts(r#"{"model":"m","prompt":["a","b","c"],"max_tokens":7}"#).unwrap();
+        assert_eq!((f.max_tokens, f.generations), (Some(7), 3));
+        let f = facts(r#"{"model":"m","prompt":[[1,2],[3]],"n":2}"#).unwrap();
+        assert_eq!((f.max_tokens, f.generations), (None, 4));
+        let f = facts(r#"{"model":"m","prompt":[1,2,3]}"#).unwrap();
+        assert_eq!(f.generations, 1, "one prompt of ids");
+        let f = facts(r#"{"model":"m","max_output_tokens":64,"input":"hi"}"#).unwrap();
+        assert_eq!(f.max_tokens, Some(64));
+        let f = facts(r#"{"model":"m","max_tokens":"many","n":null}"#).unwrap();
+        assert_eq!((f.max_tokens, f.generations), (None, 1));
     }
 
     #[test]

@@ -20,6 +20,8 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::dispatch::pd::members::Members;
+
 /// Most text a ledger keeps: an answer longer than this (a replica that streams without
 /// end) is no longer continued, and its text not kept.
 pub const MAX_LEDGER_TEXT: usize = 4 << 20;
@@ -162,72 +164,88 @@ fn data(event: &[u8]) -> Option<&[u8]> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotContinuable(pub &'static str);
 
-/// Whether a streamed request can be continued faithfully, judged before it is sent.
-pub fn continuable(request: &Map<String, Value>, chat: bool) -> Result<(), NotContinuable> {
-    let truthy = |key: &str| request.get(key).is_some_and(|v| !v.is_null() && v != &Value::Bool(false));
-    if request.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+/// Whether a streamed request can be continued faithfully, judged from its top-level
+/// members before it is sent (the prompt itself is never parsed).
+pub fn continuable(request: &Members<'_>, chat: bool) -> Result<(), NotContinuable> {
+    let value = |key: &str| request.get(key).and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
+    let count = |key: &str| value(key).and_then(|v| v.as_u64());
+    if count("n").is_some_and(|n| n > 1) {
         return Err(NotContinuable("n > 1"));
     }
-    if truthy("logprobs") || truthy("top_logprobs") || truthy("prompt_logprobs") {
+    if request.is_set("logprobs") || request.is_set("top_logprobs") || request.is_set("prompt_logprobs") {
         return Err(NotContinuable("logprobs"));
     }
-    if truthy("echo") || request.get("best_of").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+    if request.is_set("echo") || count("best_of").is_some_and(|n| n > 1) {
         return Err(NotContinuable("echo or best_of"));
     }
-    let tools = request.get("tools").is_some_and(|t| t.as_array().is_some_and(|a| !a.is_empty()))
-        && request.get("tool_choice").and_then(Value::as_str) != Some("none");
+    let tools = request.get("tools").is_some_and(|t| {
+        let text = t.get().trim_start();
+        text.starts_with('[') && !text[1..].trim_start().starts_with(']')
+    }) && value("tool_choice").as_ref().and_then(Value::as_str) != Some("none");
     let structured = ["structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
         .iter()
-        .any(|k| truthy(k))
-        || request
-            .get("response_format")
-            .is_some_and(|f| f.get("type").and_then(Value::as_str) != Some("text"));
+        .any(|k| request.is_set(k))
+        || value("response_format")
+            .is_some_and(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"));
     if tools || structured {
         return Err(NotContinuable("tools or structured output"));
     }
+    let starts =
+        |key: &str, c: char| request.get(key).is_some_and(|raw| raw.get().trim_start().starts_with(c));
     match chat {
-        true if !request.get("messages").is_some_and(Value::is_array) => Err(NotContinuable("no messages")),
-        false if !request.get("prompt").is_some_and(Value::is_string) => {
-            Err(NotContinuable("not a text prompt"))
-        }
+        true if !starts("messages", '[') => Err(NotContinuable("no messages")),
+        false if !starts("prompt", '"') => Err(NotContinuable("not a text prompt")),
         _ => Ok(()),
     }
 }
 
-/// The request that asks another replica for the rest of the answer.
-pub fn continuation_request(
-    original: &Map<String, Value>,
-    chat: bool,
-    sent: &Ledger,
-) -> Result<Bytes, NotContinuable> {
-    continuable(original, chat)?;
+/// The request that asks another replica for the rest of the answer, written from the
+/// original's raw members (the prompt copied once, never parsed).
+pub fn continuation_request(original: &[u8], chat: bool, sent: &Ledger) -> Result<Bytes, NotContinuable> {
+    let request = Members::parse(original).map_err(|_| NotContinuable("the request is not a JSON object"))?;
+    continuable(&request, chat)?;
     if sent.unfaithful {
         return Err(NotContinuable("the stream so far cannot be carried on"));
     }
-    let mut request = original.clone();
+    let text = serde_json::to_string(&sent.text).expect("a string serialises");
+    let mut set: Vec<(&str, Vec<u8>)> = Vec::new();
     if chat {
-        let mut messages = request["messages"].as_array().cloned().unwrap_or_default();
-        messages.push(serde_json::json!({"role": "assistant", "content": sent.text}));
-        request.insert("messages".into(), Value::Array(messages));
-        request.insert("continue_final_message".into(), Value::Bool(true));
-        request.insert("add_generation_prompt".into(), Value::Bool(false));
+        // The messages with the partial answer last: `[...]` becomes `[..., {assistant}]`.
+        let messages = request.get("messages").expect("continuable: messages").get().trim_end();
+        let head = messages[..messages.len() - 1].trim_end();
+        let mut written = Vec::with_capacity(messages.len() + text.len() + 40);
+        written.extend_from_slice(head.as_bytes());
+        if head != "[" {
+            written.push(b',');
+        }
+        written.extend_from_slice(b"{\"role\":\"assistant\",\"content\":");
+        written.extend_from_slice(text.as_bytes());
+        written.extend_from_slice(b"}]");
+        set.push(("messages", written));
+        set.push(("continue_final_message", b"true".to_vec()));
+        set.push(("add_generation_prompt", b"false".to_vec()));
     } else {
-        let prompt = format!("{}{}", request["prompt"].as_str().unwrap_or(""), sent.text);
-        request.insert("prompt".into(), Value::String(prompt));
+        // `"prompt"` + `"sent"`: one string literal, the escapes of both kept.
+        let prompt = request.get("prompt").expect("continuable: a text prompt").get().trim_end();
+        let mut written = Vec::with_capacity(prompt.len() + text.len());
+        written.extend_from_slice(&prompt.as_bytes()[..prompt.len() - 1]);
+        written.extend_from_slice(&text.as_bytes()[1..]);
+        set.push(("prompt", written));
     }
     for key in ["max_tokens", "max_completion_tokens"] {
-        if let Some(max) = request.get(key).and_then(Value::as_u64) {
+        if let Some(max) = request.get(key).and_then(|raw| raw.get().parse::<u64>().ok()) {
             let left = max.saturating_sub(sent.tokens);
             if left == 0 {
                 return Err(NotContinuable("no tokens left"));
             }
-            request.insert(key.into(), left.into());
+            set.push((key, left.to_string().into_bytes()));
         }
     }
-    if let Some(min) = request.get("min_tokens").and_then(Value::as_u64) {
-        request.insert("min_tokens".into(), min.saturating_sub(sent.tokens).into());
+    if let Some(min) = request.get("min_tokens").and_then(|raw| raw.get().parse::<u64>().ok()) {
+        set.push(("min_tokens", min.saturating_sub(sent.tokens).to_string().into_bytes()));
     }
-    Ok(Bytes::from(serde_json::to_vec(&request).expect("a JSON map serialises")))
+    let set: Vec<(&str, &[u8])> = set.iter().map(|(k, v)| (*k, v.as_slice())).collect();
+    Ok(Bytes::from(request.rewrite(|_| true, &set)))
 }
 
 /// What a continuation's events are rewritten with: the first stream's `id` and
@@ -251,9 +269,9 @@ impl Splice {
 }
 
 /// The `/tokenize` request that counts the client's own prompt (the members of the
-/// request that shape it).
-pub fn tokenize_request(original: &Map<String, Value>) -> Bytes {
-    let shaping = [
+/// request that shape it, copied as they came).
+pub fn tokenize_request(original: &[u8]) -> Bytes {
+    const SHAPING: [&str; 9] = [
         "model",
         "messages",
         "prompt",
@@ -264,9 +282,10 @@ pub fn tokenize_request(original: &Map<String, Value>) -> Bytes {
         "add_special_tokens",
         "tools",
     ];
-    let request: Map<String, Value> =
-        shaping.iter().filter_map(|k| original.get(*k).map(|v| ((*k).to_owned(), v.clone()))).collect();
-    Bytes::from(serde_json::to_vec(&request).expect("a JSON map serialises"))
+    match Members::parse(original) {
+        Ok(request) => Bytes::from(request.rewrite(|key| SHAPING.contains(&key), &[])),
+        Err(_) => Bytes::from_static(b"{}"),
+    }
 }
 
 /// One event of the continuation's stream as the client must see it, or None to drop it.
@@ -314,8 +333,13 @@ mod tests {
 
     use super::*;
 
-    fn map(v: Value) -> Map<String, Value> {
-        v.as_object().unwrap().clone()
+    fn bytes(v: Value) -> Vec<u8> {
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    fn judged(v: Value, chat: bool) -> Result<(), NotContinuable> {
+        let body = bytes(v);
+        continuable(&Members::parse(&body).unwrap(), chat)
     }
 
     #[test]
@@ -365,9 +389,8 @@ mod tests {
 
     #[test]
     fn only_faithful_requests_continue() {
-        let chat =
-            map(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true}));
-        assert_eq!(continuable(&chat, true), Ok(()));
+        let chat = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": true});
+        assert_eq!(judged(chat.clone(), true), Ok(()));
         for (key, value) in [
             ("n", json!(2)),
             ("logprobs", json!(true)),
@@ -376,22 +399,30 @@ mod tests {
             ("structured_outputs", json!({"regex": "a+"})),
         ] {
             let mut request = chat.clone();
-            request.insert(key.into(), value);
-            assert!(continuable(&request, true).is_err(), "{key}");
+            request[key] = value;
+            assert!(judged(request, true).is_err(), "{key}");
         }
         let mut none = chat.clone();
-        none.insert("tools".into(), json!([{"type": "function", "function": {"name": "f"}}]));
-        none.insert("tool_choice".into(), json!("none"));
-        assert_eq!(continuable(&none, true), Ok(()));
-        assert!(continuable(&map(json!({"prompt": [1, 2, 3]})), false).is_err(), "token ids");
-        assert!(continuable(&map(json!({"prompt": "a", "echo": true})), false).is_err());
+        none["tools"] = json!([{"type": "function", "function": {"name": "f"}}]);
+        none["tool_choice"] = json!("none");
+        assert_eq!(judged(none, true), Ok(()));
+        let mut off = chat.clone();
+        off["tools"] = json!([]);
+        off["response_format"] = json!({"type": "text"});
+        off["n"] = json!(1);
+        off["logprobs"] = json!(false);
+        assert_eq!(judged(off, true), Ok(()));
+        assert!(judged(json!({"prompt": [1, 2, 3]}), false).is_err(), "token ids");
+        assert!(judged(json!({"prompt": "a", "echo": true}), false).is_err());
+        assert!(judged(json!({"messages": "hi"}), true).is_err());
     }
 
     #[test]
     fn the_continuation_asks_for_the_rest() {
         let sent = Ledger { text: " the of".into(), tokens: 2, ..Ledger::default() };
-        let chat =
-            map(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "min_tokens": 1}));
+        let chat = bytes(
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "min_tokens": 1}),
+        );
         let body: Value = serde_json::from_slice(&continuation_request(&chat, true, &sent).unwrap()).unwrap();
         assert_eq!(body["messages"][1], json!({"role": "assistant", "content": " the of"}));
         assert_eq!(
@@ -399,12 +430,12 @@ mod tests {
             (json!(true), json!(false))
         );
         assert_eq!((body["max_tokens"].clone(), body["min_tokens"].clone()), (json!(8), json!(0)));
-        let completion = map(json!({"prompt": "Once", "max_completion_tokens": 3}));
+        let completion = bytes(json!({"prompt": "Once \"upon\"\n", "max_completion_tokens": 3}));
         let body: Value =
             serde_json::from_slice(&continuation_request(&completion, false, &sent).unwrap()).unwrap();
         assert_eq!(
             (body["prompt"].clone(), body["max_completion_tokens"].clone()),
-            (json!("Once the of"), json!(1))
+            (json!("Once \"upon\"\n the of"), json!(1))
         );
         let spent = Ledger { tokens: 3, ..sent.clone() };
         assert!(continuation_request(&completion, false, &spent).is_err(), "nothing left to ask for");
@@ -428,7 +459,7 @@ mod tests {
         sent.prompt_tokens = Some(9);
         let out: Value = serde_json::from_slice(&rewrite_event(usage, &sent).unwrap()[6..]).unwrap();
         assert_eq!(out["usage"], json!({"prompt_tokens": 9, "completion_tokens": 5, "total_tokens": 14}));
-        let counted: Value = serde_json::from_slice(&tokenize_request(&map(
+        let counted: Value = serde_json::from_slice(&tokenize_request(&bytes(
             json!({"model": "m", "messages": [], "max_tokens": 3, "stream": true, "tools": []}),
         )))
         .unwrap();

@@ -29,7 +29,7 @@ use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 use http_body::Frame;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::continuation::{Ledger, Splice, continuation_request, rewrite_event, tokenize_request};
 use crate::dispatch::{Dispatcher, Route, Served};
@@ -234,9 +234,8 @@ impl ContinuedBody {
         if self.blind || self.next.attempts == 0 {
             return Err("no continuation attempts left");
         }
-        let original: Map<String, Value> = serde_json::from_slice(&self.next.outbound.body)
-            .map_err(|_| "the request is not a JSON object")?;
-        let body = continuation_request(&original, self.next.chat, &self.ledger).map_err(|e| e.0)?;
+        let original = &self.next.outbound.body;
+        let body = continuation_request(original, self.next.chat, &self.ledger).map_err(|e| e.0)?;
         if !self.next.dispatcher.retries.try_spend() {
             self.next.metrics.retries_denied.with_label_values(&[self.next.endpoint]).inc();
             return Err("the retry budget is spent");
@@ -256,7 +255,7 @@ impl ContinuedBody {
             method: http::Method::POST,
             path: http::uri::PathAndQuery::from_static("/tokenize"),
             headers: self.next.outbound.headers.clone(),
-            body: tokenize_request(&original),
+            body: tokenize_request(original),
         };
         tracing::debug!(replica = %avoid, sent = self.ledger.tokens, "continuing a broken stream elsewhere");
         self.dispatching = Some(Box::pin(async move {

@@ -12,8 +12,10 @@
 //! parsed once when the body ends.
 //!
 //! When the body is dropped, the key is charged what the engine reported (prompt plus
-//! completion tokens) in place of the estimate it was charged at admission; a body that
-//! ended with no usage (the client left, the stream broke) keeps the estimate.
+//! completion tokens, or the Responses API's input plus output) in place of what it
+//! reserved at admission. A body that ended with no usage (the client left, the stream
+//! broke) is charged its prompt estimate and what it was sent: an SSE stream's events,
+//! one token each as vLLM streams them.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,12 +44,24 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The usage object of chat, completions and embeddings (`prompt_tokens`,
+    /// `completion_tokens`) or of the Responses API (`input_tokens`, `output_tokens`).
     fn from_json(usage: &Value) -> Option<Usage> {
-        let number = |v: &Value| v.as_u64();
+        let number = |key: &str| usage.get(key).and_then(Value::as_u64);
+        let (prompt, completion, cached) = match number("prompt_tokens") {
+            Some(prompt) => {
+                (prompt, number("completion_tokens"), usage.pointer("/prompt_tokens_details/cached_tokens"))
+            }
+            None => (
+                number("input_tokens")?,
+                number("output_tokens"),
+                usage.pointer("/input_tokens_details/cached_tokens"),
+            ),
+        };
         Some(Usage {
-            prompt: number(usage.get("prompt_tokens")?)?,
-            completion: usage.get("completion_tokens").and_then(number).unwrap_or(0),
-            cached: usage.pointer("/prompt_tokens_details/cached_tokens").and_then(number).unwrap_or(0),
+            prompt,
+            completion: completion.unwrap_or(0),
+            cached: cached.and_then(Value::as_u64).unwrap_or(0),
         })
     }
 }
@@ -56,22 +70,41 @@ impl Usage {
 pub struct Meter {
     pub key: Arc<str>,
     pub limits: RateLimits,
-    /// Tokens charged at admission.
-    pub estimate: u64,
+    /// Tokens reserved at admission: the prompt and the output allowance.
+    pub reserved: u64,
+    /// The prompt's estimate, charged when no usage comes.
+    pub prompt: u64,
     /// The router asked for the usage chunk: take it out of the stream.
     pub strip_usage_chunk: bool,
     /// `router_key_tokens_total{key, kind}` for prompt, completion, cached.
     pub counters: [IntCounter; 3],
 }
 
+impl Meter {
+    /// The request was answered without a usage to read (the engine refused it, or
+    /// failed): the key is charged its prompt's estimate, and gets back the rest.
+    pub fn unused(self) {
+        self.limits.settle(&self.key, self.reserved, self.prompt, Instant::now());
+    }
+}
+
 /// `body`, metered.
 pub fn metered(body: Body, meter: Meter) -> Body {
-    Body::new(Metered { inner: body, meter, tail: BytesMut::new(), held: BytesMut::new(), usage: None })
+    Body::new(Metered {
+        inner: body,
+        meter,
+        tail: BytesMut::new(),
+        held: BytesMut::new(),
+        usage: None,
+        sent: 0,
+    })
 }
 
 struct Metered {
     inner: Body,
     meter: Meter,
+    /// SSE events passed to the client.
+    sent: u64,
     /// The body's last bytes (pass-through mode).
     tail: BytesMut,
     /// The start of an event whose end has not arrived (stripping mode).
@@ -156,10 +189,12 @@ impl http_body::Body for Metered {
             };
             if !self.meter.strip_usage_chunk {
                 self.keep_tail(&data);
+                self.sent += events_in(&data);
                 return Poll::Ready(Some(Ok(Frame::data(data))));
             }
             let out = self.strip(data);
             if !out.is_empty() {
+                self.sent += events_in(&out);
                 return Poll::Ready(Some(Ok(Frame::data(out))));
             }
         }
@@ -177,13 +212,24 @@ impl http_body::Body for Metered {
 impl Drop for Metered {
     fn drop(&mut self) {
         let usage = self.usage.or_else(|| self.usage_in_tail());
-        let Some(usage) = usage else { return };
         let meter = &self.meter;
-        meter.limits.settle(&meter.key, meter.estimate, usage.prompt + usage.completion, Instant::now());
+        let Some(usage) = usage else {
+            // No usage (the client left, the stream broke): the prompt, and what was sent.
+            let used = meter.prompt.saturating_add(self.sent);
+            meter.limits.settle(&meter.key, meter.reserved, used, Instant::now());
+            return;
+        };
+        let used = usage.prompt.saturating_add(usage.completion);
+        meter.limits.settle(&meter.key, meter.reserved, used, Instant::now());
         for (counter, n) in meter.counters.iter().zip([usage.prompt, usage.completion, usage.cached]) {
             counter.inc_by(n);
         }
     }
+}
+
+/// The SSE events that end in `data`.
+fn events_in(data: &[u8]) -> u64 {
+    memchr::memmem::find_iter(data, b"\n\n").count() as u64
 }
 
 /// The usage of a stream's usage-only chunk (`"choices":[]` with a `usage` object).
@@ -243,7 +289,8 @@ mod tests {
         let meter = Meter {
             key: Arc::from("k"),
             limits: limits.clone(),
-            estimate: 100,
+            reserved: 100,
+            prompt: 10,
             strip_usage_chunk: strip,
             counters: counters.clone(),
         };
@@ -291,12 +338,30 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn no_usage_keeps_the_estimate_and_an_unended_event_is_passed_on() {
-        let (out, counts, limits) = run(vec![CHUNK, "data: {\"id\":\"x\",\"cho"], true).await;
-        assert_eq!(out, format!("{CHUNK}data: {{\"id\":\"x\",\"cho"));
+    async fn the_responses_and_embeddings_usage_shapes_are_read() {
+        let responses = r#"{"id":"resp_1","object":"response","output":[{"type":"message","content":[{"type":"output_text","text":"hi"}]}],"usage":{"input_tokens":12,"input_tokens_details":{"cached_tokens":4},"output_tokens":5,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":17},"user":null}"#;
+        assert_eq!(run(vec![responses], false).await.1, [12, 5, 4]);
+        let streamed = "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"usage\":null}}\n\nevent: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"status\":\"completed\",\"usage\":{\"input_tokens\":7,\"output_tokens\":3,\"total_tokens\":10}}}\n\n";
+        assert_eq!(run(vec![streamed], false).await.1, [7, 3, 0]);
+        let embedding: &'static str = Box::leak(
+            format!(
+                r#"{{"id":"embd-1","object":"list","data":[{{"index":0,"object":"embedding","embedding":[{}]}}],"usage":{{"prompt_tokens":9,"total_tokens":9,"completion_tokens":0}}}}"#,
+                vec!["0.0123456"; 4096].join(",")
+            )
+            .into_boxed_str(),
+        );
+        assert_eq!(run(vec![embedding], false).await.1, [9, 0, 0]);
+    }
+
+    #[tokio::test]
+    async fn no_usage_charges_the_prompt_and_what_was_sent() {
+        let (out, counts, limits) = run(vec![CHUNK, CHUNK, "data: {\"id\":\"x\",\"cho"], true).await;
+        assert_eq!(out, format!("{CHUNK}{CHUNK}data: {{\"id\":\"x\",\"cho"));
         assert_eq!(counts, [0, 0, 0]);
+        // The prompt's 10 and the two whole events sent: 988 of 1,000 left.
         let tpm = Limits { tokens_per_minute: Some(1_000), requests_per_minute: None };
-        assert!(limits.admit(&Arc::from("k"), tpm, 901, Instant::now()).is_err(), "100 still charged");
+        assert!(limits.admit(&Arc::from("k"), tpm, 989, Instant::now()).is_err());
+        assert!(limits.admit(&Arc::from("k"), tpm, 988, Instant::now()).is_ok());
     }
 
     #[tokio::test]

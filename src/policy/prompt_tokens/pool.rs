@@ -24,12 +24,13 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Busy;
 
-/// The pool's counters: `router_tokenizer_jobs_total{outcome}` and
-/// `router_tokenizer_queued`.
+/// The pool's counters: `router_tokenizer_jobs_total{outcome}`,
+/// `router_tokenizer_queued` and `router_tokenizer_busy_threads`.
 #[derive(Clone)]
 pub struct PoolMetrics {
     pub jobs: IntCounterVec,
     pub queued: IntGauge,
+    pub busy: IntGauge,
 }
 
 pub struct TokenizePool {
@@ -56,14 +57,14 @@ impl TokenizePool {
     /// is full.
     pub async fn run<T: Send + 'static>(&self, job: impl FnOnce() -> T + Send + 'static) -> Result<T, Busy> {
         let (done, result) = oneshot::channel();
-        let queued = self.metrics.as_ref().map(|m| m.queued.clone());
-        if let Some(queued) = &queued {
-            queued.inc();
+        let metrics = self.metrics.clone();
+        if let Some(metrics) = &metrics {
+            metrics.queued.inc();
         }
-        let jobs = self.metrics.as_ref().map(|m| m.jobs.clone());
         let wrapped: Job = Box::new(move || {
-            if let Some(queued) = &queued {
-                queued.dec();
+            if let Some(metrics) = &metrics {
+                metrics.queued.dec();
+                metrics.busy.inc();
             }
             let outcome = if done.is_closed() {
                 "abandoned"
@@ -71,8 +72,9 @@ impl TokenizePool {
                 let _ = done.send(job());
                 "done"
             };
-            if let Some(jobs) = jobs {
-                jobs.with_label_values(&[outcome]).inc();
+            if let Some(metrics) = metrics {
+                metrics.busy.dec();
+                metrics.jobs.with_label_values(&[outcome]).inc();
             }
         });
         match self.jobs.try_send(wrapped) {
@@ -116,6 +118,7 @@ mod tests {
         let metrics = PoolMetrics {
             jobs: IntCounterVec::new(prometheus::Opts::new("jobs", "test"), &["outcome"]).unwrap(),
             queued: IntGauge::new("queued", "test").unwrap(),
+            busy: IntGauge::new("busy", "test").unwrap(),
         };
         let pool = TokenizePool::new(1, 1, Some(metrics.clone()));
         assert_eq!(pool.run(|| 6 * 7).await, Ok(42));
