@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzz request parsing, session-key extraction, SSE framing, the KV event feed, and the relay's response head parser and chunked decoder with cargo fuzz
+# Fuzz request parsing, session-key extraction, SSE framing, the KV event feed, the relay's response head parser and chunked decoder, multipart forms, stop strings, usage shapes and HTTP/2 connections with cargo fuzz
 # (libFuzzer), for a bounded time per target. Not part of CI.
 #
 #   bench-scripts/fuzz.sh [SECONDS_PER_TARGET]   (default 120)
@@ -17,7 +17,7 @@ if [ ! -x "$tools/bin/cargo-fuzz" ]; then
 fi
 export PATH="$tools/bin:$PATH" RUSTC_BOOTSTRAP=1
 found=0
-for target in request_parsing sse_framing kv_feed response_head chunked_body; do
+for target in request_parsing sse_framing kv_feed response_head chunked_body multipart_form stop_strings usage_shapes h2_connection; do
   mkdir -p "fuzz/corpus/$target"
   # Start from the recorded regressions and edge cases.
   cp -n fuzz/regressions/"$target"/* "fuzz/corpus/$target/" 2>/dev/null || true

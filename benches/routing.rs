@@ -20,7 +20,9 @@ use llm_router::ingress::request_facts;
 use llm_router::ingress::routing_key::{KeyHeaders, RoutingKey};
 use llm_router::policy::cache_index::{CacheIndex, IndexLimits};
 use llm_router::policy::prompt_tokens::{BuiltinTokenizer, PromptTokenizer};
-use llm_router::policy::{Candidate, HashOptions, Policy, PolicyKind, PolicyOptions, PolicyState};
+use llm_router::policy::{
+    CacheScope, Candidate, HashOptions, Policy, PolicyKind, PolicyOptions, PolicyState,
+};
 use llm_router::replicas::{Registry, RegistryConfig, ReplicaUrl};
 
 /// A chat body of about `bytes` bytes: many turns, as an agent sends.
@@ -136,16 +138,16 @@ fn prefix_aware(c: &mut Criterion) {
     // 64 conversations already placed, each one turn shorter than the one measured.
     for session in 0..64 {
         let earlier = agentic_messages(session, 140_000);
-        let blocks = policy.prompt_blocks(Some("m"), &earlier).unwrap();
+        let blocks = policy.prompt_blocks(CacheScope::model("m"), &earlier).unwrap();
         policy.choose_for_prompt(None, &blocks, &idle).unwrap();
     }
     let prompt = agentic_messages(7, 150_000);
     let mut group = c.benchmark_group("prefix_aware_8_replicas");
     group.throughput(Throughput::Bytes(prompt.len() as u64));
     group.bench_function("hash_prompt_150kB", |b| {
-        b.iter(|| policy.prompt_blocks(Some("m"), black_box(&prompt)))
+        b.iter(|| policy.prompt_blocks(CacheScope::model("m"), black_box(&prompt)))
     });
-    let blocks = policy.prompt_blocks(Some("m"), &prompt).unwrap();
+    let blocks = policy.prompt_blocks(CacheScope::model("m"), &prompt).unwrap();
     group.bench_function("choose_150kB", |b| {
         b.iter(|| policy.choose_for_prompt(None, black_box(&blocks), black_box(&idle)))
     });
@@ -172,7 +174,7 @@ fn kv_aware_setup() -> (Box<dyn Policy>, Vec<Candidate>) {
         .collect();
     for session in 0..64 {
         let earlier = agentic_messages(session, 148_000);
-        let blocks = policy.prompt_blocks(Some("m"), &earlier).unwrap();
+        let blocks = policy.prompt_blocks(CacheScope::model("m"), &earlier).unwrap();
         let decision = policy.choose_for_prompt(None, &blocks, &idle).unwrap();
         policy.routed(None, &blocks, decision);
     }
@@ -190,7 +192,7 @@ fn next_turn(n: usize) -> Vec<u8> {
 fn kv_aware(c: &mut Criterion) {
     let (policy, idle) = kv_aware_setup();
     let prompt = next_turn(0);
-    let tokens = policy.prompt_blocks(Some("m"), &prompt).unwrap().tokens;
+    let tokens = policy.prompt_blocks(CacheScope::model("m"), &prompt).unwrap().tokens;
     let mut group = c.benchmark_group(format!("kv_aware_8_replicas_{}k_tokens", tokens / 1000));
     group.throughput(Throughput::Bytes(prompt.len() as u64));
     let mut n = 1;
@@ -201,7 +203,7 @@ fn kv_aware(c: &mut Criterion) {
                 next_turn(n)
             },
             |prompt| {
-                let blocks = policy.prompt_blocks(Some("m"), &prompt).unwrap();
+                let blocks = policy.prompt_blocks(CacheScope::model("m"), &prompt).unwrap();
                 let decision = policy.choose_for_prompt(None, &blocks, &idle).unwrap();
                 policy.routed(None, &blocks, decision)
             },
@@ -226,7 +228,7 @@ fn kv_aware_percentiles() {
         .iter()
         .map(|prompt| {
             let started = std::time::Instant::now();
-            let blocks = policy.prompt_blocks(Some("m"), prompt).unwrap();
+            let blocks = policy.prompt_blocks(CacheScope::model("m"), prompt).unwrap();
             let decision = policy.choose_for_prompt(None, &blocks, &idle).unwrap();
             black_box(policy.routed(None, &blocks, decision));
             started.elapsed()
@@ -234,7 +236,7 @@ fn kv_aware_percentiles() {
         .collect();
     samples.sort();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q) as usize];
-    let tokens = policy.prompt_blocks(Some("m"), &prompts[0]).unwrap().tokens;
+    let tokens = policy.prompt_blocks(CacheScope::model("m"), &prompts[0]).unwrap().tokens;
     println!(
         "kv_aware route_new_turn ({tokens} tokens, {} kB), {} samples: p50 {:?}, p99 {:?}, max {:?}",
         prompts[0].len() / 1000,

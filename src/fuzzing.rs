@@ -206,6 +206,101 @@ pub fn chunked_body(data: &[u8]) {
     assert_eq!(whole.is_some(), split.is_some(), "an error is an error however the bytes arrive");
 }
 
+/// A multipart form's `model` field (an audio request's): `data`'s first line is the
+/// boundary the content type names, the rest the body. A value found is a slice of the
+/// body within the bound; nothing panics.
+pub fn multipart_form(data: &[u8]) {
+    use crate::ingress::multipart::{boundary, field};
+    let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
+    let (name, body) = (&data[..split], data.get(split + 1..).unwrap_or_default());
+    let Ok(name) = std::str::from_utf8(name) else { return };
+    let content_type = format!("multipart/form-data; boundary={name}");
+    let Some(Ok(boundary)) = boundary(&content_type) else { return };
+    if let Ok(Some(value)) = field(body, boundary, "model", 64) {
+        assert!(value.len() <= 64);
+        let at = value.as_ptr() as usize - body.as_ptr() as usize;
+        assert!(at + value.len() <= body.len(), "a slice of the body");
+    }
+}
+
+/// Stop strings against generated text: `data` is up to 8 stop strings and a text, NUL
+/// separated (the first byte's low bits choose how many strings, its high ones how much
+/// of the text is new). The automaton finds what searching each string finds (vLLM's
+/// rule: the match that ends first in the new text, ties to the first listed).
+pub fn stop_strings(data: &[u8]) {
+    use crate::frontend::stop_strings::{StopStrings, floor_boundary};
+    let Some((&choice, rest)) = data.split_first() else { return };
+    let Ok(rest) = std::str::from_utf8(rest) else { return };
+    let mut parts = rest.split('\0');
+    let count = usize::from(choice & 7) + 1;
+    let stops: Vec<String> =
+        parts.by_ref().take(count).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+    let text: String = parts.collect::<Vec<_>>().join("\0");
+    let old = floor_boundary(&text, text.len() * usize::from(choice >> 3) / 31);
+    let automaton = StopStrings::new(stops.clone());
+    let found = automaton.find(&text, text.len() - old);
+    let mut expected: Option<(usize, usize, usize)> = None;
+    for (i, stop) in stops.iter().enumerate() {
+        let first = (0..text.len())
+            .filter(|&at| text.is_char_boundary(at) && text[at..].starts_with(stop.as_str()))
+            .find(|at| at + stop.len() > old);
+        if let Some(start) = first
+            && expected.is_none_or(|(end, _, _)| start + stop.len() < end)
+        {
+            expected = Some((start + stop.len(), i, start));
+        }
+    }
+    let expected = expected.filter(|_| text.len() > old).map(|(_, i, start)| (stops[i].as_str(), start));
+    assert_eq!(found, expected);
+}
+
+/// The usage a response ends with, in any of its shapes (chat and completions,
+/// embeddings, the Responses API), read from any bytes: never a panic, and what is read
+/// came from a `"usage"` object in the input.
+pub fn usage_shapes(data: &[u8]) {
+    use crate::response::metered::{usage_chunk, usage_in};
+    if let Some(usage) = usage_in(data) {
+        assert!(data.windows(8).any(|w| w == b"\"usage\":"));
+        let _ = usage.prompt.checked_add(usage.completion);
+    }
+    let _ = usage_chunk(data);
+}
+
+/// An HTTP/2 client connection as the router serves it (its stream executor, the stall
+/// watch on every response): `data` is what the client sends after the preface. Any
+/// frames end in responses, resets or a closed connection, never a panic or a hang.
+pub fn h2_connection(data: &[u8]) {
+    use crate::ingress::h2_streams::{ConnectionStreams, StreamCounters, StreamExecutor, watched_body};
+    use std::time::Duration;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build();
+    let Ok(runtime) = runtime else { return };
+    runtime.block_on(async {
+        let counters = StreamCounters {
+            stalls: prometheus::IntCounter::new("stalls", "fuzz").expect("a valid name"),
+            premature_resets: prometheus::IntCounter::new("resets", "fuzz").expect("a valid name"),
+        };
+        let executor = StreamExecutor { limit: Duration::from_millis(200), counters };
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let service =
+            hyper::service::service_fn(|request: http::Request<hyper::body::Incoming>| async move {
+                let body = http_body_util::BodyExt::collect(request.into_body()).await.map(|b| b.to_bytes());
+                let answer = axum::body::Body::from(body.unwrap_or_default());
+                Ok::<_, std::convert::Infallible>(http::Response::new(watched_body(answer, ())))
+            });
+        let connection = hyper::server::conn::http2::Builder::new(executor)
+            .max_concurrent_streams(16)
+            .max_header_list_size(16 * 1024)
+            .serve_connection(hyper_util::rt::TokioIo::new(server), service);
+        let streams = ConnectionStreams::new();
+        let serving = tokio::spawn(streams.clone().scope(connection));
+        let (_reader, mut writer) = tokio::io::split(client);
+        use tokio::io::AsyncWriteExt;
+        let _ = writer.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let _ = writer.write_all(data).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,5 +314,12 @@ mod tests {
         response_head(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n");
         chunked_body(b"\x02\x33\r\nabc\r\n0\r\n\r\n\r\n");
         kv_feed(b"\x05\x01\x00\x01\x08\x00\x00\x00\x00\x00\x00\x00\x01\x00\x04\x92\x01\x90\xc0");
+        multipart_form(b"xyz\n--xyz\r\ncontent-disposition: form-data; name=\"model\"\r\n\r\nm\r\n--xyz--");
+        stop_strings(b"\x91ab\0b\0xxabyyb");
+        usage_shapes(br#"{"usage":{"input_tokens":3,"output_tokens":4}}"#);
+        // SETTINGS, then a HEADERS frame (stream 1) that is not valid HPACK.
+        h2_connection(
+            b"\x00\x00\x00\x04\x00\x00\x00\x00\x00\x00\x00\x03\x01\x05\x00\x00\x00\x01\xff\xff\xff",
+        );
     }
 }

@@ -107,3 +107,88 @@ async fn without_the_flag_no_decision_is_explained() {
     assert!(named.is_empty(), "{named:?}");
     router.shutdown().await;
 }
+
+/// `body` sent with an API key; the response's headers and JSON body.
+async fn ask_as(router: &llm_router::server::RunningRouter, key: &str, body: &Value) -> (HeaderMap, Value) {
+    let response = client()
+        .post(format!("{}/v1/chat/completions", base(router)))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {key}"))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let headers = response.headers().clone();
+    (headers, serde_json::from_slice(&response.bytes().await.unwrap()).unwrap())
+}
+
+/// A replica's prefix-cache hits so far, in tokens (vLLM's counter).
+async fn cache_hits(replica: &str) -> f64 {
+    let text = client().get(format!("{replica}/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("vllm:prefix_cache_hits_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn an_isolated_tenants_prompts_are_neither_shared_nor_told_to_others() {
+    let dir = std::env::temp_dir().join(format!("llm-router-isolation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let keys = dir.join("keys.toml");
+    std::fs::write(
+        &keys,
+        "[[keys]]\nname = \"a\"\nkey = \"sk-a\"\ncache_isolation = true\n\n[[keys]]\nname = \"b\"\nkey = \"sk-b\"\n",
+    )
+    .unwrap();
+    let args = [
+        "router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--sim",
+        "2",
+        "--policy",
+        "kv-aware",
+        "--sim-time-scale",
+        "50",
+        "--explain-routing",
+        "--api-keys-file",
+        keys.to_str().unwrap(),
+    ];
+    let router = router(llm_router::config::Cli::parse_from(args).into_config().unwrap()).await;
+    let secret = conversation("tenant a's private instructions");
+    // A's prompt, twice: the second is served from A's own cache.
+    let (first, _) = ask_as(&router, "sk-a", &secret).await;
+    let holder = header(&first, "x-router-replica").to_owned();
+    let before = cache_hits(&holder).await;
+    let (again, _) = ask_as(&router, "sk-a", &secret).await;
+    assert_eq!(header(&again, "x-router-replica"), holder);
+    assert!(number(&again, "x-router-cached-tokens") > 500, "{again:?}");
+    assert!(cache_hits(&holder).await - before > 500.0, "the engine served A its own cache");
+    // The engines reported A's blocks (under A's salt) by now.
+    eventually("the engines' events of A's blocks", || {
+        router.metrics.render().lines().any(|l| {
+            l.starts_with("router_kv_event_blocks_total{") && l.contains("stored") && !l.ends_with(" 0")
+        })
+    })
+    .await;
+    // B sends the same prompt: the router tells it of no cache it could hit, and the
+    // engine serves it none of A's blocks.
+    let mut hits = Vec::new();
+    for replica in router.registry.replicas() {
+        hits.push(cache_hits(replica.name()).await);
+    }
+    let (told, _) = ask_as(&router, "sk-b", &secret).await;
+    assert_eq!(number(&told, "x-router-best-cached-tokens"), 0, "{told:?}");
+    for (replica, before) in router.registry.replicas().iter().zip(hits) {
+        assert_eq!(cache_hits(replica.name()).await, before, "B hit none of A's blocks");
+    }
+    // A salt B sends for itself is B's own business; A's is replaced whatever A sends.
+    let mut guessed = secret.clone();
+    guessed["cache_salt"] = json!("tenant a's salt, guessed");
+    let (told, _) = ask_as(&router, "sk-a", &guessed).await;
+    assert!(number(&told, "x-router-cached-tokens") > 500, "A keeps its own salt: {told:?}");
+}

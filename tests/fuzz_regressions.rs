@@ -41,3 +41,23 @@ fn response_head_survives_every_recorded_input() {
 fn chunked_body_survives_every_recorded_input() {
     assert!(replay("chunked_body", llm_router::fuzzing::chunked_body) > 0);
 }
+
+#[test]
+fn multipart_form_survives_every_recorded_input() {
+    assert!(replay("multipart_form", llm_router::fuzzing::multipart_form) > 0);
+}
+
+#[test]
+fn stop_strings_survives_every_recorded_input() {
+    assert!(replay("stop_strings", llm_router::fuzzing::stop_strings) > 0);
+}
+
+#[test]
+fn usage_shapes_survives_every_recorded_input() {
+    assert!(replay("usage_shapes", llm_router::fuzzing::usage_shapes) > 0);
+}
+
+#[test]
+fn h2_connection_survives_every_recorded_input() {
+    assert!(replay("h2_connection", llm_router::fuzzing::h2_connection) > 0);
+}

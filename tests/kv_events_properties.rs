@@ -73,7 +73,9 @@ fn as_map(c: &Case, rotate: usize) -> V {
     V::Map(fields)
 }
 
-fn expected(c: &Case) -> KvEvent {
+/// The event decoded from `c`; the map encoding's first block carries the cache salt
+/// `x` in its extra keys, which roots its keys.
+fn expected(c: &Case, map: bool) -> KvEvent {
     if c.removed {
         KvEvent::BlockRemoved { block_hashes: c.hashes.clone() }
     } else {
@@ -82,6 +84,7 @@ fn expected(c: &Case) -> KvEvent {
             parent: c.parent,
             token_ids: c.tokens.clone(),
             block_size: c.block_size,
+            root: if map { llm_router::policy::cache_index::kv_events::cache_root(Some("x")) } else { 0 },
         }
     }
 }
@@ -129,7 +132,7 @@ proptest! {
         let decoded = decode_batch(&encode(&batch)).unwrap();
         prop_assert_eq!(decoded.ts, 12.5);
         prop_assert_eq!(decoded.data_parallel_rank, rank.map(i64::from));
-        prop_assert_eq!(decoded.events, cases.iter().map(expected).collect::<Vec<_>>());
+        prop_assert_eq!(decoded.events, cases.iter().map(|c| expected(c, map)).collect::<Vec<_>>());
     }
 
     #[test]

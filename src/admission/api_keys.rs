@@ -14,6 +14,8 @@
 //! default_max_tokens = 1024   # optional: the output a request naming no max_tokens
 //!                             # reserves of tokens_per_minute (else what the model's
 //!                             # context leaves)
+//! cache_isolation = true      # optional: the key's prompts are cached apart from
+//!                             # everyone else's (vLLM's cache_salt, set by the router)
 //!
 //! [[keys]]
 //! name = "team-b"
@@ -49,6 +51,9 @@ pub struct ApiKey {
     pub models: Option<Vec<String>>,
     /// The output a request that names no `max_tokens` reserves of the token limit.
     pub default_max_tokens: Option<u64>,
+    /// `cache_isolation`: the `cache_salt` every request of this key carries, derived from
+    /// the key's secret (the same on every router instance, guessable by no other key).
+    pub cache_salt: Option<Arc<str>>,
 }
 
 impl ApiKey {
@@ -85,8 +90,17 @@ impl ApiKey {
             priority: Priority::Normal,
             models: None,
             default_max_tokens: None,
+            cache_salt: None,
         }
     }
+}
+
+/// The cache salt of a key whose SHA-256 digest is `digest`: a digest of the digest,
+/// so that the salt, which the engines see, says nothing of the key.
+fn cache_salt(digest: &[u8; 32]) -> Arc<str> {
+    let salt = Sha256::new().chain_update(b"llm-router cache_salt v1\0").chain_update(digest).finalize();
+    let hex: String = salt[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Arc::from(format!("router-{hex}"))
 }
 
 /// The keys clients must present, if any: a set that a reload replaces whole.
@@ -167,6 +181,8 @@ pub fn load_file(path: &Path) -> Result<Vec<ApiKey>, String> {
         priority: Priority,
         models: Option<Vec<String>>,
         default_max_tokens: Option<u64>,
+        #[serde(default)]
+        cache_isolation: bool,
     }
     let at = |e: &dyn std::fmt::Display| format!("--api-keys-file {}: {e}", path.display());
     let text = std::fs::read_to_string(path).map_err(|e| at(&e))?;
@@ -200,6 +216,13 @@ pub fn load_file(path: &Path) -> Result<Vec<ApiKey>, String> {
             requests_per_minute: entry.requests_per_minute,
             tokens_per_minute: entry.tokens_per_minute,
         };
+        let salt = entry.cache_isolation.then(|| {
+            let digest = match &secret {
+                Secret::Plain(key) => Sha256::digest(key).into(),
+                Secret::Sha256(digest) => *digest,
+            };
+            cache_salt(&digest)
+        });
         keys.push(ApiKey {
             name: entry.name.into(),
             secret,
@@ -207,6 +230,7 @@ pub fn load_file(path: &Path) -> Result<Vec<ApiKey>, String> {
             priority: entry.priority,
             models: entry.models,
             default_max_tokens: entry.default_max_tokens,
+            cache_salt: salt,
         });
     }
     if keys.is_empty() {
@@ -249,6 +273,39 @@ mod tests {
     }
 
     #[test]
+    fn an_isolated_key_has_a_salt_of_its_own_whichever_way_it_is_written() {
+        let dir = std::env::temp_dir().join(format!("llm-router-salts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("keys.toml");
+        // sha256("test")
+        std::fs::write(
+            &path,
+            r#"
+[[keys]]
+name = "plain"
+key = "test"
+cache_isolation = true
+
+[[keys]]
+name = "digest"
+key_sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+cache_isolation = true
+
+[[keys]]
+name = "other"
+key = "sk-other"
+cache_isolation = true
+"#,
+        )
+        .unwrap();
+        let keys = load_file(&path).unwrap();
+        let salt = |i: usize| keys[i].cache_salt.clone().unwrap();
+        assert_eq!(salt(0), salt(1), "the same key, as itself or its digest");
+        assert_ne!(salt(0), salt(2));
+        assert!(salt(0).starts_with("router-") && !salt(0).contains("test") && !salt(0).contains("9f86"));
+    }
+
+    #[test]
     fn a_file_names_keys_and_may_hold_digests_only() {
         let dir = std::env::temp_dir().join(format!("llm-router-keys-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -279,6 +336,7 @@ key_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08"
         assert_eq!(a.priority, Priority::High);
         assert!(a.allows("m1") && !a.allows("m2"));
         assert_eq!(a.default_max_tokens, Some(512));
+        assert_eq!(a.cache_salt, None, "not isolated");
         let b = keys.check(Some(&h("Bearer test"))).unwrap();
         assert_eq!((&*b.name, b.priority, b.limits), ("team-b", Priority::Normal, Limits::default()));
         assert!(b.allows("anything"));

@@ -24,7 +24,7 @@ use crate::error::RouterError;
 use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
 use crate::policy::prompt_tokens::{PromptTokenizer, TokenizePool};
-use crate::policy::{CachedView, Candidate, Decision, Reason};
+use crate::policy::{CacheScope, CachedView, Candidate, Decision, Reason};
 use crate::replicas::{Fleet, InFlight, Registry, Replica};
 use crate::response::body::{BodyOptions, EndedByRouter, MeteredBody, PhaseTimers};
 use crate::upstream::proxy::{Outbound, UpstreamError};
@@ -84,6 +84,8 @@ pub struct Route<'a> {
     pub prompt: Option<bytes::Bytes>,
     /// The prompt's token ids, when the router has tokenised it already (generate mode).
     pub prompt_ids: Option<&'a [u32]>,
+    /// The request's `cache_salt`: only blocks stored under it can serve it.
+    pub salt: Option<&'a str>,
     pub stream: bool,
     pub started: Instant,
     /// Extra timings of a P/D decode stage.
@@ -161,11 +163,12 @@ impl Dispatcher {
         if candidates.panic {
             self.metrics.panic_routing.with_label_values(&[route.endpoint]).inc();
         }
+        let scope = CacheScope { model: route.model, salt: route.salt };
         let prompt = match ids {
-            Some(ids) => fleet.policy.prompt_blocks_for_ids(route.model, ids),
+            Some(ids) => fleet.policy.prompt_blocks_for_ids(scope, ids),
             // Prompts by text (prefix-aware hashes the raw JSON: no tokenising).
             None if self.tokens.is_none() => {
-                route.prompt.as_deref().and_then(|p| fleet.policy.prompt_blocks(route.model, p))
+                route.prompt.as_deref().and_then(|p| fleet.policy.prompt_blocks(scope, p))
             }
             None => None,
         };

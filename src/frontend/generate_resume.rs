@@ -78,6 +78,7 @@ impl Resume {
                 key: key.as_ref(),
                 prompt: None,
                 prompt_ids: None,
+                salt: None,
                 stream: true,
                 started,
                 phase: None,

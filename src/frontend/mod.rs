@@ -80,6 +80,7 @@ pub struct FrontendRequest<'a> {
     pub model: Option<&'a str>,
     pub key: Option<&'a RoutingKey>,
     pub prompt: Option<Bytes>,
+    pub salt: Option<&'a str>,
     pub started: Instant,
 }
 
@@ -144,6 +145,7 @@ impl Frontend {
             key: request.key,
             prompt: request.prompt.clone(),
             prompt_ids: Some(&call.prompt_ids),
+            salt: request.salt,
             stream: call.plan.stream,
             started: request.started,
             phase: None,

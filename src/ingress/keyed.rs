@@ -83,18 +83,13 @@ impl Ingress {
                 None => return Err(RouterError::BadRequest(FactsError::MissingModel)),
             }
         }
-        // The engines' priority scheduling: a key may not ask to go before its band.
-        if let Some(floor) = caller.priority.engine_floor()
-            && !is_form
-            && memchr::memmem::find(&body, b"\"priority\"").is_some()
-            && let Some(kept) = priority_floored(&body, floor)
-        {
-            body = kept;
+        // What the key decides in the body itself: its cache salt, its priority floor.
+        if !is_form && let Some(rewritten) = self.keyed_members(caller, &body, &facts, generates)? {
+            body = rewritten;
             facts = match endpoint {
                 Endpoint::Other => request_facts::parse(&body).unwrap_or_default(),
                 _ => request_facts::parse_inference(&body)?,
             };
-            self.metrics.stripped_fields.with_label_values(&["priority"]).inc();
         }
         // About four bytes of prompt JSON per token; the engine's usage settles it.
         let prompt_bytes = facts.prompt.as_ref().map_or(body.len(), |range| range.len());
@@ -118,6 +113,49 @@ impl Ingress {
         Ok((body, facts, Some(meter)))
     }
 
+    /// The body with what the key decides in it, when that differs from what the client
+    /// sent: an isolated key's `cache_salt` (in place of any the client set: it could
+    /// name another tenant's), and a `priority` no more urgent than the key's band
+    /// allows the engines' priority scheduling.
+    fn keyed_members(
+        &self,
+        caller: &ApiKey,
+        body: &[u8],
+        facts: &BodyFacts,
+        generates: bool,
+    ) -> Result<Option<Bytes>, RouterError> {
+        let salt = caller
+            .cache_salt
+            .as_deref()
+            .filter(|salt| generates && facts.cache_salt.as_deref() != Some(*salt))
+            .map(|salt| serde_json::to_string(salt).expect("a string serialises"));
+        let floor =
+            caller.priority.engine_floor().filter(|_| memchr::memmem::find(body, b"\"priority\"").is_some());
+        if salt.is_none() && floor.is_none() {
+            return Ok(None);
+        }
+        let members = Members::parse(body).map_err(|e| FactsError::NotJson(e.to_string()))?;
+        let floored = floor.filter(|&floor| {
+            members
+                .get("priority")
+                .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
+                .and_then(|p| p.as_f64())
+                .is_some_and(|p| p < floor as f64)
+        });
+        if floored.is_some() {
+            self.metrics.stripped_fields.with_label_values(&["priority"]).inc();
+        }
+        let floored = floored.map(|floor| floor.to_string());
+        let mut set: Vec<(&str, &[u8])> = Vec::new();
+        if let Some(salt) = &salt {
+            set.push(("cache_salt", salt.as_bytes()));
+        }
+        if let Some(floor) = &floored {
+            set.push(("priority", floor.as_bytes()));
+        }
+        Ok((!set.is_empty()).then(|| Bytes::from(members.rewrite(|_| true, &set))))
+    }
+
     /// The most tokens a request that generates (chat, completions, responses) may
     /// generate, reserved with its prompt; the others (embeddings, scores, tokenising)
     /// reserve none.
@@ -132,18 +170,6 @@ impl Ingress {
 
 /// Longest model name read from a form.
 const MAX_MODEL_NAME: usize = 1024;
-
-/// The body with its `priority` raised to `floor` when it asks for less (vLLM serves
-/// lower values first); `None` when it needs no change.
-fn priority_floored(body: &[u8], floor: i64) -> Option<Bytes> {
-    let members = Members::parse(body).ok()?;
-    let asked = members.get("priority")?;
-    let below = match serde_json::from_str::<serde_json::Value>(asked.get()).ok()? {
-        serde_json::Value::Number(n) => n.as_f64().is_some_and(|p| p < floor as f64),
-        _ => false, // not a number: the engine refuses it
-    };
-    below.then(|| Bytes::from(members.rewrite(|_| true, &[("priority", floor.to_string().as_bytes())])))
-}
 
 /// For a stream that did not ask for its usage: the body asking for it
 /// (`stream_options.include_usage`, other stream options kept). None when it is not a

@@ -374,6 +374,7 @@ impl Ingress {
                 model: facts.model.as_deref(),
                 key: key.as_ref(),
                 prompt: facts.prompt.clone().map(|range| body.slice(range)),
+                salt: facts.cache_salt.as_deref(),
                 stream: facts.stream,
                 started,
             };
@@ -402,6 +403,7 @@ impl Ingress {
                 model: facts.model.as_deref(),
                 key: key.as_ref(),
                 prompt: facts.prompt.clone().map(|range| body.slice(range)),
+                salt: facts.cache_salt.as_deref(),
                 started,
             };
             return frontend.serve(&self.dispatcher, call, request).await;
@@ -422,6 +424,7 @@ impl Ingress {
             key: key.as_ref(),
             prompt,
             prompt_ids: None,
+            salt: facts.cache_salt.as_deref(),
             stream: facts.stream,
             started,
             phase: None,

@@ -35,6 +35,8 @@ pub struct BodyFacts {
     /// Generations the request asks for: `n` (or `best_of`, if larger) times the
     /// prompts of a batch.
     pub generations: u64,
+    /// vLLM's `cache_salt`: the request's blocks are cached apart from unsalted ones.
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -111,6 +113,7 @@ struct RawFields<'a> {
     max_output_tokens: Option<&'a RawValue>,
     n: Option<&'a RawValue>,
     best_of: Option<&'a RawValue>,
+    cache_salt: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -131,6 +134,7 @@ enum Field {
     MaxOutputTokens,
     N,
     BestOf,
+    CacheSalt,
     #[serde(other)]
     Other,
 }
@@ -165,6 +169,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawFields<'a> {
                         Field::MaxOutputTokens => &mut raw.max_output_tokens,
                         Field::N => &mut raw.n,
                         Field::BestOf => &mut raw.best_of,
+                        Field::CacheSalt => &mut raw.cache_salt,
                         Field::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -247,6 +252,8 @@ impl RawFields<'_> {
             kv_transfer_params: self.kv_transfer_params.is_some(),
             max_tokens,
             generations,
+            // Not a string: the engine's to refuse; it salts nothing here.
+            cache_salt: self.cache_salt.and_then(|raw| serde_json::from_str::<String>(raw.get()).ok()),
         })
     }
 }

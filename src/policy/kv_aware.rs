@@ -42,8 +42,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::session_homes::SessionHomes;
-use super::{CachedView, Candidate, Decision, LeastLoaded, Policy, PrefixOptions, Reason, rotated};
-use crate::policy::cache_index::kv_events::token_block_keys;
+use super::{
+    CacheScope, CachedView, Candidate, Decision, LeastLoaded, Policy, PrefixOptions, Reason, rotated,
+};
+use crate::policy::cache_index::kv_events::{cache_root, token_block_keys};
 
 /// Tokens per block assumed for a prompt while no replica has reported its own (vLLM's
 /// GPU default).
@@ -209,12 +211,15 @@ impl Policy for KvAware {
 
     /// The prompt keyed at every block size the replicas' engines report (one, in a
     /// fleet configured alike), the most common first.
-    fn prompt_blocks(&self, model: Option<&str>, prompt: &[u8]) -> Option<PromptBlocks> {
+    fn prompt_blocks(&self, scope: CacheScope<'_>, prompt: &[u8]) -> Option<PromptBlocks> {
         let tokens = self.tokenizer.tokens(prompt)?;
-        self.prompt_blocks_for_ids(model, &tokens)
+        self.prompt_blocks_for_ids(scope, &tokens)
     }
 
-    fn prompt_blocks_for_ids(&self, _model: Option<&str>, tokens: &[u32]) -> Option<PromptBlocks> {
+    /// Keyed as the engines' events key their blocks: from the root of the request's
+    /// `cache_salt` (the model is not part of the key: one engine serves one model).
+    fn prompt_blocks_for_ids(&self, scope: CacheScope<'_>, tokens: &[u32]) -> Option<PromptBlocks> {
+        let root = cache_root(scope.salt);
         let mut sizes: Vec<(usize, usize)> = Vec::new();
         for size in self.memories.iter().map(|m| m.block_size()).filter(|&s| s > 0) {
             match sizes.iter_mut().find(|(s, _)| *s == size) {
@@ -223,10 +228,10 @@ impl Policy for KvAware {
             }
         }
         sizes.sort_by_key(|&(size, count)| (std::cmp::Reverse(count), size));
-        let mut keyed = sizes.iter().map(|&(size, _)| (size, token_block_keys(tokens, size, 0)));
+        let mut keyed = sizes.iter().map(|&(size, _)| (size, token_block_keys(tokens, size, root)));
         let (block_tokens, hashes) = keyed
             .next()
-            .unwrap_or_else(|| (DEFAULT_BLOCK_SIZE, token_block_keys(tokens, DEFAULT_BLOCK_SIZE, 0)));
+            .unwrap_or_else(|| (DEFAULT_BLOCK_SIZE, token_block_keys(tokens, DEFAULT_BLOCK_SIZE, root)));
         Some(PromptBlocks { hashes, tokens: tokens.len(), block_tokens, other_sizes: keyed.collect() })
     }
 

@@ -120,15 +120,16 @@ pub trait Policy: Send + Sync {
     fn choose(&self, key: Option<&RoutingKey>, replicas: &[Candidate]) -> Option<Decision>;
 
     /// A cache-aware policy's view of a request's prompt (the raw JSON of its `messages`
-    /// or `prompt`); `None` for policies that do not route by prompt.
-    fn prompt_blocks(&self, _model: Option<&str>, _prompt: &[u8]) -> Option<PromptBlocks> {
+    /// or `prompt`) in the cache `scope` it can hit; `None` for policies that do not
+    /// route by prompt.
+    fn prompt_blocks(&self, _scope: CacheScope<'_>, _prompt: &[u8]) -> Option<PromptBlocks> {
         None
     }
 
     /// The same view from the prompt's token ids, when the router already has them
     /// (`--engine-api generate` tokenises once); `None` where the policy keys prompts by
     /// text, not ids.
-    fn prompt_blocks_for_ids(&self, _model: Option<&str>, _ids: &[u32]) -> Option<PromptBlocks> {
+    fn prompt_blocks_for_ids(&self, _scope: CacheScope<'_>, _ids: &[u32]) -> Option<PromptBlocks> {
         None
     }
 
@@ -160,6 +161,23 @@ pub trait Policy: Send + Sync {
         _replicas: &[Candidate],
     ) -> Option<CachedView> {
         None
+    }
+}
+
+/// Which cached blocks a request can hit: those of its model, stored under its
+/// `cache_salt` (vLLM keys a salted prompt's blocks apart from everyone else's). The
+/// cache-aware policies key a prompt's blocks in this scope, so a request is never
+/// credited, or told of, blocks it could not use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheScope<'a> {
+    pub model: Option<&'a str>,
+    pub salt: Option<&'a str>,
+}
+
+impl<'a> CacheScope<'a> {
+    /// The scope of an unsalted request for `model`.
+    pub fn model(model: &'a str) -> Self {
+        CacheScope { model: Some(model), salt: None }
     }
 }
 

@@ -18,6 +18,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use super::CacheScope;
 use super::session_homes::SessionHomes;
 use super::{Candidate, Decision, LeastLoaded, Policy, Reason, overload_bound, rotated};
 use crate::ingress::routing_key::RoutingKey;
@@ -123,8 +124,8 @@ impl Policy for PrefixAware {
         self.without_prompt.choose(key, replicas)
     }
 
-    fn prompt_blocks(&self, model: Option<&str>, prompt: &[u8]) -> Option<PromptBlocks> {
-        Some(PromptBlocks::new(model.unwrap_or(""), prompt, self.options.block_bytes))
+    fn prompt_blocks(&self, scope: CacheScope<'_>, prompt: &[u8]) -> Option<PromptBlocks> {
+        Some(PromptBlocks::new(scope, prompt, self.options.block_bytes))
     }
 
     fn choose_for_prompt(
@@ -244,12 +245,12 @@ mod tests {
         let mut homes = Vec::new();
         for session in 0..4 {
             let mut text = format!("session {session} says hello and keeps talking; ");
-            let first = p.prompt_blocks(Some("m"), text.as_bytes()).unwrap();
+            let first = p.prompt_blocks(CacheScope::model("m"), text.as_bytes()).unwrap();
             let home = p.choose_for_prompt(None, &first, &all(&loads)).unwrap().replica;
             loads[home] += 1;
             for turn in 0..5 {
                 text.push_str(&format!("turn {turn} adds more text to the conversation. "));
-                let blocks = p.prompt_blocks(Some("m"), text.as_bytes()).unwrap();
+                let blocks = p.prompt_blocks(CacheScope::model("m"), text.as_bytes()).unwrap();
                 let d = p.choose_for_prompt(None, &blocks, &all(&loads)).unwrap();
                 assert_eq!((d.replica, d.reason), (home, Reason::Cached), "session {session} turn {turn}");
             }

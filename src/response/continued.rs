@@ -265,6 +265,7 @@ impl ContinuedBody {
                 key: key.as_ref(),
                 prompt: None,
                 prompt_ids: None,
+                salt: None,
                 stream: true,
                 started,
                 phase: None,

@@ -157,10 +157,7 @@ impl Metered {
     }
 
     fn usage_in_tail(&self) -> Option<Usage> {
-        let at = rfind(&self.tail, b"\"usage\":")?;
-        let rest = &self.tail[at + b"\"usage\":".len()..];
-        let value = serde_json::Deserializer::from_slice(rest).into_iter::<Value>().next()?.ok()?;
-        Usage::from_json(&value)
+        usage_in(&self.tail)
     }
 }
 
@@ -227,13 +224,22 @@ impl Drop for Metered {
     }
 }
 
+/// The usage of the last `"usage":` object in `bytes` (a body's end: a JSON answer's
+/// member, a stream's last chunk before `[DONE]`, a Responses stream's last event).
+pub(crate) fn usage_in(bytes: &[u8]) -> Option<Usage> {
+    let at = rfind(bytes, b"\"usage\":")?;
+    let rest = &bytes[at + b"\"usage\":".len()..];
+    let value = serde_json::Deserializer::from_slice(rest).into_iter::<Value>().next()?.ok()?;
+    Usage::from_json(&value)
+}
+
 /// The SSE events that end in `data`.
 fn events_in(data: &[u8]) -> u64 {
     memchr::memmem::find_iter(data, b"\n\n").count() as u64
 }
 
 /// The usage of a stream's usage-only chunk (`"choices":[]` with a `usage` object).
-fn usage_chunk(event: &[u8]) -> Option<Usage> {
+pub(crate) fn usage_chunk(event: &[u8]) -> Option<Usage> {
     let json = event.strip_prefix(b"data: ").or_else(|| event.strip_prefix(b"data:"))?;
     if !contains(json, b"\"usage\"") {
         return None;

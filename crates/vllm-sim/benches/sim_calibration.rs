@@ -139,6 +139,7 @@ impl Replica {
             arrived: Instant::now(),
             events: tx,
             output_weight: self.api.costs().token_weight(form),
+            cache_salt: None,
         });
         let mut sample = Sample { start: Some(start), ..Sample::default() };
         while let Some(event) = rx.recv().await {

@@ -120,6 +120,7 @@ pub fn parse(body: &Value, served_model: &str, max_model_len: usize) -> Result<G
         continuous_usage: flag(options.and_then(|o| o.get("continuous_usage_stats"))),
         return_token_ids: flag(fields.get("return_token_ids")),
         kv_transfer_params: fields.get("kv_transfer_params").filter(|v| !v.is_null()).cloned(),
+        cache_salt: crate::request::cache_salt(fields.get("cache_salt"))?,
     })
 }
 

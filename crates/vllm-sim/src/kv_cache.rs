@@ -48,14 +48,22 @@ pub struct KvCache {
 pub enum CacheEvent {
     /// Consecutive blocks now cached; the first a child of `parent` (none for a prompt's
     /// first block); `tokens` are their token ids, `BLOCK_SIZE` per block.
-    Stored { hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32> },
+    /// `salt` is the first block's cache salt, when it has one (vLLM's `extra_keys`).
+    Stored { hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>, salt: Option<String> },
     /// Blocks evicted.
     Removed { hashes: Vec<u64> },
 }
 
-/// The chained hashes of every full block of `tokens`.
-pub fn block_hashes(tokens: &[u32]) -> Vec<u64> {
-    let mut parent = 0u64;
+/// Where a prompt's chain of block hashes starts: 0, or a root of its `cache_salt` (vLLM
+/// hashes the salt into a prompt's first block, so salted prompts share no block with
+/// any other).
+pub fn root(salt: Option<&str>) -> u64 {
+    salt.map_or(0, |salt| xxh3_64_with_seed(salt.as_bytes(), 0x5a17) | 1)
+}
+
+/// The chained hashes of every full block of `tokens`, from `root`.
+pub fn block_hashes(tokens: &[u32], root: u64) -> Vec<u64> {
+    let mut parent = root;
     tokens
         .chunks_exact(BLOCK_SIZE)
         .map(|block| {
@@ -194,8 +202,16 @@ impl KvCache {
 
     /// Publish a full block under its chained hash so later requests can reuse it.
     /// `parent` is the previous block's hash (none for a prompt's first block) and
-    /// `tokens` the block's token ids, for the stored event.
-    pub fn publish(&mut self, id: BlockId, hash: u64, parent: Option<u64>, tokens: &[u32]) {
+    /// `tokens` the block's token ids, for the stored event (and `salt` a first block's
+    /// cache salt).
+    pub fn publish(
+        &mut self,
+        id: BlockId,
+        hash: u64,
+        parent: Option<u64>,
+        tokens: &[u32],
+        salt: Option<&str>,
+    ) {
         self.blocks[id as usize].hash = Some(hash);
         let std::collections::hash_map::Entry::Vacant(slot) = self.cached.entry(hash) else { return };
         slot.insert(id);
@@ -210,7 +226,8 @@ impl KvCache {
             ids.extend_from_slice(tokens);
             return;
         }
-        events.push(CacheEvent::Stored { hashes: vec![hash], parent, tokens: tokens.to_vec() });
+        let salt = parent.is_none().then(|| salt.map(str::to_owned)).flatten();
+        events.push(CacheEvent::Stored { hashes: vec![hash], parent, tokens: tokens.to_vec(), salt });
     }
 
     /// Drop a sequence's references; blocks nobody holds go to the back of the free
@@ -237,11 +254,11 @@ mod tests {
 
     #[test]
     fn chained_hashes_name_prefixes() {
-        let a = block_hashes(&tokens(40, 0));
+        let a = block_hashes(&tokens(40, 0), 0);
         assert_eq!(a.len(), 2);
         let mut other = tokens(40, 0);
         other[3] = 99_999;
-        let b = block_hashes(&other);
+        let b = block_hashes(&other, 0);
         assert_ne!(a[0], b[0]);
         assert_ne!(a[1], b[1], "a change in block 0 changes every later hash");
     }
@@ -249,11 +266,11 @@ mod tests {
     #[test]
     fn a_window_needs_only_its_last_blocks_cached() {
         let mut kv = KvCache::new(8);
-        let hashes = block_hashes(&tokens(16 * 6, 3));
+        let hashes = block_hashes(&tokens(16 * 6, 3), 0);
         // Blocks 2..6 cached, 0 and 1 not (evicted long ago).
         let blocks = kv.allocate(4).unwrap();
         for (b, h) in blocks.iter().zip(&hashes[2..6]) {
-            kv.publish(*b, *h, None, &[0; BLOCK_SIZE]);
+            kv.publish(*b, *h, None, &[0; BLOCK_SIZE], None);
         }
         assert_eq!(kv.lookup(&hashes), 0, "full attention needs the whole prefix");
         assert_eq!(kv.lookup_window(&hashes, None), 0);
@@ -265,10 +282,10 @@ mod tests {
     #[test]
     fn published_blocks_are_reused_and_evicted_lru() {
         let mut kv = KvCache::new(4);
-        let hashes = block_hashes(&tokens(32, 1));
+        let hashes = block_hashes(&tokens(32, 1), 0);
         let blocks = kv.allocate(2).unwrap();
-        kv.publish(blocks[0], hashes[0], None, &[0; BLOCK_SIZE]);
-        kv.publish(blocks[1], hashes[1], Some(hashes[0]), &[0; BLOCK_SIZE]);
+        kv.publish(blocks[0], hashes[0], None, &[0; BLOCK_SIZE], None);
+        kv.publish(blocks[1], hashes[1], Some(hashes[0]), &[0; BLOCK_SIZE], None);
         kv.release(&blocks);
         assert_eq!(kv.free_blocks(), 4);
         assert_eq!(kv.lookup(&hashes), 2, "freed blocks stay cached");
@@ -289,23 +306,43 @@ mod tests {
         let mut kv = KvCache::new(3);
         kv.record_events();
         let toks = tokens(48, 2);
-        let hashes = block_hashes(&toks);
+        let hashes = block_hashes(&toks, 0);
         let blocks = kv.allocate(3).unwrap();
-        kv.publish(blocks[0], hashes[0], None, &toks[..16]);
-        kv.publish(blocks[1], hashes[1], Some(hashes[0]), &toks[16..32]);
+        kv.publish(blocks[0], hashes[0], None, &toks[..16], None);
+        kv.publish(blocks[1], hashes[1], Some(hashes[0]), &toks[16..32], None);
         // Already cached under that hash: nothing new to announce.
-        kv.publish(blocks[2], hashes[1], Some(hashes[0]), &toks[16..32]);
+        kv.publish(blocks[2], hashes[1], Some(hashes[0]), &toks[16..32], None);
         assert_eq!(
             kv.take_events(),
             vec![CacheEvent::Stored {
                 hashes: hashes[..2].to_vec(),
                 parent: None,
-                tokens: toks[..32].to_vec()
+                tokens: toks[..32].to_vec(),
+                salt: None,
             }]
         );
         kv.release(&blocks);
         kv.allocate(3).unwrap();
         assert_eq!(kv.take_events(), vec![CacheEvent::Removed { hashes: vec![hashes[1], hashes[0]] }]);
         assert!(kv.take_events().is_empty());
+    }
+
+    #[test]
+    fn a_salted_prompt_shares_no_block_and_announces_its_salt() {
+        let toks = tokens(32, 5);
+        let (plain, salted) = (block_hashes(&toks, 0), block_hashes(&toks, root(Some("tenant-a"))));
+        assert!(plain.iter().all(|h| !salted.contains(h)), "every block differs");
+        assert_ne!(salted, block_hashes(&toks, root(Some("tenant-b"))));
+        let mut kv = KvCache::new(4);
+        kv.record_events();
+        let blocks = kv.allocate(2).unwrap();
+        kv.publish(blocks[0], salted[0], None, &toks[..16], Some("tenant-a"));
+        kv.publish(blocks[1], salted[1], Some(salted[0]), &toks[16..], Some("tenant-a"));
+        assert_eq!(kv.lookup(&plain), 0);
+        assert_eq!(kv.lookup(&salted), 2);
+        let events = kv.take_events();
+        assert!(
+            matches!(&events[..], [CacheEvent::Stored { salt: Some(s), hashes, .. }] if s == "tenant-a" && hashes.len() == 2)
+        );
     }
 }

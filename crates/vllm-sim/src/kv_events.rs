@@ -97,15 +97,26 @@ fn hashes(hashes: &[u64]) -> Value {
 
 fn encode_event(event: &CacheEvent) -> Value {
     match event {
-        CacheEvent::Stored { hashes: h, parent, tokens } => Value::Array(vec![
-            Value::from("BlockStored"),
-            hashes(h),
-            parent.map_or(Value::Nil, Value::from),
-            Value::Array(tokens.iter().map(|&t| Value::from(t)).collect()),
-            Value::from(BLOCK_SIZE as u64),
-            Value::Nil,
-            Value::from("GPU"),
-        ]),
+        CacheEvent::Stored { hashes: h, parent, tokens, salt } => {
+            let mut fields = vec![
+                Value::from("BlockStored"),
+                hashes(h),
+                parent.map_or(Value::Nil, Value::from),
+                Value::Array(tokens.iter().map(|&t| Value::from(t)).collect()),
+                Value::from(BLOCK_SIZE as u64),
+                Value::Nil,
+                Value::from("GPU"),
+            ];
+            // vLLM's `lora_name`, then `extra_keys` (one entry per block): the first
+            // block's carries the cache salt. Left out, as defaults, without one.
+            if let Some(salt) = salt {
+                let mut extra = vec![Value::Nil; h.len()];
+                extra[0] = Value::Array(vec![Value::from(salt.as_str())]);
+                fields.push(Value::Nil);
+                fields.push(Value::Array(extra));
+            }
+            Value::Array(fields)
+        }
         CacheEvent::Removed { hashes: h } => {
             Value::Array(vec![Value::from("BlockRemoved"), hashes(h), Value::from("GPU")])
         }

@@ -33,6 +33,18 @@ pub struct GenRequest {
     pub continuous_usage: bool,
     pub return_token_ids: bool,
     pub kv_transfer_params: Option<Value>,
+    /// vLLM's `cache_salt`: the prompt's blocks are cached apart from unsalted ones.
+    pub cache_salt: Option<String>,
+}
+
+/// A request's `cache_salt` (its value in the body), as vLLM checks it: a non-empty
+/// string.
+pub(crate) fn cache_salt(value: Option<&Value>) -> Result<Option<String>, SimError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(_) => Err(bad("Parameter 'cache_salt' must be a non-empty string if provided.")),
+    }
 }
 
 fn bad(message: impl Into<String>) -> SimError {
@@ -226,6 +238,7 @@ pub fn parse(
         continuous_usage: option("continuous_usage_stats"),
         return_token_ids: opt_bool(body, "return_token_ids")?,
         kv_transfer_params,
+        cache_salt: cache_salt(body.get("cache_salt"))?,
     })
 }
 

@@ -245,6 +245,7 @@ fn submit(
         arrived,
         events: tx,
         output_weight: s.api.costs().token_weight(form),
+        cache_salt: job.cache_salt.clone(),
     });
     rx
 }

@@ -76,6 +76,8 @@ pub struct PdRequest<'a> {
     pub key: Option<&'a RoutingKey>,
     /// The raw JSON of the request's `messages` or `prompt` (a slice of `body`).
     pub prompt: Option<bytes::Bytes>,
+    /// Its `cache_salt`.
+    pub salt: Option<&'a str>,
     pub stream: bool,
     pub started: Instant,
 }
@@ -100,6 +102,7 @@ impl PrefillDecode {
             key: request.key,
             prompt: request.prompt.clone(),
             prompt_ids: None,
+            salt: request.salt,
             stream: false,
             started: request.started,
             phase: None,
@@ -167,6 +170,7 @@ impl PrefillDecode {
             key: request.key,
             prompt: request.prompt.clone(),
             prompt_ids: None,
+            salt: request.salt,
             stream: request.stream,
             started: request.started,
             phase: Some(PhaseTimers {
@@ -223,6 +227,7 @@ impl PrefillDecode {
             key: request.key,
             prompt: request.prompt.clone(),
             prompt_ids: Some(&call.prompt_ids),
+            salt: request.salt,
             stream,
             started: request.started,
             phase,

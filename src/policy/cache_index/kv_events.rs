@@ -13,9 +13,12 @@
 //! - current vLLM (plain msgspec structs): the batch is a map `{ts, events,
 //!   data_parallel_rank}`, each event a map with its tag in `type` and its fields by name.
 //!
-//! Fields after the ones we read (`lora_id`, `medium`, `lora_name`, `extra_keys`,
-//! `group_idx`, ...) are skipped, and trailing fields msgspec leaves out as defaults may
-//! be missing. Block hashes (`ExternalBlockHash`) are integers or bytes; they name
+//! Of `extra_keys` (per block, what vLLM hashed into it besides its tokens) only the
+//! first block's is read: a prompt's first block carries its `cache_salt` there, and the
+//! chain of keys of a salted prompt starts from that salt's root ([`cache_root`]), as the
+//! router keys a salted request's prompt, so salted and unsalted blocks never match.
+//! Other fields (`lora_id`, `medium`, `lora_name`, `group_idx`, ...) are skipped, and
+//! trailing fields msgspec leaves out as defaults may be missing. Block hashes (`ExternalBlockHash`) are integers or bytes; they name
 //! blocks within one engine only and are never compared with anything we compute.
 //!
 //! The payload comes from a peer we do not control, so it is read as a stream of
@@ -46,6 +49,9 @@ pub enum KvEvent {
         parent: Option<EngineHash>,
         token_ids: Vec<u32>,
         block_size: usize,
+        /// Where the keys of a block without a parent start: [`cache_root`] of the first
+        /// block's cache salt (0 without one).
+        root: u64,
     },
     /// Blocks evicted.
     BlockRemoved { block_hashes: Vec<EngineHash> },
@@ -123,10 +129,19 @@ fn decode_events(c: &mut Cursor) -> Result<Vec<KvEvent>, WireError> {
 }
 
 /// Field names in the array encoding's order, after the tag.
-const STORED: &[&[u8]] = &[b"block_hashes", b"parent_block_hash", b"token_ids", b"block_size"];
+const STORED: &[&[u8]] = &[
+    b"block_hashes",
+    b"parent_block_hash",
+    b"token_ids",
+    b"block_size",
+    b"lora_id",
+    b"medium",
+    b"lora_name",
+    b"extra_keys",
+];
 const REMOVED: &[&[u8]] = &[b"block_hashes"];
 
-fn decode_event(c: &mut Cursor) -> Result<Option<KvEvent>, WireError> {
+fn decode_event<'a>(c: &mut Cursor<'a>) -> Result<Option<KvEvent>, WireError> {
     let mut fields = Fields::default();
     let tag = match c.item()? {
         Item::Array(0) => return Err(WireError::Malformed("an event without a type tag")),
@@ -167,22 +182,25 @@ fn decode_event(c: &mut Cursor) -> Result<Option<KvEvent>, WireError> {
 /// The fields of one event as they are read, in whichever order they come. A field of
 /// the wrong type is remembered, not raised, until the tag says whether it matters.
 #[derive(Default)]
-struct Fields {
+struct Fields<'a> {
     block_hashes: Option<Vec<EngineHash>>,
     parent: Option<EngineHash>,
     token_ids: Option<Vec<u32>>,
     block_size: Option<u64>,
+    /// The first block's cache salt: the last string of its extra keys.
+    salt: Option<&'a [u8]>,
     error: Option<WireError>,
 }
 
-impl Fields {
-    fn read(&mut self, name: &[u8], c: &mut Cursor) -> Result<(), WireError> {
+impl<'a> Fields<'a> {
+    fn read(&mut self, name: &[u8], c: &mut Cursor<'a>) -> Result<(), WireError> {
         let start = *c;
         let read = match name {
             b"block_hashes" => c.hashes().map(|h| self.block_hashes = h),
             b"parent_block_hash" => c.optional_hash().map(|h| self.parent = h),
             b"token_ids" => c.token_ids().map(|t| self.token_ids = t),
             b"block_size" => c.optional_uint().map(|n| self.block_size = n),
+            b"extra_keys" => c.first_salt().map(|s| self.salt = s),
             _ => c.skip_value().map_err(WireError::from),
         };
         match read {
@@ -218,7 +236,11 @@ impl Fields {
                 if block_hashes.len().checked_mul(block_size) != Some(token_ids.len()) {
                     return Err(WireError::Malformed("BlockStored token_ids do not fill its blocks"));
                 }
-                KvEvent::BlockStored { block_hashes, parent: self.parent, token_ids, block_size }
+                let root = match self.salt {
+                    Some(salt) => cache_root(Some(&String::from_utf8_lossy(salt))),
+                    None => 0,
+                };
+                KvEvent::BlockStored { block_hashes, parent: self.parent, token_ids, block_size, root }
             }
             b"BlockRemoved" => KvEvent::BlockRemoved {
                 block_hashes: self
@@ -297,6 +319,44 @@ impl<'a> Cursor<'a> {
         Ok(Some(hashes))
     }
 
+    /// The cache salt in `extra_keys` (one entry per block): the last string of the
+    /// first block's entry, where vLLM puts it after any LoRA and multimodal keys. A shape
+    /// not known here means no salt, not a bad event.
+    fn first_salt(&mut self) -> Result<Option<&'a [u8]>, WireError> {
+        let start = *self;
+        let blocks = match self.item()? {
+            Item::Array(n) => n,
+            _ => {
+                *self = start;
+                self.skip_value()?;
+                return Ok(None);
+            }
+        };
+        let mut salt = None;
+        for block in 0..blocks {
+            let entry = *self;
+            let keys = match self.item()? {
+                Item::Array(n) if block == 0 => n,
+                _ => {
+                    *self = entry;
+                    self.skip_value()?;
+                    continue;
+                }
+            };
+            for _ in 0..keys {
+                let start = *self;
+                match self.item()? {
+                    Item::Str(s) => salt = Some(s),
+                    _ => {
+                        *self = start;
+                        self.skip_value()?;
+                    }
+                }
+            }
+        }
+        Ok(salt)
+    }
+
     fn token_ids(&mut self) -> Result<Option<Vec<u32>>, WireError> {
         let n = match self.item()? {
             Item::Nil => return Ok(None),
@@ -314,6 +374,12 @@ impl<'a> Cursor<'a> {
         }
         Ok(Some(ids))
     }
+}
+
+/// Where a prompt's chain of keys starts: 0, or for a request with vLLM's `cache_salt`
+/// (whose first block the engine hashes with it) a root of that salt's own.
+pub fn cache_root(salt: Option<&str>) -> u64 {
+    salt.map_or(0, |salt| xxh3_64_with_seed(salt.as_bytes(), 0x73616c74) | 1)
 }
 
 /// Our keys for consecutive blocks of `block_size` tokens, the first chained to `parent`
@@ -385,7 +451,8 @@ mod tests {
                     block_hashes: vec![11, 12],
                     parent: None,
                     token_ids: vec![1, 2, 3, 4],
-                    block_size: 2
+                    block_size: 2,
+                    root: 0,
                 },
                 KvEvent::BlockRemoved { block_hashes: vec![11] },
                 KvEvent::AllBlocksCleared,
@@ -432,6 +499,40 @@ mod tests {
         assert_eq!(decoded.events.len(), 1, "unknown event types are skipped");
         let KvEvent::BlockStored { block_hashes, .. } = &decoded.events[0] else { panic!() };
         assert_eq!(block_hashes, &vec![xxh3_64_with_seed(&[7; 32], 0)]);
+    }
+
+    #[test]
+    fn a_first_blocks_cache_salt_roots_its_keys() {
+        let event = |extra: V| {
+            V::Array(vec![
+                V::from("BlockStored"),
+                ints(&[5, 6]),
+                V::Nil,
+                ints(&[1, 2, 3, 4]),
+                V::from(2),
+                V::Nil,
+                V::from("GPU"),
+                V::Nil,
+                extra,
+            ])
+        };
+        let root = |extra: V| {
+            let batch = V::Array(vec![V::F64(1.0), V::Array(vec![event(extra)])]);
+            match &decode_batch(&encode(&batch)).unwrap().events[0] {
+                KvEvent::BlockStored { root, .. } => *root,
+                other => panic!("{other:?}"),
+            }
+        };
+        // The salt is the last string of the first block's keys (after a LoRA's name).
+        let salted = V::Array(vec![V::Array(vec![V::from("lora-x"), V::from("router-s")]), V::Nil]);
+        assert_eq!(root(salted), cache_root(Some("router-s")));
+        assert_ne!(cache_root(Some("router-s")), 0);
+        assert_eq!(root(V::Nil), 0);
+        assert_eq!(root(V::Array(vec![V::Nil, V::Nil])), 0);
+        assert_eq!(root(V::Array(vec![V::Array(vec![V::Binary(vec![1, 2])])])), 0, "no string: no salt");
+        // A shape not known is no salt, not a bad batch.
+        assert_eq!(root(V::from(7)), 0);
+        assert_eq!(root(V::Array(vec![V::Map(vec![])])), 0);
     }
 
     #[test]

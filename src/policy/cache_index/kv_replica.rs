@@ -46,14 +46,14 @@ impl KvReplica {
     pub fn apply(&mut self, event: &KvEvent, now: u64) -> Applied {
         let mut applied = Applied::default();
         match event {
-            KvEvent::BlockStored { block_hashes, parent, token_ids, block_size } => {
+            KvEvent::BlockStored { block_hashes, parent, token_ids, block_size, root } => {
                 if self.blocks.block_size() != *block_size {
                     applied.resized = self.blocks.block_size() != 0;
                     self.clear();
                     self.blocks.set_block_size(*block_size);
                 }
                 let parent_key = match parent {
-                    None => Some(0),
+                    None => Some(*root),
                     Some(p) => self.keys.get(p).copied(),
                 };
                 let Some(parent_key) = parent_key else {
@@ -105,7 +105,7 @@ mod tests {
     use super::*;
 
     fn stored(hashes: Vec<u64>, parent: Option<u64>, tokens: Vec<u32>, block_size: usize) -> KvEvent {
-        KvEvent::BlockStored { block_hashes: hashes, parent, token_ids: tokens, block_size }
+        KvEvent::BlockStored { block_hashes: hashes, parent, token_ids: tokens, block_size, root: 0 }
     }
 
     #[test]

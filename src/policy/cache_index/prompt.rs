@@ -8,7 +8,10 @@
 //! hash, and block 0 is seeded with the model's name, so one hash names one prefix of
 //! one model. Hashing runs at memory speed: a 150 kB agentic prompt costs microseconds.
 
-use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use super::kv_events::cache_root;
+use crate::policy::CacheScope;
 
 /// The chained hashes of a prompt's whole blocks.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -24,9 +27,11 @@ pub struct PromptBlocks {
 }
 
 impl PromptBlocks {
-    pub fn new(model: &str, prompt: &[u8], block_bytes: usize) -> Self {
+    /// The prompt's byte blocks in `scope`: block 0 is seeded with the model and the
+    /// request's cache salt, so a salted prompt shares no block with anyone else's.
+    pub fn new(scope: CacheScope<'_>, prompt: &[u8], block_bytes: usize) -> Self {
         let block_bytes = block_bytes.max(1);
-        let mut seed = xxh3_64(model.as_bytes());
+        let mut seed = xxh3_64_with_seed(scope.model.unwrap_or("").as_bytes(), cache_root(scope.salt));
         let hashes = prompt
             .chunks_exact(block_bytes)
             .map(|block| {
@@ -63,8 +68,8 @@ mod tests {
     fn a_longer_conversation_shares_its_earlier_blocks() {
         let turn1 = br#"[{"role":"system","content":"You are a coding agent."},{"role":"user","content":"fix the bug"}]"#;
         let turn2 = br#"[{"role":"system","content":"You are a coding agent."},{"role":"user","content":"fix the bug"},{"role":"assistant","content":"done"},{"role":"user","content":"now test it"}]"#;
-        let a = PromptBlocks::new("m", turn1, 16);
-        let b = PromptBlocks::new("m", turn2, 16);
+        let a = PromptBlocks::new(CacheScope::model("m"), turn1, 16);
+        let b = PromptBlocks::new(CacheScope::model("m"), turn2, 16);
         assert_eq!(a.len(), turn1.len() / 16);
         // Every whole block of turn 1 before its closing bracket is a block of turn 2.
         let common = (turn1.len() - 1) / 16;
@@ -74,12 +79,12 @@ mod tests {
 
     #[test]
     fn hashes_name_whole_prefixes_of_one_model() {
-        let x = PromptBlocks::new("m", b"aaaabbbbcccc", 4);
-        let y = PromptBlocks::new("m", b"zzzzbbbbcccc", 4);
+        let x = PromptBlocks::new(CacheScope::model("m"), b"aaaabbbbcccc", 4);
+        let y = PromptBlocks::new(CacheScope::model("m"), b"zzzzbbbbcccc", 4);
         // Same second block after a different first: a different prefix, a different hash.
         assert_ne!(x.hashes[1], y.hashes[1]);
-        let other_model = PromptBlocks::new("n", b"aaaabbbbcccc", 4);
+        let other_model = PromptBlocks::new(CacheScope::model("n"), b"aaaabbbbcccc", 4);
         assert_ne!(x.hashes[0], other_model.hashes[0]);
-        assert!(PromptBlocks::new("m", b"abc", 4).is_empty());
+        assert!(PromptBlocks::new(CacheScope::model("m"), b"abc", 4).is_empty());
     }
 }

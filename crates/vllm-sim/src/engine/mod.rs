@@ -69,6 +69,8 @@ pub struct EngineRequest {
     pub events: mpsc::UnboundedSender<Event>,
     /// What one of its output tokens costs the API server ([`ApiCosts::token_weight`]).
     pub output_weight: f64,
+    /// vLLM's `cache_salt`: the prompt's first block is hashed with it.
+    pub cache_salt: Option<String>,
 }
 
 pub use crate::events::{Event, Finish};
@@ -110,6 +112,8 @@ struct Seq {
     released: usize,
     /// Full blocks already published to the prefix cache.
     published: usize,
+    /// Where the sequence's chain of block hashes starts (its cache salt's root).
+    root: u64,
     parent_hash: u64,
     sampler: Sampler,
     generated: usize,
@@ -127,7 +131,9 @@ impl Seq {
         let tokens = req.prompt.clone();
         let text = (!req.stop.is_empty()).then(Default::default);
         let prompt_len = tokens.len();
+        let root = crate::kv_cache::root(req.cache_salt.as_deref());
         Seq {
+            root,
             req,
             tokens,
             prompt_len,
@@ -135,7 +141,7 @@ impl Seq {
             blocks: Vec::new(),
             released: 0,
             published: 0,
-            parent_hash: 0,
+            parent_hash: root,
             sampler,
             generated: 0,
             admitted: false,
@@ -231,6 +237,7 @@ mod tests {
             arrived: Instant::now(),
             events: tx,
             output_weight: 1.0,
+            cache_salt: None,
         });
         let mut ids = Vec::new();
         while let Some(event) = rx.recv().await {

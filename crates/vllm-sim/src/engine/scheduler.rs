@@ -148,7 +148,7 @@ impl Scheduler {
             // Pull the blocks the decode step reads that this replica does not have: the
             // whole prompt, or with a window only the blocks the window reaches.
             let total = seq.tokens.len();
-            let hashes = block_hashes(&seq.tokens[..total - 1]);
+            let hashes = block_hashes(&seq.tokens[..total - 1], seq.root);
             let from = self.window_start(total - 1);
             let cached = match self.config.profile.attention_window {
                 None => self.kv.lookup(&hashes),
@@ -256,7 +256,7 @@ impl Scheduler {
             seq.released = 0;
             seq.computed = 0;
             seq.published = 0;
-            seq.parent_hash = 0;
+            seq.parent_hash = seq.root;
             self.metrics.preemptions.inc();
             self.waiting.push_front(seq);
             if victim == keep {
@@ -286,7 +286,7 @@ impl Scheduler {
             return Admission::Rejected;
         }
         // Reuse cached full blocks, always leaving at least one token to compute.
-        let hashes = block_hashes(&seq.tokens[..total - 1]);
+        let hashes = block_hashes(&seq.tokens[..total - 1], seq.root);
         let hit_blocks = self.kv.lookup_window(&hashes, window_blocks);
         let remote = matches!(seq.req.kind, Kind::RemoteKv { .. });
         let computed = if remote { total - 1 } else { hit_blocks * BLOCK_SIZE };
@@ -320,7 +320,7 @@ impl Scheduler {
         seq.released = if reuse.is_empty() { fresh_from } else { reuse.start };
         seq.computed = computed;
         seq.published = fresh_from;
-        seq.parent_hash = if fresh_from > 0 { hashes[fresh_from - 1] } else { 0 };
+        seq.parent_hash = if fresh_from > 0 { hashes[fresh_from - 1] } else { seq.root };
         Admission::Scheduled(need)
     }
 
@@ -412,7 +412,13 @@ fn publish_full_blocks(kv: &mut KvCache, seq: &mut Seq) {
         let b = seq.published;
         let tokens = &seq.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
         let hash = chain_hash(seq.parent_hash, tokens);
-        kv.publish(seq.blocks[b], hash, (b > 0).then_some(seq.parent_hash), tokens);
+        kv.publish(
+            seq.blocks[b],
+            hash,
+            (b > 0).then_some(seq.parent_hash),
+            tokens,
+            seq.req.cache_salt.as_deref(),
+        );
         seq.parent_hash = hash;
         seq.published += 1;
     }
