@@ -54,6 +54,8 @@ pub enum RouterError {
     BadForm(String),
     #[error("the path `{0}` has dot segments, empty segments or encoded separators")]
     BadPath(String),
+    #[error("the router holds as many request bytes as it may; retry shortly")]
+    BodiesBuffered,
 }
 
 impl RouterError {
@@ -72,7 +74,7 @@ impl RouterError {
             RouterError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             RouterError::Unauthorized => StatusCode::UNAUTHORIZED,
             RouterError::QueueFull => StatusCode::TOO_MANY_REQUESTS,
-            RouterError::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            RouterError::QueueTimeout { .. } | RouterError::BodiesBuffered => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             RouterError::ModelNotAllowed(_) => StatusCode::NOT_FOUND,
         }
@@ -94,7 +96,7 @@ impl RouterError {
             RouterError::MethodNotAllowed { .. } => "MethodNotAllowedError",
             RouterError::Unauthorized => "AuthenticationError",
             RouterError::QueueFull => "RateLimitError",
-            RouterError::QueueTimeout { .. } => "ServiceUnavailableError",
+            RouterError::QueueTimeout { .. } | RouterError::BodiesBuffered => "ServiceUnavailableError",
             RouterError::RateLimited(_) => "RateLimitError",
             RouterError::ModelNotAllowed(_) => "NotFoundError",
         }
@@ -146,7 +148,7 @@ impl IntoResponse for RouterError {
         let mut response = error_response(self.status(), self.body());
         let headers = response.headers_mut();
         match &self {
-            RouterError::QueueFull | RouterError::QueueTimeout { .. } => {
+            RouterError::QueueFull | RouterError::QueueTimeout { .. } | RouterError::BodiesBuffered => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             RouterError::RateLimited(refused) => {

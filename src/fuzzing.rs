@@ -272,7 +272,7 @@ pub fn usage_shapes(data: &[u8]) {
 pub fn h2_connection(data: &[u8]) {
     use crate::ingress::h2_streams::{ConnectionStreams, StreamCounters, StreamExecutor, watched_body};
     use std::time::Duration;
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
     let Ok(runtime) = runtime else { return };
     runtime.block_on(async {
         let counters = StreamCounters {
@@ -297,7 +297,11 @@ pub fn h2_connection(data: &[u8]) {
         use tokio::io::AsyncWriteExt;
         let _ = writer.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
         let _ = writer.write_all(data).await;
-        let _ = tokio::time::timeout(Duration::from_secs(5), serving).await;
+        // The client is done: the connection ends once its streams have.
+        let _ = writer.shutdown().await;
+        drop(writer);
+        let ended = tokio::time::timeout(Duration::from_secs(10), serving).await;
+        assert!(ended.is_ok(), "the connection ended after its client did");
     });
 }
 

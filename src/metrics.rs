@@ -66,6 +66,8 @@ pub struct Metrics {
     pub client_goaways: IntCounterVec,
     /// Client connections open.
     pub client_connections: prometheus::IntGauge,
+    /// Request body bytes the router holds, all requests together.
+    pub request_bytes_held: prometheus::IntGauge,
     /// Prompts handed to the tokenizer's threads, by outcome: `done`, `busy` (the queue
     /// was full: not tokenised), `abandoned` (the client left while it waited).
     pub tokenizer_jobs: IntCounterVec,
@@ -297,6 +299,15 @@ impl Metrics {
             client_connections: {
                 let g = prometheus::IntGauge::new("router_client_connections", "Client connections open")
                     .expect("valid metric");
+                registry.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            request_bytes_held: {
+                let g = prometheus::IntGauge::new(
+                    "router_request_bytes_held",
+                    "Request body bytes held by the router, all requests together",
+                )
+                .expect("valid metric");
                 registry.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
@@ -555,8 +566,68 @@ impl Metrics {
     }
 }
 
+/// The exposition `text` without the samples of other API keys than `key` (samples
+/// with a `key` label of another value; those without the label stay).
+pub fn only_key(text: &str, key: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with('#') || label(line, "key").is_none_or(|value| value == key) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The value of label `name` in a sample line (escapes left as written).
+fn label<'a>(line: &'a str, name: &str) -> Option<&'a str> {
+    let open = line.find('{')?;
+    let mut rest = &line[open + 1..];
+    loop {
+        let (label, after) = rest.split_once("=\"")?;
+        // The value ends at the first quote not escaped.
+        let mut end = 0;
+        let bytes = after.as_bytes();
+        while end < bytes.len() && bytes[end] != b'"' {
+            end += if bytes[end] == b'\\' { 2 } else { 1 };
+        }
+        let value = after.get(..end)?;
+        if label.trim_start_matches(',') == name {
+            return Some(value);
+        }
+        rest = after.get(end + 1..)?;
+        if rest.starts_with('}') {
+            return None;
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_sees_its_own_series_and_no_other_keys() {
+        let text = "# HELP router_key_requests_total x\n\
+            router_key_requests_total{key=\"a\",status=\"200\"} 3\n\
+            router_key_requests_total{key=\"b\",status=\"200\"} 4\n\
+            router_queue_wait_seconds_bucket{key=\"a\\\"b\",priority=\"normal\",le=\"0.1\"} 1\n\
+            router_queue_wait_seconds_bucket{key=\"anonymous\",priority=\"normal\",le=\"0.1\"} 1\n\
+            router_requests_total{endpoint=\"x\",replica=\"r\",status=\"200\"} 9\n\
+            router_keyless_total 2\n";
+        let seen = only_key(text, "a");
+        assert!(seen.contains("key=\"a\",status"));
+        assert!(!seen.contains("key=\"b\"") && !seen.contains("anonymous") && !seen.contains("a\\\"b"));
+        assert!(seen.contains("router_requests_total") && seen.contains("router_keyless_total 2"));
+        assert!(seen.contains("# HELP"));
+        assert_eq!(label("m{priority=\"x\",key=\"k\"} 1", "key"), Some("k"));
+        assert_eq!(label("m{monkey=\"k\"} 1", "key"), None);
+        assert_eq!(label("m 1", "key"), None);
     }
 }

@@ -182,17 +182,21 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     if let Some(path) = config.key_source.file.clone() {
         let (source, keys, limits, metrics) =
             (config.key_source.clone(), api_keys.clone(), rate_limits.clone(), metrics.clone());
-        tasks.push(crate::reload::watch("api_keys", vec![path], metrics.config_reloads.clone(), move || {
-            let loaded = source.load()?;
-            for key in &loaded {
-                metrics.add_key(&key.name, key.priority.label());
-            }
-            let count = loaded.len();
-            keys.replace(loaded);
-            limits.retain(&keys.names());
-            tracing::info!(keys = count, "API keys reloaded");
-            Ok(())
-        }));
+        tasks.push(crate::reload::watch(
+            "api_keys",
+            vec![path],
+            metrics.config_reloads.clone(),
+            move || source.load(),
+            move |loaded: Vec<crate::admission::ApiKey>| {
+                for key in &loaded {
+                    metrics.add_key(&key.name, key.priority.label());
+                }
+                let count = loaded.len();
+                keys.replace(loaded);
+                limits.retain(&keys.names());
+                tracing::info!(keys = count, "API keys reloaded");
+            },
+        ));
     }
     let tls = |files: &Option<crate::ingress::tls::TlsFiles>, label| -> std::io::Result<_> {
         match files {
@@ -224,6 +228,10 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         continuation_attempts: config.continuation_attempts,
         keys: KeyHeaders::new(config.session_headers.clone()),
         max_body_bytes: config.max_body_bytes,
+        body_budget: crate::ingress::body_budget::BodyBudget::new(
+            config.max_buffered_request_bytes,
+            Some(metrics.request_bytes_held.clone()),
+        ),
         body_read_timeout: config.body_read_timeout,
         metrics: metrics.clone(),
         limiter: config.limit.map(|(n, queued, timeout)| {

@@ -259,3 +259,38 @@ async fn connections_past_the_limit_wait_to_be_accepted_and_are_served_when_one_
     assert!(answer.starts_with(b"HTTP/1.1 200"), "{:?}", String::from_utf8_lossy(&answer));
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn request_bytes_held_at_once_are_capped_across_clients() {
+    let mocks = mocks(1).await;
+    let mut config = config(&mocks);
+    config.max_buffered_request_bytes = 1 << 20;
+    let router = router(config).await;
+    // A slow upload: 800 kB of a declared 900 kB, then nothing.
+    let mut slow = TcpStream::connect(router.addr).await.unwrap();
+    let head = "POST /v1/completions HTTP/1.1\r\nhost: r\r\ncontent-type: application/json\r\ncontent-length: 900000\r\n\r\n";
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&vec![b' '; 800_000]).await.unwrap();
+    eventually("800 kB held", || metric(&router.metrics.render(), "router_request_bytes_held") >= 800_000.0)
+        .await;
+    let url = format!("{}/v1/completions", base(&router));
+    let body = |bytes: usize| json!({"model": "m", "prompt": "x".repeat(bytes)});
+    // 300 kB more would pass the cap: refused, to be retried; 100 kB fits.
+    let refused = client()
+        .post(&url)
+        .header("content-type", "application/json")
+        .body(body(300_000).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"));
+    let (status, _, _) = post(&client(), &url, &body(100_000), &[]).await;
+    assert_eq!(status, 200);
+    // The slow client leaves: its bytes are given back.
+    drop(slow);
+    eventually("nothing held", || metric(&router.metrics.render(), "router_request_bytes_held") == 0.0).await;
+    let (status, _, _) = post(&client(), &url, &body(300_000), &[]).await;
+    assert_eq!(status, 200);
+    router.shutdown().await;
+}

@@ -95,11 +95,16 @@ key = "sk-free"
     assert_eq!(body["error"]["code"], 429);
     assert!(body["error"]["message"].as_str().unwrap().contains("5 requests per minute"), "{body}");
     assert_eq!(complete(&router, "sk-free", small()).await.status(), 200, "another key is served");
-    let text = scrape(&router, "sk-free").await;
+    let text = scrape(&router, "sk-five").await;
     assert_eq!(metric(&text, r#"router_key_rate_limited_total{key="five",limit="requests"}"#), 1.0);
     assert_eq!(metric(&text, r#"router_key_requests_total{key="five",status="200"}"#), 5.0);
     assert_eq!(metric(&text, r#"router_key_requests_total{key="five",status="429"}"#), 1.0);
     assert!(!text.contains("sk-five"), "metrics name keys, never the secret");
+    assert!(!text.contains(r#"key="free""#), "a key sees its own series only");
+    // Another key sees its own, and nothing of "five"'s.
+    let text = scrape(&router, "sk-free").await;
+    assert_eq!(metric(&text, r#"router_key_requests_total{key="free",status="200"}"#), 1.0);
+    assert!(!text.contains(r#"key="five""#), "{text}");
     router.shutdown().await;
 }
 
@@ -327,6 +332,53 @@ async fn the_keys_file_is_reloaded_and_a_bad_edit_keeps_the_last_good_set() {
     }
     assert!(counted, "the failed reload is counted");
     assert_eq!(complete(&router, "sk-new", small()).await.status(), 429, "the last good set stays");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_keys_file_caught_half_written_is_not_loaded() {
+    let keys = keys_file("half", "[[keys]]\nname = \"old\"\nkey = \"sk-old\"\n");
+    let (_sims, router) = setup(50.0, &keys, |_| {}).await;
+    // Start just after one of the router's looks at the file (one a second).
+    std::fs::write(&keys, "[[keys]]\nname = \"old\"\nkey = \"sk-old\"\n\n").unwrap();
+    for _ in 0..100 {
+        let text = scrape(&router, "sk-old").await;
+        if metric(&text, r#"router_config_reloads_total{file="api_keys",outcome="ok"}"#) == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A writer that writes the file in two parts, 0.6 s apart: the first part is valid
+    // TOML on its own (a new key, and the old key not yet written). A router that loads
+    // what it sees at its next look (every second) serves the half file in most rounds.
+    for round in 0..4 {
+        // (The router looked at the file just before the last round's reload was seen:
+        // 0.45 s on, the half file's 0.6 s span its next look.)
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        let first = format!("[[keys]]\nname = \"first{round}\"\nkey = \"sk-first{round}\"\n");
+        std::fs::write(&keys, &first).unwrap();
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert_eq!(complete(&router, "sk-old", small()).await.status(), 200, "the half file served");
+        }
+        std::fs::write(&keys, format!("{first}\n[[keys]]\nname = \"old\"\nkey = \"sk-old\"\n")).unwrap();
+        let mut reloaded = false;
+        for _ in 0..100 {
+            if complete(&router, &format!("sk-first{round}"), small()).await.status() == 200 {
+                reloaded = true;
+                break;
+            }
+            assert_eq!(complete(&router, "sk-old", small()).await.status(), 200, "the half file served");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(reloaded, "the whole file is loaded (round {round})");
+    }
+    let text = scrape(&router, "sk-old").await;
+    assert_eq!(
+        metric(&text, r#"router_config_reloads_total{file="api_keys",outcome="ok"}"#),
+        5.0,
+        "whole files only"
+    );
     router.shutdown().await;
 }
 

@@ -4,8 +4,11 @@
 //! the highest priority band with anyone waiting (`high`, `normal`, `low`), and within
 //! a band to the keys in turn, one request each (round robin): a key that floods the
 //! router queues behind itself, and another key's request waits for the next free slot,
-//! not for the flood to drain. With `--queue-order fifo` every request is in one queue,
-//! served in arrival order, as before.
+//! not for the flood to drain. A lower band is never starved: once [`STARVATION_BOUND`]
+//! slots in a row went to higher bands while it waited, the next goes to it (the band
+//! passed over longest first), so a steady `high` key leaves every waiting band a share.
+//! With `--queue-order fifo` every request is in one queue, served in arrival order, as
+//! before.
 //!
 //! The queue is bounded (`--max-queued-requests`). When it is full, the longest queue
 //! pays: an arrival from a key with fewer requests waiting pushes out the newest
@@ -95,6 +98,9 @@ pub struct QueueMetrics {
     pub queued: IntGauge,
 }
 
+/// Slots that may go to higher bands in a row while a lower band waits.
+pub const STARVATION_BOUND: usize = 4;
+
 #[derive(Default)]
 struct State {
     free: usize,
@@ -102,6 +108,8 @@ struct State {
     next_id: u64,
     /// One per priority, each a ring of keys with requests waiting.
     bands: [VecDeque<Queue>; 3],
+    /// Per band: slots given to higher bands since it was last served while it waited.
+    passed_over: [usize; 3],
 }
 
 struct Queue {
@@ -219,9 +227,22 @@ impl Inner {
 }
 
 impl State {
-    /// The next waiter: highest band first, keys in turn within it.
+    /// The next waiter: highest band first, keys in turn within it; but a band passed
+    /// over [`STARVATION_BOUND`] times is served first (the one passed over most).
     fn next_waiter(&mut self) -> Option<Waiter> {
-        let queues = self.bands.iter_mut().find(|queues| !queues.is_empty())?;
+        let top = self.bands.iter().position(|queues| !queues.is_empty())?;
+        let starved = (top + 1..self.bands.len())
+            .filter(|&b| !self.bands[b].is_empty() && self.passed_over[b] >= STARVATION_BOUND)
+            .max_by_key(|&b| (self.passed_over[b], std::cmp::Reverse(b)));
+        let band = starved.unwrap_or(top);
+        for b in 0..self.bands.len() {
+            if b == band || self.bands[b].is_empty() {
+                self.passed_over[b] = 0;
+            } else if b > band {
+                self.passed_over[b] += 1;
+            }
+        }
+        let queues = &mut self.bands[band];
         let mut queue = queues.pop_front().expect("not empty");
         let waiter = queue.waiters.pop_front().expect("queues in a band are not empty");
         if !queue.waiters.is_empty() {
@@ -331,8 +352,22 @@ mod tests {
             ("h", High),
             ("b", Normal),
         ];
-        assert_eq!(served_order(QueueOrder::Fair, &arrivals).await, ["h", "a", "b", "a", "b", "a", "c"]);
+        // "c" (low) waits while four slots go to higher bands, then has the fifth.
+        assert_eq!(served_order(QueueOrder::Fair, &arrivals).await, ["h", "a", "b", "a", "c", "b", "a"]);
         assert_eq!(served_order(QueueOrder::Fifo, &arrivals).await, ["a", "a", "a", "b", "c", "h", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_steady_high_key_leaves_every_waiting_band_a_share() {
+        use Priority::*;
+        let mut arrivals = vec![("h", High); 12];
+        arrivals.extend([("n", Normal), ("n", Normal), ("l", Low), ("l", Low)]);
+        let order = served_order(QueueOrder::Fair, &arrivals).await;
+        assert_eq!(
+            order,
+            ["h", "h", "h", "h", "n", "l", "h", "h", "h", "h", "n", "l", "h", "h", "h", "h"],
+            "after {STARVATION_BOUND} slots to higher bands, a waiting band gets the next"
+        );
     }
 
     #[tokio::test]

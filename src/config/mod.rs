@@ -89,6 +89,8 @@ pub struct RouterConfig {
     pub tokenizer_queue: usize,
     pub session_headers: Vec<HeaderName>,
     pub max_body_bytes: usize,
+    /// `--max-buffered-request-bytes`.
+    pub max_buffered_request_bytes: usize,
     pub health: HealthConfig,
     pub thresholds: Thresholds,
     pub connect_timeout: Duration,
@@ -245,6 +247,8 @@ impl Cli {
             },
             session_headers: self.policy.session_headers.clone(),
             max_body_bytes: serving.max_body_bytes,
+            max_buffered_request_bytes: usize::try_from(serving.max_buffered_request_bytes)
+                .unwrap_or(usize::MAX),
             health: resilience.health(),
             thresholds: resilience.thresholds(),
             connect_timeout: resilience.connect_timeout,

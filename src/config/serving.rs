@@ -21,6 +21,11 @@ pub struct ServingArgs {
     #[arg(long, default_value_t = 32 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Most request body bytes held at once, all requests together (each request's for as
+    /// long as its response lasts); a body that would pass it gets 503 and Retry-After.
+    #[arg(long, default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_buffered_request_bytes: u64,
+
     /// Time a client has to send its request headers; slower connections are closed.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub header_read_timeout: Duration,

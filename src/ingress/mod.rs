@@ -9,6 +9,7 @@
 //! adapters at run time, for one) that a client of the router must not make.
 //! `GET /v1/models`, `/health` and `/metrics` are answered by the router itself.
 
+pub mod body_budget;
 pub(crate) mod client_io;
 pub mod h2_streams;
 pub(crate) mod keep_alive;
@@ -77,6 +78,8 @@ pub struct Ingress {
     pub continuation_attempts: u32,
     pub keys: KeyHeaders,
     pub max_body_bytes: usize,
+    /// Request bytes held at once, all requests together (`--max-buffered-request-bytes`).
+    pub body_budget: Arc<body_budget::BodyBudget>,
     /// Longest a client may take to send its request body.
     pub body_read_timeout: std::time::Duration,
     pub metrics: Arc<Metrics>,
@@ -200,7 +203,10 @@ async fn health(State(ingress): State<Arc<Ingress>>) -> Response {
     json(status, body.to_string())
 }
 
-async fn metrics(State(ingress): State<Arc<Ingress>>) -> Response {
+/// `GET /metrics`. A caller with an API key (the serving port, keys configured) sees the
+/// per-key series of its own key only; the admin listener, and a router without keys,
+/// show all.
+async fn metrics(State(ingress): State<Arc<Ingress>>, request: Request) -> Response {
     let registries = std::iter::once(&ingress.dispatcher.registry)
         .chain(ingress.pd.as_ref().map(|pd| &pd.prefill.registry));
     for index in registries.filter_map(|registry| registry.cache_index()) {
@@ -208,7 +214,12 @@ async fn metrics(State(ingress): State<Arc<Ingress>>) -> Response {
             ingress.metrics.cache_index_blocks.with_label_values(&[&*replica]).set(blocks as i64);
         }
     }
-    let mut response = ingress.metrics.render().into_response();
+    let text = ingress.metrics.render();
+    let text = match request.extensions().get::<Caller>() {
+        Some(caller) => crate::metrics::only_key(&text, &caller.0.name),
+        None => text,
+    };
+    let mut response = text.into_response();
     response
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
@@ -257,9 +268,10 @@ impl Ingress {
     ) -> Response {
         let label = endpoint.label();
         let (parts, body) = request.into_parts();
+        let mut held = self.body_budget.hold();
         let read = tokio::time::timeout(
             self.body_read_timeout,
-            read_body(body, &parts.headers, self.max_body_bytes),
+            read_body(body, &parts.headers, self.max_body_bytes, &mut held),
         )
         .await
         .unwrap_or(Err(RouterError::BodyTimeout(self.body_read_timeout)));
@@ -327,10 +339,8 @@ impl Ingress {
                 self.refuse(label, error)
             }
         };
-        match slot {
-            Some(slot) => served.map(|body| crate::response::end::holding(body, slot)),
-            None => served,
-        }
+        // The slot and the body's bytes are held until the response ends.
+        served.map(|body| crate::response::end::holding(body, (slot, held)))
     }
 
     /// The router's own answer to a request it will not forward, counted.
@@ -472,10 +482,16 @@ impl Drop for Waiting<'_> {
 }
 
 /// Read the whole body, refusing more than `limit` bytes (early, if Content-Length says
-/// so). It is held once: a body in one frame is kept as it came, a longer one gathered
-/// into a buffer sized by its Content-Length (bounded by `limit`, so a false length
-/// reserves at most that).
-async fn read_body(mut body: Body, headers: &HeaderMap, limit: usize) -> Result<Bytes, RouterError> {
+/// so), each frame's bytes taken from the router's budget as they arrive (`held`). It is
+/// held once: a body in one frame is kept as it came, a longer one gathered into a
+/// buffer sized by its Content-Length (bounded by `limit`, so a false length reserves at
+/// most that; the pages are touched only as bytes arrive).
+async fn read_body(
+    mut body: Body,
+    headers: &HeaderMap,
+    limit: usize,
+    held: &mut body_budget::Held,
+) -> Result<Bytes, RouterError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
@@ -488,6 +504,9 @@ async fn read_body(mut body: Body, headers: &HeaderMap, limit: usize) -> Result<
         length += data.len();
         if length > limit {
             return Err(RouterError::BodyTooLarge { limit });
+        }
+        if !held.take(data.len()) {
+            return Err(RouterError::BodiesBuffered);
         }
         match (&mut first, &mut gathered) {
             (None, None) => first = Some(data),

@@ -71,11 +71,12 @@ pub fn acceptor(
         .with_cert_resolver(current.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let reload_files = files.clone();
-    let watcher =
-        crate::reload::watch(file_label, vec![files.cert.clone(), files.key.clone()], reloads, move || {
-            let certified = reload_files.load(&provider)?;
-            current.0.store(Arc::new(certified));
-            Ok(())
-        });
+    let watcher = crate::reload::watch(
+        file_label,
+        vec![files.cert.clone(), files.key.clone()],
+        reloads,
+        move || reload_files.load(&provider),
+        move |certified| current.0.store(Arc::new(certified)),
+    );
     Ok((TlsAcceptor::from(Arc::new(config)), watcher))
 }
