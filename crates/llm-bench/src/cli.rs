@@ -132,6 +132,10 @@ pub struct RunArgs {
     /// Header carrying the session id of agentic requests (AIPerf's X-Correlation-ID).
     #[arg(long, default_value = "x-correlation-id")]
     pub session_header: HeaderName,
+    /// Send requests over HTTP/2 with prior knowledge (h2c), as streams on shared
+    /// connections, instead of HTTP/1.1.
+    #[arg(long)]
+    pub http2: bool,
     /// Send `Authorization: Bearer <KEY>` (a router's client API key).
     #[arg(long, value_name = "KEY", env = "LLM_BENCH_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -262,6 +266,7 @@ pub async fn run(args: RunArgs) -> Result<(), String> {
             wall(args.request_timeout),
         )
         .with_cancellation(cancellation)
+        .http2(args.http2)
         .with_api_key(args.api_key.as_deref())?,
     );
     let model = match &args.model {

@@ -167,6 +167,20 @@ impl Client {
         Ok(self)
     }
 
+    /// Speak HTTP/2 with prior knowledge (h2c): every request a stream, multiplexed on
+    /// few connections.
+    pub fn http2(mut self, on: bool) -> Self {
+        if on {
+            let mut connector = HttpConnector::new();
+            connector.set_nodelay(true);
+            self.http = HyperClient::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .http2_only(true)
+                .build(connector);
+        }
+        self
+    }
+
     pub fn with_cancellation(mut self, cancellation: Option<Cancellation>) -> Self {
         self.cancellation = cancellation;
         self
