@@ -40,8 +40,16 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// A path with no `.` or `..` segment, no empty segment and no percent-encoded `/`,
 /// `\\` or `.`: one that every server resolves to itself.
 pub fn clean_path(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if ["%2f", "%5c", "%2e", "\\"].iter().any(|bad| lower.contains(bad)) {
+    let bytes = path.as_bytes();
+    let encoded_separator = bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'\\'
+            || (b == b'%'
+                && matches!(
+                    bytes.get(i + 1..i + 3),
+                    Some([b'2', b'f' | b'F' | b'e' | b'E'] | [b'5', b'c' | b'C'])
+                ))
+    });
+    if encoded_separator {
         return false;
     }
     path == "/"
@@ -95,4 +103,29 @@ pub async fn admit(State(keys): State<ApiKeys>, mut request: Request, next: Next
         if let_in { next.run(request).await } else { RouterError::Unauthorized.into_response() };
     response.headers_mut().insert(REQUEST_ID, client_id.unwrap_or(id));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_paths_every_server_resolves_alike_are_clean() {
+        for clean in ["/", "/v1/chat/completions", "/v1/responses/resp_1", "/health", "/v1/a%20b"] {
+            assert!(super::clean_path(clean), "{clean}");
+        }
+        for dirty in [
+            "/v1/responses/../x",
+            "/v1/./x",
+            "/v1//x",
+            "/v1/x/",
+            "/v1/%2e%2e/x",
+            "/v1/%2E/x",
+            "/v1/a%2fb",
+            "/v1/a%5Cb",
+            "/v1/a\\b",
+            "v1",
+            "",
+        ] {
+            assert!(!super::clean_path(dirty), "{dirty}");
+        }
+    }
 }

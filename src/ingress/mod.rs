@@ -40,7 +40,6 @@ use crate::dispatch::{Dispatcher, Route, ServedBy};
 use crate::error::RouterError;
 use crate::ingress::routing_key::KeyHeaders;
 use crate::metrics::{ENDPOINTS, Metrics};
-use crate::response::continuation;
 use crate::response::continued::{Continuation, ContinuedBody};
 use crate::upstream::proxy::Outbound;
 use request_facts::{BodyFacts, FactsError};
@@ -420,14 +419,15 @@ impl Ingress {
         }
         let prompt = facts.prompt.clone().map(|range| body.slice(range));
         let outbound = Outbound::new(parts.method, path, parts.headers, body);
-        // Whether a broken stream can be continued is judged now, from the members the
-        // request has (never the prompt): one that cannot be is never watched for it.
+        // Whether a broken stream can be continued was judged as the body was read, from
+        // its members (never the prompt): one that cannot be is never watched for it.
         let continuable = self.continuation_attempts > 0
             && facts.stream
-            && endpoint != Endpoint::Other
-            && Members::parse(&outbound.body).is_ok_and(|members| {
-                continuation::continuable(&members, endpoint == Endpoint::ChatCompletions).is_ok()
-            });
+            && match endpoint {
+                Endpoint::ChatCompletions => facts.continuable.chat,
+                Endpoint::Completions => facts.continuable.completion,
+                Endpoint::Other => false,
+            };
         let route = Route {
             endpoint: endpoint.label(),
             model: facts.model.as_deref(),

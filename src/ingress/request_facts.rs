@@ -17,6 +17,8 @@ use serde::Deserialize;
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
+use crate::response::continuation;
+
 /// What the router learned from a request body.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BodyFacts {
@@ -37,6 +39,15 @@ pub struct BodyFacts {
     pub generations: u64,
     /// vLLM's `cache_salt`: the request's blocks are cached apart from unsalted ones.
     pub cache_salt: Option<String>,
+    /// Whether a broken stream of this request could be continued faithfully, as a chat
+    /// and as a completion ([`crate::response::continuation::continuable`]).
+    pub continuable: Continuable,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Continuable {
+    pub chat: bool,
+    pub completion: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -114,6 +125,8 @@ struct RawFields<'a> {
     n: Option<&'a RawValue>,
     best_of: Option<&'a RawValue>,
     cache_salt: Option<&'a RawValue>,
+    /// The other members continuation judges a request by, last value of each.
+    judged: [Option<&'a RawValue>; 12],
 }
 
 #[derive(Deserialize)]
@@ -135,6 +148,18 @@ enum Field {
     N,
     BestOf,
     CacheSalt,
+    Logprobs,
+    TopLogprobs,
+    PromptLogprobs,
+    Echo,
+    Tools,
+    ToolChoice,
+    ResponseFormat,
+    StructuredOutputs,
+    GuidedJson,
+    GuidedRegex,
+    GuidedChoice,
+    GuidedGrammar,
     #[serde(other)]
     Other,
 }
@@ -170,6 +195,18 @@ impl<'de: 'a, 'a> Deserialize<'de> for RawFields<'a> {
                         Field::N => &mut raw.n,
                         Field::BestOf => &mut raw.best_of,
                         Field::CacheSalt => &mut raw.cache_salt,
+                        Field::Logprobs => &mut raw.judged[0],
+                        Field::TopLogprobs => &mut raw.judged[1],
+                        Field::PromptLogprobs => &mut raw.judged[2],
+                        Field::Echo => &mut raw.judged[3],
+                        Field::Tools => &mut raw.judged[4],
+                        Field::ToolChoice => &mut raw.judged[5],
+                        Field::ResponseFormat => &mut raw.judged[6],
+                        Field::StructuredOutputs => &mut raw.judged[7],
+                        Field::GuidedJson => &mut raw.judged[8],
+                        Field::GuidedRegex => &mut raw.judged[9],
+                        Field::GuidedChoice => &mut raw.judged[10],
+                        Field::GuidedGrammar => &mut raw.judged[11],
                         Field::Other => {
                             map.next_value::<IgnoredAny>()?;
                             continue;
@@ -254,7 +291,36 @@ impl RawFields<'_> {
             generations,
             // Not a string: the engine's to refuse; it salts nothing here.
             cache_salt: self.cache_salt.and_then(|raw| serde_json::from_str::<String>(raw.get()).ok()),
+            continuable: Continuable {
+                chat: continuation::continuable(|key| self.member(key), true).is_ok(),
+                completion: continuation::continuable(|key| self.member(key), false).is_ok(),
+            },
         })
+    }
+
+    /// A member continuation judges by (the last value of its key).
+    fn member(&self, key: &str) -> Option<&RawValue> {
+        const JUDGED: [&str; 12] = [
+            "logprobs",
+            "top_logprobs",
+            "prompt_logprobs",
+            "echo",
+            "tools",
+            "tool_choice",
+            "response_format",
+            "structured_outputs",
+            "guided_json",
+            "guided_regex",
+            "guided_choice",
+            "guided_grammar",
+        ];
+        match key {
+            "n" => self.n,
+            "best_of" => self.best_of,
+            "messages" => self.messages,
+            "prompt" => self.prompt,
+            _ => JUDGED.iter().position(|k| *k == key).and_then(|i| self.judged[i]),
+        }
     }
 }
 
@@ -412,6 +478,26 @@ mod tests {
         assert_eq!(f.max_tokens, Some(64));
         let f = facts(r#"{"model":"m","max_tokens":"many","n":null}"#).unwrap();
         assert_eq!((f.max_tokens, f.generations), (None, 1));
+    }
+
+    #[test]
+    fn whether_a_stream_could_be_continued_is_judged_while_reading() {
+        let f = facts(r#"{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true}"#).unwrap();
+        assert_eq!(f.continuable, Continuable { chat: true, completion: false });
+        let f = facts(r#"{"model":"m","prompt":"once","logprobs":null,"n":1}"#).unwrap();
+        assert_eq!(f.continuable, Continuable { chat: false, completion: true });
+        for body in [
+            r#"{"model":"m","prompt":[1,2]}"#,
+            r#"{"model":"m","prompt":"x","echo":true}"#,
+            r#"{"model":"m","prompt":"x","n":2}"#,
+            r#"{"model":"m","prompt":"x","logprobs":1}"#,
+            r#"{"model":"m","messages":[],"tools":[{"type":"function"}]}"#,
+            r#"{"model":"m","messages":[],"response_format":{"type":"json_object"}}"#,
+        ] {
+            assert_eq!(facts(body).unwrap().continuable, Continuable::default(), "{body}");
+        }
+        let f = facts(r#"{"model":"m","messages":[],"tools":[{"type":"function"}],"tool_choice":"none"}"#);
+        assert!(f.unwrap().continuable.chat);
     }
 
     #[test]

@@ -18,6 +18,7 @@
 
 use bytes::Bytes;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::dispatch::pd::members::Members;
@@ -165,33 +166,37 @@ fn data(event: &[u8]) -> Option<&[u8]> {
 pub struct NotContinuable(pub &'static str);
 
 /// Whether a streamed request can be continued faithfully, judged from its top-level
-/// members before it is sent (the prompt itself is never parsed).
-pub fn continuable(request: &Members<'_>, chat: bool) -> Result<(), NotContinuable> {
-    let value = |key: &str| request.get(key).and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
+/// members (`member` gives one's raw value, the last when a key repeats) before it is
+/// sent; the prompt itself is never parsed, only its first character looked at.
+pub fn continuable<'a>(
+    member: impl Fn(&str) -> Option<&'a RawValue>,
+    chat: bool,
+) -> Result<(), NotContinuable> {
+    let value = |key: &str| member(key).and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok());
     let count = |key: &str| value(key).and_then(|v| v.as_u64());
+    let is_set = |key: &str| member(key).is_some_and(|v| !matches!(v.get(), "null" | "false"));
     if count("n").is_some_and(|n| n > 1) {
         return Err(NotContinuable("n > 1"));
     }
-    if request.is_set("logprobs") || request.is_set("top_logprobs") || request.is_set("prompt_logprobs") {
+    if is_set("logprobs") || is_set("top_logprobs") || is_set("prompt_logprobs") {
         return Err(NotContinuable("logprobs"));
     }
-    if request.is_set("echo") || count("best_of").is_some_and(|n| n > 1) {
+    if is_set("echo") || count("best_of").is_some_and(|n| n > 1) {
         return Err(NotContinuable("echo or best_of"));
     }
-    let tools = request.get("tools").is_some_and(|t| {
+    let tools = member("tools").is_some_and(|t| {
         let text = t.get().trim_start();
         text.starts_with('[') && !text[1..].trim_start().starts_with(']')
     }) && value("tool_choice").as_ref().and_then(Value::as_str) != Some("none");
     let structured = ["structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar"]
         .iter()
-        .any(|k| request.is_set(k))
+        .any(|k| is_set(k))
         || value("response_format")
             .is_some_and(|f| !f.is_null() && f.get("type").and_then(Value::as_str) != Some("text"));
     if tools || structured {
         return Err(NotContinuable("tools or structured output"));
     }
-    let starts =
-        |key: &str, c: char| request.get(key).is_some_and(|raw| raw.get().trim_start().starts_with(c));
+    let starts = |key: &str, c: char| member(key).is_some_and(|raw| raw.get().trim_start().starts_with(c));
     match chat {
         true if !starts("messages", '[') => Err(NotContinuable("no messages")),
         false if !starts("prompt", '"') => Err(NotContinuable("not a text prompt")),
@@ -203,7 +208,7 @@ pub fn continuable(request: &Members<'_>, chat: bool) -> Result<(), NotContinuab
 /// original's raw members (the prompt copied once, never parsed).
 pub fn continuation_request(original: &[u8], chat: bool, sent: &Ledger) -> Result<Bytes, NotContinuable> {
     let request = Members::parse(original).map_err(|_| NotContinuable("the request is not a JSON object"))?;
-    continuable(&request, chat)?;
+    continuable(|key| request.get(key), chat)?;
     if sent.unfaithful {
         return Err(NotContinuable("the stream so far cannot be carried on"));
     }
@@ -339,7 +344,8 @@ mod tests {
 
     fn judged(v: Value, chat: bool) -> Result<(), NotContinuable> {
         let body = bytes(v);
-        continuable(&Members::parse(&body).unwrap(), chat)
+        let members = Members::parse(&body).unwrap();
+        continuable(|key| members.get(key), chat)
     }
 
     #[test]
