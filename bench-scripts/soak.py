@@ -16,7 +16,7 @@ in time.
   `slow` for the slow clients. Metrics are read on the admin listener.
 - Load: llm-bench streaming completions over HTTP/1.1 (`bulk`, concurrency 96, 5% hung
   up mid-way), streaming chat completions over HTTP/2 (`agents`, h2c, concurrency 32)
-  and completions of the `limited` key (concurrency 8), all for the whole run, with
+  and completions of the `limited` key (5 requests/s), all for the whole run, with
   every failure's timing saved; bench-scripts/slow_clients.py adds clients that never
   read, read slowly, upload slowly, or open an HTTP/2 stream and never its window.
   Continuation is on (the default): a stream cut by a kill is finished elsewhere.
@@ -189,19 +189,20 @@ def main():
     wait_ready(base + "/v1/models", key=KEYS["bulk"])
     duration = int(args.minutes * 60)
 
-    def bench(name, endpoint, concurrency, cancel, key, http2=False):
+    def bench(name, endpoint, concurrency, cancel, key, http2=False, rate=None):
         return subprocess.Popen(
             [BIN / "llm-bench", "run", "--base-url", base, "--model", MODEL, "--endpoint", endpoint,
              "--isl", "200", "--osl", "100", "--max-concurrency", str(concurrency), "--duration", f"{duration}s",
              "--warmup-requests", "0", "--cancel-fraction", str(cancel), "--cancel-after-max", "3s",
              "--drain-timeout", "60s", "--request-timeout", "120s", "--no-progress", "--save-failures",
-             "--api-key", KEYS[key], "--result-file", str(logs / f"{name}.json")] + (["--http2"] if http2 else []),
+             "--api-key", KEYS[key], "--result-file", str(logs / f"{name}.json")] + (["--http2"] if http2 else [])
+            + (["--request-rate", str(rate)] if rate else []),
             stdout=open(logs / f"{name}.out", "wb"), stderr=subprocess.STDOUT)
 
     started = time.time()
     procs["completions"] = bench("completions", "completions", 96, 0.05, "bulk")
     procs["chat"] = bench("chat", "chat", 32, 0.0, "agents", http2=True)
-    procs["limited"] = bench("limited", "completions", 8, 0.0, "limited")
+    procs["limited"] = bench("limited", "completions", 8, 0.0, "limited", rate=5)
     procs["slow"] = subprocess.Popen(
         [sys.executable, ROOT / "bench-scripts" / "slow_clients.py", "--router", base, "--model", MODEL,
          "--minutes", str(max(args.minutes - 1.5, 0.5)), "--api-key", KEYS["slow"]],

@@ -240,30 +240,27 @@ async fn a_request_naming_no_max_tokens_reserves_the_keys_default() {
     );
     let (_sims, router) = setup(20.0, &keys, |_| {}).await;
     let router = Arc::new(router);
-    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true});
-    // Three of 300 (and their prompts) fit in 1,000, a fourth does not, while they stream.
-    let mut streams = Vec::new();
-    for _ in 0..3 {
-        let response = reqwest::Client::new()
+    let chat = || async {
+        reqwest::Client::new()
             .post(format!("http://{}/v1/chat/completions", router.addr))
             .header("authorization", "Bearer sk-k")
             .header("content-type", "application/json")
-            .body(chat.to_string())
+            .body(
+                json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": true})
+                    .to_string(),
+            )
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    };
+    // Three of 300 (and their prompts) fit in 1,000, a fourth does not, while they stream.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let response = chat().await;
         assert_eq!(response.status(), 200);
         streams.push(response);
     }
-    let fourth = reqwest::Client::new()
-        .post(format!("http://{}/v1/chat/completions", router.addr))
-        .header("authorization", "Bearer sk-k")
-        .header("content-type", "application/json")
-        .body(chat.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(fourth.status(), 429);
+    assert_eq!(chat().await.status(), 429);
     for mut stream in streams {
         while stream.chunk().await.unwrap().is_some() {}
     }
