@@ -21,6 +21,7 @@ and against its own plain HTTP/1.1.
 
   bench-scripts/ingress_floor.sh                 # 3 runs x 10 s per contender
   bench-scripts/ingress_floor.sh --runs 1 --seconds 5
+  bench-scripts/ingress_floor.sh --baseline-router /tmp/router-old   # + baseline/h1, baseline/h2c
 
 Writes artifacts/ingress-floor/results.json and table.md.
 """
@@ -43,6 +44,7 @@ PROXY_PORT = 18000
 MODEL = ("qwen3-0.6b-fp8-h100", "Qwen/Qwen3-0.6B-FP8")
 PROTOCOLS = ["h1", "tls-h1", "h2c", "tls-h2"]
 CONTENDERS = ["direct"] + [f"{p}/{proto}" for p in ("router", "haproxy") for proto in PROTOCOLS]
+BASELINES = [f"baseline/{proto}" for proto in PROTOCOLS]
 STREAMS_PER_H2_CONNECTION = 8
 PROMPT = "Summarise the trade-offs of consistent hashing for a fleet of language model replicas. " * 4
 
@@ -90,8 +92,9 @@ class IngressFloor:
         proxy, proto = contender.split("/")
         self.procs.ensure_free([PROXY_PORT, PROXY_PORT + 1, PROXY_PORT + 2])
         tls = proto.startswith("tls")
-        if proxy == "router":
-            cmd = [BIN / "router", "--host", "127.0.0.1", "--port", PROXY_PORT, "--replicas", ",".join(self.urls),
+        if proxy in ("router", "baseline"):
+            binary = BIN / "router" if proxy == "router" else self.args.baseline_router
+            cmd = [binary, "--host", "127.0.0.1", "--port", PROXY_PORT, "--replicas", ",".join(self.urls),
                    "--policy", "round-robin"]
             if tls:
                 cmd += ["--tls-cert", self.cert, "--tls-key", self.key]
@@ -217,6 +220,12 @@ def table(result):
         vs_b = f"{r['cpu_s_per_1000'] / base:.2f}x" if base else "-"
         tput = f"{r['requests_per_s'] / h['requests_per_s']:.3f}x" if h else "-"
         lines.append(f"| {proto} | {vs_h} | {vs_b} | {tput} |")
+    compared = [p for p in PROTOCOLS if m.get(f"baseline/{p}") and m.get(f"router/{p}")]
+    if compared:
+        lines += ["", "| protocol | router CPU / baseline CPU (medians) |", "| --- | ---: |"]
+        for proto in compared:
+            ratio = m[f"router/{proto}"]["cpu_s_per_1000"] / m[f"baseline/{proto}"]["cpu_s_per_1000"]
+            lines.append(f"| {proto} | {ratio:.3f}x |")
     return "\n".join(lines) + "\n"
 
 
@@ -229,10 +238,17 @@ def parse_args():
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--time-scale", type=float, default=4.0)
     p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=CONTENDERS)
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS + BASELINES, default=CONTENDERS)
+    p.add_argument("--baseline-router", metavar="PATH",
+                   help="another router binary (e.g. an earlier commit's), measured as baseline/h1 and baseline/h2c")
     p.add_argument("--out", default=str(ROOT / "artifacts" / "ingress-floor"))
     p.add_argument("--no-build", action="store_true")
-    return p.parse_args()
+    args = p.parse_args()
+    if args.baseline_router and not any(c.startswith("baseline/") for c in args.contenders):
+        args.contenders = [*args.contenders, "baseline/h1", "baseline/h2c"]
+    if any(c.startswith("baseline/") for c in args.contenders) and not args.baseline_router:
+        p.error("baseline contenders need --baseline-router")
+    return args
 
 
 if __name__ == "__main__":
