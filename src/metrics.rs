@@ -394,12 +394,12 @@ impl Metrics {
             ),
             routed_prompt_tokens: counter(
                 "router_routed_prompt_tokens_total",
-                "Prompt tokens of requests routed by a token-aware policy",
+                "Prompt tokens of requests served after routing by a token-aware policy",
                 &["policy"],
             ),
             routed_cached_tokens: counter(
                 "router_routed_cached_tokens_total",
-                "Prompt tokens the chosen replica was believed to hold in its prefix cache",
+                "Prompt tokens the serving replica was believed to hold and reuse from its prefix cache",
                 &["policy"],
             ),
             routing_cached_tokens: counter(

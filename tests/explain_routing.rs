@@ -192,3 +192,67 @@ async fn an_isolated_tenants_prompts_are_neither_shared_nor_told_to_others() {
     let (told, _) = ask_as(&router, "sk-a", &guessed).await;
     assert!(number(&told, "x-router-cached-tokens") > 500, "A keeps its own salt: {told:?}");
 }
+
+/// An attempt that fails is retried on the other replica. The router counts the predicted
+/// hits of the attempt that served the request only, and does not go on believing that
+/// the failed replica holds a prompt it never stored: what it tells of that replica
+/// afterwards is what its engine hits.
+#[tokio::test]
+async fn a_failed_attempt_leaves_no_belief_behind() {
+    let router = kv_router(true).await;
+    let hits = || async {
+        let mut total = 0.0;
+        for sim in &router.sims {
+            total += cache_hits(&sim.url()).await;
+        }
+        total
+    };
+    let predicted =
+        || metric(&router.metrics.render(), r#"router_routed_cached_tokens_total{policy="kv-aware"}"#);
+    let mut body = conversation("retried");
+    let first = ask(&router, &body, None).await;
+    let holder = header(&first, "x-router-replica").to_owned();
+    let failing = router.sims.iter().find(|s| s.url() == holder).unwrap();
+    let other = router.sims.iter().find(|s| s.url() != holder).unwrap().url();
+
+    // The conversation's next turn: its holder fails it, the other replica serves it.
+    let messages = body["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": "Understood."}));
+    messages.push(json!({"role": "user", "content": "Now list every rule again, numbered, with its cause."}));
+    failing.faults().set(vllm_sim::faults::FaultConfig { fail_500: true, ..Default::default() });
+    let (hits_before, predicted_before) = (hits().await, predicted());
+    let retried = ask(&router, &body, None).await;
+    failing.faults().set(Default::default());
+    assert_eq!(
+        (header(&retried, "x-router-replica"), header(&retried, "x-router-reason")),
+        (other.as_str(), "retry")
+    );
+    assert_eq!(
+        predicted() - predicted_before,
+        hits().await - hits_before,
+        "only the serving attempt's prediction counts"
+    );
+
+    // The same turn again, by a session whose home is the replica that failed it: what the
+    // router believes that replica holds is what its engine serves from cache.
+    let mut session = None;
+    for k in 0..32 {
+        let placed = ask(&router, &conversation(&format!("own-{k}")), Some(&format!("s{k}"))).await;
+        if header(&placed, "x-router-replica") == holder {
+            session = Some(format!("s{k}"));
+            break;
+        }
+    }
+    let session = session.expect("some session lives on the replica that failed");
+    let before = cache_hits(&holder).await;
+    let again = ask(&router, &body, Some(&session)).await;
+    assert_eq!(
+        (header(&again, "x-router-replica"), header(&again, "x-router-reason")),
+        (holder.as_str(), "affinity")
+    );
+    let believed = number(&again, "x-router-cached-tokens") as f64;
+    let served = cache_hits(&holder).await - before;
+    assert!(served > 500.0, "the first turn's blocks are still there: {served}");
+    assert_eq!(believed, served, "the failed attempt's blocks are not believed held");
+    router.shutdown().await;
+}

@@ -274,9 +274,18 @@ async fn a_silent_replica_is_forgotten() {
     let stored = series("router_kv_event_blocks_total", &r0, "kind=\"stored\"");
     until_metrics(&c, &router, "r0 stored", |m| metric(m, &stored) >= 4.0).await;
     assert_eq!(route(&c, &router, &t).await, "r0");
-    // Routed there, and r0's engine publishes nothing more: after the silence its
-    // memory (including what the router noted on its own) is gone.
+    // A prompt r0 holds whole brings its engine no new block to report: three silences
+    // later, r0's quiet has not been taken for staleness.
     let silence = series("router_kv_index_resets_total", &r0, "reason=\"silence\"");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(metric(&scrape(&c, &router).await, &silence), 0.0, "a quiet engine is not silent");
+    let cached = decisions(&scrape(&c, &router).await, "cached");
+    assert_eq!(route(&c, &router, &t).await, "r0");
+    assert_eq!(decisions(&scrape(&c, &router).await, "cached"), cached + 1.0);
+    // A prompt with blocks r0 does not hold, and its engine publishes nothing: after the
+    // silence r0's memory (including what the router noted on its own) is gone.
+    let longer: Vec<u32> = t.iter().copied().chain(tokens(10, 2)).collect();
+    assert_eq!(route(&c, &router, &longer).await, "r0");
     until_metrics(&c, &router, "r0 silent", |m| metric(m, &silence) >= 1.0).await;
     let uncached = decisions(&scrape(&c, &router).await, "uncached");
     route(&c, &router, &t).await;

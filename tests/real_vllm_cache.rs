@@ -15,19 +15,25 @@ use support::real_vllm::*;
 use support::*;
 
 /// kv-aware: the router's belief of the chosen engine's cached prompt tokens, summed over
-/// requests, against the engines' own `vllm:prefix_cache_hits_total`.
+/// requests, against each engine's own `vllm:prefix_cache_hits_total`.
 struct Prediction {
     routed_cached: f64,
-    engine_hits: f64,
+    hits_by_engine: Vec<f64>,
+}
+
+impl Prediction {
+    fn engine_hits(&self) -> f64 {
+        self.hits_by_engine.iter().sum()
+    }
 }
 
 async fn predicted_and_hit(c: &reqwest::Client, e: &Engines, router: &RunningRouter) -> Prediction {
-    let mut engine_hits = 0.0;
+    let mut hits_by_engine = Vec::new();
     for url in &e.urls {
-        engine_hits += settled(c, url, "vllm:prefix_cache_hits_total", &[]).await;
+        hits_by_engine.push(settled(c, url, "vllm:prefix_cache_hits_total", &[]).await);
     }
     let routed_cached = sum(&scrape(c, &base(router)).await, "router_routed_cached_tokens_total", &[]);
-    Prediction { routed_cached, engine_hits }
+    Prediction { routed_cached, hits_by_engine }
 }
 
 async fn until_feeds_connected(c: &reqwest::Client, e: &Engines, router: &RunningRouter) {
@@ -55,9 +61,42 @@ async fn events_settled(c: &reqwest::Client, router: &RunningRouter) {
     panic!("KV event batches never stopped arriving");
 }
 
+/// The router's series that tell what happened to its knowledge of the engines' caches.
+const FEED_SERIES: [&str; 6] = [
+    "router_kv_index_resets_total",
+    "router_kv_feed_errors_total",
+    "router_kv_event_gaps_total",
+    "router_kv_event_batches_total",
+    "router_retries_total",
+    "router_upstream_errors_total",
+];
+
+/// A request through the router and what `--explain-routing` said of it.
+async fn send_explained(c: &reqwest::Client, router: &RunningRouter, body: &Value) -> (String, String) {
+    let url = format!("{}/v1/chat/completions", base(router));
+    let request = c.post(url).header("content-type", "application/json").body(body.to_string());
+    let response = request.send().await.unwrap();
+    let header =
+        |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+    let explained = format!(
+        "{} {} cached {} (best {})",
+        header("x-router-replica"),
+        header("x-router-reason"),
+        header("x-router-cached-tokens"),
+        header("x-router-best-cached-tokens")
+    );
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    (text, explained)
+}
+
 /// Conversations that grow turn by turn, without session keys: kv-aware places them. Each
-/// request's predicted cached tokens must equal the engines' prefix-cache hits for it.
+/// request's predicted cached tokens must equal the engines' prefix-cache hits for it; a
+/// failure shows every request so far (where it went, why, what the router believed) and
+/// each engine's hits.
 async fn conversations(c: &reqwest::Client, e: &Engines, router: &RunningRouter, seed: u64) {
+    let mut trace: Vec<String> = Vec::new();
     let mut histories: Vec<Vec<Value>> =
         (0..4).map(|i| vec![json!({"role": "system", "content": words(seed + i, 250)})]).collect();
     for turn in 0..3 {
@@ -65,19 +104,32 @@ async fn conversations(c: &reqwest::Client, e: &Engines, router: &RunningRouter,
             history.push(json!({"role": "user", "content": words(seed * 100 + i as u64 * 10 + turn, 25)}));
             let body = json!({"model": MODEL, "messages": history, "max_tokens": 8, "temperature": 0});
             let before = predicted_and_hit(c, e, router).await;
-            let (status, text) = send(c, &format!("{}/v1/chat/completions", base(router)), &body, &[]).await;
-            assert_eq!(status, 200, "{text}");
+            let (text, explained) = send_explained(c, router, &body).await;
             let answer: Value = serde_json::from_str(&text).unwrap();
             history.push(answer["choices"][0]["message"].clone());
             events_settled(c, router).await;
             let after = predicted_and_hit(c, e, router).await;
             let predicted = after.routed_cached - before.routed_cached;
-            let hit = after.engine_hits - before.engine_hits;
-            assert_eq!(
-                predicted, hit,
-                "conversation {i} turn {turn} ({} prompt tokens)",
+            let hit = after.engine_hits() - before.engine_hits();
+            let by_engine: Vec<f64> =
+                after.hits_by_engine.iter().zip(&before.hits_by_engine).map(|(a, b)| a - b).collect();
+            trace.push(format!(
+                "conversation {i} turn {turn}: {} prompt tokens, {explained}, engines hit {by_engine:?}",
                 answer["usage"]["prompt_tokens"]
-            );
+            ));
+            if predicted != hit {
+                let text = scrape(c, &base(router)).await;
+                let feeds: Vec<&str> = text
+                    .lines()
+                    .filter(|l| FEED_SERIES.iter().any(|s| l.starts_with(s)) && !l.ends_with(" 0"))
+                    .collect();
+                panic!(
+                    "conversation {i} turn {turn}: predicted {predicted} cached tokens, the engines hit {hit}; \
+                     the requests so far:\n{}\nthe router's feeds and retries:\n{}",
+                    trace.join("\n"),
+                    feeds.join("\n")
+                );
+            }
         }
     }
 }
@@ -86,8 +138,13 @@ async fn conversations(c: &reqwest::Client, e: &Engines, router: &RunningRouter,
 async fn kv_aware_predicts_the_engines_prefix_cache_hits_exactly() {
     let Some(e) = engines() else { return };
     let _turn = SERIAL.lock().await;
-    let mut extra: Vec<String> =
-        vec!["--policy".into(), "kv-aware".into(), "--tokenizer".into(), e.model_dir.clone()];
+    let mut extra: Vec<String> = vec![
+        "--policy".into(),
+        "kv-aware".into(),
+        "--tokenizer".into(),
+        e.model_dir.clone(),
+        "--explain-routing".into(),
+    ];
     for (i, url) in e.urls.iter().enumerate() {
         extra.push("--kv-events-endpoint".into());
         extra.push(format!("{url}={}", e.kv[i]));
@@ -106,7 +163,7 @@ async fn kv_aware_predicts_the_engines_prefix_cache_hits_exactly() {
     conversations(&c, &e, &router, seed).await;
     let first = predicted_and_hit(&c, &e, &router).await;
     let predicted = first.routed_cached - start.routed_cached;
-    let hit = first.engine_hits - start.engine_hits;
+    let hit = first.engine_hits() - start.engine_hits();
     eprintln!("kv-aware: predicted {predicted} cached tokens, the engines hit {hit}");
     assert!(hit >= 4.0 * 2.0 * 256.0, "later turns should hit the cache: {hit}");
     assert_eq!(predicted, hit, "the router's prediction against the engines' own count");
@@ -130,7 +187,7 @@ async fn kv_aware_predicts_the_engines_prefix_cache_hits_exactly() {
     conversations(&c, &e, &router, seed2).await;
     let after = predicted_and_hit(&c, &e, &router).await;
     let predicted = after.routed_cached - before.routed_cached;
-    let hit = after.engine_hits - before.engine_hits;
+    let hit = after.engine_hits() - before.engine_hits();
     eprintln!("kv-aware after a restart: predicted {predicted}, the engines hit {hit}");
     assert_eq!(predicted, hit, "after engine {restarted} restarted");
     router.shutdown().await;

@@ -36,8 +36,9 @@ pub struct KvEventsArgs {
     #[arg(long, default_value = "")]
     pub kv_events_topic: String,
 
-    /// kv-aware: a replica that was sent requests this long ago and has published no
-    /// event since is stale: its memory is forgotten and it is routed by load.
+    /// kv-aware: a replica that was sent prompt blocks it was not believed to hold this
+    /// long ago and has published no event since is stale: its memory is forgotten and it
+    /// is routed by load.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub kv_events_silence: Duration,
 

@@ -24,7 +24,7 @@ use crate::error::RouterError;
 use crate::ingress::routing_key::RoutingKey;
 use crate::metrics::Metrics;
 use crate::policy::prompt_tokens::{PromptTokenizer, TokenizePool};
-use crate::policy::{CacheScope, CachedView, Candidate, Decision, Reason};
+use crate::policy::{CacheScope, CachedView, Candidate, Decision, Reason, Routed};
 use crate::replicas::{Fleet, InFlight, Registry, Replica};
 use crate::response::body::{BodyOptions, EndedByRouter, MeteredBody, PhaseTimers};
 use crate::upstream::proxy::{Outbound, UpstreamError};
@@ -176,9 +176,24 @@ impl Dispatcher {
             Some(prompt) => fleet.policy.choose_for_prompt(route.key, prompt, candidates),
             None => fleet.policy.choose(route.key, candidates),
         };
-        // What the policy counts as the request's load on the chosen replica, in tokens.
-        let routed =
-            |decision: Decision| prompt.as_ref().map_or(0, |p| fleet.policy.routed(route.key, p, decision));
+        // What the policy assumes of an attempt (its load on the replica, in tokens, and
+        // the prompt blocks it will store), forgotten if the attempt does not serve the
+        // request; the predicted cache hits of the attempt that does are counted.
+        let routed = |decision: Decision| {
+            prompt.as_ref().map_or(Routed::default(), |p| fleet.policy.routed(route.key, p, decision))
+        };
+        let unrouted = |decision: Decision, routed: Routed| {
+            if let Some(p) = &prompt {
+                fleet.policy.unrouted(p, decision, routed);
+            }
+        };
+        let served = |routed: Routed| {
+            if let (Some(p), Some(cached)) = (&prompt, routed.cached_tokens) {
+                let policy = [fleet.policy.name()];
+                self.metrics.routed_prompt_tokens.with_label_values(&policy).inc_by(p.tokens as u64);
+                self.metrics.routed_cached_tokens.with_label_values(&policy).inc_by(cached as u64);
+            }
+        };
         let first = choose(&candidates).ok_or(RouterError::NoHealthyReplica)?;
         let cached = match (&prompt, self.explain) {
             (Some(prompt), true) => fleet.policy.cached_view(prompt, first, &candidates),
@@ -197,14 +212,18 @@ impl Dispatcher {
             }
             served
         };
-        let tokens = routed(first);
+        let assumed = routed(first);
         self.retries.deposit();
         self.count_decision(&fleet, first);
-        let failed = match self.attempt(fleet.get(first.replica), route, outbound, tokens, first.reason).await
-        {
-            Attempt::Done(served) => return Ok(explained(served)),
+        let replica = fleet.get(first.replica);
+        let failed = match self.attempt(replica, route, outbound, assumed.load_tokens, first.reason).await {
+            Attempt::Done(done) => {
+                served(assumed);
+                return Ok(explained(done));
+            }
             failed => failed,
         };
+        unrouted(first, assumed);
 
         let tried: Vec<usize> = avoided.iter().copied().chain([first.replica]).collect();
         let candidates = fleet.candidates(route.model, &tried)?;
@@ -218,11 +237,20 @@ impl Dispatcher {
         tokio::time::sleep(self.retries.backoff()).await;
         self.metrics.retries.with_label_values(&[route.endpoint]).inc();
         self.count_decision(&fleet, Decision { replica: second.replica, reason: Reason::Retry });
-        let tokens = routed(second);
+        let assumed = routed(second);
         drop(failed);
-        match self.attempt(fleet.get(second.replica), route, outbound, tokens, Reason::Retry).await {
-            Attempt::Done(served) => Ok(explained(served)),
-            failed => self.finish(failed, route),
+        match self
+            .attempt(fleet.get(second.replica), route, outbound, assumed.load_tokens, Reason::Retry)
+            .await
+        {
+            Attempt::Done(done) => {
+                served(assumed);
+                Ok(explained(done))
+            }
+            failed => {
+                unrouted(second, assumed);
+                self.finish(failed, route)
+            }
         }
     }
 

@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::session_homes::SessionHomes;
 use super::{
-    CacheScope, CachedView, Candidate, Decision, LeastLoaded, Policy, PrefixOptions, Reason, rotated,
+    CacheScope, CachedView, Candidate, Decision, LeastLoaded, Policy, PrefixOptions, Reason, Routed, rotated,
 };
 use crate::policy::cache_index::kv_events::{cache_root, token_block_keys};
 
@@ -51,7 +51,6 @@ use crate::policy::cache_index::kv_events::{cache_root, token_block_keys};
 /// GPU default).
 const DEFAULT_BLOCK_SIZE: usize = 16;
 use crate::ingress::routing_key::RoutingKey;
-use crate::metrics::Metrics;
 use crate::policy::cache_index::{CacheIndex, PromptBlocks, ReplicaBlocks};
 use crate::policy::prompt_tokens::PromptTokenizer;
 
@@ -170,11 +169,9 @@ pub struct KvAware {
     balance: PrefixOptions,
     rotation: AtomicUsize,
     without_prompt: LeastLoaded,
-    metrics: Option<Arc<Metrics>>,
 }
 
 impl KvAware {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         replica_names: &[String],
         index: Arc<CacheIndex>,
@@ -182,7 +179,6 @@ impl KvAware {
         sessions: Arc<SessionHomes>,
         options: KvOptions,
         balance: PrefixOptions,
-        metrics: Option<Arc<Metrics>>,
     ) -> Self {
         KvAware {
             memories: index.lay_out(replica_names),
@@ -195,7 +191,6 @@ impl KvAware {
             balance,
             rotation: AtomicUsize::new(0),
             without_prompt: LeastLoaded::default(),
-            metrics,
         }
     }
 }
@@ -277,38 +272,54 @@ impl Policy for KvAware {
         replicas: &[Candidate],
     ) -> Option<CachedView> {
         let (now, ttl) = (self.index.now(), self.index.ttl_ms());
-        let held = |i: usize| matched_tokens(&self.memories[i], prompt, now, ttl).min(prompt.tokens);
+        let held = |i: usize| matched_tokens(&self.memories[i], prompt, now, ttl);
         let chosen = held(decision.replica);
         let best = (0..replicas.len()).filter(|&i| replicas[i].eligible).map(held).max().unwrap_or(0);
         Some(CachedView { chosen, best: best.max(chosen) })
     }
 
-    /// Remember the prompt on the replica (and the session's home), and count the
-    /// tokens it has to prefill there as its load.
-    fn routed(&self, key: Option<&RoutingKey>, prompt: &PromptBlocks, decision: Decision) -> usize {
+    /// Remember the prompt on the replica (and the session's home); its load is the
+    /// tokens it has to prefill there.
+    fn routed(&self, key: Option<&RoutingKey>, prompt: &PromptBlocks, decision: Decision) -> Routed {
         let (now, ttl) = (self.index.now(), self.index.ttl_ms());
         let memory = &self.memories[decision.replica];
-        let cached = matched_tokens(memory, prompt, now, ttl).min(prompt.tokens);
-        memory.remember(prompt.keys(memory.block_size()), now);
-        memory.note_routed(now);
+        let keys = prompt.keys(memory.block_size());
+        let assumed_from = memory.matched(keys, now, ttl);
+        let cached = matched_tokens(memory, prompt, now, ttl);
+        memory.remember(keys, now);
+        // Its engine reports the blocks it stores; a prompt it holds whole brings it none,
+        // and may be followed by no event at all, which is not silence.
+        if assumed_from < keys.len() {
+            memory.note_routed(now);
+        }
         if let Some(key) = key {
             self.sessions.set(key, &self.names[decision.replica]);
         }
-        if let Some(metrics) = &self.metrics {
-            metrics.routed_prompt_tokens.with_label_values(&["kv-aware"]).inc_by(prompt.tokens as u64);
-            metrics.routed_cached_tokens.with_label_values(&["kv-aware"]).inc_by(cached as u64);
-        }
-        prompt.tokens - cached
+        Routed { load_tokens: prompt.tokens - cached, cached_tokens: Some(cached), assumed_from }
+    }
+
+    /// Forget the blocks remembered when the attempt was sent; those the engine reported
+    /// before were kept. (A block its engine stored meanwhile is forgotten too, until
+    /// the engine's next event or request about it: a belief too low costs a little
+    /// locality, one too high sends conversations where their cache is not.)
+    fn unrouted(&self, prompt: &PromptBlocks, decision: Decision, routed: Routed) {
+        let memory = &self.memories[decision.replica];
+        let keys = prompt.keys(memory.block_size());
+        memory.forget(&keys[routed.assumed_from.min(keys.len())..]);
     }
 }
 
-/// Prompt tokens `memory` holds from the start, keyed at its engine's block size.
+/// Prompt tokens from the start that `memory` holds and its engine can reuse, keyed at
+/// its engine's block size. vLLM always computes a prompt's last token, so it reuses at
+/// most the whole blocks before that token: a prompt of exactly n blocks, all cached,
+/// reuses n - 1 of them and prefills the last again.
 fn matched_tokens(memory: &ReplicaBlocks, prompt: &PromptBlocks, now: u64, ttl: u64) -> usize {
     let size = match memory.block_size() {
         0 => prompt.block_tokens,
         size => size,
     };
-    memory.matched(prompt.keys(size), now, ttl) * size
+    let reusable = prompt.tokens.saturating_sub(1) / size;
+    memory.matched(prompt.keys(size), now, ttl).min(reusable) * size
 }
 
 #[cfg(test)]
@@ -401,6 +412,28 @@ mod tests {
         let mut c = all(&[0, 0, 0]);
         c[1].eligible = false;
         assert_eq!(holder(&[100, 900, 300], &c, &balance), Some(2));
+    }
+
+    #[test]
+    fn the_last_prompt_token_is_always_prefilled() {
+        let memory = ReplicaBlocks::new(100);
+        memory.set_block_size(4);
+        let prompt = |n: u32| {
+            let tokens: Vec<u32> = (0..n).collect();
+            PromptBlocks {
+                hashes: token_block_keys(&tokens, 4, 0),
+                tokens: tokens.len(),
+                block_tokens: 4,
+                other_sizes: vec![],
+            }
+        };
+        // Both blocks of a 9-token prompt cached: 8 reused, the ninth token prefilled.
+        memory.remember(&prompt(9).hashes, 0);
+        assert_eq!(matched_tokens(&memory, &prompt(9), 0, u64::MAX), 8);
+        // An 8-token prompt is exactly those two blocks: vLLM reuses only the first.
+        assert_eq!(matched_tokens(&memory, &prompt(8), 0, u64::MAX), 4);
+        assert_eq!(matched_tokens(&memory, &prompt(1), 0, u64::MAX), 0);
+        assert_eq!(matched_tokens(&memory, &prompt(0), 0, u64::MAX), 0);
     }
 
     #[test]

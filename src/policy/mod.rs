@@ -38,7 +38,6 @@ pub use session_homes::SessionHomes;
 use std::sync::Arc;
 
 use crate::ingress::routing_key::RoutingKey;
-use crate::metrics::Metrics;
 use crate::policy::cache_index::{CacheIndex, PromptBlocks};
 use crate::policy::prompt_tokens::PromptTokenizer;
 
@@ -144,12 +143,15 @@ pub trait Policy: Send + Sync {
     }
 
     /// The request is being sent where `decision` says: record what that means for the
-    /// policy's memory, and return the load it adds to the replica in tokens (counted in
-    /// [`Candidate::in_flight_tokens`] while it is in flight; 0 for policies that do not
-    /// count tokens).
-    fn routed(&self, _key: Option<&RoutingKey>, _prompt: &PromptBlocks, _decision: Decision) -> usize {
-        0
+    /// policy's memory, and say what was assumed ([`Routed`]).
+    fn routed(&self, _key: Option<&RoutingKey>, _prompt: &PromptBlocks, _decision: Decision) -> Routed {
+        Routed::default()
     }
+
+    /// The attempt [`Policy::routed`] recorded got no answer from its replica (it is
+    /// retried elsewhere, or fails): forget what was assumed the replica would store, so
+    /// that a replica that never saw the prompt is not believed to hold it.
+    fn unrouted(&self, _prompt: &PromptBlocks, _decision: Decision, _routed: Routed) {}
 
     /// For a policy that knows what each replica caches in tokens (`kv-aware`): the
     /// prompt tokens the chosen replica and the best eligible one are believed to hold,
@@ -162,6 +164,22 @@ pub trait Policy: Send + Sync {
     ) -> Option<CachedView> {
         None
     }
+}
+
+/// What [`Policy::routed`] assumed of one attempt.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Routed {
+    /// The load the request adds to the replica in tokens: counted in
+    /// [`Candidate::in_flight_tokens`] while it is in flight (0 for policies that do not
+    /// count tokens).
+    pub load_tokens: usize,
+    /// The prompt tokens the replica was believed to hold and will reuse, for a policy
+    /// that knows (`kv-aware`): counted in `router_routed_cached_tokens_total` once the
+    /// replica answers.
+    pub cached_tokens: Option<usize>,
+    /// The prompt's blocks from this one on were remembered on the replica as it was
+    /// sent, before its engine reported storing them.
+    pub assumed_from: usize,
 }
 
 /// Which cached blocks a request can hit: those of its model, stored under its
@@ -211,13 +229,12 @@ pub struct PolicyOptions {
 }
 
 /// What the cache-aware policies keep across rebuilds of the policy (changes to the
-/// replica set): their index, tokenizer, session homes, and the metrics they count in.
+/// replica set): their index, tokenizer and session homes.
 #[derive(Default, Clone)]
 pub struct PolicyState {
     pub index: Option<Arc<CacheIndex>>,
     pub tokenizer: Option<Arc<PromptTokenizer>>,
     pub sessions: Arc<SessionHomes>,
-    pub metrics: Option<Arc<Metrics>>,
 }
 
 impl PolicyKind {
@@ -249,7 +266,6 @@ impl PolicyKind {
                 state.sessions.clone(),
                 options.kv,
                 options.prefix,
-                state.metrics.clone(),
             )),
         }
     }

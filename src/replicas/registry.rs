@@ -96,7 +96,6 @@ impl Registry {
                 })
             }),
             sessions: Arc::default(),
-            metrics: Some(metrics.clone()),
         };
         let fleet = ArcSwap::from_pointee(Self::lay_out(replicas, &config, &state));
         Registry {

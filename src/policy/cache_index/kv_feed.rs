@@ -15,9 +15,10 @@
 //!   the replay does not cover the gap, the replica's memory is forgotten;
 //! - the sequence starting again (the engine restarted) or `AllBlocksCleared`: forgotten;
 //! - the connection lost: forgotten, and the task reconnects with back-off;
-//! - silence: requests were routed to the replica `--kv-events-silence` ago and no
-//!   events followed (the engine stopped publishing, or we are cut off): forgotten.
-//!   An idle engine publishes nothing, and that is not silence.
+//! - silence: requests bringing the replica prompt blocks it was not believed to hold
+//!   were routed to it `--kv-events-silence` ago and no events followed (the engine
+//!   stopped publishing, or we are cut off): forgotten. An idle engine publishes
+//!   nothing, nor does one served a prompt it held whole, and that is not silence.
 //!
 //! A replica that joined late is caught up from the replay endpoint's buffer when there
 //! is one. The set of tasks follows the registry's replicas ([`KvFeeds::follow`]).
