@@ -29,7 +29,11 @@ priority = "high"
 async fn setup() -> (RawReplica, llm_router::server::RunningRouter) {
     let engine =
         RawReplica::start(Arc::new(|_| vec![Act::Write(json_response(200, r#"{"ok":true}"#))])).await;
-    let dir = std::env::temp_dir().join(format!("llm-router-tenants-{}", std::process::id()));
+    // A file of its own per test: tests run at once, and a file another test is
+    // rewriting reads empty.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("llm-router-tenants-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let keys = dir.join("keys.toml");
     std::fs::write(&keys, KEYS).unwrap();
