@@ -33,7 +33,8 @@
 //!
 //! The prompt's blocks are remembered on the chosen replica as the request is sent
 //! ([`Policy::routed`]; the engine will store them when its prefill runs, and report
-//! it), so requests sharing a prefix that arrive together follow the first. With a session key, later turns follow the
+//! it), so requests sharing a prefix that arrive together follow the first; if that
+//! attempt fails, those not yet reported are taken back ([`Policy::unrouted`]). With a session key, later turns follow the
 //! session's replica while it is eligible and not overloaded ([`super::overload_bound`]
 //! with `--prefix-balance-abs` / `--prefix-balance-rel`).
 //! A replica whose events are stale has an empty memory and is judged by load alone.
