@@ -284,9 +284,8 @@ impl Policy for KvAware {
     fn routed(&self, key: Option<&RoutingKey>, prompt: &PromptBlocks, decision: Decision) -> Routed {
         let (now, ttl) = (self.index.now(), self.index.ttl_ms());
         let memory = &self.memories[decision.replica];
+        let (assumed_from, cached) = held(memory, prompt, now, ttl);
         let keys = prompt.keys(memory.block_size());
-        let assumed_from = memory.matched(keys, now, ttl);
-        let cached = matched_tokens(memory, prompt, now, ttl);
         memory.remember(keys, now);
         // Its engine reports the blocks it stores; a prompt it holds whole brings it none,
         // and may be followed by no event at all, which is not silence.
@@ -310,17 +309,22 @@ impl Policy for KvAware {
     }
 }
 
-/// Prompt tokens from the start that `memory` holds and its engine can reuse, keyed at
-/// its engine's block size. vLLM always computes a prompt's last token, so it reuses at
-/// most the whole blocks before that token: a prompt of exactly n blocks, all cached,
-/// reuses n - 1 of them and prefills the last again.
+/// Prompt tokens from the start that `memory` holds and its engine can reuse.
 fn matched_tokens(memory: &ReplicaBlocks, prompt: &PromptBlocks, now: u64, ttl: u64) -> usize {
+    held(memory, prompt, now, ttl).1
+}
+
+/// The prompt's blocks from the start that `memory` holds, keyed at its engine's block
+/// size, and the tokens of them its engine can reuse. vLLM always computes a prompt's
+/// last token, so it reuses at most the whole blocks before that token: a prompt of
+/// exactly n blocks, all cached, reuses n - 1 of them and prefills the last again.
+fn held(memory: &ReplicaBlocks, prompt: &PromptBlocks, now: u64, ttl: u64) -> (usize, usize) {
     let size = match memory.block_size() {
         0 => prompt.block_tokens,
         size => size,
     };
-    let reusable = prompt.tokens.saturating_sub(1) / size;
-    memory.matched(prompt.keys(size), now, ttl).min(reusable) * size
+    let blocks = memory.matched(prompt.keys(size), now, ttl);
+    (blocks, blocks.min(prompt.tokens.saturating_sub(1) / size.max(1)) * size)
 }
 
 #[cfg(test)]
