@@ -47,4 +47,5 @@ pub mod logging;
 pub mod metrics;
 pub mod reload;
 pub mod replicas;
+pub mod state_store;
 pub mod trace;

@@ -557,6 +557,11 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every family.
+    /// Register a subsystem's own metrics (made only when it runs) in this registry.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry.register(collector).expect("unique metric");
+    }
+
     pub fn render(&self) -> String {
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new()

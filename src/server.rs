@@ -172,7 +172,10 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     };
     tasks.push(crate::reload::absorb_hangup());
     let api_keys = crate::admission::ApiKeys::new(config.api_keys.clone());
-    let rate_limits = crate::admission::rate_limits::RateLimits::default();
+    let rate_limits = match &config.state_store {
+        Some(store) => crate::admission::key_limits::KeyLimits::open_shared(store, &metrics),
+        None => crate::admission::key_limits::KeyLimits::default(),
+    };
     for key in &config.api_keys {
         metrics.add_key(&key.name, key.priority.label());
     }

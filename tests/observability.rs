@@ -151,14 +151,30 @@ async fn every_metric_the_dashboard_and_the_rules_name_exists() {
         chat(&pd, session).await;
         chat(&kv, session).await;
     }
+    // The state store's series exist on a router that names one (here, one that is
+    // not there).
+    let store = Cli::parse_from([
+        "router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--sim",
+        "1",
+        "--state-store",
+        "redis://127.0.0.1:1",
+    ]);
+    let store = llm_router::server::start(store.into_config().unwrap()).await.unwrap();
     let mut exposed = families(&pd.metrics.render());
     exposed.extend(families(&kv.metrics.render()));
+    exposed.extend(families(&store.metrics.render()));
     exposed.extend(families(&decode[0].metrics().render()));
     let missing: Vec<&String> = named.iter().filter(|n| !exposed.contains(*n)).collect();
     assert!(missing.is_empty(), "named by the dashboard or the rules but not exposed: {missing:?}");
     assert!(named.len() > 20 && named.iter().any(|n| n.starts_with("vllm:")), "{named:?}");
     pd.shutdown().await;
     kv.shutdown().await;
+    store.shutdown().await;
 }
 
 /// Prometheus' guidance: a series an alert or a rate reads exists at 0 from the start,
@@ -181,7 +197,8 @@ async fn every_router_metric_the_dashboard_and_the_rules_name_exists_before_traf
     let hash = start(&["--sim", "2", "--policy", "consistent-hash"]).await.unwrap();
     let pd = start(&["--sim-pd", "1:1"]).await.unwrap();
     let kv = start(&["--sim", "2", "--policy", "kv-aware"]).await.unwrap();
-    let texts = [hash.metrics.render(), pd.metrics.render(), kv.metrics.render()];
+    let store = start(&["--sim", "1", "--state-store", "redis://127.0.0.1:1"]).await.unwrap();
+    let texts = [hash.metrics.render(), pd.metrics.render(), kv.metrics.render(), store.metrics.render()];
     let exposed: BTreeSet<String> = texts.iter().flat_map(|t| families(t)).collect();
     let missing: Vec<&String> = named.iter().filter(|n| !exposed.contains(*n)).collect();
     assert!(missing.is_empty(), "named by the dashboard or the rules but absent before traffic: {missing:?}");

@@ -31,7 +31,9 @@ use crate::error::RouterError;
 
 mod api_keys;
 pub mod fair_queue;
+pub mod key_limits;
 pub mod rate_limits;
+pub mod shared_limits;
 pub use api_keys::{ApiKey, ApiKeys, Caller, load_file as load_api_keys_file};
 pub use fair_queue::{Flow, Limiter, Priority, QueueOrder, Slot};
 

@@ -23,6 +23,19 @@ pub struct Limits {
     pub tokens_per_minute: Option<u64>,
 }
 
+impl Limits {
+    /// This instance's share of the limits when `instances` share them: each at least
+    /// one per minute, so the instances together allow no more than the limit (but
+    /// for a limit smaller than the instance count).
+    pub fn share(self, instances: u32) -> Limits {
+        let instances = instances.max(1);
+        Limits {
+            requests_per_minute: self.requests_per_minute.map(|n| (n / instances).max(1)),
+            tokens_per_minute: self.tokens_per_minute.map(|n| (n / u64::from(instances)).max(1)),
+        }
+    }
+}
+
 /// Which limit refused a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exceeded {
@@ -162,11 +175,13 @@ fn sync(bucket: &mut Option<Bucket>, per_minute: Option<u64>, now: Instant) -> O
 }
 
 fn refused(limit: Exceeded, bucket: Bucket, need: f64) -> Refused {
-    let wait = bucket.wait_for(need);
-    // Retry-After is in whole seconds: round up, so a client that waits that long fits.
-    let retry_after =
-        Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(Duration::from_secs(1));
-    Refused { limit, per_minute: bucket.per_minute as u64, retry_after }
+    Refused { limit, per_minute: bucket.per_minute as u64, retry_after: retry_after(bucket.wait_for(need)) }
+}
+
+/// The `Retry-After` for a wait: whole seconds, rounded up (a client that waits that
+/// long fits), at least one.
+pub fn retry_after(wait: Duration) -> Duration {
+    Duration::from_secs(wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(Duration::from_secs(1))
 }
 
 #[cfg(test)]

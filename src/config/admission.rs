@@ -55,6 +55,37 @@ pub struct AdmissionArgs {
     /// 127.0.0.1:9000).
     #[arg(long, value_name = "ADDR:PORT", requires = "admin_token")]
     pub admin_listen: Option<SocketAddr>,
+
+    /// Keep the keys' requests- and tokens-per-minute limits in this Redis (or Valkey)
+    /// store, shared by every router instance that names it:
+    /// `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]` (env ROUTER_STATE_STORE, so a password
+    /// stays out of `ps`). Without it each instance holds each key to its whole limit.
+    #[arg(long, value_name = "URL", env = "ROUTER_STATE_STORE", hide_env_values = true)]
+    pub state_store: Option<String>,
+
+    /// Longest wait for the store's answer to an admission; then this instance decides
+    /// alone, on its share of the limit (see --router-instances).
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration, requires = "state_store")]
+    pub state_store_timeout: Duration,
+
+    /// Prefix of the store's keys (one hash per API key name), so several fleets can
+    /// share one store.
+    #[arg(long, default_value = "llm-router:limits:", requires = "state_store")]
+    pub state_store_prefix: String,
+
+    /// How many router instances share the store: while it does not answer, each holds
+    /// a key to this fraction of its limits, so together they stay near the limit.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), requires = "state_store")]
+    pub router_instances: u32,
+}
+
+/// `--state-store` and its settings.
+#[derive(Debug, Clone)]
+pub struct StateStoreConfig {
+    pub target: crate::state_store::Target,
+    pub timeout: Duration,
+    pub prefix: String,
+    pub instances: u32,
 }
 
 impl AdmissionArgs {
@@ -66,6 +97,16 @@ impl AdmissionArgs {
     /// Where the keys come from.
     pub fn key_source(&self) -> KeySource {
         KeySource { flags: self.api_keys.clone(), file: self.api_keys_file.clone() }
+    }
+
+    pub fn state_store(&self) -> Result<Option<StateStoreConfig>, String> {
+        let Some(url) = &self.state_store else { return Ok(None) };
+        Ok(Some(StateStoreConfig {
+            target: crate::state_store::Target::parse(url)?,
+            timeout: self.state_store_timeout,
+            prefix: self.state_store_prefix.clone(),
+            instances: self.router_instances,
+        }))
     }
 
     pub fn admin_token(&self) -> Option<String> {

@@ -10,7 +10,7 @@
 //! discovered to be wrong at the first request.
 
 mod admission;
-pub use admission::KeySource;
+pub use admission::{KeySource, StateStoreConfig};
 mod discovery;
 mod fleet;
 mod kv_events;
@@ -111,6 +111,8 @@ pub struct RouterConfig {
     pub api_keys: Vec<crate::admission::ApiKey>,
     /// Where they came from, to read them again.
     pub key_source: KeySource,
+    /// `--state-store`: where the keys' limits are shared; None keeps them per instance.
+    pub state_store: Option<StateStoreConfig>,
     /// TLS on the serving listener, and on the admin listener.
     pub tls: Option<crate::ingress::tls::TlsFiles>,
     pub admin_tls: Option<crate::ingress::tls::TlsFiles>,
@@ -263,6 +265,7 @@ impl Cli {
             queue_order: admission.queue_order,
             api_keys: admission.key_source().load()?,
             key_source: admission.key_source(),
+            state_store: admission.state_store()?,
             tls: serving.tls(),
             admin_tls: serving.admin_tls(),
             metrics_on: self.telemetry.metrics_on,

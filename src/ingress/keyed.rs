@@ -28,7 +28,7 @@ impl Ingress {
     /// model allow-list and the rate limits, and how its usage will be metered (for a
     /// stream, the engine is asked for its usage chunk, which the client will not see
     /// unless it asked for it).
-    pub(super) fn read_request(
+    pub(super) async fn read_request(
         &self,
         endpoint: Endpoint,
         generates: bool,
@@ -96,15 +96,22 @@ impl Ingress {
         let prompt = (prompt_bytes / 4 + 1) as u64;
         let output = if generates { self.output_allowance(&facts, caller, prompt) } else { 0 };
         let reserved = prompt.saturating_add(output);
-        if let Err(refused) = self.rate_limits.admit(&caller.name, caller.limits, reserved, started) {
-            self.metrics.key_rate_limited.with_label_values(&[&*caller.name, refused.limit.label()]).inc();
-            return Err(RouterError::RateLimited(refused));
-        }
+        let ledger = match self.rate_limits.admit(&caller.name, caller.limits, reserved, started).await {
+            Ok(ledger) => ledger,
+            Err(refused) => {
+                self.metrics
+                    .key_rate_limited
+                    .with_label_values(&[&*caller.name, refused.limit.label()])
+                    .inc();
+                return Err(RouterError::RateLimited(refused));
+            }
+        };
         let counters = crate::metrics::KEY_TOKEN_KINDS
             .map(|kind| self.metrics.key_tokens.with_label_values(&[&*caller.name, kind]));
         let meter = Meter {
             key: caller.name.clone(),
             limits: self.rate_limits.clone(),
+            ledger,
             reserved,
             prompt,
             strip_usage_chunk,

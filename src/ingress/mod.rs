@@ -32,7 +32,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use http_body_util::BodyExt;
 
-use crate::admission::rate_limits::RateLimits;
+use crate::admission::key_limits::KeyLimits;
 use crate::admission::{self, ApiKey, ApiKeys, Caller, Flow, Limiter};
 use crate::dispatch::pd::members::Members;
 use crate::dispatch::pd::{PdRequest, PrefillDecode};
@@ -86,7 +86,7 @@ pub struct Ingress {
     pub limiter: Option<Limiter>,
     pub api_keys: ApiKeys,
     /// The keys' request and token buckets.
-    pub rate_limits: RateLimits,
+    pub rate_limits: KeyLimits,
     /// `/metrics` on the serving port (else on the admin listener only).
     pub metrics_on_serving: bool,
     /// Forward the client's `Authorization` header to replicas.
@@ -280,7 +280,7 @@ impl Ingress {
         };
         let generates = endpoint != Endpoint::Other || parts.uri.path() == "/v1/responses";
         let content_type = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok());
-        let read = self.read_request(endpoint, generates, content_type, body, caller, started);
+        let read = self.read_request(endpoint, generates, content_type, body, caller, started).await;
         let (body, facts, meter) = match read {
             Ok(read) => read,
             Err(error) => return self.refuse(label, error),
@@ -296,7 +296,13 @@ impl Ingress {
                     Err(error) => {
                         if let Some(meter) = &meter {
                             // Refused after all: the tokens charged come back.
-                            self.rate_limits.settle(&meter.key, meter.reserved, 0, Instant::now());
+                            self.rate_limits.settle(
+                                &meter.key,
+                                meter.ledger,
+                                meter.reserved,
+                                0,
+                                Instant::now(),
+                            );
                         }
                         return self.refuse(label, error);
                     }

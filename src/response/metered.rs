@@ -28,7 +28,7 @@ use http_body::{Frame, SizeHint};
 use prometheus::IntCounter;
 use serde_json::Value;
 
-use crate::admission::rate_limits::RateLimits;
+use crate::admission::key_limits::{KeyLimits, Ledger};
 
 /// Bytes of a body's end kept to find its usage in.
 const TAIL: usize = 16 * 1024;
@@ -69,7 +69,9 @@ impl Usage {
 /// Who is charged, and where the counts go.
 pub struct Meter {
     pub key: Arc<str>,
-    pub limits: RateLimits,
+    pub limits: KeyLimits,
+    /// Which ledger admitted the request: the one told what it used.
+    pub ledger: Ledger,
     /// Tokens reserved at admission: the prompt and the output allowance.
     pub reserved: u64,
     /// The prompt's estimate, charged when no usage comes.
@@ -84,7 +86,7 @@ impl Meter {
     /// The request was answered without a usage to read (the engine refused it, or
     /// failed): the key is charged its prompt's estimate, and gets back the rest.
     pub fn unused(self) {
-        self.limits.settle(&self.key, self.reserved, self.prompt, Instant::now());
+        self.limits.settle(&self.key, self.ledger, self.reserved, self.prompt, Instant::now());
     }
 }
 
@@ -213,11 +215,11 @@ impl Drop for Metered {
         let Some(usage) = usage else {
             // No usage (the client left, the stream broke): the prompt, and what was sent.
             let used = meter.prompt.saturating_add(self.sent);
-            meter.limits.settle(&meter.key, meter.reserved, used, Instant::now());
+            meter.limits.settle(&meter.key, meter.ledger, meter.reserved, used, Instant::now());
             return;
         };
         let used = usage.prompt.saturating_add(usage.completion);
-        meter.limits.settle(&meter.key, meter.reserved, used, Instant::now());
+        meter.limits.settle(&meter.key, meter.ledger, meter.reserved, used, Instant::now());
         for (counter, n) in meter.counters.iter().zip([usage.prompt, usage.completion, usage.cached]) {
             counter.inc_by(n);
         }
@@ -287,14 +289,15 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admission::rate_limits::Limits;
+    use crate::admission::rate_limits::{Limits, RateLimits};
     use http_body_util::BodyExt;
 
     fn meter(strip: bool, limits: &RateLimits) -> (Meter, [IntCounter; 3]) {
         let counters = std::array::from_fn(|i| IntCounter::new(format!("c{i}"), "test").unwrap());
         let meter = Meter {
             key: Arc::from("k"),
-            limits: limits.clone(),
+            limits: KeyLimits::from(limits.clone()),
+            ledger: Ledger::Local,
             reserved: 100,
             prompt: 10,
             strip_usage_chunk: strip,

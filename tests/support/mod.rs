@@ -12,6 +12,7 @@
 pub mod corpus;
 pub mod raw_replica;
 pub mod real_vllm;
+pub mod redis;
 pub mod tap;
 pub mod zmq_publisher;
 
