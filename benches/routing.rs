@@ -68,8 +68,9 @@ fn names(n: usize) -> Vec<String> {
 
 fn policies(c: &mut Criterion) {
     let mut group = c.benchmark_group("policy_8_replicas");
-    let candidates: Vec<Candidate> =
-        (0..8).map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5, in_flight_tokens: 0 }).collect();
+    let candidates: Vec<Candidate> = (0..8)
+        .map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5, in_flight_tokens: 0, overloaded: false })
+        .collect();
     let key = RoutingKey::from("session-0123456789".to_owned());
     for kind in [
         PolicyKind::RoundRobin,
@@ -84,7 +85,7 @@ fn policies(c: &mut Criterion) {
         });
     }
     let bounded_options = PolicyOptions {
-        hash: HashOptions { virtual_nodes: 160, balance_factor: Some(1.25) },
+        hash: HashOptions { virtual_nodes: 160, balance_factor: Some(1.25), ..HashOptions::default() },
         ..Default::default()
     };
     let bounded = PolicyKind::ConsistentHash.build(&names(8), &bounded_options, &PolicyState::default());
@@ -133,8 +134,9 @@ fn prefix_aware(c: &mut Criterion) {
     let state =
         PolicyState { index: Some(Arc::new(CacheIndex::new(IndexLimits::default()))), ..Default::default() };
     let policy = PolicyKind::PrefixAware.build(&names(8), &PolicyOptions::default(), &state);
-    let idle: Vec<Candidate> =
-        (0..8).map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5, in_flight_tokens: 0 }).collect();
+    let idle: Vec<Candidate> = (0..8)
+        .map(|i| Candidate { eligible: true, in_flight: (i * 7) % 5, in_flight_tokens: 0, overloaded: false })
+        .collect();
     // 64 conversations already placed, each one turn shorter than the one measured.
     for session in 0..64 {
         let earlier = agentic_messages(session, 140_000);
@@ -170,6 +172,7 @@ fn kv_aware_setup() -> (Box<dyn Policy>, Vec<Candidate>) {
             eligible: true,
             in_flight: (i * 7) % 5,
             in_flight_tokens: ((i * 7) % 5) * 30_000,
+            overloaded: false,
         })
         .collect();
     for session in 0..64 {

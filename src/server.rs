@@ -357,7 +357,26 @@ async fn stage(
     }
     let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
     checker.probe_all().await;
-    let health = tokio::spawn(checker.clone().run());
+    // Health checks and, for consistent-hash, the engines' load: one task, so that
+    // aborting it at shutdown stops both.
+    let health = match (policy, config.engine_load) {
+        (crate::policy::PolicyKind::ConsistentHash, Some(bound)) => {
+            use crate::replicas::engine_load::EngineLoadReader;
+            let reader = EngineLoadReader::new(
+                registry.clone(),
+                client.clone(),
+                bound,
+                config.health.timeout,
+                metrics,
+            );
+            reader.read_all().await;
+            let probes = checker.clone().run();
+            tokio::spawn(async move {
+                tokio::join!(probes, reader.run());
+            })
+        }
+        _ => tokio::spawn(checker.clone().run()),
+    };
     let dispatcher = Dispatcher {
         registry,
         relay: relay.clone(),

@@ -6,7 +6,7 @@ mod support;
 
 use std::collections::{HashMap, HashSet};
 
-use llm_router::policy::PolicyKind;
+use llm_router::policy::{PolicyKind, SessionSpread};
 use serde_json::json;
 use support::*;
 use tokio_stream::StreamExt;
@@ -16,8 +16,16 @@ fn turn(history: &[serde_json::Value]) -> serde_json::Value {
 }
 
 async fn hash_router(replicas: &[std::sync::Arc<MockReplica>]) -> llm_router::server::RunningRouter {
+    spread_router(replicas, SessionSpread::Even).await
+}
+
+async fn spread_router(
+    replicas: &[std::sync::Arc<MockReplica>],
+    spread: SessionSpread,
+) -> llm_router::server::RunningRouter {
     let mut cfg = config(replicas);
     cfg.policy = PolicyKind::ConsistentHash;
+    cfg.hash.spread = spread;
     router(cfg).await
 }
 
@@ -58,10 +66,21 @@ async fn owners(c: &reqwest::Client, url: &str, sessions: usize) -> Vec<String> 
 
 #[tokio::test]
 async fn killing_a_replica_moves_only_its_sessions_and_they_return() {
+    for spread in [SessionSpread::Even, SessionSpread::Hash] {
+        killing_a_replica(spread).await;
+    }
+}
+
+async fn killing_a_replica(spread: SessionSpread) {
     let replicas = mocks(4).await;
-    let router = hash_router(&replicas).await;
+    let router = spread_router(&replicas, spread).await;
     let c = client();
     let url = format!("{}/v1/chat/completions", base(&router));
+    if spread == SessionSpread::Even {
+        // The census plans the sessions it has seen; the next plan is made within 250 ms.
+        owners(&c, &url, 200).await;
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
     let before = owners(&c, &url, 200).await;
     let per: HashMap<&String, usize> = before.iter().fold(HashMap::new(), |mut m, r| {
         *m.entry(r).or_default() += 1;

@@ -71,6 +71,8 @@ pub struct RouterConfig {
     pub replicas: Vec<ReplicaUrl>,
     pub policy: PolicyKind,
     pub hash: HashOptions,
+    /// consistent-hash: how the engines' own load is read (`--engine-load-interval`).
+    pub engine_load: Option<crate::replicas::engine_load::OverloadBound>,
     pub prefix: PrefixOptions,
     pub kv: KvOptions,
     /// Bounds of the cache-aware policies' memory.
@@ -224,6 +226,7 @@ impl Cli {
             replicas,
             policy,
             hash: self.policy.hash_options(),
+            engine_load: if pd.is_some() { None } else { self.policy.engine_load() },
             prefix: self.policy.prefix_options(),
             kv: self.kv_events.kv_options(),
             index: IndexLimits {

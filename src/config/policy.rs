@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::HeaderName;
 
 use super::values::{parse_fraction, parse_header_name, parse_ratio};
-use crate::policy::{HashOptions, PolicyKind, PrefixOptions};
+use crate::policy::{HashOptions, PolicyKind, PrefixOptions, SessionSpread};
 
 #[derive(Debug, clap::Args)]
 #[command(next_help_heading = "Policy")]
@@ -23,12 +23,42 @@ pub struct PolicyArgs {
     pub session_headers: Vec<HeaderName>,
 
     /// Bounded-load factor for consistent-hash: a replica already holding this multiple
-    /// of the mean in-flight load passes further requests along the ring to the next
-    /// replica under the cap. `off` keeps pure affinity. The default was measured
-    /// (bench-scripts/affinity_balance.py): 64 sessions on 4 engines ran at 0.886x direct
-    /// with `off`, 0.989x with 1.15, 17.5% of requests leaving their session's owner.
-    #[arg(long, value_name = "FACTOR|off", default_value = "1.15", value_parser = parse_balance_factor)]
+    /// of the mean in-flight load passes further requests to the session's next replica.
+    /// Each router instance counts only its own requests in flight, so several
+    /// instances move different requests (bench-scripts/fleet_agreement.py: 3
+    /// instances, 64 sessions, 1.15: 78.5% of requests on their session's home); `off`
+    /// (the default) leaves balance to the even homes of --session-spread and to the
+    /// engines' own load (--engine-overload-factor), which every instance shares.
+    #[arg(long, value_name = "FACTOR|off", default_value = "off", value_parser = parse_balance_factor)]
     pub hash_balance_factor: BalanceFactor,
+
+    /// consistent-hash: how sessions get their homes. `even`: every instance lays out
+    /// the sessions it saw in the last --session-window the same way, no replica holding
+    /// more than its share (instances that saw the same sessions agree on every home).
+    /// `hash`: each session hashed onto the ring alone (uneven when sessions are few).
+    #[arg(long, value_enum, default_value_t = SessionSpread::Even)]
+    pub session_spread: SessionSpread,
+
+    /// consistent-hash with `--session-spread even`: a session unseen for this long
+    /// leaves the census (its home is planned again when it comes back).
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub session_window: Duration,
+
+    /// consistent-hash: how often to read the engines' own load from their `/metrics`
+    /// (vLLM's running and waiting requests), on the wall clock's multiples so that
+    /// router instances read alike; `0s` turns the reading off.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    pub engine_load_interval: Duration,
+
+    /// consistent-hash: an engine with more than this multiple of the engines' mean load
+    /// plus --engine-overload-abs is overloaded (until it is back halfway): its sessions'
+    /// requests go to the next replica of their order.
+    #[arg(long, default_value_t = 1.5, value_parser = parse_ratio)]
+    pub engine_overload_factor: f64,
+
+    /// consistent-hash: see --engine-overload-factor.
+    #[arg(long, default_value_t = 4)]
+    pub engine_overload_abs: u32,
 
     /// Virtual nodes per replica on the consistent-hash ring.
     #[arg(long, default_value_t = 160, value_parser = clap::value_parser!(u32).range(1..=10_000))]
@@ -68,7 +98,22 @@ pub struct BalanceFactor(pub Option<f64>);
 
 impl PolicyArgs {
     pub fn hash_options(&self) -> HashOptions {
-        HashOptions { virtual_nodes: self.virtual_nodes as usize, balance_factor: self.hash_balance_factor.0 }
+        HashOptions {
+            virtual_nodes: self.virtual_nodes as usize,
+            balance_factor: self.hash_balance_factor.0,
+            spread: self.session_spread,
+            session_window: self.session_window,
+        }
+    }
+
+    /// How the engines' load is read (by consistent-hash, the one policy that uses it);
+    /// None when off.
+    pub fn engine_load(&self) -> Option<crate::replicas::engine_load::OverloadBound> {
+        (!self.engine_load_interval.is_zero()).then(|| crate::replicas::engine_load::OverloadBound {
+            interval: self.engine_load_interval,
+            factor: self.engine_overload_factor,
+            abs: f64::from(self.engine_overload_abs),
+        })
     }
 
     pub fn prefix_options(&self) -> PrefixOptions {

@@ -1,5 +1,12 @@
 //! `consistent-hash`: session affinity on a ring of virtual nodes, with bounded loads.
 //!
+//! By default (`--session-spread even`) a session's home and the order it tries the
+//! others come from the census ([`super::SessionCensus`]: even homes, the same on every
+//! router instance that saw the same sessions), and a home the engines' own load marks
+//! overloaded ([`Candidate::overloaded`], read from their `/metrics`, so every instance
+//! sees it) passes the request to the next replica of the session's order. The ring
+//! below is `--session-spread hash`: each session hashed alone.
+//!
 //! Each replica owns `virtual_nodes` points on a ring (hashring, hashed with xxh3 from
 //! the replica's URL, so the layout does not depend on list order). A session key
 //! hashes to a point; the next virtual node clockwise names its owner. When the owner
@@ -10,7 +17,9 @@
 //! Bounded loads (Mirrokni, Thorup, Zadimoghaddam 2016): with a balance factor `c`, no
 //! replica takes a request while it already has `ceil(c * (m + 1) / n)` or more in
 //! flight (`m` requests in flight over the `n` eligible replicas); the excess continues
-//! clockwise. Without a factor the policy is pure affinity.
+//! clockwise. Without a factor (the default) the policy is pure affinity but for the
+//! engines' overload. Each instance counts only its own requests in flight, so with
+//! several instances each moves different requests: a factor suits one instance.
 //!
 //! hashring answers "who owns this key" but walks the ring only by cloning it, so at
 //! build time we read the ring's order once and store, for every virtual node, the
@@ -22,7 +31,7 @@ use std::hash::{Hash, Hasher};
 use hashring::HashRing;
 use xxhash_rust::xxh3::Xxh3Builder;
 
-use super::{Candidate, Decision, Policy, PowerOfTwo, Reason};
+use super::{Candidate, Decision, Policy, PowerOfTwo, Reason, SessionCensus};
 use crate::ingress::routing_key::RoutingKey;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -31,12 +40,31 @@ pub struct HashOptions {
     pub virtual_nodes: usize,
     /// Bounded-load factor `c` (> 1.0), or `None` for pure affinity.
     pub balance_factor: Option<f64>,
+    /// How sessions are given homes (`--session-spread`).
+    pub spread: SessionSpread,
+    /// How long the census keeps a session it no longer sees (`--session-window`).
+    pub session_window: std::time::Duration,
 }
 
 impl Default for HashOptions {
     fn default() -> Self {
-        HashOptions { virtual_nodes: 160, balance_factor: None }
+        HashOptions {
+            virtual_nodes: 160,
+            balance_factor: None,
+            spread: SessionSpread::Hash,
+            session_window: std::time::Duration::from_secs(600),
+        }
     }
+}
+
+/// How `consistent-hash` gives sessions their homes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SessionSpread {
+    /// Evenly: the census's plan ([`super::SessionCensus`]), the same on every instance
+    /// that saw the same sessions.
+    Even,
+    /// Each session hashed onto the ring alone (binomial: uneven when sessions are few).
+    Hash,
 }
 
 /// A point on the ring: the `index`-th virtual node of replica `replica`. Only the
@@ -62,9 +90,25 @@ pub struct ConsistentHash {
     walks: Vec<Box<[u32]>>,
     virtual_nodes: usize,
     balance_factor: Option<f64>,
+    /// With `--session-spread even`: the census that plans homes, and the names it
+    /// plans them over.
+    census: Option<(std::sync::Arc<SessionCensus>, Vec<String>)>,
 }
 
 impl ConsistentHash {
+    /// Homes planned evenly by `census` (kept across rebuilds of the policy).
+    pub fn with_census(
+        replica_names: &[String],
+        options: HashOptions,
+        census: std::sync::Arc<SessionCensus>,
+    ) -> Self {
+        let mut policy = Self::new(replica_names, options);
+        if options.spread == SessionSpread::Even {
+            policy.census = Some((census, replica_names.to_vec()));
+        }
+        policy
+    }
+
     pub fn new(replica_names: &[String], options: HashOptions) -> Self {
         let virtual_nodes = options.virtual_nodes.max(1);
         let mut ring = HashRing::with_hasher(Xxh3Builder::new());
@@ -77,7 +121,7 @@ impl ConsistentHash {
         }
         ring.batch_add(nodes);
         let walks = Self::walks(&ring, replica_names.len(), virtual_nodes);
-        ConsistentHash { ring, walks, virtual_nodes, balance_factor: options.balance_factor }
+        ConsistentHash { ring, walks, virtual_nodes, balance_factor: options.balance_factor, census: None }
     }
 
     fn walks(
@@ -142,7 +186,18 @@ impl Policy for ConsistentHash {
         let Some(key) = key else {
             return PowerOfTwo::pick(replicas).map(|replica| Decision { replica, reason: Reason::Keyless });
         };
-        let walk = self.walk(key);
+        let planned;
+        let walk: &[u32] = match &self.census {
+            Some((census, names)) => {
+                planned = census
+                    .order(key.as_bytes(), names, std::time::Instant::now())
+                    .into_iter()
+                    .map(|r| r as u32)
+                    .collect::<Vec<u32>>();
+                &planned
+            }
+            None => self.walk(key),
+        };
         let owner = *walk.first()? as usize;
         let cap = self.load_cap(replicas);
         let mut spilled = false;
@@ -151,7 +206,7 @@ impl Policy for ConsistentHash {
             let r = r as usize;
             let Some(c) = replicas.get(r).filter(|c| c.eligible) else { continue };
             first_eligible.get_or_insert(r);
-            if cap.is_some_and(|cap| c.in_flight >= cap) {
+            if c.overloaded || cap.is_some_and(|cap| c.in_flight >= cap) {
                 spilled = true;
                 continue;
             }
@@ -162,7 +217,8 @@ impl Policy for ConsistentHash {
             };
             return Some(Decision { replica: r, reason });
         }
-        // Unreachable with a cap >= the mean load, kept total for safety.
+        // Every eligible replica overloaded (by the engines' signal, or over the cap,
+        // unreachable with a cap >= the mean load): the session's own first.
         first_eligible.map(|replica| Decision { replica, reason: Reason::Spill })
     }
 }
@@ -198,7 +254,7 @@ mod tests {
 
     #[test]
     fn walks_list_every_replica_once_owner_first() {
-        let ch = ConsistentHash::new(&names(5), HashOptions { virtual_nodes: 20, balance_factor: None });
+        let ch = ConsistentHash::new(&names(5), HashOptions { virtual_nodes: 20, ..HashOptions::default() });
         assert_eq!(ch.walks.len(), 100);
         for walk in &ch.walks {
             let mut sorted = walk.to_vec();
@@ -258,7 +314,7 @@ mod tests {
 
     #[test]
     fn bounded_loads_spill_along_the_ring() {
-        let opts = HashOptions { virtual_nodes: 160, balance_factor: Some(1.25) };
+        let opts = HashOptions { balance_factor: Some(1.25), ..HashOptions::default() };
         let ch = ConsistentHash::new(&names(4), opts);
         let k = key(7);
         let owner = ch.choose(Some(&k), &all(&[0; 4])).unwrap().replica;

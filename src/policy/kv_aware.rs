@@ -335,7 +335,12 @@ mod tests {
     fn with_tokens(loads: &[(usize, usize)]) -> Vec<Candidate> {
         loads
             .iter()
-            .map(|&(in_flight, in_flight_tokens)| Candidate { eligible: true, in_flight, in_flight_tokens })
+            .map(|&(in_flight, in_flight_tokens)| Candidate {
+                eligible: true,
+                in_flight,
+                in_flight_tokens,
+                overloaded: false,
+            })
             .collect()
     }
 

@@ -24,15 +24,17 @@ mod power_of_two;
 mod prefix_aware;
 mod random;
 mod round_robin;
+mod session_census;
 mod session_homes;
 
-pub use consistent_hash::{ConsistentHash, HashOptions};
+pub use consistent_hash::{ConsistentHash, HashOptions, SessionSpread};
 pub use kv_aware::{KvAware, KvOptions, choose_by_cost};
 pub use least_loaded::LeastLoaded;
 pub use power_of_two::PowerOfTwo;
 pub use prefix_aware::{PrefixAware, PrefixOptions, choose_by_prefix};
 pub use random::Random;
 pub use round_robin::RoundRobin;
+pub use session_census::SessionCensus;
 pub use session_homes::SessionHomes;
 
 use std::sync::Arc;
@@ -52,6 +54,9 @@ pub struct Candidate {
     /// ([`Policy::routed`]: for `kv-aware`, the prompt tokens each had to prefill there;
     /// 0 for the other policies).
     pub in_flight_tokens: usize,
+    /// Over the bound by the engine's own load, read from its `/metrics`: the signal
+    /// every router instance shares ([`crate::replicas::engine_load`]).
+    pub overloaded: bool,
 }
 
 /// Why a replica was chosen; a label of `router_routing_decisions_total`.
@@ -235,6 +240,8 @@ pub struct PolicyState {
     pub index: Option<Arc<CacheIndex>>,
     pub tokenizer: Option<Arc<PromptTokenizer>>,
     pub sessions: Arc<SessionHomes>,
+    /// `consistent-hash --session-spread even`: the sessions seen, and their planned homes.
+    pub census: Arc<SessionCensus>,
 }
 
 impl PolicyKind {
@@ -254,7 +261,9 @@ impl PolicyKind {
             PolicyKind::Random => Box::new(Random),
             PolicyKind::PowerOfTwo => Box::new(PowerOfTwo),
             PolicyKind::LeastLoaded => Box::new(LeastLoaded::default()),
-            PolicyKind::ConsistentHash => Box::new(ConsistentHash::new(replica_names, hash)),
+            PolicyKind::ConsistentHash => {
+                Box::new(ConsistentHash::with_census(replica_names, hash, state.census.clone()))
+            }
             PolicyKind::PrefixAware => {
                 let index = state.index.clone().expect("prefix-aware is built with a cache index");
                 Box::new(PrefixAware::new(replica_names, index, state.sessions.clone(), options.prefix))
@@ -312,6 +321,9 @@ pub(crate) mod test_support {
     use super::Candidate;
 
     pub fn all(loads: &[usize]) -> Vec<Candidate> {
-        loads.iter().map(|&in_flight| Candidate { eligible: true, in_flight, in_flight_tokens: 0 }).collect()
+        loads
+            .iter()
+            .map(|&in_flight| Candidate { eligible: true, in_flight, in_flight_tokens: 0, overloaded: false })
+            .collect()
     }
 }

@@ -67,7 +67,12 @@ impl Fleet {
                 let usable = if panic { !r.is_down() && !r.is_draining() } else { r.in_rotation() };
                 let eligible = usable && serves(r) && !tried.contains(&i);
                 any_eligible |= eligible;
-                Candidate { eligible, in_flight: r.in_flight(), in_flight_tokens: r.in_flight_tokens() }
+                Candidate {
+                    eligible,
+                    in_flight: r.in_flight(),
+                    in_flight_tokens: r.in_flight_tokens(),
+                    overloaded: r.engine.is_overloaded(),
+                }
             })
             .collect();
         if any_eligible || !tried.is_empty() {

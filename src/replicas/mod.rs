@@ -8,6 +8,7 @@
 //! atomics or an `ArcSwap` load: no locks on the request path.
 
 mod breaker;
+pub mod engine_load;
 mod fleet;
 mod health;
 mod outliers;
@@ -43,6 +44,8 @@ pub struct ModelCard {
 pub struct Replica {
     pub url: ReplicaUrl,
     in_flight: AtomicUsize,
+    /// The engine's own load, as last read from its `/metrics` ([`engine_load`]).
+    pub engine: engine_load::EngineSignal,
     /// Prompt tokens of the requests in flight (when the policy counts them).
     in_flight_tokens: AtomicUsize,
     /// The health checks' verdict.
@@ -97,6 +100,7 @@ impl Replica {
             breaker: Breaker::new(breaker, metrics.circuit_open.with_label_values(&label)),
             url,
             in_flight: AtomicUsize::new(0),
+            engine: Default::default(),
             in_flight_tokens: AtomicUsize::new(0),
             healthy: AtomicBool::new(false),
             ejected: AtomicBool::new(false),

@@ -96,6 +96,7 @@ impl Registry {
                 })
             }),
             sessions: Arc::default(),
+            census: Arc::new(crate::policy::SessionCensus::new(config.hash.session_window, 100_000)),
         };
         let fleet = ArcSwap::from_pointee(Self::lay_out(replicas, &config, &state));
         Registry {

@@ -69,6 +69,9 @@ pub struct MockState {
     /// Responses fully sent.
     pub completed: AtomicUsize,
     pub events: usize,
+    /// What `/metrics` says of the engine's running requests (vLLM's gauge); without a
+    /// value, `/metrics` answers 404, as a server that is not vLLM.
+    pub engine_running: Mutex<Option<u32>>,
     released: watch::Sender<bool>,
 }
 
@@ -94,6 +97,7 @@ impl MockReplica {
             cancelled: AtomicUsize::new(0),
             completed: AtomicUsize::new(0),
             events: 5,
+            engine_running: Mutex::new(None),
             released: watch::channel(false).0,
         });
         let listener = bind(addr).await;
@@ -109,6 +113,11 @@ impl MockReplica {
 
     pub fn set_mode(&self, mode: Mode) {
         *self.state.mode.lock().unwrap() = mode;
+    }
+
+    /// Have `/metrics` report this many running requests (None: no `/metrics`).
+    pub fn set_engine_running(&self, running: Option<u32>) {
+        *self.state.engine_running.lock().unwrap() = running;
     }
 
     pub fn set_healthy(&self, healthy: bool) {
@@ -152,6 +161,7 @@ impl MockReplica {
             .route("/v1/completions", route_post(inference))
             .route("/v1/chat/completions", route_post(inference))
             .route("/tokenize", route_post(inference))
+            .route("/metrics", get(engine_metrics))
             .with_state(self.state.clone());
         let mut tasks = JoinSet::new();
         tasks.spawn(async move {
@@ -183,6 +193,16 @@ async fn bind(addr: SocketAddr) -> TcpListener {
     socket.set_reuseaddr(true).unwrap();
     socket.bind(addr).unwrap();
     socket.listen(1024).unwrap()
+}
+
+async fn engine_metrics(State(state): State<Arc<MockState>>) -> Response {
+    match *state.engine_running.lock().unwrap() {
+        Some(running) => format!(
+            "# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{engine=\"0\",model_name=\"m\"}} {running}.0\nvllm:num_requests_waiting{{engine=\"0\",model_name=\"m\"}} 0.0\n"
+        )
+        .into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 async fn health(State(state): State<Arc<MockState>>) -> StatusCode {
