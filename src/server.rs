@@ -357,10 +357,10 @@ async fn stage(
     }
     let checker = HealthChecker::new(registry.clone(), client.clone(), config.health);
     checker.probe_all().await;
-    // Health checks and, for consistent-hash, the engines' load: one task, so that
+    // Health checks and, for the policies that use it, the engines' load: one task, so that
     // aborting it at shutdown stops both.
     let health = match (policy, config.engine_load) {
-        (crate::policy::PolicyKind::ConsistentHash, Some(bound)) => {
+        (crate::policy::PolicyKind::ConsistentHash | crate::policy::PolicyKind::PrefixAware, Some(bound)) => {
             use crate::replicas::engine_load::EngineLoadReader;
             let reader = EngineLoadReader::new(
                 registry.clone(),

@@ -44,19 +44,19 @@ pub struct PolicyArgs {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub session_window: Duration,
 
-    /// consistent-hash: how often to read the engines' own load from their `/metrics`
+    /// consistent-hash and prefix-aware: how often to read the engines' own load from their `/metrics`
     /// (vLLM's running and waiting requests), on the wall clock's multiples so that
     /// router instances read alike; `0s` turns the reading off.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub engine_load_interval: Duration,
 
-    /// consistent-hash: an engine with more than this multiple of the engines' mean load
-    /// plus --engine-overload-abs is overloaded (until it is back halfway): its sessions'
-    /// requests go to the next replica of their order.
+    /// consistent-hash and prefix-aware: an engine with more than this multiple of the
+    /// engines' mean load plus --engine-overload-abs is overloaded (until it is back
+    /// halfway): requests it would get go to the next replica of their order.
     #[arg(long, default_value_t = 1.5, value_parser = parse_ratio)]
     pub engine_overload_factor: f64,
 
-    /// consistent-hash: see --engine-overload-factor.
+    /// See --engine-overload-factor.
     #[arg(long, default_value_t = 4)]
     pub engine_overload_abs: u32,
 
@@ -83,6 +83,12 @@ pub struct PolicyArgs {
     #[arg(long, default_value_t = 1.5, value_parser = parse_ratio)]
     pub prefix_balance_rel: f64,
 
+    /// prefix-aware: the leading blocks of a prompt that decide its own order of the
+    /// replicas (a rendezvous hash with their names), where a new prompt goes and how
+    /// equal matches are broken: the same on every router instance.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub prefix_affinity_blocks: u32,
+
     /// prefix-aware: prompt blocks remembered per replica (least recently used forgotten).
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=1 << 28))]
     pub prefix_index_blocks: u64,
@@ -106,8 +112,8 @@ impl PolicyArgs {
         }
     }
 
-    /// How the engines' load is read (by consistent-hash, the one policy that uses it);
-    /// None when off.
+    /// How the engines' load is read (by consistent-hash and prefix-aware, the policies
+    /// that use it); None when off.
     pub fn engine_load(&self) -> Option<crate::replicas::engine_load::OverloadBound> {
         (!self.engine_load_interval.is_zero()).then(|| crate::replicas::engine_load::OverloadBound {
             interval: self.engine_load_interval,
@@ -122,6 +128,7 @@ impl PolicyArgs {
             min_match: self.prefix_min_match,
             balance_abs: self.prefix_balance_abs as usize,
             balance_rel: self.prefix_balance_rel,
+            affinity_blocks: self.prefix_affinity_blocks as usize,
         }
     }
 }

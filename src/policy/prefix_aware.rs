@@ -12,15 +12,21 @@
 //! replica's count: a shared prefix draws its sessions to one replica only until that
 //! replica is clearly busier than the rest, then the excess goes elsewhere (and that
 //! replica learns the prefix too). A match counts when it covers at least
-//! `min_match` of the prompt's blocks; below that, the prompt is new and goes to the
-//! least loaded replica, which spreads distinct prefixes.
+//! `min_match` of the prompt's blocks; below that, the prompt is new.
+//!
+//! Where memory does not decide, the prompt itself does, so that router instances that
+//! never saw each other's requests choose alike: each prompt has its own order of the
+//! replicas, a rendezvous hash of its leading blocks (`--prefix-affinity-blocks`) with
+//! the replicas' names. A new prompt goes to the first replica of its order that is not
+//! overloaded (so distinct prefixes spread, and the same prefix goes to the same replica
+//! from every instance), and equal matches are broken by that order, not by which
+//! instance happened to route what.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::CacheScope;
 use super::session_homes::SessionHomes;
-use super::{Candidate, Decision, LeastLoaded, Policy, Reason, overload_bound, rotated};
+use super::{Candidate, Decision, LeastLoaded, Policy, Reason, overload_bound};
 use crate::ingress::routing_key::RoutingKey;
 use crate::policy::cache_index::{CacheIndex, PromptBlocks, ReplicaBlocks};
 
@@ -34,51 +40,76 @@ pub struct PrefixOptions {
     pub balance_abs: usize,
     /// ... and above `balance_rel * min`.
     pub balance_rel: f64,
+    /// Leading blocks of a prompt that decide its own order of the replicas.
+    pub affinity_blocks: usize,
 }
 
 impl Default for PrefixOptions {
     fn default() -> Self {
-        PrefixOptions { block_bytes: 256, min_match: 0.3, balance_abs: 4, balance_rel: 1.5 }
+        PrefixOptions {
+            block_bytes: 256,
+            min_match: 0.3,
+            balance_abs: 4,
+            balance_rel: 1.5,
+            affinity_blocks: 4,
+        }
     }
 }
 
 /// Choose among `replicas` for a prompt of `prompt_blocks` blocks of which replica `i`
-/// holds the first `matched[i]`, and `held[i]` blocks in all. Ties go to the less
-/// loaded; a new prompt's ties to the replica holding least (so distinct prefixes
-/// spread over the fleet's memory), then to the first from `start` (a rotating offset).
+/// holds the first `matched[i]`; `order` is the prompt's own order of the replicas (a
+/// permutation of their indices). The longest match wins unless overloaded (or over
+/// the engines' own bound); a new prompt goes to the first replica of its order that
+/// is neither; equal matches go to the earlier in the order.
 pub fn choose_by_prefix(
     prompt_blocks: usize,
     matched: &[usize],
-    held: &[usize],
     replicas: &[Candidate],
     options: &PrefixOptions,
-    start: usize,
+    order: &[usize],
 ) -> Option<Decision> {
-    let n = replicas.len();
-    let eligible = || rotated(start % n.max(1), n).filter(|&i| replicas[i].eligible);
+    let eligible = || order.iter().copied().filter(|&i| replicas.get(i).is_some_and(|c| c.eligible));
     let min = eligible().map(|i| replicas[i].in_flight).min()?;
     let bound = overload_bound(min, options.balance_abs, options.balance_rel);
-    let least_loaded = || eligible().min_by_key(|&i| (replicas[i].in_flight, held[i]));
-    // Longest match, then least loaded; `max_by_key` keeps the last of equals, so the
-    // key inverts the load and the rotation order.
+    let fits = |i: usize| replicas[i].in_flight <= bound && !replicas[i].overloaded;
+    // Longest match, then the earlier in the order: `max_by_key` keeps the last of
+    // equals, so the key inverts the position.
     let best_of = |admit: &dyn Fn(usize) -> bool| {
         eligible()
             .enumerate()
             .filter(|&(_, i)| admit(i))
-            .max_by_key(|&(order, i)| (matched[i], std::cmp::Reverse((replicas[i].in_flight, order))))
+            .max_by_key(|&(position, i)| (matched[i], std::cmp::Reverse(position)))
             .map(|(_, i)| i)
     };
     let needed = ((options.min_match * prompt_blocks as f64).ceil() as usize).max(1);
     let best = best_of(&|_| true)?;
     if prompt_blocks == 0 || matched[best] < needed {
-        return least_loaded().map(|replica| Decision { replica, reason: Reason::Uncached });
+        let replica =
+            eligible().find(|&i| fits(i)).or_else(|| eligible().min_by_key(|&i| replicas[i].in_flight))?;
+        return Some(Decision { replica, reason: Reason::Uncached });
     }
-    if replicas[best].in_flight <= bound {
+    if fits(best) {
         return Some(Decision { replica: best, reason: Reason::Cached });
     }
-    // The best holder is overloaded: the best of the rest, by match then load.
-    let replica = best_of(&|i| replicas[i].in_flight <= bound)?;
+    // The best holder is overloaded: the best of the rest, by match then order.
+    let replica = best_of(&fits).unwrap_or(best);
     Some(Decision { replica, reason: Reason::Overloaded })
+}
+
+/// The prompt's own order of the replicas: by a rendezvous hash of its first
+/// `affinity_blocks` blocks' chained hash with each replica's name seed.
+pub fn prompt_order(prompt: &PromptBlocks, seeds: &[u64], affinity_blocks: usize) -> Vec<usize> {
+    let lead = match prompt.hashes.len().min(affinity_blocks.max(1)) {
+        0 => 0,
+        n => prompt.hashes[n - 1],
+    };
+    let mut scored: Vec<(u64, usize)> = seeds
+        .iter()
+        .enumerate()
+        .map(|(i, &seed)| (xxhash_rust::xxh3::xxh3_64_with_seed(&lead.to_le_bytes(), seed), i))
+        .collect();
+    scored.sort_unstable_by(|a, b| b.cmp(a));
+    scored.into_iter().map(|(_, i)| i).collect()
 }
 
 /// The policy: [`choose_by_prefix`] over the replicas' memories.
@@ -87,9 +118,10 @@ pub struct PrefixAware {
     /// Each replica's memory, indexed like the fleet.
     memories: Vec<Arc<ReplicaBlocks>>,
     names: Vec<String>,
+    /// The names' hashes, for each prompt's own order.
+    seeds: Vec<u64>,
     sessions: Arc<SessionHomes>,
     options: PrefixOptions,
-    rotation: AtomicUsize,
     /// Requests without a prompt.
     without_prompt: LeastLoaded,
 }
@@ -106,9 +138,9 @@ impl PrefixAware {
             index,
             memories,
             names: replica_names.to_vec(),
+            seeds: replica_names.iter().map(|n| xxhash_rust::xxh3::xxh3_64(n.as_bytes())).collect(),
             sessions,
             options,
-            rotation: AtomicUsize::new(0),
             without_prompt: LeastLoaded::default(),
         }
     }
@@ -146,9 +178,8 @@ impl Policy for PrefixAware {
             .zip(&self.memories)
             .map(|(c, memory)| if c.eligible { memory.matched(&prompt.hashes, now, ttl) } else { 0 })
             .collect();
-        let held: Vec<usize> = self.memories.iter().map(|memory| memory.len()).collect();
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed);
-        let decision = choose_by_prefix(prompt.len(), &matched, &held, replicas, &self.options, start)?;
+        let order = prompt_order(prompt, &self.seeds, self.options.affinity_blocks);
+        let decision = choose_by_prefix(prompt.len(), &matched, replicas, &self.options, &order)?;
         self.memories[decision.replica].remember(&prompt.hashes, now);
         if let Some(key) = key {
             self.sessions.set(key, &self.names[decision.replica]);
@@ -164,30 +195,42 @@ mod tests {
     use crate::policy::cache_index::IndexLimits;
     use std::time::Duration;
 
-    const O: PrefixOptions =
-        PrefixOptions { block_bytes: 4, min_match: 0.5, balance_abs: 4, balance_rel: 1.5 };
+    const O: PrefixOptions = PrefixOptions {
+        block_bytes: 4,
+        min_match: 0.5,
+        balance_abs: 4,
+        balance_rel: 1.5,
+        affinity_blocks: 2,
+    };
 
     fn pick(prompt: usize, matched: &[usize], loads: &[usize]) -> Decision {
-        choose_by_prefix(prompt, matched, &vec![0; loads.len()], &all(loads), &O, 0).unwrap()
+        let order: Vec<usize> = (0..loads.len()).collect();
+        choose_by_prefix(prompt, matched, &all(loads), &O, &order).unwrap()
     }
 
     #[test]
     fn the_longest_match_wins_while_not_overloaded() {
         let d = pick(10, &[2, 9, 6], &[0, 3, 0]);
         assert_eq!((d.replica, d.reason), (1, Reason::Cached));
-        // Equal matches: the less loaded.
-        let d = pick(10, &[8, 8, 1], &[5, 2, 0]);
-        assert_eq!((d.replica, d.reason), (1, Reason::Cached));
+        // Equal matches: the earlier in the prompt's order, whatever the loads.
+        let d = pick(10, &[8, 8, 1], &[3, 2, 0]);
+        assert_eq!((d.replica, d.reason), (0, Reason::Cached));
     }
 
     #[test]
-    fn short_matches_go_to_the_least_loaded() {
+    fn a_new_prompt_goes_to_the_first_of_its_order_within_the_bound() {
         let d = pick(10, &[4, 0, 0], &[0, 2, 1]);
         assert_eq!((d.replica, d.reason), (0, Reason::Uncached));
-        let d = pick(10, &[4, 0, 0], &[3, 2, 1]);
-        assert_eq!((d.replica, d.reason), (2, Reason::Uncached));
-        let d = pick(0, &[0, 0], &[1, 0]);
+        // min 1: bound max(1 + 4, 1) = 5; replica 0 at 6 is over it.
+        let d = pick(10, &[4, 0, 0], &[6, 2, 1]);
         assert_eq!((d.replica, d.reason), (1, Reason::Uncached));
+        let d = pick(0, &[0, 0], &[1, 0]);
+        assert_eq!((d.replica, d.reason), (0, Reason::Uncached));
+        // Overloaded by the engines' own load: passed over.
+        let mut c = all(&[0, 0, 0]);
+        c[0].overloaded = true;
+        let d = choose_by_prefix(10, &[0, 0, 0], &c, &O, &[0, 1, 2]).unwrap();
+        assert_eq!(d.replica, 1);
     }
 
     #[test]
@@ -209,25 +252,27 @@ mod tests {
     fn ineligible_replicas_are_never_chosen() {
         let mut c = all(&[0, 0, 0]);
         c[1].eligible = false;
-        let d = choose_by_prefix(10, &[0, 10, 0], &[0; 3], &c, &O, 0).unwrap();
+        let d = choose_by_prefix(10, &[0, 10, 0], &c, &O, &[0, 1, 2]).unwrap();
         assert_ne!(d.replica, 1);
         c.iter_mut().for_each(|c| c.eligible = false);
-        assert_eq!(choose_by_prefix(10, &[0, 10, 0], &[0; 3], &c, &O, 0), None);
+        assert_eq!(choose_by_prefix(10, &[0, 10, 0], &c, &O, &[0, 1, 2]), None);
     }
 
     #[test]
-    fn ties_rotate() {
-        let pick = |matched: &[usize], held: &[usize], s| {
-            choose_by_prefix(10, matched, held, &all(&[0, 0, 0]), &O, s).unwrap().replica
-        };
-        let picks: Vec<usize> = (0..3).map(|s| pick(&[0, 0, 0], &[0, 0, 0], s)).collect();
-        assert_eq!(picks, vec![0, 1, 2]);
-        let picks: Vec<usize> = (0..3).map(|s| pick(&[9, 9, 9], &[0, 0, 0], s)).collect();
-        assert_eq!(picks, vec![0, 1, 2]);
-        // A new prompt on equally loaded replicas: the one remembering least, whatever
-        // the rotation.
-        let picks: Vec<usize> = (0..3).map(|s| pick(&[0, 0, 0], &[50, 7, 20], s)).collect();
-        assert_eq!(picks, vec![1, 1, 1]);
+    fn a_prompts_order_comes_from_its_leading_blocks_and_the_names_alone() {
+        let seeds: Vec<u64> =
+            (0..5).map(|i| xxhash_rust::xxh3::xxh3_64(format!("http://r{i}").as_bytes())).collect();
+        let blocks = |text: &str| PromptBlocks::new(CacheScope::model("m"), text.as_bytes(), 4);
+        let a = prompt_order(&blocks("abcdefgh and then one thing"), &seeds, 2);
+        let b = prompt_order(&blocks("abcdefgh and then another"), &seeds, 2);
+        assert_eq!(a, b, "the same leading blocks, the same order");
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, [0, 1, 2, 3, 4]);
+        // Distinct leading blocks spread over the replicas.
+        let firsts: std::collections::HashSet<usize> =
+            (0..40).map(|i| prompt_order(&blocks(&format!("{i:08} session")), &seeds, 2)[0]).collect();
+        assert_eq!(firsts.len(), 5);
     }
 
     fn policy(n: usize) -> PrefixAware {
@@ -240,14 +285,14 @@ mod tests {
     #[test]
     fn a_growing_conversation_stays_and_distinct_ones_spread() {
         let p = policy(4);
-        // Each session keeps one request in flight on its replica.
-        let mut loads = vec![0; 4];
+        let loads = vec![0; 4];
         let mut homes = Vec::new();
-        for session in 0..4 {
-            let mut text = format!("session {session} says hello and keeps talking; ");
+        for session in 0..12 {
+            // Distinct from the first bytes: the leading blocks differ.
+            let mut text =
+                format!("{session:02} session says hello and keeps talking about many things at length; ");
             let first = p.prompt_blocks(CacheScope::model("m"), text.as_bytes()).unwrap();
             let home = p.choose_for_prompt(None, &first, &all(&loads)).unwrap().replica;
-            loads[home] += 1;
             for turn in 0..5 {
                 text.push_str(&format!("turn {turn} adds more text to the conversation. "));
                 let blocks = p.prompt_blocks(CacheScope::model("m"), text.as_bytes()).unwrap();
@@ -256,7 +301,34 @@ mod tests {
             }
             homes.push(home);
         }
+        // Every instance would place them alike: a second policy, no shared memory.
+        let other = policy(4);
+        for (session, &home) in homes.iter().enumerate() {
+            let text =
+                format!("{session:02} session says hello and keeps talking about many things at length; ");
+            let first = other.prompt_blocks(CacheScope::model("m"), text.as_bytes()).unwrap();
+            assert_eq!(other.choose_for_prompt(None, &first, &all(&[0; 4])).unwrap().replica, home);
+        }
         homes.sort();
-        assert_eq!(homes, vec![0, 1, 2, 3]);
+        homes.dedup();
+        // Hashed, so binomial: 12 prompts on 4 replicas reach 3 of them here.
+        assert!(homes.len() >= 3, "12 distinct prompts spread: {homes:?}");
+    }
+
+    #[test]
+    fn prompts_sharing_their_leading_blocks_share_a_replica_until_it_is_overloaded() {
+        let p = policy(4);
+        let mut loads = vec![0; 4];
+        let mut served = Vec::new();
+        for session in 0..8 {
+            let text = format!("SYSTEM: the same agent. user {session} asks something new");
+            let blocks = p.prompt_blocks(CacheScope::model("m"), text.as_bytes()).unwrap();
+            let d = p.choose_for_prompt(None, &blocks, &all(&loads)).unwrap();
+            loads[d.replica] += 1;
+            served.push(d.replica);
+        }
+        // The first replica of their order takes them to min + 4 = 4 ... then the next.
+        assert_eq!(served[..5].iter().collect::<std::collections::HashSet<_>>().len(), 1, "{served:?}");
+        assert_ne!(served[5], served[0], "{served:?}");
     }
 }
