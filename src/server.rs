@@ -53,11 +53,19 @@ pub struct RunningRouter {
     /// Span export, flushed at shutdown.
     tracing: Option<Arc<crate::trace::Tracing>>,
     health: Vec<JoinHandle<()>>,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    shutdown_delay: Duration,
 }
 
 impl RunningRouter {
-    /// Stop accepting, drain in-flight requests (bounded by the drain timeout), stop.
+    /// Say `draining` on `/health` and keep serving for the shutdown delay; then stop
+    /// accepting, drain in-flight requests (bounded by the drain timeout), stop.
     pub async fn shutdown(mut self) {
+        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        if !self.shutdown_delay.is_zero() {
+            tracing::info!(delay = ?self.shutdown_delay, "draining: /health answers 503 until the delay ends");
+            tokio::time::sleep(self.shutdown_delay).await;
+        }
         for stop in [self.stop.take(), self.admin_stop.take()].into_iter().flatten() {
             let _ = stop.send(());
         }
@@ -216,7 +224,9 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
     tasks.extend(watcher);
     let (admin_tls, watcher) = tls(&config.admin_tls, "admin_tls")?;
     tasks.extend(watcher);
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ingress = Arc::new(Ingress {
+        draining: draining.clone(),
         dispatcher: Arc::new(dispatcher),
         pd,
         frontend: (config.engine_api == crate::frontend::EngineApi::Generate).then(|| {
@@ -324,6 +334,8 @@ pub async fn start(mut config: RouterConfig) -> std::io::Result<RunningRouter> {
         server,
         tracing,
         health: tasks,
+        draining,
+        shutdown_delay: config.shutdown_delay,
     })
 }
 

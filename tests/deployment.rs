@@ -52,9 +52,34 @@ fn the_router_deployment_runs_a_command_line_the_router_accepts() {
     assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
     assert_eq!(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"]);
 
-    // The grace period outlasts the drain, so in-flight streams finish.
+    // The grace period outlasts the shutdown delay and the drain, so in-flight streams
+    // finish.
     let drain = humantime::parse_duration(arg(&args, "--drain-timeout")).unwrap();
-    assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap() > drain.as_secs());
+    let delay = humantime::parse_duration(arg(&args, "--shutdown-delay")).unwrap();
+    assert!(pod["terminationGracePeriodSeconds"].as_u64().unwrap() > (drain + delay).as_secs());
+
+    // Several instances, kept by a disruption budget and scaled on a router metric the
+    // router exports.
+    assert!(deployment["spec"]["replicas"].as_u64().unwrap() >= 3);
+    let budget = find(&docs, "PodDisruptionBudget", "llm-router");
+    assert_eq!(budget["spec"]["selector"]["matchLabels"], deployment["spec"]["selector"]["matchLabels"]);
+    assert!(
+        budget["spec"]["minAvailable"].as_u64().unwrap() < deployment["spec"]["replicas"].as_u64().unwrap()
+    );
+    let hpa = find(&docs, "HorizontalPodAutoscaler", "llm-router");
+    assert_eq!(hpa["spec"]["scaleTargetRef"]["name"], "llm-router");
+    assert!(hpa["spec"]["minReplicas"].as_u64().unwrap() >= 3);
+    let metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"].as_str().unwrap();
+    let running = llm_router::metrics::Metrics::new().render();
+    assert!(
+        running.contains(&format!("\n{metric} ")),
+        "the HPA scales on {metric}, which the router exports"
+    );
+    // The store's URL comes from an optional Secret, as the environment variable the
+    // router reads.
+    let env = &container["env"][0];
+    assert_eq!(env["name"], "ROUTER_STATE_STORE");
+    assert_eq!(env["valueFrom"]["secretKeyRef"]["optional"], true);
 
     // The image's user is the one the pod requires.
     let dockerfile =

@@ -164,3 +164,29 @@ async fn an_overloaded_engine_sends_its_sessions_to_the_same_next_replica_from_e
     let text = routers[0].metrics.render();
     assert!(text.contains("router_engine_load{kind=\"overloaded\",replica=\""), "the reading is exported");
 }
+
+#[tokio::test]
+async fn an_instance_shutting_down_says_draining_while_it_still_serves() {
+    let replicas = mocks(2).await;
+    let mut cfg = config(&replicas);
+    cfg.shutdown_delay = Duration::from_millis(600);
+    let instance = router(cfg).await;
+    let c = client();
+    let url = base(&instance);
+    assert_eq!(c.get(format!("{url}/health")).send().await.unwrap().status(), 200);
+    let stopping = tokio::spawn(instance.shutdown());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The load balancer sees it leave; a request that still comes is served.
+    let health = c.get(format!("{url}/health")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    let health: serde_json::Value = serde_json::from_slice(&health.bytes().await.unwrap()).unwrap();
+    assert_eq!(health["status"], "draining");
+    let body = json!({"model": "m", "prompt": "hi", "max_tokens": 4});
+    let (status, _, _) = post(&c, &format!("{url}/v1/completions"), &body, &[]).await;
+    assert_eq!(status, 200);
+    stopping.await.unwrap();
+    assert!(
+        reqwest::Client::new().get(format!("{url}/health")).send().await.is_err(),
+        "gone after the delay"
+    );
+}

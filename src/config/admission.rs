@@ -75,7 +75,7 @@ pub struct AdmissionArgs {
 
     /// How many router instances share the store: while it does not answer, each holds
     /// a key to this fraction of its limits, so together they stay near the limit.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..), requires = "state_store")]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub router_instances: u32,
 }
 

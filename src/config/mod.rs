@@ -97,6 +97,8 @@ pub struct RouterConfig {
     pub thresholds: Thresholds,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
+    /// `--shutdown-delay`.
+    pub shutdown_delay: Duration,
     /// Runtime worker threads (`--worker-threads`); None means one per core.
     pub worker_threads: Option<usize>,
     pub timeouts: crate::dispatch::Timeouts,
@@ -258,6 +260,7 @@ impl Cli {
             thresholds: resilience.thresholds(),
             connect_timeout: resilience.connect_timeout,
             drain_timeout: serving.drain_timeout,
+            shutdown_delay: serving.shutdown_delay,
             worker_threads: serving.worker_threads.map(usize::from),
             timeouts: resilience.timeouts(),
             breaker: resilience.breaker(),

@@ -87,6 +87,12 @@ pub struct ServingArgs {
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
+    /// On SIGTERM/SIGINT, time the router keeps serving, with /health answering 503
+    /// `draining`, before it stops accepting and drains: long enough for a load balancer
+    /// (a Kubernetes Service's endpoints) to stop sending it new connections.
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// Serve TLS with this certificate chain (PEM), with --tls-key. ALPN offers h2 and
     /// http/1.1; the files are read again when they change or on SIGHUP.
     #[arg(long, value_name = "PATH", requires = "tls_key")]

@@ -67,6 +67,9 @@ pub fn forwarded(rules: &[String], path: &str) -> bool {
 
 /// Everything a request handler needs, shared by all of them.
 pub struct Ingress {
+    /// Shutting down: `/health` answers 503 `draining` while requests are still served
+    /// (`--shutdown-delay`).
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Routes every request, or in P/D mode the decode stage and non-inference calls.
     pub dispatcher: Arc<Dispatcher>,
     /// P/D mode: the prefill stage of inference requests.
@@ -190,6 +193,10 @@ async fn models(State(ingress): State<Arc<Ingress>>, request: Request) -> Respon
 
 async fn health(State(ingress): State<Arc<Ingress>>) -> Response {
     let registry = &ingress.dispatcher.registry;
+    if ingress.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        let body = serde_json::json!({"status": "draining", "replicas": registry.replicas().len()});
+        return json(StatusCode::SERVICE_UNAVAILABLE, body.to_string());
+    }
     // In P/D mode both stages must have a healthy replica.
     let prefill_healthy = ingress.pd.as_ref().is_none_or(|pd| pd.prefill.registry.healthy_count() > 0);
     let healthy = if prefill_healthy { registry.healthy_count() } else { 0 };
