@@ -39,6 +39,7 @@ from benchlib import BIN, ROOT  # noqa: E402
 
 SIM_PORT = 18400
 ROUTER_PORT = 18460
+KV_PORT = 18480
 MODEL = ("qwen3-0.6b-fp8-h100", "Qwen/Qwen3-0.6B-FP8")
 
 log = benchlib.logger("fleet")
@@ -152,10 +153,12 @@ class Fleet:
     def start_sims(self):
         self.sims.stop_all()
         self.procs.ensure_free([SIM_PORT + i for i in range(self.args.engines)]
+                               + [KV_PORT + i for i in range(self.args.engines)]
                                + [ROUTER_PORT + i for i in range(max(self.args.routers))])
         for i in range(self.args.engines):
             self.sims.spawn([BIN / "vllm-sim", "--port", SIM_PORT + i, "--profile", MODEL[0],
-                             "--time-scale", self.args.time_scale], f"sim-{SIM_PORT + i}", {"RUST_LOG": "warn"})
+                             "--time-scale", self.args.time_scale, "--kv-events-port", KV_PORT + i],
+                            f"sim-{SIM_PORT + i}", {"RUST_LOG": "warn"})
         for url in self.urls:
             self.sims.wait_ready(url + "/v1/models", MODEL[1], "vllm-sim")
 
@@ -187,6 +190,11 @@ class Fleet:
                 url = f"http://127.0.0.1:{ROUTER_PORT + i}"
                 cmd = [BIN / "router", "--host", "127.0.0.1", "--port", ROUTER_PORT + i,
                        "--replicas", ",".join(self.urls), "--explain-routing"] + contender_flags(contender)
+                if contender.startswith("kv-aware"):
+                    # The engines' own KV events, and the simulator's tokenizer.
+                    cmd += ["--tokenizer", "builtin"]
+                    for j, engine in enumerate(self.urls):
+                        cmd += ["--kv-events-endpoint", f"{engine}=tcp://127.0.0.1:{KV_PORT + j}"]
                 self.procs.spawn(cmd, f"router-{i}-{contender}-r{run}", {"RUST_LOG": "warn"})
                 self.procs.wait_ready(url + "/v1/models", MODEL[1], "router")
                 urls.append(url)

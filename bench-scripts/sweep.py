@@ -88,6 +88,12 @@ AFFINITY_CONTENDERS = ["router-hash-pure"]
 # request. When it is in the sweep every run's replicas serve vLLM's generate endpoint
 # (`--enable-scale-out`; nothing else changes for the other contenders).
 ENGINE_API_CONTENDERS = ["router-generate"]
+# Three instances of this router (each `router`'s command, on three ports), the client
+# sending each request to the next instance in turn, so a session's turns reach every
+# instance (as behind a Service that spreads connections), against `router` (one), on
+# request: what several instances cost a session's home and the engines' cache.
+FLEET_CONTENDERS = ["router-fleet3"]
+FLEET_INSTANCES = 3
 # Engines' clock / wall clock per workload: decode-heavy at c=256 streams ~88k tokens a
 # second at the study's speed, which 2 cores cannot carry through a proxy and a client.
 TIME_SCALE = {"prefill-heavy": 0.5, "decode-heavy": 0.25, "agentic": 1.0}
@@ -118,7 +124,8 @@ class Sweep:
 
     def start_sims(self, roles, profile, extra):
         """Fresh simulated replicas, one process each; returns their URLs by role."""
-        self.procs.ensure_free([SIM_PORT + i for i in range(len(roles))] + [ROUTER_PORT])
+        self.procs.ensure_free([SIM_PORT + i for i in range(len(roles))]
+                               + [ROUTER_PORT + i for i in range(FLEET_INSTANCES)])
         urls = {}
         for i, role in enumerate(roles):
             port = SIM_PORT + i
@@ -135,9 +142,10 @@ class Sweep:
 
     # ---- contenders ------------------------------------------------------------
 
-    def contender_cmd(self, contender, urls, affinity, pd=None):
+    def contender_cmd(self, contender, urls, affinity, pd=None, port=ROUTER_PORT):
         """The command that starts a contender, or None for `direct`."""
-        port = ROUTER_PORT
+        if contender == "router-fleet3":
+            contender = "router"
         if contender.startswith("router-kv-aware"):
             cmd = [BIN / "router", "--host", "127.0.0.1", "--port", port, "--replicas", ",".join(urls["both"]),
                    "--policy", "kv-aware", "--tokenizer", "builtin"]
@@ -224,6 +232,7 @@ class Sweep:
         sim_pids = self.procs.pids()
         cmd = self.contender_cmd(contender, urls, agentic, pd)
         proc = None
+        fleet = []  # router-fleet3's other instances
         if cmd is not None:
             env = {"RUST_LOG": "warn"} if contender.startswith("router") else None
             proc = self.procs.spawn(cmd, name + "-contender", env)
@@ -232,6 +241,12 @@ class Sweep:
             if not self.dry:
                 self.owned_port(proc, contender)
             base = [f"http://127.0.0.1:{ROUTER_PORT}"]
+            if contender in FLEET_CONTENDERS:
+                for i in range(1, FLEET_INSTANCES):
+                    others = self.contender_cmd(contender, urls, agentic, pd, port=ROUTER_PORT + i)
+                    fleet.append(self.procs.spawn(others, f"{name}-contender-{i}", env))
+                    self.procs.wait_ready(f"http://127.0.0.1:{ROUTER_PORT + i}/v1/models", profile[1], contender)
+                    base.append(f"http://127.0.0.1:{ROUTER_PORT + i}")
         else:
             base = urls["both"]
         warm, record, drain = self.phases["agentic" if agentic else "random"]
@@ -242,7 +257,8 @@ class Sweep:
                  "--metadata", f"workload={workload}", "--metadata", f"repeat={repeat}"]
         if agentic:
             ramp = min(60.0, max(5.0, 0.25 * concurrency))
-            bench += ["--workload", "agentic", "--dataset", self.agentic_dataset, "--spread", "session",
+            spread = "round-robin" if contender in FLEET_CONTENDERS else "session"
+            bench += ["--workload", "agentic", "--dataset", self.agentic_dataset, "--spread", spread,
                       "--num-sessions", 8 * concurrency, "--session-header", SESSION_HEADER,
                       "--ramp-up", f"{ramp}s"]
         else:
@@ -251,7 +267,7 @@ class Sweep:
         if self.dry:
             self.procs.stop_all()
             return None
-        tree = session_members(proc.pid) if proc else []
+        tree = (session_members(proc.pid) if proc else []) + sum((session_members(f.pid) for f in fleet), [])
         before = {pid: cpu_times(pid) for pid in tree + sim_pids}
         machine0 = benchlib.machine_ticks()
         started = time.time()
@@ -260,7 +276,7 @@ class Sweep:
         _, status, usage = os.wait4(client.pid, 0)
         client.returncode = os.waitstatus_to_exitcode(status)
         machine1 = benchlib.machine_ticks()
-        tree = session_members(proc.pid) if proc else []
+        tree = (session_members(proc.pid) if proc else []) + sum((session_members(f.pid) for f in fleet), [])
 
         def spent(pids, part):
             return sum(cpu_times(pid)[part] - before.get(pid, (0.0, 0.0))[part] for pid in pids)
@@ -494,7 +510,8 @@ def parse_args():
     p.add_argument("--dry-run", action="store_true", help="print every command without running anything")
     p.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     p.add_argument("--concurrency", nargs="+", type=int)
-    p.add_argument("--contenders", nargs="+", choices=CONTENDERS + CACHE_CONTENDERS + AFFINITY_CONTENDERS + ENGINE_API_CONTENDERS,
+    p.add_argument("--contenders", nargs="+", choices=CONTENDERS + CACHE_CONTENDERS + AFFINITY_CONTENDERS + ENGINE_API_CONTENDERS
+                   + FLEET_CONTENDERS,
                    default=CONTENDERS)
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--repeats", type=int)

@@ -92,6 +92,31 @@ fn policies(c: &mut Criterion) {
     group.bench_function("consistent-hash/bounded-1.25", |b| {
         b.iter(|| bounded.choose(Some(black_box(&key)), black_box(&candidates)))
     });
+    // The default spread: the census's plan (64 sessions, then 100,000), made before
+    // the measurement; a request looks its session up and records the sight.
+    for sessions in [64usize, 100_000] {
+        let even = PolicyOptions {
+            hash: HashOptions { spread: llm_router::policy::SessionSpread::Even, ..HashOptions::default() },
+            ..Default::default()
+        };
+        let state = PolicyState::default();
+        let policy = PolicyKind::ConsistentHash.build(&names(8), &even, &state);
+        let keys: Vec<RoutingKey> = (0..sessions).map(|i| RoutingKey::from(format!("session-{i}"))).collect();
+        for k in &keys {
+            let _ = policy.choose(Some(k), &candidates);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let planned = std::time::Instant::now();
+        policy.choose(Some(&keys[0]), &candidates);
+        eprintln!("census of {sessions} sessions planned in {:?}", planned.elapsed());
+        let mut i = 0;
+        group.bench_function(format!("consistent-hash/even-{sessions}-sessions"), |b| {
+            b.iter(|| {
+                i = (i + 1) % sessions;
+                policy.choose(Some(black_box(&keys[i])), black_box(&candidates))
+            })
+        });
+    }
     let plain =
         PolicyKind::ConsistentHash.build(&names(8), &PolicyOptions::default(), &PolicyState::default());
     let owner = plain.choose(Some(&key), &candidates).unwrap().replica;

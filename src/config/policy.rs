@@ -44,6 +44,13 @@ pub struct PolicyArgs {
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub session_window: Duration,
 
+    /// consistent-hash with `--session-spread even`: a replica may hold this fraction
+    /// more than its even share of sessions (0: none). Slack leaves more sessions on
+    /// their first choice, so fewer move as sessions come and go, at the cost of
+    /// evenness.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    pub session_slack: f64,
+
     /// consistent-hash and prefix-aware: how often to read the engines' own load from their `/metrics`
     /// (vLLM's running and waiting requests), on the wall clock's multiples so that
     /// router instances read alike; `0s` turns the reading off.
@@ -109,6 +116,7 @@ impl PolicyArgs {
             balance_factor: self.hash_balance_factor.0,
             spread: self.session_spread,
             session_window: self.session_window,
+            session_slack: self.session_slack,
         }
     }
 

@@ -44,6 +44,8 @@ pub struct HashOptions {
     pub spread: SessionSpread,
     /// How long the census keeps a session it no longer sees (`--session-window`).
     pub session_window: std::time::Duration,
+    /// How much more than its share of homes a replica may hold (`--session-slack`).
+    pub session_slack: f64,
 }
 
 impl Default for HashOptions {
@@ -53,6 +55,7 @@ impl Default for HashOptions {
             balance_factor: None,
             spread: SessionSpread::Hash,
             session_window: std::time::Duration::from_secs(600),
+            session_slack: 0.0,
         }
     }
 }

@@ -16,9 +16,12 @@
 //! a Service that spreads connections, each sees every session within seconds) compute
 //! the same homes, a restarted or new instance computes them again as soon as it has
 //! seen the sessions, and no replica holds more than its share. A session the plan does
-//! not know yet (first seen since it was made) takes the first replica of its order with
-//! room in the plan; the next plan, made within a quarter of a second, places it for
-//! good. A replica joining or leaving moves few sessions: the order of each session is
+//! not know yet (first seen since it was made) takes the first replica of its order,
+//! where the next plan, made within a quarter of a second, most often keeps it (a replica
+//! is full only for the sessions last in hash order); taking the replica with room in the
+//! last plan instead piled new sessions on the replicas that plan left short, and moved
+//! them all at the next (measured: 3 instances, 512 new sessions at once, 83% of requests
+//! on their home against 98%). A replica joining or leaving moves few sessions: the order of each session is
 //! fixed by names, so only the sessions that lose their place, or are displaced by
 //! those, move.
 //!
@@ -30,8 +33,8 @@
 //! forgotten.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -46,22 +49,24 @@ struct Plan {
     /// Seeds of the replica names, in the order of the list it was made for.
     seeds: Vec<u64>,
     homes: HashMap<u64, u32>,
-    counts: Vec<u32>,
-    cap: u32,
     made: Option<Instant>,
 }
 
 pub struct SessionCensus {
     window: Duration,
+    /// A replica may hold this fraction more than its share of homes.
+    slack: f64,
     capacity: usize,
     seen: Mutex<HashMap<u64, Instant>>,
     plan: ArcSwap<Plan>,
     changed: AtomicBool,
     planning: Mutex<()>,
+    /// A plan is being made on a blocking thread.
+    planning_queued: AtomicBool,
 }
 
 impl Default for SessionCensus {
-    /// A ten-minute window, room for 100,000 sessions.
+    /// A ten-minute window, room for 100,000 sessions, no slack.
     fn default() -> Self {
         SessionCensus::new(Duration::from_secs(600), 100_000)
     }
@@ -69,32 +74,58 @@ impl Default for SessionCensus {
 
 impl SessionCensus {
     pub fn new(window: Duration, capacity: usize) -> Self {
+        Self::with_slack(window, capacity, 0.0)
+    }
+
+    pub fn with_slack(window: Duration, capacity: usize, slack: f64) -> Self {
         SessionCensus {
             window,
+            slack: if slack.is_finite() { slack.clamp(0.0, 10.0) } else { 0.0 },
             capacity: capacity.max(2),
             seen: Mutex::new(HashMap::new()),
             plan: ArcSwap::from_pointee(Plan::default()),
             changed: AtomicBool::new(false),
             planning: Mutex::new(()),
+            planning_queued: AtomicBool::new(false),
         }
     }
 
     /// The replicas in the order session `key` tries them, home first: the census's
     /// home for it, then the rest of its rendezvous order. `names` are the replicas'
     /// names in the fleet's order; the indices returned are into it. Records the sight.
-    pub fn order(&self, key: &[u8], names: &[String], now: Instant) -> Vec<usize> {
+    ///
+    /// A plan for another replica list is made at once, by this call; one that is only
+    /// due (sessions joined, or may have left) is made on a blocking thread when there is
+    /// a runtime, and this call uses the last one meanwhile: planning 100,000 sessions
+    /// takes milliseconds no request should wait for.
+    pub fn order(self: &Arc<Self>, key: &[u8], names: &[String], now: Instant) -> Vec<usize> {
         let session = xxh3_64(key);
         self.sight(session, now);
         let seeds = seeds(names);
         let mut plan = self.plan.load_full();
-        if plan.seeds != seeds || self.due(&plan, now) {
+        if plan.seeds != seeds {
             self.replan(&seeds, now);
             plan = self.plan.load_full();
+        } else if self.due(&plan, now) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) if !self.planning_queued.swap(true, Ordering::Relaxed) => {
+                    let census = self.clone();
+                    runtime.spawn_blocking(move || {
+                        census.replan(&seeds, Instant::now());
+                        census.planning_queued.store(false, Ordering::Relaxed);
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    self.replan(&seeds, now);
+                    plan = self.plan.load_full();
+                }
+            }
         }
         let mut order = rendezvous(session, &plan.seeds);
         let home = match plan.homes.get(&session) {
             Some(&home) => Some(home as usize),
-            None => order.iter().copied().find(|&r| plan.counts.get(r).is_some_and(|&n| n < plan.cap)),
+            None => order.first().copied(),
         };
         if let Some(home) = home
             && let Some(at) = order.iter().position(|&r| r == home)
@@ -149,15 +180,16 @@ impl SessionCensus {
             seen.keys().copied().collect()
         };
         sessions.sort_unstable();
-        self.plan.store(std::sync::Arc::new(plan(&sessions, seeds, now)));
+        self.plan.store(Arc::new(plan(&sessions, seeds, self.slack, now)));
     }
 }
 
 /// Homes for `sessions` (sorted) over replicas with these name seeds: each in turn takes
 /// the first replica of its order with fewer than its share.
-fn plan(sessions: &[u64], seeds: &[u64], now: Instant) -> Plan {
+fn plan(sessions: &[u64], seeds: &[u64], slack: f64, now: Instant) -> Plan {
     let n = seeds.len();
-    let cap = if n == 0 { 0 } else { sessions.len().div_ceil(n) as u32 };
+    let cap =
+        if n == 0 { 0 } else { ((1.0 + slack) * sessions.len() as f64 / n as f64).ceil().max(1.0) as u32 };
     let mut counts = vec![0u32; n];
     let mut homes = HashMap::with_capacity(sessions.len());
     for &session in sessions {
@@ -166,7 +198,7 @@ fn plan(sessions: &[u64], seeds: &[u64], now: Instant) -> Plan {
             homes.insert(session, home as u32);
         }
     }
-    Plan { seeds: seeds.to_vec(), homes, counts, cap, made: Some(now) }
+    Plan { seeds: seeds.to_vec(), homes, made: Some(now) }
 }
 
 fn seeds(names: &[String]) -> Vec<u64> {
@@ -193,7 +225,7 @@ mod tests {
         (0..n).map(|i| format!("http://10.0.0.{i}:8000")).collect()
     }
 
-    fn homes(census: &SessionCensus, keys: &[String], names: &[String], now: Instant) -> Vec<usize> {
+    fn homes(census: &Arc<SessionCensus>, keys: &[String], names: &[String], now: Instant) -> Vec<usize> {
         keys.iter().map(|k| census.order(k.as_bytes(), names, now)[0]).collect()
     }
 
@@ -206,7 +238,7 @@ mod tests {
         let names = names(4);
         let t0 = Instant::now();
         for tag in ["a", "b", "c", "d", "e"] {
-            let census = SessionCensus::default();
+            let census = Arc::new(SessionCensus::default());
             let keys = keys(64, tag);
             homes(&census, &keys, &names, t0);
             let later = t0 + REPLAN_EVERY;
@@ -226,7 +258,7 @@ mod tests {
         let reversed: Vec<String> = names.iter().rev().cloned().collect();
         let keys = keys(103, "x");
         let t0 = Instant::now();
-        let (a, b) = (SessionCensus::default(), SessionCensus::default());
+        let (a, b) = (Arc::new(SessionCensus::default()), Arc::new(SessionCensus::default()));
         homes(&a, &keys, &names, t0);
         let mut shuffled = keys.clone();
         fastrand::shuffle(&mut shuffled);
@@ -244,7 +276,7 @@ mod tests {
         let all = names(4);
         let keys = keys(400, "y");
         let t0 = Instant::now();
-        let census = SessionCensus::default();
+        let census = Arc::new(SessionCensus::default());
         homes(&census, &keys, &all, t0);
         let before = homes(&census, &keys, &all, t0 + REPLAN_EVERY);
         let three: Vec<String> = all[..3].to_vec();
@@ -258,7 +290,7 @@ mod tests {
     #[test]
     fn sessions_leave_the_window_and_the_census_is_bounded() {
         let names = names(2);
-        let census = SessionCensus::new(Duration::from_secs(60), 1000);
+        let census = Arc::new(SessionCensus::new(Duration::from_secs(60), 1000));
         let t0 = Instant::now();
         homes(&census, &keys(10, "old"), &names, t0);
         homes(&census, &keys(10, "new"), &names, t0 + Duration::from_secs(61));

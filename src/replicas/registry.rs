@@ -96,7 +96,11 @@ impl Registry {
                 })
             }),
             sessions: Arc::default(),
-            census: Arc::new(crate::policy::SessionCensus::new(config.hash.session_window, 100_000)),
+            census: Arc::new(crate::policy::SessionCensus::with_slack(
+                config.hash.session_window,
+                100_000,
+                config.hash.session_slack,
+            )),
         };
         let fleet = ArcSwap::from_pointee(Self::lay_out(replicas, &config, &state));
         Registry {
