@@ -77,9 +77,17 @@ async fn killing_a_replica(spread: SessionSpread) {
     let c = client();
     let url = format!("{}/v1/chat/completions", base(&router));
     if spread == SessionSpread::Even {
-        // The census plans the sessions it has seen; the next plan is made within 250 ms.
-        owners(&c, &url, 200).await;
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        // The census plans the sessions it has seen (the next plan within 250 ms, on a
+        // blocking thread): wait until two passes agree.
+        let mut last = owners(&c, &url, 200).await;
+        for _ in 0..20 {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            let now = owners(&c, &url, 200).await;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
     }
     let before = owners(&c, &url, 200).await;
     let per: HashMap<&String, usize> = before.iter().fold(HashMap::new(), |mut m, r| {
